@@ -1,0 +1,288 @@
+//! The `toolgate` command line: argument parsing and printing. The work lives in the modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::policy::input::{CheckInput, Evaluation, Params, Principal, Resource};
+use crate::policy::{eval, store, suite};
+
+/// toolgate: authorize every AI-agent tool call by tailnet identity and Cerbos-compatible policy.
+#[derive(Debug, Parser)]
+#[command(name = "toolgate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compile, test and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Compile every policy under DIR; print every error with its file and YAML path.
+    ///
+    /// Exit 0 when everything compiles, 3 on compile errors (as `cerbos compile`).
+    Check {
+        /// The policy directory (read recursively; hidden files, testdata/ and *_test.yaml skipped).
+        dir: PathBuf,
+    },
+    /// Run the Cerbos test suites (*_test.yaml) under DIR.
+    ///
+    /// Exit 0 when every test passes, 3 on compile errors, 4 on test failures.
+    Test(TestArgs),
+    /// Explain a decision: which policies, scopes and rules decided each action, and why.
+    ///
+    /// Example: toolgate policy explain policies/ --principal '{"id":"alice","roles":["developer"]}'
+    ///   --resource '{"kind":"mcp_server","id":"github","attr":{"tool_name":"create_issue"}}'
+    ///   --action tools/call::create_issue
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TestFormat {
+    Text,
+    Json,
+    Junit,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EvalMode {
+    Strict,
+    Lenient,
+}
+
+impl From<EvalMode> for Evaluation {
+    fn from(m: EvalMode) -> Self {
+        match m {
+            EvalMode::Strict => Evaluation::Strict,
+            EvalMode::Lenient => Evaluation::Lenient,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// The policy directory holding policies and *_test.yaml suites.
+    dir: PathBuf,
+    /// Output format: text (human), json (Cerbos TestResults, as `cerbos compile --output=json`), junit.
+    #[arg(long, value_enum, default_value = "text")]
+    format: TestFormat,
+    /// Also list the rules, conditions and actions that no test exercised.
+    #[arg(long)]
+    coverage: bool,
+    /// Run only tests whose "suite/test" name matches this regex.
+    #[arg(long, value_name = "REGEX")]
+    run: Option<String>,
+    /// strict: a CEL error never allows (default). lenient: Cerbos's default handling, for compatibility runs.
+    #[arg(long, value_enum, default_value = "strict")]
+    evaluation: EvalMode,
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The policy directory.
+    dir: PathBuf,
+    /// The principal as Cerbos JSON: {"id":..,"roles":[..],"attr":{..}}.
+    #[arg(long)]
+    principal: String,
+    /// The resource as Cerbos JSON: {"kind":..,"id":..,"attr":{..}}.
+    #[arg(long)]
+    resource: String,
+    /// An action to check (repeatable).
+    #[arg(long = "action", required = true)]
+    actions: Vec<String>,
+    /// Auxiliary data as CEL sees it, e.g. {"jwt":{"sub":"x"}}.
+    #[arg(long)]
+    aux_data: Option<String>,
+    /// The instant now() returns (RFC 3339); default: the current time.
+    #[arg(long)]
+    now: Option<String>,
+    #[arg(long, value_enum, default_value = "strict")]
+    evaluation: EvalMode,
+    /// Print the full JSON (decision, outputs, errors, trace) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir),
+        Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
+        Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),
+    }
+}
+
+const EXIT_COMPILE: u8 = 3;
+const EXIT_TESTS: u8 = 4;
+const EXIT_USAGE: u8 = 2;
+
+fn print_compile_errors(errors: &[crate::policy::compile::CompileError]) {
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    eprintln!("{} error(s)", errors.len());
+}
+
+fn policy_check(dir: &std::path::Path) -> ExitCode {
+    match store::load_dir(dir) {
+        Ok(set) => {
+            println!(
+                "ok: {} policies compiled from {} (snapshot {})",
+                set.len(),
+                dir.display(),
+                &set.hash[..12]
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_compile_errors(&errors);
+            ExitCode::from(EXIT_COMPILE)
+        }
+    }
+}
+
+fn policy_test(args: &TestArgs) -> ExitCode {
+    let set = match store::load_dir(&args.dir) {
+        Ok(set) => set,
+        Err(errors) => {
+            print_compile_errors(&errors);
+            return ExitCode::from(EXIT_COMPILE);
+        }
+    };
+    let run = match args.run.as_deref().map(regex::Regex::new).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: --run: invalid regex: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let opts = suite::Options {
+        evaluation: args.evaluation.into(),
+        run,
+    };
+    let report = suite::run(&args.dir, &set, &opts);
+    match args.format {
+        TestFormat::Text => {
+            print!("{}", report.to_text());
+            if args.coverage {
+                print!("{}", report.coverage_text());
+            }
+        }
+        TestFormat::Json => {
+            let mut v = report.results.clone();
+            if args.coverage {
+                if let serde_json::Value::Object(m) = &mut v {
+                    m.insert("coverage".into(), report.coverage_json());
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        TestFormat::Junit => print!("{}", report.to_junit()),
+    }
+    if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TESTS)
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, s: &str) -> Result<T, String> {
+    serde_json::from_str(s).map_err(|e| format!("--{flag}: {e}"))
+}
+
+fn policy_explain(args: &ExplainArgs) -> ExitCode {
+    let inputs = (|| -> Result<(Principal, Resource, serde_json::Value, Params), String> {
+        let principal: Principal = parse_json("principal", &args.principal)?;
+        let resource: Resource = parse_json("resource", &args.resource)?;
+        let aux = match &args.aux_data {
+            Some(s) => parse_json("aux-data", s)?,
+            None => serde_json::Value::Null,
+        };
+        let mut params = Params {
+            evaluation: args.evaluation.into(),
+            ..Params::default()
+        };
+        if let Some(now) = &args.now {
+            params.now = chrono::DateTime::parse_from_rfc3339(now)
+                .map_err(|e| format!("--now: {e}"))?
+                .with_timezone(&chrono::Utc);
+        }
+        Ok((principal, resource, aux, params))
+    })();
+    let (principal, resource, aux_data, params) = match inputs {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let set = match store::load_dir(&args.dir) {
+        Ok(set) => set,
+        Err(errors) => {
+            print_compile_errors(&errors);
+            return ExitCode::from(EXIT_COMPILE);
+        }
+    };
+    let input = CheckInput {
+        principal,
+        resource,
+        actions: args.actions.clone(),
+        aux_data,
+    };
+    let out = eval::check(&set, &input, &params);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", explain_text(&out));
+    ExitCode::SUCCESS
+}
+
+/// The explain trace as text, one action after another.
+pub fn explain_text(out: &eval::CheckOutput) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "policies consulted: {}", if out.trace.policies.is_empty() { "none".to_string() } else { out.trace.policies.join(", ") });
+    for d in &out.trace.derived_roles {
+        let _ = writeln!(
+            s,
+            "derived role {} (scope {:?}): {}{}",
+            d.name,
+            d.scope,
+            if d.active { "active" } else { "inactive" },
+            d.error.as_ref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+        );
+    }
+    for a in &out.actions {
+        let _ = writeln!(s, "\n{} → {}", a.action, eval::effect_name(a.effect));
+        let _ = writeln!(s, "  {}", a.reason);
+        for st in out.trace.steps.iter().filter(|st| st.action == a.action) {
+            let _ = writeln!(
+                s,
+                "  - [{}{}] {}#{} {:?} → {:?}{}",
+                st.pass,
+                st.role.as_ref().map(|r| format!(" role={r}")).unwrap_or_default(),
+                st.policy,
+                st.rule,
+                st.effect,
+                st.outcome,
+                st.error.as_ref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+            );
+        }
+    }
+    for e in &out.evaluation_errors {
+        let _ = writeln!(s, "\nevaluation error in {}#{} ({}): {}: {}", e.policy, e.rule, e.action, e.expression, e.message);
+    }
+    for o in &out.outputs {
+        let _ = writeln!(s, "output {} ({}): {}", o.src, o.action, o.val.as_ref().map(|v| v.to_string()).or(o.error.clone()).unwrap_or_default());
+    }
+    s
+}

@@ -1,0 +1,9 @@
+//! toolgate: a tool-call authorization gateway for AI agents on a Tailscale tailnet.
+//!
+//! The crate is one package with a thin binary (`src/main.rs`). Modules:
+//! - [`policy`]: the Cerbos-compatible policy engine. Pure: no I/O on the evaluation path,
+//!   no tokio, no HTTP, no SQL (the store reads files only when asked to load).
+//! - [`cli`]: the `toolgate` command line.
+
+pub mod cli;
+pub mod policy;

@@ -1,0 +1,156 @@
+//! Data-driven decisions: each `tests/corpus/<case>/` holds `policies/` and `cases.yaml`
+//! (inputs, expected effect/policy/scope/rule per action, and expected explain-trace lines).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use toolgate::policy::eval::{self, CheckOutput};
+use toolgate::policy::input::{CheckInput, Evaluation, Params, Principal, Resource};
+use toolgate::policy::store;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    #[serde(default)]
+    evaluation: Option<Evaluation>,
+    #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
+    lenient_scope_search: bool,
+    #[serde(default)]
+    globals: Map<String, Value>,
+    principal: Principal,
+    resource: Resource,
+    #[serde(default)]
+    aux_data: Value,
+    /// action → expected `{effect, policy?, scope?, rule?}`
+    want: Map<String, Value>,
+    /// Lines expected (as substrings, in order) in the rendered trace.
+    #[serde(default)]
+    trace: Vec<String>,
+    #[serde(default)]
+    effective_derived_roles: Option<Vec<String>>,
+    #[serde(default)]
+    evaluation_errors: Option<usize>,
+    #[serde(default)]
+    outputs: Option<Vec<Value>>,
+}
+
+fn render(out: &CheckOutput) -> Vec<String> {
+    let mut lines = Vec::new();
+    for d in &out.trace.derived_roles {
+        lines.push(format!("derived {} {}", d.name, if d.active { "active" } else { "inactive" }));
+    }
+    for s in &out.trace.steps {
+        lines.push(format!(
+            "{} {}{} {}#{} {:?}",
+            s.action,
+            s.pass,
+            s.role.as_ref().map(|r| format!(" role={r}")).unwrap_or_default(),
+            s.policy,
+            s.rule,
+            s.outcome
+        ));
+    }
+    lines
+}
+
+fn run_case_dir(dir: &Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    let set = match store::load_dir(&dir.join("policies")) {
+        Ok(s) => s,
+        Err(e) => return vec![format!("{}: compile: {e:?}", dir.display())],
+    };
+    let text = std::fs::read_to_string(dir.join("cases.yaml")).unwrap_or_default();
+    let file: File = match yaml_serde::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => return vec![format!("{}: cases.yaml: {e}", dir.display())],
+    };
+    for case in file.cases {
+        let mut params = Params {
+            evaluation: case.evaluation.unwrap_or(Evaluation::Strict),
+            lenient_scope_search: case.lenient_scope_search,
+            globals: std::sync::Arc::new(case.globals.clone()),
+            ..Params::default()
+        };
+        if let Some(now) = &case.now {
+            params.now = chrono::DateTime::parse_from_rfc3339(now).map(|t| t.to_utc()).unwrap_or(params.now);
+        }
+        let input = CheckInput {
+            principal: case.principal.clone(),
+            resource: case.resource.clone(),
+            actions: case.want.keys().cloned().collect(),
+            aux_data: case.aux_data.clone(),
+        };
+        let out = eval::check(&set, &input, &params);
+        let ctx = format!("{} / {}", dir.display(), case.name);
+        for (action, want) in &case.want {
+            let Some(got) = out.actions.iter().find(|a| &a.action == action) else {
+                failures.push(format!("{ctx}: no result for {action}"));
+                continue;
+            };
+            let got_json = serde_json::to_value(got).unwrap_or_default();
+            let want = match want {
+                Value::String(effect) => serde_json::json!({ "effect": effect }),
+                other => other.clone(),
+            };
+            if let Value::Object(w) = &want {
+                for (k, v) in w {
+                    if got_json.get(k) != Some(v) {
+                        failures.push(format!(
+                            "{ctx}: {action}: {k}: want {v}, got {}\n  reason: {}\n  trace:\n    {}",
+                            got_json.get(k).cloned().unwrap_or_default(),
+                            got.reason,
+                            render(&out).join("\n    ")
+                        ));
+                    }
+                }
+            }
+        }
+        let lines = render(&out);
+        let mut pos = 0;
+        for want in &case.trace {
+            match lines[pos..].iter().position(|l| l.contains(want.as_str())) {
+                Some(i) => pos += i + 1,
+                None => failures.push(format!("{ctx}: trace line {want:?} not found (in order) in:\n    {}", lines.join("\n    "))),
+            }
+        }
+        if let Some(want) = &case.effective_derived_roles {
+            if &out.effective_derived_roles != want {
+                failures.push(format!("{ctx}: effective derived roles: want {want:?}, got {:?}", out.effective_derived_roles));
+            }
+        }
+        if let Some(n) = case.evaluation_errors {
+            if out.evaluation_errors.len() != n {
+                failures.push(format!("{ctx}: evaluation errors: want {n}, got {:?}", out.evaluation_errors));
+            }
+        }
+        if let Some(want) = &case.outputs {
+            let got: Vec<Value> = out.outputs.iter().map(|o| serde_json::to_value(o).unwrap_or_default()).collect();
+            if &got != want {
+                failures.push(format!("{ctx}: outputs: want {want:?}, got {got:?}"));
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn corpus() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    assert!(dirs.len() >= 5, "corpus dirs missing under {}", root.display());
+    let failures: Vec<String> = dirs.iter().flat_map(|d| run_case_dir(d)).collect();
+    assert!(failures.is_empty(), "{} corpus failure(s):\n{}", failures.len(), failures.join("\n"));
+}
