@@ -17,13 +17,38 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
+    /// Run the gateway daemon.
+    ///
+    /// Reads the config, waits for tailscaled to be Running, binds this node's tailnet
+    /// addresses and authorizes every MCP call. SIGHUP reloads policies; SIGTERM drains.
+    Serve {
+        /// The config file (YAML; see the README's config reference).
+        #[arg(long, short, default_value = "/etc/toolgate/config.yaml")]
+        config: PathBuf,
+    },
+    /// Run a self-contained demo on loopback: gateway, sample MCP server, three identities.
+    ///
+    /// No tailscaled and no network needed. Prints every decision and the audit table.
+    Demo {
+        /// Keep the files (config, policies, audit.db) here instead of a temporary folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the gateway running after the script, to try a real MCP client against it.
+        #[arg(long)]
+        keep_running: bool,
+    },
     /// Compile, test and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Query, summarize and verify the audit trail.
+    #[command(subcommand)]
+    Audit(Box<crate::audit::cli::AuditCommand>),
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 enum PolicyCommand {
     /// Compile every policy under DIR; print every error with its file and YAML path.
     ///
@@ -114,9 +139,72 @@ struct ExplainArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Demo { dir, keep_running } => demo(dir, keep_running),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir),
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),
+        Command::Audit(cmd) => crate::audit::cli::run(*cmd),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Logs: human-readable on a terminal, JSON otherwise or when the config says so.
+fn init_logs(format: Option<&str>, level: Option<&str>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLGATE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some("json") => true,
+        Some(_) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn serve(config: &std::path::Path) -> ExitCode {
+    let cfg = match crate::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logs(cfg.log.format.as_deref(), cfg.log.level.as_deref());
+    let result = runtime().and_then(|rt| rt.block_on(crate::daemon::serve(cfg)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(dir: Option<PathBuf>, keep_running: bool) -> ExitCode {
+    init_logs(Some("text"), Some("warn"));
+    let opts = crate::demo::Options { dir, keep_running };
+    match runtime().and_then(|rt| rt.block_on(crate::demo::run(opts))) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: demo failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -250,7 +338,15 @@ fn policy_explain(args: &ExplainArgs) -> ExitCode {
 pub fn explain_text(out: &eval::CheckOutput) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "policies consulted: {}", if out.trace.policies.is_empty() { "none".to_string() } else { out.trace.policies.join(", ") });
+    let _ = writeln!(
+        s,
+        "policies consulted: {}",
+        if out.trace.policies.is_empty() {
+            "none".to_string()
+        } else {
+            out.trace.policies.join(", ")
+        }
+    );
     for d in &out.trace.derived_roles {
         let _ = writeln!(
             s,
@@ -258,7 +354,10 @@ pub fn explain_text(out: &eval::CheckOutput) -> String {
             d.name,
             d.scope,
             if d.active { "active" } else { "inactive" },
-            d.error.as_ref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+            d.error
+                .as_ref()
+                .map(|e| format!(" (error: {e})"))
+                .unwrap_or_default()
         );
     }
     for a in &out.actions {
@@ -269,20 +368,40 @@ pub fn explain_text(out: &eval::CheckOutput) -> String {
                 s,
                 "  - [{}{}] {}#{} {:?} → {:?}{}",
                 st.pass,
-                st.role.as_ref().map(|r| format!(" role={r}")).unwrap_or_default(),
+                st.role
+                    .as_ref()
+                    .map(|r| format!(" role={r}"))
+                    .unwrap_or_default(),
                 st.policy,
                 st.rule,
                 st.effect,
                 st.outcome,
-                st.error.as_ref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+                st.error
+                    .as_ref()
+                    .map(|e| format!(" (error: {e})"))
+                    .unwrap_or_default()
             );
         }
     }
     for e in &out.evaluation_errors {
-        let _ = writeln!(s, "\nevaluation error in {}#{} ({}): {}: {}", e.policy, e.rule, e.action, e.expression, e.message);
+        let _ = writeln!(
+            s,
+            "\nevaluation error in {}#{} ({}): {}: {}",
+            e.policy, e.rule, e.action, e.expression, e.message
+        );
     }
     for o in &out.outputs {
-        let _ = writeln!(s, "output {} ({}): {}", o.src, o.action, o.val.as_ref().map(|v| v.to_string()).or(o.error.clone()).unwrap_or_default());
+        let _ = writeln!(
+            s,
+            "output {} ({}): {}",
+            o.src,
+            o.action,
+            o.val
+                .as_ref()
+                .map(|v| v.to_string())
+                .or(o.error.clone())
+                .unwrap_or_default()
+        );
     }
     s
 }

@@ -5,5 +5,15 @@
 //!   no tokio, no HTTP, no SQL (the store reads files only when asked to load).
 //! - [`cli`]: the `toolgate` command line.
 
+pub mod audit;
 pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod gateway;
+pub mod identity;
+pub mod mcp;
 pub mod policy;
+pub mod sample;
+pub mod server;
+pub mod tailnet;

@@ -1,6 +1,13 @@
 //! Data-driven decisions: each `tests/corpus/<case>/` holds `policies/` and `cases.yaml`
 //! (inputs, expected effect/policy/scope/rule per action, and expected explain-trace lines).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test and bench code"
+)]
+
 use std::path::Path;
 
 use serde::Deserialize;
@@ -47,14 +54,21 @@ struct Case {
 fn render(out: &CheckOutput) -> Vec<String> {
     let mut lines = Vec::new();
     for d in &out.trace.derived_roles {
-        lines.push(format!("derived {} {}", d.name, if d.active { "active" } else { "inactive" }));
+        lines.push(format!(
+            "derived {} {}",
+            d.name,
+            if d.active { "active" } else { "inactive" }
+        ));
     }
     for s in &out.trace.steps {
         lines.push(format!(
             "{} {}{} {}#{} {:?}",
             s.action,
             s.pass,
-            s.role.as_ref().map(|r| format!(" role={r}")).unwrap_or_default(),
+            s.role
+                .as_ref()
+                .map(|r| format!(" role={r}"))
+                .unwrap_or_default(),
             s.policy,
             s.rule,
             s.outcome
@@ -82,7 +96,9 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
             ..Params::default()
         };
         if let Some(now) = &case.now {
-            params.now = chrono::DateTime::parse_from_rfc3339(now).map(|t| t.to_utc()).unwrap_or(params.now);
+            params.now = chrono::DateTime::parse_from_rfc3339(now)
+                .map(|t| t.to_utc())
+                .unwrap_or(params.now);
         }
         let input = CheckInput {
             principal: case.principal.clone(),
@@ -120,21 +136,34 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
         for want in &case.trace {
             match lines[pos..].iter().position(|l| l.contains(want.as_str())) {
                 Some(i) => pos += i + 1,
-                None => failures.push(format!("{ctx}: trace line {want:?} not found (in order) in:\n    {}", lines.join("\n    "))),
+                None => failures.push(format!(
+                    "{ctx}: trace line {want:?} not found (in order) in:\n    {}",
+                    lines.join("\n    ")
+                )),
             }
         }
         if let Some(want) = &case.effective_derived_roles {
             if &out.effective_derived_roles != want {
-                failures.push(format!("{ctx}: effective derived roles: want {want:?}, got {:?}", out.effective_derived_roles));
+                failures.push(format!(
+                    "{ctx}: effective derived roles: want {want:?}, got {:?}",
+                    out.effective_derived_roles
+                ));
             }
         }
         if let Some(n) = case.evaluation_errors {
             if out.evaluation_errors.len() != n {
-                failures.push(format!("{ctx}: evaluation errors: want {n}, got {:?}", out.evaluation_errors));
+                failures.push(format!(
+                    "{ctx}: evaluation errors: want {n}, got {:?}",
+                    out.evaluation_errors
+                ));
             }
         }
         if let Some(want) = &case.outputs {
-            let got: Vec<Value> = out.outputs.iter().map(|o| serde_json::to_value(o).unwrap_or_default()).collect();
+            let got: Vec<Value> = out
+                .outputs
+                .iter()
+                .map(|o| serde_json::to_value(o).unwrap_or_default())
+                .collect();
             if &got != want {
                 failures.push(format!("{ctx}: outputs: want {want:?}, got {got:?}"));
             }
@@ -147,10 +176,24 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
 fn corpus() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
-    assert!(dirs.len() >= 5, "corpus dirs missing under {}", root.display());
+    assert!(
+        dirs.len() >= 5,
+        "corpus dirs missing under {}",
+        root.display()
+    );
     let failures: Vec<String> = dirs.iter().flat_map(|d| run_case_dir(d)).collect();
-    assert!(failures.is_empty(), "{} corpus failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} corpus failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

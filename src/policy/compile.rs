@@ -169,10 +169,12 @@ impl PolicySet {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Cerbos's key naming: names that look like identifiers get `[^\w.]+` replaced by `_`.
@@ -323,10 +325,7 @@ impl<'a> Compiler<'a> {
             self.errors.push(err(
                 "",
                 "$",
-                format!(
-                    "{} policies; the limit is {MAX_POLICIES}",
-                    parsed.len()
-                ),
+                format!("{} policies; the limit is {MAX_POLICIES}", parsed.len()),
             ));
             return Err(self.errors);
         }
@@ -355,10 +354,7 @@ impl<'a> Compiler<'a> {
                 self.errors.push(err(
                     &p.file,
                     "$",
-                    format!(
-                        "duplicate policy {}: also defined in {first}",
-                        policy.key
-                    ),
+                    format!("duplicate policy {}: also defined in {first}", policy.key),
                 ));
                 continue;
             }
@@ -377,7 +373,8 @@ impl<'a> Compiler<'a> {
         }
         self.check_scope_chains(&set);
         if !self.errors.is_empty() {
-            self.errors.sort_by(|a, b| (&a.file, &a.path).cmp(&(&b.file, &b.path)));
+            self.errors
+                .sort_by(|a, b| (&a.file, &a.path).cmp(&(&b.file, &b.path)));
             self.errors.dedup();
             return Err(self.errors);
         }
@@ -471,8 +468,12 @@ impl<'a> Compiler<'a> {
             if !claim(&mut self.errors, "derived_roles", &dr.name, &p.file) {
                 continue;
             }
-            let constants =
-                self.constants(&p.file, "$.derivedRoles.constants", dr.constants.as_ref(), &ex);
+            let constants = self.constants(
+                &p.file,
+                "$.derivedRoles.constants",
+                dr.constants.as_ref(),
+                &ex,
+            );
             let variables = self.variables(
                 &p.file,
                 "$.derivedRoles.variables",
@@ -505,11 +506,11 @@ impl<'a> Compiler<'a> {
                         "a derived role needs at least one parent role",
                     ));
                 }
-                let parent_roles = self.globs(&p.file, &format!("{path}.parentRoles"), &d.parent_roles);
-                let condition = d
-                    .condition
-                    .as_ref()
-                    .and_then(|c| self.condition(&p.file, &format!("{path}.condition.match"), &c.match_, 0));
+                let parent_roles =
+                    self.globs(&p.file, &format!("{path}.parentRoles"), &d.parent_roles);
+                let condition = d.condition.as_ref().and_then(|c| {
+                    self.condition(&p.file, &format!("{path}.condition.match"), &c.match_, 0)
+                });
                 defs.push(Arc::new(DerivedRole {
                     name: d.name.clone(),
                     set: dr.name.clone(),
@@ -530,7 +531,8 @@ impl<'a> Compiler<'a> {
         let mut out = Vec::with_capacity(patterns.len());
         for (i, p) in patterns.iter().enumerate() {
             if p.is_empty() {
-                self.errors.push(err(file, format!("{path}[{i}]"), "empty name"));
+                self.errors
+                    .push(err(file, format!("{path}[{i}]"), "empty name"));
                 continue;
             }
             match Glob::new(p) {
@@ -541,8 +543,11 @@ impl<'a> Compiler<'a> {
         let mut seen = std::collections::HashSet::new();
         for (i, p) in patterns.iter().enumerate() {
             if !seen.insert(p) {
-                self.errors
-                    .push(err(file, format!("{path}[{i}]"), format!("{p:?} is listed twice")));
+                self.errors.push(err(
+                    file,
+                    format!("{path}[{i}]"),
+                    format!("{p:?} is listed twice"),
+                ));
             }
         }
         out
@@ -552,13 +557,20 @@ impl<'a> Compiler<'a> {
         match self.env.compile(src) {
             Ok(e) => Some(e),
             Err(e) => {
-                self.errors.push(err(file, path, format!("invalid CEL expression: {e}")));
+                self.errors
+                    .push(err(file, path, format!("invalid CEL expression: {e}")));
                 None
             }
         }
     }
 
-    fn condition(&mut self, file: &str, path: &str, m: &model::Match, depth: usize) -> Option<Cond> {
+    fn condition(
+        &mut self,
+        file: &str,
+        path: &str,
+        m: &model::Match,
+        depth: usize,
+    ) -> Option<Cond> {
         if depth >= MAX_MATCH_DEPTH {
             self.errors.push(err(
                 file,
@@ -567,10 +579,15 @@ impl<'a> Compiler<'a> {
             ));
             return None;
         }
-        let set = [m.expr.is_some(), m.all.is_some(), m.any.is_some(), m.none.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let set = [
+            m.expr.is_some(),
+            m.all.is_some(),
+            m.any.is_some(),
+            m.none.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if set != 1 {
             self.errors.push(err(
                 file,
@@ -580,7 +597,9 @@ impl<'a> Compiler<'a> {
             return None;
         }
         if let Some(src) = &m.expr {
-            return self.expr(file, &format!("{path}.expr"), src).map(Cond::Expr);
+            return self
+                .expr(file, &format!("{path}.expr"), src)
+                .map(Cond::Expr);
         }
         let (name, list) = match (&m.all, &m.any, &m.none) {
             (Some(l), _, _) => ("all", l),
@@ -598,7 +617,12 @@ impl<'a> Compiler<'a> {
         }
         let mut children = Vec::with_capacity(list.of.len());
         for (i, child) in list.of.iter().enumerate() {
-            children.push(self.condition(file, &format!("{path}.{name}.of[{i}]"), child, depth + 1)?);
+            children.push(self.condition(
+                file,
+                &format!("{path}.{name}.of[{i}]"),
+                child,
+                depth + 1,
+            )?);
         }
         Some(match name {
             "all" => Cond::All(children),
@@ -623,7 +647,9 @@ impl<'a> Compiler<'a> {
                 self.errors.push(err(
                     file,
                     format!("{path}.import[{i}]"),
-                    format!("constants import {name:?} not found (no exportConstants with that name)"),
+                    format!(
+                        "constants import {name:?} not found (no exportConstants with that name)"
+                    ),
                 ));
                 continue;
             };
@@ -659,7 +685,10 @@ impl<'a> Compiler<'a> {
     ) -> Variables {
         let mut defs: BTreeMap<String, (String, String)> = BTreeMap::new();
         let mut add = |errors: &mut Vec<CompileError>, name: &str, src: &str, at: String| {
-            if defs.insert(name.to_string(), (src.to_string(), at.clone())).is_some() {
+            if defs
+                .insert(name.to_string(), (src.to_string(), at.clone()))
+                .is_some()
+            {
                 errors.push(err(
                     file,
                     at,
@@ -702,7 +731,10 @@ impl<'a> Compiler<'a> {
             Ok(v) => v,
             Err(errors) => {
                 for (name, message) in errors {
-                    let at = paths.get(&name).cloned().unwrap_or_else(|| path.to_string());
+                    let at = paths
+                        .get(&name)
+                        .cloned()
+                        .unwrap_or_else(|| path.to_string());
                     self.errors.push(err(file, at, message));
                 }
                 Variables::default()
@@ -710,7 +742,12 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn outputs(&mut self, file: &str, path: &str, o: Option<&model::Output>) -> (Option<Expr>, Option<Expr>) {
+    fn outputs(
+        &mut self,
+        file: &str,
+        path: &str,
+        o: Option<&model::Output>,
+    ) -> (Option<Expr>, Option<Expr>) {
         let Some(o) = o else { return (None, None) };
         let mut activated = o
             .expr
@@ -728,7 +765,15 @@ impl<'a> Compiler<'a> {
         (activated, not_met)
     }
 
-    fn check_common(&mut self, file: &str, root: &str, name_field: &str, name: &str, version: &str, scope: &str) {
+    fn check_common(
+        &mut self,
+        file: &str,
+        root: &str,
+        name_field: &str,
+        name: &str,
+        version: &str,
+        scope: &str,
+    ) {
         if !valid_name(name) {
             self.errors.push(err(
                 file,
@@ -778,7 +823,11 @@ impl<'a> Compiler<'a> {
                 return None;
             }
         };
-        let ignore = s.ignore_when.as_ref().map(|i| i.actions.clone()).unwrap_or_default();
+        let ignore = s
+            .ignore_when
+            .as_ref()
+            .map(|i| i.actions.clone())
+            .unwrap_or_default();
         let ignore_actions = self.globs(file, &format!("{path}.ignoreWhen.actions"), &ignore);
         Some(Schema {
             reference: s.ref_.clone(),
@@ -796,7 +845,12 @@ impl<'a> Compiler<'a> {
         let file = p.file.as_str();
         let root = "$.resourcePolicy";
         self.check_common(file, root, "resource", &rp.resource, &rp.version, &rp.scope);
-        let constants = self.constants(file, &format!("{root}.constants"), rp.constants.as_ref(), ex);
+        let constants = self.constants(
+            file,
+            &format!("{root}.constants"),
+            rp.constants.as_ref(),
+            ex,
+        );
         let variables = self.variables(
             file,
             &format!("{root}.variables"),
@@ -826,18 +880,32 @@ impl<'a> Compiler<'a> {
         for (i, r) in rp.rules.iter().enumerate() {
             let path = format!("{root}.rules[{i}]");
             if r.actions.is_empty() {
-                self.errors.push(err(file, format!("{path}.actions"), "a rule needs at least one action"));
+                self.errors.push(err(
+                    file,
+                    format!("{path}.actions"),
+                    "a rule needs at least one action",
+                ));
             }
             if r.roles.is_empty() && r.derived_roles.is_empty() {
-                let name = if r.name.is_empty() { format!("rule-{:03}", i + 1) } else { r.name.clone() };
+                let name = if r.name.is_empty() {
+                    format!("rule-{:03}", i + 1)
+                } else {
+                    r.name.clone()
+                };
                 self.errors.push(err(
                     file,
                     &path,
-                    format!("rule '{name}' does not specify any roles or derived roles to be matched"),
+                    format!(
+                        "rule '{name}' does not specify any roles or derived roles to be matched"
+                    ),
                 ));
             }
             if !valid_rule_name(&r.name) {
-                self.errors.push(err(file, format!("{path}.name"), format!("{:?} is not a valid rule name", r.name)));
+                self.errors.push(err(
+                    file,
+                    format!("{path}.name"),
+                    format!("{:?} is not a valid rule name", r.name),
+                ));
             }
             for (j, dr) in r.derived_roles.iter().enumerate() {
                 match available.get(dr).map(Vec::as_slice) {
@@ -851,25 +919,33 @@ impl<'a> Compiler<'a> {
                         self.errors.push(err(
                             file,
                             format!("{path}.derivedRoles[{j}]"),
-                            format!("derived role {dr:?} is ambiguous: defined in {}", sets.join(", ")),
+                            format!(
+                                "derived role {dr:?} is ambiguous: defined in {}",
+                                sets.join(", ")
+                            ),
                         ));
                     }
                     _ => self.errors.push(err(
                         file,
                         format!("{path}.derivedRoles[{j}]"),
-                        format!("derived role {dr:?} is not defined in any imported derived roles set"),
+                        format!(
+                            "derived role {dr:?} is not defined in any imported derived roles set"
+                        ),
                     )),
                 }
             }
             let actions = self.globs(file, &format!("{path}.actions"), &r.actions);
             let roles = self.globs(file, &format!("{path}.roles"), &r.roles);
-            let condition = r
-                .condition
-                .as_ref()
-                .and_then(|c| self.condition(file, &format!("{path}.condition.match"), &c.match_, 0));
+            let condition = r.condition.as_ref().and_then(|c| {
+                self.condition(file, &format!("{path}.condition.match"), &c.match_, 0)
+            });
             let (output_activated, output_not_met) = self.outputs(file, &path, r.output.as_ref());
             rules.push(Rule {
-                name: if r.name.is_empty() { format!("rule-{:03}", i + 1) } else { r.name.clone() },
+                name: if r.name.is_empty() {
+                    format!("rule-{:03}", i + 1)
+                } else {
+                    r.name.clone()
+                },
                 path,
                 resource: None,
                 actions,
@@ -883,8 +959,16 @@ impl<'a> Compiler<'a> {
         }
         let (principal_schema, resource_schema) = match &rp.schemas {
             Some(s) => (
-                self.schema(file, &format!("{root}.schemas.principalSchema"), s.principal_schema.as_ref()),
-                self.schema(file, &format!("{root}.schemas.resourceSchema"), s.resource_schema.as_ref()),
+                self.schema(
+                    file,
+                    &format!("{root}.schemas.principalSchema"),
+                    s.principal_schema.as_ref(),
+                ),
+                self.schema(
+                    file,
+                    &format!("{root}.schemas.resourceSchema"),
+                    s.resource_schema.as_ref(),
+                ),
             ),
             None => (None, None),
         };
@@ -918,8 +1002,20 @@ impl<'a> Compiler<'a> {
     ) -> Option<(String, String, Policy)> {
         let file = p.file.as_str();
         let root = "$.principalPolicy";
-        self.check_common(file, root, "principal", &pp.principal, &pp.version, &pp.scope);
-        let constants = self.constants(file, &format!("{root}.constants"), pp.constants.as_ref(), ex);
+        self.check_common(
+            file,
+            root,
+            "principal",
+            &pp.principal,
+            &pp.version,
+            &pp.scope,
+        );
+        let constants = self.constants(
+            file,
+            &format!("{root}.constants"),
+            pp.constants.as_ref(),
+            ex,
+        );
         let variables = self.variables(
             file,
             &format!("{root}.variables"),
@@ -933,7 +1029,8 @@ impl<'a> Compiler<'a> {
             let resource = match Glob::new(&r.resource) {
                 Ok(g) if !r.resource.is_empty() => Some(g),
                 Ok(_) => {
-                    self.errors.push(err(file, format!("{rpath}.resource"), "empty resource"));
+                    self.errors
+                        .push(err(file, format!("{rpath}.resource"), "empty resource"));
                     None
                 }
                 Err(e) => {
@@ -942,19 +1039,31 @@ impl<'a> Compiler<'a> {
                 }
             };
             if r.actions.is_empty() {
-                self.errors.push(err(file, format!("{rpath}.actions"), "a rule needs at least one action"));
+                self.errors.push(err(
+                    file,
+                    format!("{rpath}.actions"),
+                    "a rule needs at least one action",
+                ));
             }
             for (j, a) in r.actions.iter().enumerate() {
                 let path = format!("{rpath}.actions[{j}]");
                 if !valid_rule_name(&a.name) {
-                    self.errors.push(err(file, format!("{path}.name"), format!("{:?} is not a valid rule name", a.name)));
+                    self.errors.push(err(
+                        file,
+                        format!("{path}.name"),
+                        format!("{:?} is not a valid rule name", a.name),
+                    ));
                 }
-                let actions = self.globs(file, &format!("{path}.action"), std::slice::from_ref(&a.action));
-                let condition = a
-                    .condition
-                    .as_ref()
-                    .and_then(|c| self.condition(file, &format!("{path}.condition.match"), &c.match_, 0));
-                let (output_activated, output_not_met) = self.outputs(file, &path, a.output.as_ref());
+                let actions = self.globs(
+                    file,
+                    &format!("{path}.action"),
+                    std::slice::from_ref(&a.action),
+                );
+                let condition = a.condition.as_ref().and_then(|c| {
+                    self.condition(file, &format!("{path}.condition.match"), &c.match_, 0)
+                });
+                let (output_activated, output_not_met) =
+                    self.outputs(file, &path, a.output.as_ref());
                 rules.push(Rule {
                     name: if a.name.is_empty() {
                         format!("{}_rule-{:03}", key_part(&r.resource), j + 1)
@@ -1002,7 +1111,11 @@ impl<'a> Compiler<'a> {
     ) -> Option<(String, String, Policy)> {
         let file = p.file.as_str();
         let root = "$.rolePolicy";
-        let version = if rp.version.is_empty() { "default".to_string() } else { rp.version.clone() };
+        let version = if rp.version.is_empty() {
+            "default".to_string()
+        } else {
+            rp.version.clone()
+        };
         self.check_common(file, root, "role", &rp.role, &version, &rp.scope);
         if rp.scope_permissions == ScopePermissions::OverrideParent {
             self.errors.push(err(
@@ -1011,15 +1124,27 @@ impl<'a> Compiler<'a> {
                 "role policies only accept SCOPE_PERMISSIONS_REQUIRE_PARENTAL_CONSENT_FOR_ALLOWS",
             ));
         }
-        let constants = self.constants(file, &format!("{root}.constants"), rp.constants.as_ref(), ex);
-        let variables = self.variables(file, &format!("{root}.variables"), rp.variables.as_ref(), None, ex);
+        let constants = self.constants(
+            file,
+            &format!("{root}.constants"),
+            rp.constants.as_ref(),
+            ex,
+        );
+        let variables = self.variables(
+            file,
+            &format!("{root}.variables"),
+            rp.variables.as_ref(),
+            None,
+            ex,
+        );
         let mut rules = Vec::new();
         for (i, r) in rp.rules.iter().enumerate() {
             let path = format!("{root}.rules[{i}]");
             let resource = match Glob::new(&r.resource) {
                 Ok(g) if !r.resource.is_empty() => Some(g),
                 Ok(_) => {
-                    self.errors.push(err(file, format!("{path}.resource"), "empty resource"));
+                    self.errors
+                        .push(err(file, format!("{path}.resource"), "empty resource"));
                     None
                 }
                 Err(e) => {
@@ -1028,16 +1153,23 @@ impl<'a> Compiler<'a> {
                 }
             };
             if r.allow_actions.is_empty() {
-                self.errors.push(err(file, format!("{path}.allowActions"), "a rule needs at least one action"));
+                self.errors.push(err(
+                    file,
+                    format!("{path}.allowActions"),
+                    "a rule needs at least one action",
+                ));
             }
             let actions = self.globs(file, &format!("{path}.allowActions"), &r.allow_actions);
-            let condition = r
-                .condition
-                .as_ref()
-                .and_then(|c| self.condition(file, &format!("{path}.condition.match"), &c.match_, 0));
+            let condition = r.condition.as_ref().and_then(|c| {
+                self.condition(file, &format!("{path}.condition.match"), &c.match_, 0)
+            });
             let (output_activated, output_not_met) = self.outputs(file, &path, r.output.as_ref());
             rules.push(Rule {
-                name: if r.name.is_empty() { format!("rule-{:03}", i + 1) } else { r.name.clone() },
+                name: if r.name.is_empty() {
+                    format!("rule-{:03}", i + 1)
+                } else {
+                    r.name.clone()
+                },
                 path,
                 resource,
                 actions,
@@ -1076,7 +1208,9 @@ impl<'a> Compiler<'a> {
             let mut keys: Vec<_> = index.keys().collect();
             keys.sort();
             for k in keys {
-                let Some(by_scope) = index.get(k) else { continue };
+                let Some(by_scope) = index.get(k) else {
+                    continue;
+                };
                 for (scope, policy) in by_scope {
                     let mut s = scope.as_str();
                     while !s.is_empty() {
@@ -1111,7 +1245,10 @@ mod tests {
             policy_key(PolicyKind::Resource, "leave_request", "20210210", "acme.hr"),
             "resource.leave_request.v20210210/acme.hr"
         );
-        assert_eq!(policy_key(PolicyKind::Principal, "alice@example.com", "default", ""), "principal.alice_example.com.vdefault");
+        assert_eq!(
+            policy_key(PolicyKind::Principal, "alice@example.com", "default", ""),
+            "principal.alice_example.com.vdefault"
+        );
         assert_eq!(key_part("123abc"), "123abc");
     }
 }

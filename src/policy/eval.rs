@@ -153,15 +153,25 @@ pub struct CheckOutput {
 
 impl CheckOutput {
     pub fn effect(&self, action: &str) -> Option<Effect> {
-        self.actions.iter().find(|a| a.action == action).map(|a| a.effect)
+        self.actions
+            .iter()
+            .find(|a| a.action == action)
+            .map(|a| a.effect)
     }
 }
 
 /// Where a role pass ended up.
 #[derive(Debug, Clone)]
 enum Verdict {
-    NoMatch { awaiting_consent: bool },
-    Decided { effect: Effect, policy: Arc<Policy>, rule: String, role: Option<String> },
+    NoMatch {
+        awaiting_consent: bool,
+    },
+    Decided {
+        effect: Effect,
+        policy: Arc<Policy>,
+        rule: String,
+        role: Option<String>,
+    },
 }
 
 /// A scope string's resource policy and the role policies that apply there.
@@ -194,8 +204,14 @@ fn scope_chain(scope: &str) -> Vec<String> {
 }
 
 /// The chain of policies to walk: strict needs the exact scope; lenient skips missing leaves.
-fn policy_chain(by_scope: Option<&ByScope>, scope: &str, lenient: bool) -> Vec<(String, Option<Arc<Policy>>)> {
-    let Some(by_scope) = by_scope else { return Vec::new() };
+fn policy_chain(
+    by_scope: Option<&ByScope>,
+    scope: &str,
+    lenient: bool,
+) -> Vec<(String, Option<Arc<Policy>>)> {
+    let Some(by_scope) = by_scope else {
+        return Vec::new();
+    };
     let chain = scope_chain(scope);
     let start = if lenient {
         chain.iter().position(|s| by_scope.contains_key(s))
@@ -204,7 +220,9 @@ fn policy_chain(by_scope: Option<&ByScope>, scope: &str, lenient: bool) -> Vec<(
     } else {
         None
     };
-    let Some(start) = start else { return Vec::new() };
+    let Some(start) = start else {
+        return Vec::new();
+    };
     chain[start..]
         .iter()
         .map(|s| (s.clone(), by_scope.get(s).cloned()))
@@ -271,10 +289,18 @@ impl<'a> Checker<'a> {
         let role_sets: Vec<(String, Vec<String>)> = p
             .roles
             .iter()
-            .map(|role| (role.clone(), self.role_set(role, &r_version, &resource_chain)))
+            .map(|role| {
+                (
+                    role.clone(),
+                    self.role_set(role, &r_version, &resource_chain),
+                )
+            })
             .collect();
         let all_roles: Vec<String> = {
-            let mut v: Vec<String> = role_sets.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+            let mut v: Vec<String> = role_sets
+                .iter()
+                .flat_map(|(_, s)| s.iter().cloned())
+                .collect();
             v.sort();
             v.dedup();
             v
@@ -336,27 +362,64 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
-            let mut verdict = Verdict::NoMatch { awaiting_consent: false };
+            let mut verdict = Verdict::NoMatch {
+                awaiting_consent: false,
+            };
             if !principal_chain.is_empty() {
                 verdict = self.walk_principal(action, &principal_chain);
             }
             if !matches!(verdict, Verdict::Decided { .. }) {
-                let principal_consent = matches!(verdict, Verdict::NoMatch { awaiting_consent: true });
+                let principal_consent = matches!(
+                    verdict,
+                    Verdict::NoMatch {
+                        awaiting_consent: true
+                    }
+                );
                 verdict = self.resource_pass(action, &levels, &role_sets);
                 if principal_consent {
                     if let Verdict::NoMatch { .. } = verdict {
-                        verdict = Verdict::NoMatch { awaiting_consent: true };
+                        verdict = Verdict::NoMatch {
+                            awaiting_consent: true,
+                        };
                     }
                 }
             }
-            self.out.actions.push(result(action, verdict));
+            let mut r = result(action, verdict);
+            if r.policy == NO_MATCH {
+                let tried: Vec<String> = self
+                    .out
+                    .trace
+                    .steps
+                    .iter()
+                    .filter(|s| {
+                        s.action == *action
+                            && matches!(
+                                s.outcome,
+                                StepOutcome::ConditionNotMet | StepOutcome::Error
+                            )
+                    })
+                    .map(|s| format!("{}#{}", s.policy, s.rule))
+                    .collect();
+                if !tried.is_empty() {
+                    r.reason = format!(
+                        "denied by default: no rule allowed it (condition not met: {})",
+                        tried.join(", ")
+                    );
+                }
+            }
+            self.out.actions.push(r);
         }
         effective.sort();
         self.out.effective_derived_roles = effective;
     }
 
     /// `{role} ∪ parentRoles(role)` through role policies, recursively.
-    fn role_set(&self, role: &str, version: &str, chain: &[(String, Option<Arc<Policy>>)]) -> Vec<String> {
+    fn role_set(
+        &self,
+        role: &str,
+        version: &str,
+        chain: &[(String, Option<Arc<Policy>>)],
+    ) -> Vec<String> {
         let mut out = vec![role.to_string()];
         let mut i = 0;
         while i < out.len() && out.len() < 64 {
@@ -395,8 +458,16 @@ impl<'a> Checker<'a> {
         };
         let mut rejected = Vec::new();
         let checks = [
-            (base.principal_schema.as_ref(), &self.input.principal.attr, Source::Principal),
-            (base.resource_schema.as_ref(), &self.input.resource.attr, Source::Resource),
+            (
+                base.principal_schema.as_ref(),
+                &self.input.principal.attr,
+                Source::Principal,
+            ),
+            (
+                base.resource_schema.as_ref(),
+                &self.input.resource.attr,
+                Source::Resource,
+            ),
         ];
         for (schema, attr, source) in checks {
             let Some(schema) = schema else { continue };
@@ -418,7 +489,13 @@ impl<'a> Checker<'a> {
         rejected
     }
 
-    fn ctx<'c>(&'c self, action: &'c str, constants: &'c Arc<Map<String, Value>>, variables: &'c Variables, derived: &'c [String]) -> EvalCtx<'c> {
+    fn ctx<'c>(
+        &'c self,
+        action: &'c str,
+        constants: &'c Arc<Map<String, Value>>,
+        variables: &'c Variables,
+        derived: &'c [String],
+    ) -> EvalCtx<'c> {
         EvalCtx {
             env: &self.set.env,
             request: &self.request,
@@ -430,7 +507,9 @@ impl<'a> Checker<'a> {
     }
 
     fn derive_roles(&mut self, level: &mut ScopeLevel, action: &str, all_roles: &[String]) {
-        let Some(policy) = level.resource.clone() else { return };
+        let Some(policy) = level.resource.clone() else {
+            return;
+        };
         level.derived.clear();
         level.active_names.clear();
         for dr in &policy.derived_roles {
@@ -461,7 +540,12 @@ impl<'a> Checker<'a> {
                     }
                 }
             };
-            let seen = self.out.trace.derived_roles.iter().any(|d| d.name == dr.name && d.scope == level.scope);
+            let seen = self
+                .out
+                .trace
+                .derived_roles
+                .iter()
+                .any(|d| d.name == dr.name && d.scope == level.scope);
             if parent_ok && !seen {
                 self.out.trace.derived_roles.push(DerivedRoleStep {
                     name: dr.name.clone(),
@@ -509,20 +593,50 @@ impl<'a> Checker<'a> {
                     self.consent_step(action, "principal", None, policy, &rule);
                     continue;
                 }
-                return Verdict::Decided { effect: Effect::Allow, policy: policy.clone(), rule, role: None };
+                return Verdict::Decided {
+                    effect: Effect::Allow,
+                    policy: policy.clone(),
+                    rule,
+                    role: None,
+                };
             }
         }
-        Verdict::NoMatch { awaiting_consent: awaiting }
+        Verdict::NoMatch {
+            awaiting_consent: awaiting,
+        }
     }
 
-    fn resource_pass(&mut self, action: &str, levels: &[ScopeLevel], role_sets: &[(String, Vec<String>)]) -> Verdict {
-        let mut effect = Verdict::NoMatch { awaiting_consent: false };
+    fn resource_pass(
+        &mut self,
+        action: &str,
+        levels: &[ScopeLevel],
+        role_sets: &[(String, Vec<String>)],
+    ) -> Verdict {
+        let mut effect = Verdict::NoMatch {
+            awaiting_consent: false,
+        };
         for (role, role_set) in role_sets {
             let v = self.walk_role(action, role, role_set, levels);
-            let is_allow = matches!(v, Verdict::Decided { effect: Effect::Allow, .. });
+            let is_allow = matches!(
+                v,
+                Verdict::Decided {
+                    effect: Effect::Allow,
+                    ..
+                }
+            );
             match (&effect, &v) {
-                (Verdict::NoMatch { awaiting_consent: false }, _) => effect = v.clone(),
-                (Verdict::NoMatch { awaiting_consent: true }, Verdict::Decided { .. }) => effect = v.clone(),
+                (
+                    Verdict::NoMatch {
+                        awaiting_consent: false,
+                    },
+                    _,
+                ) => effect = v.clone(),
+                (
+                    Verdict::NoMatch {
+                        awaiting_consent: true,
+                    },
+                    Verdict::Decided { .. },
+                ) => effect = v.clone(),
                 _ => {}
             }
             if is_allow {
@@ -533,7 +647,13 @@ impl<'a> Checker<'a> {
         effect
     }
 
-    fn walk_role(&mut self, action: &str, role: &str, role_set: &[String], levels: &[ScopeLevel]) -> Verdict {
+    fn walk_role(
+        &mut self,
+        action: &str,
+        role: &str,
+        role_set: &[String],
+        levels: &[ScopeLevel],
+    ) -> Verdict {
         let kind = self.input.resource.kind.clone();
         let mut awaiting = false;
         for level in levels {
@@ -548,7 +668,14 @@ impl<'a> Checker<'a> {
                     if !resource_ok || !rule.actions.iter().any(|g| g.matches(action)) {
                         continue;
                     }
-                    if let RuleOutcome::Allow = self.apply_rule(action, "resource", Some(role), rp, rule, &level.active_names) {
+                    if let RuleOutcome::Allow = self.apply_rule(
+                        action,
+                        "resource",
+                        Some(role),
+                        rp,
+                        rule,
+                        &level.active_names,
+                    ) {
                         allowed = true;
                         break;
                     }
@@ -565,22 +692,36 @@ impl<'a> Checker<'a> {
                         outcome: StepOutcome::RolePolicyDeny,
                         error: None,
                     });
-                    return Verdict::Decided { effect: Effect::Deny, policy: rp.clone(), rule: String::new(), role: Some(role.to_string()) };
+                    return Verdict::Decided {
+                        effect: Effect::Deny,
+                        policy: rp.clone(),
+                        rule: String::new(),
+                        role: Some(role.to_string()),
+                    };
                 }
             }
-            let Some(policy) = &level.resource else { continue };
+            let Some(policy) = &level.resource else {
+                continue;
+            };
             let mut has_allow: Option<String> = None;
-            let consent = policy.scope_permissions == ScopePermissions::RequireParentalConsentForAllows;
+            let consent =
+                policy.scope_permissions == ScopePermissions::RequireParentalConsentForAllows;
             for rule in &policy.rules {
                 if !rule.actions.iter().any(|g| g.matches(action)) {
                     continue;
                 }
-                let by_role = rule.roles.iter().any(|g| role_set.iter().any(|r| g.matches(r)));
+                let by_role = rule
+                    .roles
+                    .iter()
+                    .any(|g| role_set.iter().any(|r| g.matches(r)));
                 let by_derived = rule.derived_roles.iter().any(|name| {
                     level.derived.iter().any(|(dr, active)| {
                         *active
                             && &dr.name == name
-                            && dr.parent_roles.iter().any(|g| role_set.iter().any(|r| g.matches(r)))
+                            && dr
+                                .parent_roles
+                                .iter()
+                                .any(|g| role_set.iter().any(|r| g.matches(r)))
                     })
                 });
                 let derived_declined = !by_role
@@ -588,7 +729,10 @@ impl<'a> Checker<'a> {
                         level.derived.iter().any(|(dr, active)| {
                             !*active
                                 && &dr.name == name
-                                && dr.parent_roles.iter().any(|g| role_set.iter().any(|r| g.matches(r)))
+                                && dr
+                                    .parent_roles
+                                    .iter()
+                                    .any(|g| role_set.iter().any(|r| g.matches(r)))
                         })
                     });
                 if !by_role && !by_derived {
@@ -597,10 +741,22 @@ impl<'a> Checker<'a> {
                     let _ = derived_declined;
                     continue;
                 }
-                let outcome = self.apply_rule(action, "resource", Some(role), policy, rule, &level.active_names);
+                let outcome = self.apply_rule(
+                    action,
+                    "resource",
+                    Some(role),
+                    policy,
+                    rule,
+                    &level.active_names,
+                );
                 match outcome {
                     RuleOutcome::Deny => {
-                        return Verdict::Decided { effect: Effect::Deny, policy: policy.clone(), rule: rule.name.clone(), role: Some(role.to_string()) };
+                        return Verdict::Decided {
+                            effect: Effect::Deny,
+                            policy: policy.clone(),
+                            rule: rule.name.clone(),
+                            role: Some(role.to_string()),
+                        };
                     }
                     RuleOutcome::Allow => {
                         has_allow.get_or_insert_with(|| rule.name.clone());
@@ -618,7 +774,12 @@ impl<'a> Checker<'a> {
                                 outcome: StepOutcome::ImplicitDeny,
                                 error: None,
                             });
-                            return Verdict::Decided { effect: Effect::Deny, policy: policy.clone(), rule: rule.name.clone(), role: Some(role.to_string()) };
+                            return Verdict::Decided {
+                                effect: Effect::Deny,
+                                policy: policy.clone(),
+                                rule: rule.name.clone(),
+                                role: Some(role.to_string()),
+                            };
                         }
                     }
                 }
@@ -629,13 +790,27 @@ impl<'a> Checker<'a> {
                     self.consent_step(action, "resource", Some(role), policy, &rule);
                     continue;
                 }
-                return Verdict::Decided { effect: Effect::Allow, policy: policy.clone(), rule, role: Some(role.to_string()) };
+                return Verdict::Decided {
+                    effect: Effect::Allow,
+                    policy: policy.clone(),
+                    rule,
+                    role: Some(role.to_string()),
+                };
             }
         }
-        Verdict::NoMatch { awaiting_consent: awaiting }
+        Verdict::NoMatch {
+            awaiting_consent: awaiting,
+        }
     }
 
-    fn consent_step(&mut self, action: &str, pass: &'static str, role: Option<&str>, policy: &Arc<Policy>, rule: &str) {
+    fn consent_step(
+        &mut self,
+        action: &str,
+        pass: &'static str,
+        role: Option<&str>,
+        policy: &Arc<Policy>,
+        rule: &str,
+    ) {
         self.out.trace.steps.push(Step {
             action: action.to_string(),
             pass,
@@ -650,7 +825,15 @@ impl<'a> Checker<'a> {
     }
 
     /// Evaluates one matched rule: its condition, its outputs, the trace step.
-    fn apply_rule(&mut self, action: &str, pass: &'static str, role: Option<&str>, policy: &Arc<Policy>, rule: &Rule, derived: &[String]) -> RuleOutcome {
+    fn apply_rule(
+        &mut self,
+        action: &str,
+        pass: &'static str,
+        role: Option<&str>,
+        policy: &Arc<Policy>,
+        rule: &Rule,
+        derived: &[String],
+    ) -> RuleOutcome {
         let held = match &rule.condition {
             None => Ok(true),
             Some(cond) => {
@@ -661,7 +844,13 @@ impl<'a> Checker<'a> {
         let src = format!("{}#{}", policy.key, rule.name);
         let (outcome, step, error) = match held {
             Ok(true) => {
-                self.output(action, policy, derived, &src, rule.output_activated.as_ref());
+                self.output(
+                    action,
+                    policy,
+                    derived,
+                    &src,
+                    rule.output_activated.as_ref(),
+                );
                 let o = match rule.effect {
                     Effect::Allow => RuleOutcome::Allow,
                     Effect::Deny => RuleOutcome::Deny,
@@ -707,9 +896,21 @@ impl<'a> Checker<'a> {
         outcome
     }
 
-    fn output(&mut self, action: &str, policy: &Arc<Policy>, derived: &[String], src: &str, expr: Option<&super::cel::Expr>) {
+    fn output(
+        &mut self,
+        action: &str,
+        policy: &Arc<Policy>,
+        derived: &[String],
+        src: &str,
+        expr: Option<&super::cel::Expr>,
+    ) {
         let Some(expr) = expr else { return };
-        if self.out.outputs.iter().any(|o| o.src == src && o.action == action) {
+        if self
+            .out
+            .outputs
+            .iter()
+            .any(|o| o.src == src && o.action == action)
+        {
             return;
         }
         let ctx = self.ctx(action, &policy.constants, &policy.variables, derived);
@@ -753,18 +954,28 @@ fn result(action: &str, verdict: Verdict) -> ActionResult {
                 reason: reason.to_string(),
             }
         }
-        Verdict::Decided { effect, policy, rule, role } => {
+        Verdict::Decided {
+            effect,
+            policy,
+            rule,
+            role,
+        } => {
             let verb = match effect {
                 Effect::Allow => "allowed",
                 Effect::Deny => "denied",
             };
             let by = if rule.is_empty() {
-                format!("{verb} by {} (action not listed for this resource)", policy.key)
+                format!(
+                    "{verb} by {} (action not listed for this resource)",
+                    policy.key
+                )
             } else {
                 format!("{verb} by {}#{rule}", policy.key)
             };
             let reason = match (role, policy.kind) {
-                (Some(role), PolicyKind::Resource | PolicyKind::Role) => format!("{by} for role {role}"),
+                (Some(role), PolicyKind::Resource | PolicyKind::Role) => {
+                    format!("{by} for role {role}")
+                }
                 _ => by,
             };
             ActionResult {
@@ -818,12 +1029,20 @@ pub fn eval_cond(cond: &Cond, ctx: &EvalCtx<'_>) -> Result<bool, (String, String
                     return Err(e);
                 }
             }
-            Ok(if matches!(cond, Cond::None(_)) { !any } else { any })
+            Ok(if matches!(cond, Cond::None(_)) {
+                !any
+            } else {
+                any
+            })
         }
     }
 }
 
-fn validate_attrs(schema: &Schema, attr: &Map<String, Value>, source: Source) -> Vec<ValidationError> {
+fn validate_attrs(
+    schema: &Schema,
+    attr: &Map<String, Value>,
+    source: Source,
+) -> Vec<ValidationError> {
     let instance = Value::Object(attr.clone());
     schema
         .validator

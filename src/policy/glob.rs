@@ -15,7 +15,10 @@ pub enum Glob {
     Any,
     Literal(Box<str>),
     /// Everything else: an anchored regex translated from the glob.
-    Pattern { source: Box<str>, regex: Regex },
+    Pattern {
+        source: Box<str>,
+        regex: Regex,
+    },
 }
 
 impl Glob {

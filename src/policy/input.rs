@@ -14,7 +14,11 @@ pub struct Principal {
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub attr: Map<String, Value>,
-    #[serde(default, alias = "policy_version", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        alias = "policy_version",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub policy_version: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
@@ -29,7 +33,11 @@ pub struct Resource {
     pub id: String,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub attr: Map<String, Value>,
-    #[serde(default, alias = "policy_version", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        alias = "policy_version",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub policy_version: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,

@@ -23,7 +23,9 @@ pub struct ParseError {
 impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.line, self.column) {
-            (Some(l), Some(c)) => write!(f, "{} (line {l}, column {c}): {}", self.path, self.message),
+            (Some(l), Some(c)) => {
+                write!(f, "{} (line {l}, column {c}): {}", self.path, self.message)
+            }
             _ => write!(f, "{}: {}", self.path, self.message),
         }
     }
@@ -154,7 +156,11 @@ mod tests {
     fn duplicate_keys_and_yaml12_scalars() {
         let dup = "apiVersion: a\napiVersion: b\n";
         let err = document::<PolicyFile>("p.yaml", dup.as_bytes()).err();
-        assert!(err.map(|e| e.message).unwrap_or_default().contains("duplicate"));
+        assert!(
+            err.map(|e| e.message)
+                .unwrap_or_default()
+                .contains("duplicate")
+        );
         let v = yaml_value("x: on\ny: yes\n").unwrap_or_default();
         assert_eq!(v["x"], "on");
         assert_eq!(v["y"], "yes");

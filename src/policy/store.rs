@@ -108,7 +108,11 @@ pub fn read_dir(root: &Path) -> Result<DirContents, Vec<CompileError>> {
     }
     out.policies.sort_by(|a, b| a.name.cmp(&b.name));
     out.tests.sort();
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Reads a file, refusing one over the size limit before reading it.
@@ -124,8 +128,15 @@ pub fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| e.to_string())
 }
 
-fn read_schemas(root: &Path, dir: &Path, out: &mut BTreeMap<String, Value>, errors: &mut Vec<CompileError>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+fn read_schemas(
+    root: &Path,
+    dir: &Path,
+    out: &mut BTreeMap<String, Value>,
+    errors: &mut Vec<CompileError>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
@@ -138,7 +149,11 @@ fn read_schemas(root: &Path, dir: &Path, out: &mut BTreeMap<String, Value>, erro
             read_schemas(root, &path, out, errors);
             continue;
         }
-        let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
         let parsed = read_limited(&path).and_then(|b| {
             let text = String::from_utf8(b).map_err(|e| e.to_string())?;
             parse::yaml_value(&text).map_err(|e| e.to_string())
@@ -155,7 +170,23 @@ fn read_schemas(root: &Path, dir: &Path, out: &mut BTreeMap<String, Value>, erro
 /// Reads and compiles a policy directory.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<CompileError>> {
     let contents = read_dir(dir)?;
-    compile::compile(&contents.policies, &contents.schemas)
+    compile_on_big_stack(contents)
+}
+
+/// CEL parsing recurses; compile on a thread with a generous stack so that no policy text can
+/// overflow the caller's (load-time caps refuse what would overflow at evaluation).
+fn compile_on_big_stack(contents: DirContents) -> Result<PolicySet, Vec<CompileError>> {
+    let worker = std::thread::Builder::new()
+        .name("policy-compile".into())
+        .stack_size(64 * 1024 * 1024)
+        .spawn(move || compile::compile(&contents.policies, &contents.schemas));
+    let joined = match worker {
+        Ok(handle) => handle
+            .join()
+            .map_err(|_| "the compiler thread panicked".to_string()),
+        Err(e) => Err(format!("cannot start the compiler thread: {e}")),
+    };
+    joined.unwrap_or_else(|e| Err(vec![io_err(Path::new(""), e)]))
 }
 
 /// The live snapshot: read lock-free, replaced whole.

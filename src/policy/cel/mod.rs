@@ -9,18 +9,62 @@
 //! - [`Variables::compile`] for a policy's merged variable definitions
 //! - [`Request`] (once per check) and [`EvalCtx`] (once per policy × action × scope)
 //! - [`Expr::eval_bool`], [`Expr::eval_json`]
+//!
+//! Layout: [`env`] builds the `cel::Env`; [`macros`] holds the parse-time rewrites (`cel.bind`,
+//! two-variable comprehensions, `now()`, UTC getters, cached `matches`); [`check`] the load-time
+//! checks and the cost-tick rewrite; [`scope`] binds a request lazily (the variable resolver,
+//! the per-evaluation cost budget); [`views`] the lazy JSON views; [`output`] protojson-like
+//! output; [`funcs`], [`hierarchy`], [`network`], [`paths`], [`regex`], [`spiffe`] the functions.
+
+mod check;
+mod env;
+mod funcs;
+mod hierarchy;
+mod macros;
+mod network;
+mod output;
+mod paths;
+mod regex;
+mod scope;
+mod spiffe;
+mod views;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, LazyLock};
 
+use cel::common::types::CelBool;
+use cel::common::value::Val;
 use serde_json::{Map, Value};
 
 use super::input::{Principal, Resource};
+
+/// Longest expression source accepted, in bytes.
+pub const MAX_SOURCE_LEN: usize = 8 * 1024;
+/// Deepest expression tree accepted (after macro expansion). Bounds the interpreter's recursion.
+pub const MAX_DEPTH: usize = 50;
+/// Deepest chain of variable definitions (own depth plus that of the variables read, recursively).
+pub const MAX_VARIABLE_DEPTH: usize = 100;
+/// Most comprehensions (`all`, `exists`, `map`, ...) nested in one another.
+pub const MAX_LOOP_NESTING: usize = 4;
+/// Work units one evaluation may spend: one per comprehension iteration, and a share of the
+/// element comparisons of the list functions. Exceeding it is the error [`COST_EXCEEDED`].
+pub const COST_LIMIT: u64 = 100_000;
+/// The error of an evaluation that exceeded [`COST_LIMIT`].
+pub const COST_EXCEEDED: &str = "evaluation cost limit exceeded";
+
+/// Stack for the compiler thread: the parser recurses deeply (notably in debug builds).
+const COMPILE_STACK: usize = 256 << 20;
 
 /// The compiled CEL environment. Build once, share everywhere (`Send + Sync`).
 #[derive(Clone)]
 pub struct CelEnv {
     env: Arc<cel::Env>,
+    /// Set when the environment could not be built: every compile then fails with it.
+    broken: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for CelEnv {
@@ -29,51 +73,54 @@ impl std::fmt::Debug for CelEnv {
     }
 }
 
-/// One compiled expression.
-#[derive(Clone)]
-pub struct Expr {
-    inner: Arc<ExprInner>,
-}
-
-struct ExprInner {
-    source: String,
-    program: cel::Program,
-    variables: Vec<String>,
-}
-
-impl std::fmt::Debug for Expr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Expr({:?})", self.inner.source)
-    }
-}
+static SHARED: LazyLock<CelEnv> = LazyLock::new(|| match env::build() {
+    Ok(env) => CelEnv {
+        env: Arc::new(env),
+        broken: None,
+    },
+    Err(e) => CelEnv {
+        env: Arc::new(cel::Env::stdlib()),
+        broken: Some(format!("CEL environment failed to build: {e}").into()),
+    },
+});
 
 impl CelEnv {
+    /// The environment (built once per process, then shared).
     pub fn new() -> CelEnv {
-        let mut env = cel::Env::stdlib();
-        for ext in [
-            cel::extensions::strings as fn(&mut cel::Env) -> _,
-            cel::extensions::lists,
-            cel::extensions::math,
-            cel::extensions::encoders,
-        ] {
-            // A failure here would be a bug in the crate's own registrations; skip the library.
-            let _ = env.add_extension(ext);
-        }
-        CelEnv { env: Arc::new(env) }
+        SHARED.clone()
     }
 
     /// Compiles `src`, with the load-time checks. The error is a one-line message.
     pub fn compile(&self, src: &str) -> Result<Expr, String> {
-        let program = self
-            .env
-            .compile(src)
-            .map_err(|e| e.to_string().replace('\n', " "))?;
-        let variables = referenced_variables(src);
+        if let Some(e) = &self.broken {
+            return Err(e.to_string());
+        }
+        if src.len() > MAX_SOURCE_LEN {
+            return Err(format!(
+                "expression is too long: {} bytes (limit {MAX_SOURCE_LEN})",
+                src.len()
+            ));
+        }
+        let env = &self.env;
+        let compiled = std::thread::scope(|s| {
+            let handle = std::thread::Builder::new()
+                .name("cel-compile".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(s, || {
+                    catch_unwind(AssertUnwindSafe(|| check::compile(env, src)))
+                })
+                .map_err(|e| format!("cannot start the CEL compiler thread: {e}"))?;
+            match handle.join() {
+                Ok(Ok(result)) => result,
+                _ => Err("internal error while compiling the expression".to_string()),
+            }
+        })?;
         Ok(Expr {
             inner: Arc::new(ExprInner {
                 source: src.to_string(),
-                program,
-                variables,
+                ast: compiled.ast,
+                variables: compiled.variables,
+                depth: compiled.depth,
             }),
         })
     }
@@ -85,29 +132,24 @@ impl Default for CelEnv {
     }
 }
 
-/// Names used as `variables.x` / `V.x` (textual scan; good enough for dependency order).
-fn referenced_variables(src: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for prefix in ["variables.", "V."] {
-        let mut rest = src;
-        while let Some(i) = rest.find(prefix) {
-            let before_ok = i == 0
-                || !rest[..i]
-                    .chars()
-                    .next_back()
-                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
-            let tail = &rest[i + prefix.len()..];
-            let name: String = tail
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if before_ok && !name.is_empty() && !out.contains(&name) {
-                out.push(name.clone());
-            }
-            rest = &tail[name.len()..];
-        }
+/// One compiled expression.
+#[derive(Clone)]
+pub struct Expr {
+    inner: Arc<ExprInner>,
+}
+
+struct ExprInner {
+    source: String,
+    /// The checked, macro-expanded and cost-instrumented tree.
+    ast: cel::IdedExpr,
+    variables: Vec<String>,
+    depth: usize,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expr({:?})", self.inner.source)
     }
-    out
 }
 
 impl Expr {
@@ -115,221 +157,149 @@ impl Expr {
         &self.inner.source
     }
 
-    /// Variable names (`V.x`) this expression reads.
+    /// Variable names (`V.x`, `variables.x`) this expression reads.
     pub fn variables_used(&self) -> &[String] {
         &self.inner.variables
     }
 
     /// Evaluates a boolean condition. A non-boolean result is an error.
     pub fn eval_bool(&self, ctx: &EvalCtx<'_>) -> Result<bool, String> {
-        match self.eval(ctx)? {
-            cel::Value::Bool(b) => Ok(b),
-            other => Err(format!(
-                "expected a bool, got {}",
-                other.type_of().to_string()
+        self.eval_with(ctx, |v| match v.downcast_ref::<CelBool>() {
+            Some(b) => Ok(*b.inner()),
+            None => Err(format!(
+                "condition evaluated to a {}, not a bool",
+                v.get_type().name()
             )),
-        }
+        })
     }
 
-    /// Evaluates an output expression to JSON.
+    /// Evaluates an output expression to JSON (protojson-like: durations `"5400s"`, timestamps
+    /// RFC 3339, whole doubles as integers).
     pub fn eval_json(&self, ctx: &EvalCtx<'_>) -> Result<Value, String> {
-        let v = self.eval(ctx)?;
-        to_json(&v)
+        self.eval_with(ctx, output::to_json)
     }
 
-    fn eval(&self, ctx: &EvalCtx<'_>) -> Result<cel::Value, String> {
-        let mut c = cel::Context::with_env(ctx.env.env.clone());
-        let req = ctx.request;
-        let mut bound: Vec<(String, cel::Value)> = Vec::new();
-        let mut add = |c: &mut cel::Context, name: &str, v: Value| -> Result<(), String> {
-            let v = json_to_cel(&v);
-            bound.push((name.to_string(), v.clone()));
-            c.add_variable_from_value(name, v);
-            Ok(())
+    /// Evaluates against `ctx` with a fresh cost budget, and hands the result to `f`.
+    fn eval_with<T>(
+        &self,
+        ctx: &EvalCtx<'_>,
+        f: impl FnOnce(&dyn Val) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let run = || {
+            scope::reset_budget();
+            let scope = scope::Scope::new(ctx);
+            let mut context = cel::Context::with_env(ctx.env.env.clone());
+            context.set_variable_resolver(&scope);
+            let value = cel::Value::resolve_val(&self.inner.ast, &context)
+                .map_err(|e| scope::error_message(&e))?;
+            f(value.as_ref())
         };
-        let principal = serde_json::to_value(req.principal).map_err(|e| e.to_string())?;
-        let resource = serde_json::to_value(req.resource).map_err(|e| e.to_string())?;
-        let principal = with_defaults(principal, &["attr", "policyVersion", "scope"]);
-        let resource = with_defaults(resource, &["attr", "policyVersion", "scope"]);
-        add(&mut c, "P", principal.clone())?;
-        add(&mut c, "R", resource.clone())?;
-        let mut request = Map::new();
-        request.insert("principal".into(), principal);
-        request.insert("resource".into(), resource);
-        request.insert("auxData".into(), req.aux_data.clone());
-        request.insert("aux_data".into(), req.aux_data.clone());
-        request.insert("action".into(), Value::String(ctx.action.to_string()));
-        add(&mut c, "request", Value::Object(request))?;
-        let globals = Value::Object((*req.globals).clone());
-        add(&mut c, "G", globals.clone())?;
-        add(&mut c, "globals", globals)?;
-        let constants = Value::Object((**ctx.constants).clone());
-        add(&mut c, "C", constants.clone())?;
-        add(&mut c, "constants", constants)?;
-        let mut runtime = Map::new();
-        let edr = Value::from(ctx.effective_derived_roles.to_vec());
-        runtime.insert("effectiveDerivedRoles".into(), edr.clone());
-        runtime.insert("effective_derived_roles".into(), edr);
-        add(&mut c, "runtime", Value::Object(runtime))?;
-        // Variables in dependency order, each seeing the ones before it.
-        let mut vars: HashMap<String, cel::Value> = HashMap::new();
-        for (name, expr) in ctx.variables.ordered.iter() {
-            if !self.inner.variables.contains(name) && !ctx.variables.needed_by(name, self) {
-                continue;
-            }
-            let mut vc = cel::Context::with_env(ctx.env.env.clone());
-            for (n, v) in &bound {
-                vc.add_variable_from_value(n.clone(), v.clone());
-            }
-            let vmap = cel::Value::Map(vars.clone().into_iter().collect::<HashMap<_, _>>().into());
-            vc.add_variable_from_value("V", vmap.clone());
-            vc.add_variable_from_value("variables", vmap);
-            let vv = expr
-                .inner
-                .program
-                .execute(&vc)
-                .map_err(|e| format!("variable {name}: {e}"))?;
-            vars.insert(name.clone(), vv);
-        }
-        let vmap = cel::Value::Map(vars.into_iter().collect::<HashMap<_, _>>().into());
-        c.add_variable_from_value("V", vmap.clone());
-        c.add_variable_from_value("variables", vmap);
-        self.inner.program.execute(&c).map_err(|e| e.to_string())
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|_| Err("internal error while evaluating the expression".to_string()))
     }
-}
-
-fn with_defaults(mut v: Value, keys: &[&str]) -> Value {
-    if let Value::Object(m) = &mut v {
-        for k in keys {
-            if !m.contains_key(*k) {
-                let d = if *k == "attr" {
-                    Value::Object(Map::new())
-                } else {
-                    Value::String(String::new())
-                };
-                m.insert((*k).to_string(), d);
-            }
-        }
-    }
-    v
-}
-
-/// JSON → CEL, with every number a double (Cerbos attributes are `google.protobuf.Value`).
-fn json_to_cel(v: &Value) -> cel::Value {
-    match v {
-        Value::Null => cel::Value::Null,
-        Value::Bool(b) => cel::Value::Bool(*b),
-        Value::Number(n) => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
-        Value::Array(a) => cel::Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
-        Value::Object(m) => {
-            let map: HashMap<String, cel::Value> =
-                m.iter().map(|(k, v)| (k.clone(), json_to_cel(v))).collect();
-            cel::Value::Map(map.into())
-        }
-    }
-}
-
-fn to_json(v: &cel::Value) -> Result<Value, String> {
-    Ok(match v {
-        cel::Value::Null => Value::Null,
-        cel::Value::Bool(b) => Value::Bool(*b),
-        cel::Value::Int(i) => Value::from(*i),
-        cel::Value::UInt(u) => Value::from(*u),
-        cel::Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map(Value::Number)
-            .unwrap_or(Value::Null),
-        cel::Value::String(s) => Value::String(s.to_string()),
-        cel::Value::List(l) => Value::Array(l.iter().map(to_json).collect::<Result<_, _>>()?),
-        cel::Value::Map(m) => {
-            let mut out = Map::new();
-            for (k, v) in m.map.iter() {
-                let key = match k {
-                    cel::objects::Key::String(s) => s.to_string(),
-                    other => format!("{other:?}"),
-                };
-                out.insert(key, to_json(v)?);
-            }
-            Value::Object(out)
-        }
-        other => Value::String(format!("{other:?}")),
-    })
 }
 
 /// A policy's variables (imported and local, merged), in dependency order.
 #[derive(Debug, Clone, Default)]
 pub struct Variables {
-    ordered: Vec<(String, Expr)>,
-    deps: BTreeMap<String, Vec<String>>,
+    /// Definitions, each after the ones it reads.
+    defs: Vec<(String, Expr)>,
+    index: HashMap<String, usize>,
 }
 
 impl Variables {
-    /// Orders `defs` by dependency. Errors name the variable: an undefined reference, or a cycle.
+    /// Orders `defs` by dependency. Errors name the variable: an undefined reference, a cycle
+    /// ("cyclical variable definitions"), or a chain of definitions nested too deeply.
     pub fn compile(defs: Vec<(String, Expr)>) -> Result<Variables, Vec<(String, String)>> {
-        let by_name: BTreeMap<String, Expr> = defs.iter().cloned().collect();
+        let by_name: BTreeMap<String, Expr> = defs.into_iter().collect();
         let mut errors = Vec::new();
-        let mut deps = BTreeMap::new();
-        for (name, e) in &defs {
+        for (name, e) in &by_name {
             for used in e.variables_used() {
                 if !by_name.contains_key(used) {
                     errors.push((name.clone(), format!("undefined variable '{used}'")));
                 }
             }
-            deps.insert(name.clone(), e.variables_used().to_vec());
         }
-        let mut ordered = Vec::new();
-        let mut state: BTreeMap<String, u8> = BTreeMap::new();
-        fn visit(
-            n: &str,
-            by_name: &BTreeMap<String, Expr>,
-            state: &mut BTreeMap<String, u8>,
-            ordered: &mut Vec<(String, Expr)>,
-            errors: &mut Vec<(String, String)>,
-        ) {
-            match state.get(n) {
-                Some(2) => return,
-                Some(1) => {
-                    errors.push((n.to_string(), "cyclical variable definitions".to_string()));
-                    return;
-                }
-                _ => {}
-            }
-            let Some(e) = by_name.get(n) else { return };
-            state.insert(n.to_string(), 1);
-            for d in e.variables_used() {
-                visit(d, by_name, state, ordered, errors);
-            }
-            state.insert(n.to_string(), 2);
-            ordered.push((n.to_string(), e.clone()));
-        }
+        let mut order = Ordering {
+            by_name: &by_name,
+            state: BTreeMap::new(),
+            total_depth: BTreeMap::new(),
+            ordered: Vec::new(),
+            errors: &mut errors,
+        };
         for name in by_name.keys() {
-            visit(name, &by_name, &mut state, &mut ordered, &mut errors);
+            order.visit(name);
         }
-        if errors.is_empty() {
-            Ok(Variables { ordered, deps })
-        } else {
+        let ordered = order.ordered;
+        if !errors.is_empty() {
             errors.sort();
             errors.dedup();
-            Err(errors)
+            return Err(errors);
         }
+        let index = ordered
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        Ok(Variables {
+            defs: ordered,
+            index,
+        })
     }
 
-    fn needed_by(&self, name: &str, e: &Expr) -> bool {
-        let mut stack: Vec<&str> = e.variables_used().iter().map(String::as_str).collect();
-        let mut seen = Vec::new();
-        while let Some(n) = stack.pop() {
-            if n == name {
-                return true;
+    fn get(&self, name: &str) -> Option<(usize, &Expr)> {
+        let i = *self.index.get(name)?;
+        self.defs.get(i).map(|(_, e)| (i, e))
+    }
+
+    fn len(&self) -> usize {
+        self.defs.len()
+    }
+}
+
+/// Depth-first topological ordering of variable definitions.
+struct Ordering<'a> {
+    by_name: &'a BTreeMap<String, Expr>,
+    /// 1 = in progress, 2 = done.
+    state: BTreeMap<&'a str, u8>,
+    total_depth: BTreeMap<&'a str, usize>,
+    ordered: Vec<(String, Expr)>,
+    errors: &'a mut Vec<(String, String)>,
+}
+
+impl<'a> Ordering<'a> {
+    /// Visits `name`; returns the depth of its chain of definitions.
+    fn visit(&mut self, name: &str) -> usize {
+        let Some((key, e)) = self.by_name.get_key_value(name) else {
+            return 0;
+        };
+        match self.state.get(key.as_str()) {
+            Some(2) => return self.total_depth.get(key.as_str()).copied().unwrap_or(0),
+            Some(_) => {
+                self.errors
+                    .push((key.clone(), "cyclical variable definitions".to_string()));
+                return 0;
             }
-            if seen.contains(&n) {
-                continue;
-            }
-            seen.push(n);
-            if let Some(d) = self.deps.get(n) {
-                stack.extend(d.iter().map(String::as_str));
-            }
+            None => {}
         }
-        false
+        self.state.insert(key, 1);
+        let mut deepest = 0;
+        for used in e.variables_used() {
+            deepest = deepest.max(self.visit(used));
+        }
+        let total = e.inner.depth + deepest;
+        if total > MAX_VARIABLE_DEPTH {
+            self.errors.push((
+                key.clone(),
+                format!(
+                    "variable definitions nest too deeply ({total} levels, limit {MAX_VARIABLE_DEPTH})"
+                ),
+            ));
+        }
+        self.state.insert(key, 2);
+        self.total_depth.insert(key, total);
+        self.ordered.push((key.clone(), e.clone()));
+        total
     }
 }
 

@@ -1,0 +1,2 @@
+//! Audit store benchmarks (placeholder while the audit module is built).
+fn main() {}

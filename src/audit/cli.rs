@@ -1,0 +1,706 @@
+//! `toolgate audit query|stats|verify`: argument parsing and printing over [`super::query`],
+//! [`super::chain`] and [`super::postgres`]. Human output escapes control and bidi characters
+//! (names and reasons are caller-controlled); machine output is JSON- or CSV-encoded.
+
+use std::borrow::Cow;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::postgres::{self, PgSettings};
+use super::query::{Filter, Reader, Stats, parse_time_bound};
+use super::record::{CONTRACT_KEYS, Row, outcome};
+use super::{AuditError, chain};
+
+const DEFAULT_DB: &str = "/var/lib/toolgate/audit.db";
+const EXIT_BROKEN: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+/// Rows the table format shows when no --limit is given.
+const TABLE_DEFAULT_LIMIT: usize = 100;
+/// Existing rows --follow prints first when no --limit is given.
+const FOLLOW_DEFAULT_LIMIT: usize = 10;
+
+/// `toolgate audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Query decisions (oldest first; with --limit N, the newest N).
+    ///
+    /// The machine formats (json, jsonl, csv) return every matching row unless --limit is given;
+    /// the table shows the newest 100 by default. Each row carries its latest outcome.
+    ///
+    /// Examples: toolgate audit query --since 2h --effect deny
+    ///   toolgate audit query --principal alice@example.com --tool create_issue --format jsonl
+    ///   toolgate audit query --follow
+    Query(QueryArgs),
+    /// Totals, top principals and tools, denials and error outcomes over a window.
+    Stats(StatsArgs),
+    /// Walk the hash chain; report the first break and exit 1 if there is one.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// The audit database [default: audit.sqlite from --config, else /var/lib/toolgate/audit.db].
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    /// Take the database path from this toolgate config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Query the fleet database instead (postgres://USER@HOST/DB; ${NAME} reads the environment;
+    /// PGPASSWORD is honoured).
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// The fleet database's schema.
+    #[arg(long, value_name = "NAME", default_value = "toolgate")]
+    pub postgres_schema: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EffectArg {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// From this time: a duration back from now (2h, 30m, 7d), RFC 3339, or a date.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Before this time (same forms as --since).
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// The principal id (a login, or a tagged node's name).
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// The caller's node name.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// A tag of the caller (tag:ci).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// The upstream server name.
+    #[arg(long)]
+    pub server: Option<String>,
+    #[arg(long)]
+    pub tool: Option<String>,
+    #[arg(long, value_enum)]
+    pub effect: Option<EffectArg>,
+    /// The outcome (forwarded, denied, upstream_error, ...); a prefix before ':' matches too.
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// mcp, check, hook or identity.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// One decision id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The gateway that wrote the row (fleet queries).
+    #[arg(long)]
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    Table,
+    Json,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Return the newest N matching rows.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// table (aligned; the default on a terminal), json (an array), jsonl (one object per line;
+    /// the default otherwise), csv.
+    #[arg(long, value_enum)]
+    pub format: Option<QueryFormat>,
+    /// Keep printing new rows as they are committed (starts with the newest --limit, default 10).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Entries per top list.
+    #[arg(long, default_value = "10")]
+    pub top: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: StatsFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Runs one `toolgate audit` command.
+pub fn run(cmd: AuditCommand) -> ExitCode {
+    let r = match cmd {
+        AuditCommand::Query(a) => run_query(&a),
+        AuditCommand::Stats(a) => run_stats(&a),
+        AuditCommand::Verify(a) => run_verify(&a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn db_path(s: &SourceArgs) -> Result<PathBuf, String> {
+    if let Some(db) = &s.db {
+        return Ok(db.clone());
+    }
+    if let Some(cfg) = &s.config {
+        let c = crate::config::Config::load(cfg).map_err(|e| e.to_string())?;
+        return Ok(c.audit.sqlite);
+    }
+    Ok(PathBuf::from(DEFAULT_DB))
+}
+
+fn pg_settings(s: &SourceArgs, url: &str) -> PgSettings {
+    PgSettings {
+        url: url.to_string(),
+        schema: s.postgres_schema.clone(),
+        batch_rows: 500,
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The filter the flags describe (limit not included).
+pub fn filter_from_args(a: &FilterArgs) -> Result<Filter, String> {
+    let now = chrono::Utc::now();
+    let time = |flag: &str, v: &Option<String>| -> Result<Option<String>, String> {
+        v.as_deref()
+            .map(|s| parse_time_bound(s, now).map_err(|e| format!("--{flag}: {e}")))
+            .transpose()
+    };
+    Ok(Filter {
+        since: time("since", &a.since)?,
+        until: time("until", &a.until)?,
+        principal: a.principal.clone(),
+        node: a.node.clone(),
+        tag: a.tag.clone(),
+        server: a.server.clone(),
+        tool: a.tool.clone(),
+        effect: a.effect.map(|e| match e {
+            EffectArg::Allow => "allow".to_string(),
+            EffectArg::Deny => "deny".to_string(),
+        }),
+        outcome: a.outcome.clone(),
+        kind: a.kind.clone(),
+        id: a.id.clone(),
+        gateway: a.gateway.clone(),
+        ..Filter::default()
+    })
+}
+
+fn run_query(a: &QueryArgs) -> Result<ExitCode, String> {
+    let format = a.format.unwrap_or(if std::io::stdout().is_terminal() {
+        QueryFormat::Table
+    } else {
+        QueryFormat::Jsonl
+    });
+    let mut f = filter_from_args(&a.filter)?;
+    f.limit = a.limit;
+    if a.follow {
+        if format == QueryFormat::Json {
+            return Err(
+                "--follow prints one row at a time: use --format jsonl, csv or table".into(),
+            );
+        }
+        if a.source.postgres.is_some() {
+            return Err("--follow reads the local store; it does not work with --postgres".into());
+        }
+        f.limit = Some(a.limit.unwrap_or(FOLLOW_DEFAULT_LIMIT));
+    } else if format == QueryFormat::Table && f.limit.is_none() {
+        f.limit = Some(TABLE_DEFAULT_LIMIT);
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let io = |e: std::io::Error| e.to_string();
+    if let Some(url) = &a.source.postgres {
+        let pg = pg_settings(&a.source, url);
+        let rows = runtime()?.block_on(async {
+            let mut c = postgres::connect_existing(&pg).await?;
+            postgres::query(&mut c, &f).await
+        });
+        let rows = rows.map_err(|e| e.to_string())?;
+        let mut p = Printer::new(
+            format,
+            &rows,
+            a.limit.is_none() && format == QueryFormat::Table,
+        );
+        p.begin(&mut out).map_err(io)?;
+        for r in &rows {
+            p.row(&mut out, r).map_err(io)?;
+        }
+        p.end(&mut out).map_err(io)?;
+        out.flush().map_err(io)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = db_path(&a.source)?;
+    let reader = Reader::open(&path).map_err(|e| e.to_string())?;
+    if !a.follow {
+        if format == QueryFormat::Table {
+            let rows = reader.query(&f).map_err(|e| e.to_string())?;
+            let mut p = Printer::new(format, &rows, a.limit.is_none());
+            p.begin(&mut out).map_err(io)?;
+            for r in &rows {
+                p.row(&mut out, r).map_err(io)?;
+            }
+            p.end(&mut out).map_err(io)?;
+        } else {
+            let mut p = Printer::new(format, &[], false);
+            p.begin(&mut out).map_err(io)?;
+            let mut err = None;
+            reader
+                .for_each(&f, &mut |r| match p.row(&mut out, &r) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        err = Some(e);
+                        false
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = err {
+                // A closed pipe (| head) is not an error worth a message.
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                return Err(e.to_string());
+            }
+            p.end(&mut out).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(&reader, f, format, &mut out)
+}
+
+/// `--follow`: prints the newest rows, then polls for new ones. A just-committed allowed call
+/// whose outcome is still pending is held back up to 2 s so its row shows the outcome.
+fn follow(
+    reader: &Reader,
+    f: Filter,
+    format: QueryFormat,
+    out: &mut impl Write,
+) -> Result<ExitCode, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let first = reader.query(&f).map_err(|e| e.to_string())?;
+    let mut p = Printer::new(format, &first, false);
+    p.begin(out).map_err(io)?;
+    let mut cursor = first
+        .iter()
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(0)
+        .max(if first.is_empty() {
+            reader.head_seq().map_err(|e| e.to_string())?
+        } else {
+            0
+        });
+    for r in &first {
+        p.row(out, r).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    let mut next = f.clone();
+    next.limit = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        next.after_seq = Some(cursor);
+        let mut rows = reader.query(&next).map_err(|e| e.to_string())?;
+        rows.sort_by_key(|r| r.seq);
+        let young = super::record::format_time(chrono::Utc::now() - chrono::Duration::seconds(2));
+        for r in rows {
+            if r.outcome == outcome::PENDING && r.time > young {
+                break;
+            }
+            match p.row(out, &r) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            cursor = r.seq;
+        }
+        match out.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn run_stats(a: &StatsArgs) -> Result<ExitCode, String> {
+    let mut f = filter_from_args(&a.filter)?;
+    if f.since.is_none() && a.filter.since.is_none() {
+        f.since = Some(parse_time_bound("24h", chrono::Utc::now())?);
+    }
+    if a.source.postgres.is_some() {
+        return Err(
+            "stats reads the local store; use `audit query --postgres` for the fleet".into(),
+        );
+    }
+    let reader = Reader::open(&db_path(&a.source)?).map_err(|e| e.to_string())?;
+    let st = reader.stats(&f, a.top).map_err(|e| e.to_string())?;
+    match a.format {
+        StatsFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?
+        ),
+        StatsFormat::Text => print!("{}", stats_text(&st)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit stats` as text.
+pub fn stats_text(st: &Stats) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "window: {} .. {}",
+        st.since.as_deref().unwrap_or("start"),
+        st.until.as_deref().unwrap_or("now")
+    );
+    let _ = writeln!(
+        s,
+        "decisions: {} (allowed {}, denied {})",
+        st.decisions, st.allowed, st.denied
+    );
+    let list = |s: &mut String, title: &str, items: &[super::query::Count]| {
+        let _ = writeln!(s, "\n{title}:");
+        if items.is_empty() {
+            let _ = writeln!(s, "  (none)");
+        }
+        let w = items
+            .iter()
+            .map(|c| escape_human(&c.key).chars().count())
+            .max()
+            .unwrap_or(0);
+        for c in items {
+            let _ = writeln!(
+                s,
+                "  {:<w$}  {:>8}  ({} denied)",
+                escape_human(&c.key),
+                c.count,
+                c.denied
+            );
+        }
+    };
+    list(&mut s, "top principals", &st.top_principals);
+    list(&mut s, "top tools", &st.top_tools);
+    let _ = writeln!(s, "\ntop denials:");
+    if st.top_denials.is_empty() {
+        let _ = writeln!(s, "  (none)");
+    }
+    for d in &st.top_denials {
+        let _ = writeln!(
+            s,
+            "  {:>8}  {} → {}  ({}#{})",
+            d.count,
+            escape_human(&d.principal),
+            escape_human(&d.tool),
+            escape_human(&d.policy),
+            escape_human(&d.rule)
+        );
+    }
+    let _ = writeln!(s, "\nerror outcomes:");
+    if st.error_outcomes.is_empty() {
+        let _ = writeln!(s, "  (none)");
+    }
+    for c in &st.error_outcomes {
+        let _ = writeln!(s, "  {:>8}  {}", c.count, escape_human(&c.key));
+    }
+    s
+}
+
+fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
+    if let Some(url) = &a.source.postgres {
+        let pg = pg_settings(&a.source, url);
+        let (n, breaks) = runtime()?
+            .block_on(async {
+                let mut c = postgres::connect_existing(&pg).await?;
+                postgres::verify(&mut c).await
+            })
+            .map_err(|e: AuditError| e.to_string())?;
+        if breaks.is_empty() {
+            println!("ok: {n} rows; every shipped chain is intact");
+            return Ok(ExitCode::SUCCESS);
+        }
+        for (store, b) in breaks {
+            println!("BROKEN: store {store}: {b}");
+        }
+        return Ok(ExitCode::from(EXIT_BROKEN));
+    }
+    let path = db_path(&a.source)?;
+    let reader = Reader::open(&path).map_err(|e| e.to_string())?;
+    let rep = reader.verify().map_err(|e| e.to_string())?;
+    Ok(print_report(&path.display().to_string(), &rep))
+}
+
+fn print_report(what: &str, rep: &chain::Report) -> ExitCode {
+    match &rep.broken {
+        None => {
+            let range = match (rep.first_seq, rep.last_seq) {
+                (Some(a), Some(b)) => format!("seq {a}..{b}"),
+                _ => "empty".to_string(),
+            };
+            let anchor = rep
+                .anchor
+                .as_ref()
+                .map(|a| {
+                    format!(
+                        "; older rows pruned through seq {} (anchored)",
+                        a.pruned_through_seq
+                    )
+                })
+                .unwrap_or_default();
+            println!(
+                "ok: {what}: {} rows, {range}, chain intact{anchor}",
+                rep.rows
+            );
+            ExitCode::SUCCESS
+        }
+        Some(b) => {
+            println!("BROKEN: {what}: {b}");
+            ExitCode::from(EXIT_BROKEN)
+        }
+    }
+}
+
+/// Escapes what must not reach a terminal raw: control characters, bidi overrides, zero-width
+/// characters (caller-controlled names and reasons).
+pub fn escape_human(s: &str) -> Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    };
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            o.push_str(&c.escape_unicode().to_string());
+        } else {
+            o.push(c);
+        }
+    }
+    Cow::Owned(o)
+}
+
+fn csv_field(s: &str) -> Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+const TABLE_COLS: [(&str, usize); 10] = [
+    ("TIME", 19),
+    ("ID", 36),
+    ("PRINCIPAL", 40),
+    ("SERVER", 20),
+    ("TOOL", 32),
+    ("EFFECT", 6),
+    ("OUTCOME", 24),
+    ("LATENCY", 10),
+    ("RULE", 40),
+    ("REASON", 60),
+];
+
+fn table_cells(r: &Row) -> [String; 10] {
+    let time = r.time.get(..19).unwrap_or(&r.time).replace('T', " ");
+    let tool = if r.tool.is_empty() {
+        r.method.clone()
+    } else {
+        r.tool.clone()
+    };
+    let latency = r
+        .latency_us
+        .map(|l| format!("{:.1}ms", l as f64 / 1000.0))
+        .unwrap_or_default();
+    let rule = match (r.policy.is_empty(), r.rule.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => r.policy.clone(),
+        _ => format!("{}#{}", r.policy, r.rule),
+    };
+    [
+        time,
+        r.id.clone(),
+        r.principal.clone(),
+        r.server.clone(),
+        tool,
+        r.effect.clone(),
+        r.outcome.clone(),
+        latency,
+        rule,
+        r.reason.clone(),
+    ]
+    .map(|c| escape_human(&c).into_owned())
+}
+
+fn clip(s: &str, w: usize) -> String {
+    let n = s.chars().count();
+    if n <= w {
+        format!("{s:<w$}")
+    } else {
+        let mut t: String = s.chars().take(w.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Streams rows in one format.
+struct Printer {
+    format: QueryFormat,
+    widths: [usize; 10],
+    count: usize,
+    note_limit: bool,
+}
+
+impl Printer {
+    /// `sample`: rows used to size the table's columns.
+    fn new(format: QueryFormat, sample: &[Row], note_limit: bool) -> Printer {
+        let mut widths = [0usize; 10];
+        for (i, (h, max)) in TABLE_COLS.iter().enumerate() {
+            let w = sample
+                .iter()
+                .map(|r| table_cells(r)[i].chars().count())
+                .max()
+                .unwrap_or(0);
+            widths[i] = w.max(h.len()).min(*max);
+        }
+        Printer {
+            format,
+            widths,
+            count: 0,
+            note_limit: note_limit && sample.len() >= TABLE_DEFAULT_LIMIT,
+        }
+    }
+
+    fn begin(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        match self.format {
+            QueryFormat::Table => {
+                let line: Vec<String> = TABLE_COLS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (h, _))| clip(h, self.widths[i]))
+                    .collect();
+                writeln!(out, "{}", line.join("  ").trim_end())
+            }
+            QueryFormat::Csv => writeln!(out, "{}", CONTRACT_KEYS.join(",")),
+            QueryFormat::Json => write!(out, "["),
+            QueryFormat::Jsonl => Ok(()),
+        }
+    }
+
+    fn row(&mut self, out: &mut impl Write, r: &Row) -> std::io::Result<()> {
+        self.count += 1;
+        match self.format {
+            QueryFormat::Table => {
+                let cells = table_cells(r);
+                let line: Vec<String> = cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| clip(c, self.widths[i]))
+                    .collect();
+                writeln!(out, "{}", line.join("  ").trim_end())
+            }
+            QueryFormat::Csv => {
+                let cells: Vec<String> = CONTRACT_KEYS
+                    .iter()
+                    .map(|k| csv_field(&r.text(k)).into_owned())
+                    .collect();
+                writeln!(out, "{}", cells.join(","))
+            }
+            QueryFormat::Json => {
+                let sep = if self.count > 1 { ",\n" } else { "\n" };
+                write!(
+                    out,
+                    "{sep}{}",
+                    serde_json::to_string(r).map_err(std::io::Error::other)?
+                )
+            }
+            QueryFormat::Jsonl => writeln!(
+                out,
+                "{}",
+                serde_json::to_string(r).map_err(std::io::Error::other)?
+            ),
+        }
+    }
+
+    fn end(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        match self.format {
+            QueryFormat::Json => writeln!(out, "{}]", if self.count > 0 { "\n" } else { "" }),
+            QueryFormat::Table if self.note_limit => writeln!(
+                out,
+                "(the newest {TABLE_DEFAULT_LIMIT} rows; use --limit N or a machine format for more)"
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Rows as the aligned human table of `audit query --format table`.
+pub fn table_text(rows: &[Row]) -> String {
+    let mut out = Vec::new();
+    let mut p = Printer::new(QueryFormat::Table, rows, false);
+    let _ = p.begin(&mut out);
+    for r in rows {
+        let _ = p.row(&mut out, r);
+    }
+    let _ = p.end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_output_is_escaped() {
+        assert_eq!(escape_human("Eve\u{202e}gnp.exe"), "Eve\\u{202e}gnp.exe");
+        assert_eq!(escape_human("a\nb\x1b[31m"), "a\\u{a}b\\u{1b}[31m");
+        assert_eq!(escape_human("plain"), "plain");
+    }
+
+    #[test]
+    fn csv_quotes_when_needed() {
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("plain"), "plain");
+    }
+}

@@ -1,0 +1,585 @@
+//! The fleet sink (`audit.postgres`): a shipper copies committed SQLite rows to PostgreSQL in
+//! chain order, at least once and idempotent by row id (`ON CONFLICT (id) DO NOTHING`), so the
+//! effect is exactly once. SQLite stays the durable outbox: the shipped watermark is persisted in
+//! its `meta` table (through the writer), shipping resumes from it after a restart or an outage,
+//! and retention never prunes unshipped rows. Several gateways ship into one database; every row
+//! carries its gateway and its store's id, and `(store_id, seq)` is that store's chain.
+//!
+//! Uses sqlx with only its postgres feature. The URL may hold `${NAME}` (taken from the
+//! environment, e.g. a password) and sqlx also reads `PGPASSWORD`; URLs are never logged with a
+//! password ([`redact_url`]).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, params};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+
+use super::AuditError;
+use super::query::{Dialect, Filter, Param, outcome_join, where_clause};
+use super::record::{COLUMNS, Row, StoredRow};
+use super::writer::Shared;
+
+/// How the shipper reaches Postgres.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub url: String,
+    pub schema: String,
+    /// Rows per shipping transaction.
+    pub batch_rows: usize,
+}
+
+/// Replaces `${NAME}` with the environment variable NAME (missing: an error naming NAME).
+pub fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${ in the postgres URL".to_string())?;
+        let name = &after[..end];
+        let v =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The URL with any password replaced by `***` (for logs and errors).
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(auth_end);
+    match auth.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = auth.split_at(at);
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}{user}:***{host}{tail}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+fn valid_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn pg_err(e: &sqlx::Error) -> AuditError {
+    // sqlx errors do not include the connection URL; keep only the message.
+    AuditError::Postgres(e.to_string())
+}
+
+/// Connects, creates the schema and applies the migrations (under an advisory lock).
+pub async fn connect(pg: &PgSettings) -> Result<PgConnection, AuditError> {
+    let mut conn = connect_existing(pg).await?;
+    migrate(&mut conn, &pg.schema).await?;
+    Ok(conn)
+}
+
+/// Connects without touching the schema (readers: `audit query --postgres`).
+pub async fn connect_existing(pg: &PgSettings) -> Result<PgConnection, AuditError> {
+    if !valid_schema(&pg.schema) {
+        return Err(AuditError::Postgres(format!(
+            "bad schema name {:?}",
+            pg.schema
+        )));
+    }
+    let url = expand_env(&pg.url).map_err(AuditError::Postgres)?;
+    let opts = PgConnectOptions::from_str(&url)
+        .map_err(|_| AuditError::Postgres(format!("bad URL {}", redact_url(&pg.url))))?
+        .application_name("toolgate-audit")
+        .options([("search_path", pg.schema.as_str())]);
+    let conn = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect_with(&opts))
+        .await
+        .map_err(|_| {
+            AuditError::Postgres(format!("connecting to {}: timed out", redact_url(&pg.url)))
+        })?
+        .map_err(|e| AuditError::Postgres(format!("connecting to {}: {e}", redact_url(&pg.url))))?;
+    Ok(conn)
+}
+
+/// Applies the Postgres migrations in `schema`; returns the version.
+pub async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<usize, AuditError> {
+    if !valid_schema(schema) {
+        return Err(AuditError::Postgres(format!("bad schema name {schema:?}")));
+    }
+    sqlx::query("SELECT pg_advisory_lock(hashtext('toolgate_audit_migrate'))")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let r = migrate_locked(conn, schema).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('toolgate_audit_migrate'))")
+        .execute(&mut *conn)
+        .await;
+    r
+}
+
+async fn migrate_locked(conn: &mut PgConnection, schema: &str) -> Result<usize, AuditError> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; \
+         CREATE TABLE IF NOT EXISTS \"{schema}\".schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| pg_err(&e))?;
+    let done: Option<i32> = sqlx::query(AssertSqlSafe(format!(
+        "SELECT max(version) FROM \"{schema}\".schema_migrations"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .and_then(|r| r.try_get(0))
+    .map_err(|e| pg_err(&e))?;
+    let done = usize::try_from(done.unwrap_or(0)).unwrap_or(0);
+    if done > super::migrate::POSTGRES.len() {
+        return Err(AuditError::Postgres(format!(
+            "schema {schema} is at version {done}, newer than this toolgate knows"
+        )));
+    }
+    for (i, (name, sql)) in super::migrate::POSTGRES.iter().enumerate().skip(done) {
+        let mut tx = conn.begin().await.map_err(|e| pg_err(&e))?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "SET LOCAL search_path TO \"{schema}\"; {sql}"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| AuditError::Postgres(format!("migration {name}: {e}")))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{schema}\".schema_migrations (version, name) VALUES ($1, $2)"
+        )))
+        .bind(i32::try_from(i + 1).unwrap_or(i32::MAX))
+        .bind(*name)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg_err(&e))?;
+        tx.commit().await.map_err(|e| pg_err(&e))?;
+    }
+    Ok(super::migrate::POSTGRES.len())
+}
+
+/// The shipped columns: the chain's columns plus the store id.
+const PG_INSERT_COLS: &str = "seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash, tags_text, store_id";
+
+/// Inserts rows idempotently (by id) in one transaction; returns rows newly inserted.
+pub async fn insert_rows(
+    conn: &mut PgConnection,
+    store_id: &str,
+    rows: &[StoredRow],
+) -> Result<u64, AuditError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut sql = format!("INSERT INTO events ({PG_INSERT_COLS}) VALUES ");
+    let per = 31;
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..per {
+            if c > 0 {
+                sql.push(',');
+            }
+            let n = i * per + c + 1;
+            sql.push_str(&format!("${n}"));
+            match c {
+                5 => sql.push_str("::timestamptz"),
+                11 => sql.push_str("::jsonb"),
+                _ => {}
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for r in rows {
+        q = q
+            .bind(r.seq)
+            .bind(r.event.clone())
+            .bind(r.id.clone())
+            .bind(r.decision_id.clone())
+            .bind(r.gateway.clone())
+            .bind(r.time.clone())
+            .bind(r.kind.clone())
+            .bind(r.principal.clone())
+            .bind(r.login.clone())
+            .bind(r.node.clone())
+            .bind(r.node_id.clone())
+            .bind(r.tags.clone())
+            .bind(r.ip.clone())
+            .bind(r.server.clone())
+            .bind(r.method.clone())
+            .bind(r.tool.clone())
+            .bind(r.action.clone())
+            .bind(r.effect.clone())
+            .bind(r.policy.clone())
+            .bind(r.rule.clone())
+            .bind(r.reason.clone())
+            .bind(r.args_digest.clone())
+            .bind(r.outcome.clone())
+            .bind(r.latency_us)
+            .bind(r.policy_hash.clone())
+            .bind(r.explain.clone())
+            .bind(r.arguments.clone())
+            .bind(r.hash.clone())
+            .bind(r.prev_hash.clone())
+            .bind(r.tags.clone())
+            .bind(store_id.to_string());
+    }
+    let mut tx = conn.begin().await.map_err(|e| pg_err(&e))?;
+    let done = q.execute(&mut *tx).await.map_err(|e| pg_err(&e))?;
+    tx.commit().await.map_err(|e| pg_err(&e))?;
+    Ok(done.rows_affected())
+}
+
+/// The SELECT list reading a [`StoredRow`] back (time in the stored fixed-width form).
+fn pg_select_cols(alias: &str) -> String {
+    COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "time" => format!(
+                "to_char({alias}.time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            ),
+            "tags" => format!("{alias}.tags_text"),
+            c => format!("{alias}.{c}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn stored_from_pg(r: &sqlx::postgres::PgRow) -> Result<StoredRow, sqlx::Error> {
+    Ok(StoredRow {
+        seq: r.try_get(0)?,
+        event: r.try_get(1)?,
+        id: r.try_get(2)?,
+        decision_id: r.try_get(3)?,
+        gateway: r.try_get(4)?,
+        time: r.try_get(5)?,
+        kind: r.try_get(6)?,
+        principal: r.try_get(7)?,
+        login: r.try_get(8)?,
+        node: r.try_get(9)?,
+        node_id: r.try_get(10)?,
+        tags: r.try_get(11)?,
+        ip: r.try_get(12)?,
+        server: r.try_get(13)?,
+        method: r.try_get(14)?,
+        tool: r.try_get(15)?,
+        action: r.try_get(16)?,
+        effect: r.try_get(17)?,
+        policy: r.try_get(18)?,
+        rule: r.try_get(19)?,
+        reason: r.try_get(20)?,
+        args_digest: r.try_get(21)?,
+        outcome: r.try_get(22)?,
+        latency_us: r.try_get(23)?,
+        policy_hash: r.try_get(24)?,
+        explain: r.try_get(25)?,
+        arguments: r.try_get(26)?,
+        hash: r.try_get(27)?,
+        prev_hash: r.try_get(28)?,
+    })
+}
+
+/// Fleet query: the same filters and order as [`super::query::Reader::query`], over every
+/// gateway's rows.
+pub async fn query(conn: &mut PgConnection, f: &Filter) -> Result<Vec<Row>, AuditError> {
+    let (w, params) = where_clause(f, Dialect::Postgres);
+    let newest_first = f.limit.is_some();
+    let order = if newest_first { "DESC" } else { "ASC" };
+    let mut sql = format!(
+        "SELECT {}, o.outcome, o.latency_us FROM events d {} WHERE {w} ORDER BY d.time {order}, d.gateway {order}, d.seq {order}",
+        pg_select_cols("d"),
+        outcome_join(Dialect::Postgres)
+    );
+    if let Some(l) = f.limit {
+        sql.push_str(&format!(" LIMIT {l}"));
+    }
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for p in params {
+        q = match p {
+            Param::Text(s) => q.bind(s),
+            Param::Int(i) => q.bind(i),
+        };
+    }
+    let rows = q.fetch_all(&mut *conn).await.map_err(|e| pg_err(&e))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let s = stored_from_pg(r).map_err(|e| pg_err(&e))?;
+        let o: Option<String> = r.try_get(COLUMNS.len()).map_err(|e| pg_err(&e))?;
+        let l: Option<i64> = r.try_get(COLUMNS.len() + 1).map_err(|e| pg_err(&e))?;
+        out.push(Row::from_stored(s, o.map(|o| (o, l))));
+    }
+    if newest_first {
+        out.reverse();
+    }
+    Ok(out)
+}
+
+/// Every chain in the fleet database, checked row by row (linkage and content hashes) from its
+/// oldest shipped row. Returns (rows checked, first break per store).
+pub async fn verify(
+    conn: &mut PgConnection,
+) -> Result<(u64, Vec<(String, super::chain::Break)>), AuditError> {
+    let sql = format!(
+        "SELECT {}, e.store_id FROM events e ORDER BY e.store_id, e.seq",
+        pg_select_cols("e")
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let mut n = 0u64;
+    let mut breaks: Vec<(String, super::chain::Break)> = Vec::new();
+    let mut prev: Option<(String, i64, String)> = None;
+    for r in &rows {
+        let s = stored_from_pg(r).map_err(|e| pg_err(&e))?;
+        let store: String = r.try_get(COLUMNS.len()).map_err(|e| pg_err(&e))?;
+        n += 1;
+        if breaks.last().is_some_and(|(b, _)| *b == store) {
+            continue;
+        }
+        let brk = |problem: String| super::chain::Break {
+            seq: s.seq,
+            id: s.id.clone(),
+            problem,
+        };
+        if let Some((pstore, pseq, phash)) = &prev
+            && *pstore == store
+        {
+            if s.seq != pseq + 1 {
+                breaks.push((
+                    store.clone(),
+                    brk(format!("rows {}..{} are missing", pseq + 1, s.seq - 1)),
+                ));
+                continue;
+            }
+            if s.prev_hash != *phash {
+                breaks.push((
+                    store.clone(),
+                    brk("prev_hash does not match the previous row".into()),
+                ));
+                continue;
+            }
+        }
+        if super::chain::row_hash(&s.prev_hash, s.seq, &s.content()) != s.hash {
+            breaks.push((
+                store.clone(),
+                brk("hash does not match the row's content".into()),
+            ));
+            continue;
+        }
+        prev = Some((store, s.seq, s.hash));
+    }
+    Ok((n, breaks))
+}
+
+/// The shipper thread (started by [`super::AuditLog::open`] when `audit.postgres` is set).
+pub(crate) struct Shipper {
+    pub db: PathBuf,
+    pub pg: PgSettings,
+    pub shared: Arc<Shared>,
+    /// Hands a new watermark to the writer (which persists it); false if the queue was full.
+    pub report: Box<dyn Fn(i64) -> bool + Send>,
+}
+
+/// The store's id (created at the first open), distinguishing chains of re-created databases.
+pub(crate) fn store_id(conn: &Connection) -> rusqlite::Result<String> {
+    Ok(super::retention::meta_text(conn, "store_id")?.unwrap_or_default())
+}
+
+fn read_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredRow>> {
+    let sql = format!(
+        "SELECT {} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        COLUMNS.join(", ")
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![after, i64::try_from(limit).unwrap_or(500)], |r| {
+        StoredRow::from_sqlite(r, 0)
+    })?;
+    rows.collect()
+}
+
+impl Shipper {
+    pub(crate) fn run(self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "audit shipper: no runtime");
+                return;
+            }
+        };
+        rt.block_on(self.main());
+    }
+
+    async fn pause(&self, d: Duration) {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.shared.stop_notify.notified() => {}
+        }
+    }
+
+    fn fail(&self, what: &str, e: &AuditError, logged: &mut bool) {
+        self.shared.ship_errors.fetch_add(1, Ordering::Relaxed);
+        self.shared.ship_healthy.store(false, Ordering::Relaxed);
+        if !*logged {
+            tracing::warn!(error = %e, url = %redact_url(&self.pg.url), "audit shipper: {what}; retrying");
+            *logged = true;
+        }
+    }
+
+    async fn main(self) {
+        let sqlite = match Connection::open_with_flags(
+            &self.db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "audit shipper: cannot read the store");
+                return;
+            }
+        };
+        let _ = sqlite.busy_timeout(Duration::from_secs(5));
+        let store = store_id(&sqlite).unwrap_or_default();
+        let mut shipped = self.shared.shipped_seq.load(Ordering::Relaxed);
+        let mut pg: Option<PgConnection> = None;
+        let mut backoff = Duration::from_millis(200);
+        let mut logged = false;
+        let mut unreported = false;
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            if unreported {
+                unreported = !(self.report)(shipped);
+            }
+            let rows = match read_after(&sqlite, shipped, self.pg.batch_rows.max(1)) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail(
+                        "reading the store",
+                        &AuditError::Query(e.to_string()),
+                        &mut logged,
+                    );
+                    self.pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let lag_ms = rows
+                .first()
+                .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.time).ok())
+                .map(|t| {
+                    (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                        .num_milliseconds()
+                        .max(0)
+                })
+                .unwrap_or(0);
+            self.shared
+                .ship_lag_ms
+                .store(u64::try_from(lag_ms).unwrap_or(0), Ordering::Relaxed);
+            if rows.is_empty() {
+                self.pause(Duration::from_millis(200)).await;
+                continue;
+            }
+            if pg.is_none() {
+                match connect(&self.pg).await {
+                    Ok(c) => pg = Some(c),
+                    Err(e) => {
+                        self.fail("connecting", &e, &mut logged);
+                        self.pause(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let Some(conn) = pg.as_mut() else { continue };
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(10), insert_rows(conn, &store, &rows))
+                .await;
+            match r {
+                Ok(Ok(_)) => {
+                    if let Some(last) = rows.last() {
+                        shipped = last.seq;
+                    }
+                    self.shared.shipped_seq.store(shipped, Ordering::Relaxed);
+                    self.shared
+                        .shipped_rows
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    if !self.shared.ship_healthy.swap(true, Ordering::Relaxed) || logged {
+                        tracing::info!("audit shipper: shipping again");
+                    }
+                    logged = false;
+                    backoff = Duration::from_millis(200);
+                    unreported = !(self.report)(shipped);
+                    tracing::trace!(
+                        rows = rows.len(),
+                        ms = t0.elapsed().as_millis() as u64,
+                        "audit shipped"
+                    );
+                }
+                Ok(Err(e)) => {
+                    pg = None;
+                    self.fail("shipping", &e, &mut logged);
+                    self.pause(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(_) => {
+                    pg = None;
+                    self.fail(
+                        "shipping",
+                        &AuditError::Postgres("timed out".into()),
+                        &mut logged,
+                    );
+                    self.pause(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        if let Some(c) = pg {
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.close()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_never_show_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@db:5432/x?sslmode=disable"),
+            "postgres://u:***@db:5432/x?sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    }
+
+    #[test]
+    fn env_expansion() {
+        // SAFETY-free: PATH is always set in test environments.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(expand_env("a${PATH}b").unwrap(), format!("a{path}b"));
+        assert!(expand_env("${TOOLGATE_SURELY_UNSET_VAR}").is_err());
+        assert!(expand_env("${OPEN").is_err());
+    }
+}

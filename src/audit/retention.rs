@@ -1,0 +1,120 @@
+//! Retention (`audit.retention`): rows older than the window are deleted from the oldest end, in
+//! bounded transactions run by the writer between batches (so writers wait at most one chunk).
+//! Each chunk records an anchor row — the last pruned seq and hash — so `audit verify` still
+//! checks the chain from the oldest remaining row. With a Postgres sink, rows not yet shipped are
+//! never pruned. Freed pages go back to the file system with `incremental_vacuum`.
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::chain::{Anchor, row_hash};
+use super::record::{StoredRow, event, new_id, now_text};
+use super::writer::insert_row;
+
+/// Rows deleted per transaction at most.
+pub const CHUNK_ROWS: i64 = 5000;
+/// Pages given back per chunk at most.
+const VACUUM_PAGES: i64 = 2000;
+
+pub(crate) fn meta_text(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
+pub(crate) fn meta_i64(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    Ok(meta_text(conn, key)?.and_then(|v| v.parse().ok()))
+}
+
+pub(crate) fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+/// What one chunk did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub pruned: u64,
+    /// More rows are due.
+    pub more: bool,
+    /// The anchor row's (seq, hash) when one was written.
+    pub new_head: Option<(i64, String)>,
+}
+
+/// Deletes up to `chunk` of the oldest rows whose time is before `cutoff` (and, with a shipper,
+/// at most through `shipped`), then appends an anchor row after `head`.
+pub(crate) fn prune_chunk(
+    conn: &mut Connection,
+    cutoff: &str,
+    shipped: Option<i64>,
+    chunk: i64,
+    head: (i64, &str),
+    gateway: &str,
+) -> rusqlite::Result<Step> {
+    let none = Step {
+        pruned: 0,
+        more: false,
+        new_head: None,
+    };
+    // The longest run of old rows at the oldest end, at most `chunk` long.
+    let mut through: Option<(i64, String)> = None;
+    let mut count = 0i64;
+    let mut hit_limit = false;
+    {
+        let mut stmt = conn.prepare("SELECT seq, time, hash FROM events ORDER BY seq LIMIT ?1")?;
+        let mut rows = stmt.query(params![chunk + 1])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let time: String = r.get(1)?;
+            if time.as_str() >= cutoff || shipped.is_some_and(|s| seq > s) || seq >= head.0 {
+                break;
+            }
+            if count == chunk {
+                hit_limit = true;
+                break;
+            }
+            through = Some((seq, r.get(2)?));
+            count += 1;
+        }
+    }
+    let Some((last_seq, last_hash)) = through else {
+        return Ok(none);
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("INSERT OR IGNORE INTO prune_permit (one) VALUES (1)", [])?;
+    let pruned = tx.execute("DELETE FROM events WHERE seq <= ?1", params![last_seq])?;
+    tx.execute("DELETE FROM prune_permit", [])?;
+    let anchor = Anchor {
+        pruned_through_seq: last_seq,
+        pruned_through_hash: last_hash,
+        pruned_rows: i64::try_from(pruned).unwrap_or(i64::MAX),
+    };
+    let explain = serde_json::to_value(&anchor).unwrap_or(serde_json::Value::Null);
+    let mut row = StoredRow {
+        event: event::ANCHOR.to_string(),
+        id: new_id(),
+        gateway: gateway.to_string(),
+        time: now_text(),
+        reason: format!(
+            "retention pruned {pruned} rows through seq {last_seq} (older than {cutoff})"
+        ),
+        tags: "[]".to_string(),
+        explain: super::record::canonical_json(&explain),
+        arguments: "null".to_string(),
+        ..StoredRow::default()
+    };
+    row.seq = head.0 + 1;
+    row.prev_hash = head.1.to_string();
+    row.hash = row_hash(&row.prev_hash, row.seq, &row.content());
+    insert_row(&tx, &row)?;
+    super::chain::set_head(&tx, row.seq, &row.hash)?;
+    tx.commit()?;
+    let _ = conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"));
+    tracing::info!(target: "toolgate::audit", pruned, through = last_seq, "audit retention");
+    Ok(Step {
+        pruned: pruned as u64,
+        more: hit_limit,
+        new_head: Some((row.seq, row.hash)),
+    })
+}

@@ -1,0 +1,1043 @@
+//! The one writer: requests hand finished rows to a bounded queue ([`AuditLog::submit`]); a
+//! dedicated thread owns the only write connection (WAL) and commits them in batched
+//! transactions, chaining each row to the previous one.
+//!
+//! Batching: the writer takes up to `batch_rows` rows per transaction. In `sync` mode it commits
+//! as soon as the queue is empty (group commit: rows that arrive during a commit share the next
+//! one), so a lone call never waits for a timer. In `async` mode it also waits up to `batch_ms`
+//! for more rows.
+//!
+//! Failure: a failed commit answers every waiting ticket of that batch with
+//! [`AuditError::Unavailable`] (the gateway answers 503 and forwards nothing), marks the store
+//! unhealthy and counts it; the next batch is tried as usual, and the first success marks it
+//! healthy again. While unhealthy, `async` mode waits for commits like `sync` mode, so allowed
+//! calls fail closed until writes succeed. A full queue is [`AuditError::QueueFull`] at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::chain::{self, row_hash};
+use super::record::{COLUMNS, Record, StoredRow, new_id, normalize_time, now_text};
+use super::{AuditError, Settings, migrate, postgres, retention};
+use crate::config::{AuditMode, Durability};
+
+/// What a resolved ticket says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The row's chain position; `None` in `async` mode (queued, not yet committed).
+    pub seq: Option<i64>,
+}
+
+type Reply = oneshot::Sender<Result<Committed, AuditError>>;
+
+enum TicketState {
+    Ready(Result<Committed, AuditError>),
+    Waiting(oneshot::Receiver<Result<Committed, AuditError>>),
+}
+
+/// A submitted row. In `sync` mode it resolves after the row's transaction committed (or failed).
+pub struct Ticket {
+    id: String,
+    state: TicketState,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("id", &self.id).finish()
+    }
+}
+
+impl Ticket {
+    /// The row's id (for a decision: the decision id).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits for the commit. Forward an allowed call only on `Ok`.
+    pub async fn wait(self) -> Result<Committed, AuditError> {
+        match self.state {
+            TicketState::Ready(r) => r,
+            TicketState::Waiting(rx) => rx.await.unwrap_or(Err(AuditError::Closed)),
+        }
+    }
+
+    /// [`Ticket::wait`] for threads outside an async runtime (it must not be called inside one).
+    pub fn wait_blocking(self) -> Result<Committed, AuditError> {
+        match self.state {
+            TicketState::Ready(r) => r,
+            TicketState::Waiting(rx) => rx.blocking_recv().unwrap_or(Err(AuditError::Closed)),
+        }
+    }
+}
+
+struct Pending {
+    row: StoredRow,
+    content: String,
+    reply: Option<Reply>,
+    /// `async` mode: the caller already went ahead.
+    acked: bool,
+}
+
+enum Msg {
+    Write(Box<Pending>),
+    Flush(oneshot::Sender<()>),
+    Watermark(i64),
+    SetMaxBytes(Option<u64>),
+    Prune(oneshot::Sender<Result<u64, AuditError>>),
+    Shutdown,
+}
+
+/// Counters and health, shared by the writer, the shipper and readers of metrics.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub healthy: AtomicBool,
+    pub last_error: Mutex<String>,
+    pub submitted: AtomicU64,
+    pub committed_rows: AtomicU64,
+    pub commits: AtomicU64,
+    pub failed_rows: AtomicU64,
+    pub rejected_full: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub async_rows_lost: AtomicU64,
+    pub queued: AtomicI64,
+    pub pruned_rows: AtomicU64,
+    pub head_seq: AtomicI64,
+    pub commit_us_total: AtomicU64,
+    pub shipping: AtomicBool,
+    pub ship_healthy: AtomicBool,
+    pub shipped_seq: AtomicI64,
+    pub shipped_rows: AtomicU64,
+    pub ship_errors: AtomicU64,
+    pub ship_lag_ms: AtomicU64,
+    pub stop: AtomicBool,
+    pub stop_notify: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(String::new()),
+            submitted: AtomicU64::new(0),
+            committed_rows: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            failed_rows: AtomicU64::new(0),
+            rejected_full: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            async_rows_lost: AtomicU64::new(0),
+            queued: AtomicI64::new(0),
+            pruned_rows: AtomicU64::new(0),
+            head_seq: AtomicI64::new(0),
+            commit_us_total: AtomicU64::new(0),
+            shipping: AtomicBool::new(false),
+            ship_healthy: AtomicBool::new(true),
+            shipped_seq: AtomicI64::new(0),
+            shipped_rows: AtomicU64::new(0),
+            ship_errors: AtomicU64::new(0),
+            ship_lag_ms: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            stop_notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn set_error(&self, e: &str) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e.to_string();
+        }
+    }
+}
+
+/// Whether the store is taking writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub healthy: bool,
+    /// The last write error (kept after recovery, for the operator).
+    pub last_error: Option<String>,
+}
+
+/// A snapshot of the counters (for `/metrics`; see [`Metrics::prometheus`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Metrics {
+    pub healthy: bool,
+    pub submitted: u64,
+    pub committed_rows: u64,
+    pub commits: u64,
+    pub failed_rows: u64,
+    pub rejected_queue_full: u64,
+    pub write_errors: u64,
+    pub async_rows_lost: u64,
+    pub queue_depth: u64,
+    pub queue_capacity: u64,
+    pub pruned_rows: u64,
+    pub head_seq: i64,
+    pub commit_seconds_total_us: u64,
+    /// Fleet shipping (all zero/true when no Postgres is configured).
+    pub shipping: bool,
+    pub ship_healthy: bool,
+    pub shipped_seq: i64,
+    pub shipped_rows: u64,
+    pub ship_errors: u64,
+    pub ship_lag_rows: u64,
+    pub ship_lag_ms: u64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition of the audit metrics.
+    pub fn prometheus(&self) -> String {
+        let b = |x: bool| u64::from(x);
+        let lines: [(&str, &str, &str, String); 17] = [
+            (
+                "toolgate_audit_healthy",
+                "gauge",
+                "1 when audit writes succeed, 0 while they fail (allowed calls get 503)",
+                b(self.healthy).to_string(),
+            ),
+            (
+                "toolgate_audit_submitted_total",
+                "counter",
+                "Rows handed to the audit writer",
+                self.submitted.to_string(),
+            ),
+            (
+                "toolgate_audit_committed_rows_total",
+                "counter",
+                "Rows committed",
+                self.committed_rows.to_string(),
+            ),
+            (
+                "toolgate_audit_commits_total",
+                "counter",
+                "Audit transactions committed",
+                self.commits.to_string(),
+            ),
+            (
+                "toolgate_audit_failed_rows_total",
+                "counter",
+                "Rows whose transaction failed (their callers got errors)",
+                self.failed_rows.to_string(),
+            ),
+            (
+                "toolgate_audit_rejected_queue_full_total",
+                "counter",
+                "Submissions refused because the queue was full",
+                self.rejected_queue_full.to_string(),
+            ),
+            (
+                "toolgate_audit_write_errors_total",
+                "counter",
+                "Failed audit transactions",
+                self.write_errors.to_string(),
+            ),
+            (
+                "toolgate_audit_async_rows_lost_total",
+                "counter",
+                "async mode: acknowledged rows that failed to commit",
+                self.async_rows_lost.to_string(),
+            ),
+            (
+                "toolgate_audit_queue_depth",
+                "gauge",
+                "Rows waiting for the writer",
+                self.queue_depth.to_string(),
+            ),
+            (
+                "toolgate_audit_queue_capacity",
+                "gauge",
+                "Queue bound",
+                self.queue_capacity.to_string(),
+            ),
+            (
+                "toolgate_audit_pruned_rows_total",
+                "counter",
+                "Rows removed by retention",
+                self.pruned_rows.to_string(),
+            ),
+            (
+                "toolgate_audit_head_seq",
+                "gauge",
+                "Chain position of the last committed row",
+                self.head_seq.to_string(),
+            ),
+            (
+                "toolgate_audit_commit_seconds_total",
+                "counter",
+                "Time spent in audit transactions",
+                format!("{:.6}", self.commit_seconds_total_us as f64 / 1e6),
+            ),
+            (
+                "toolgate_audit_ship_healthy",
+                "gauge",
+                "1 when the Postgres shipper is keeping up (or not configured)",
+                b(self.ship_healthy).to_string(),
+            ),
+            (
+                "toolgate_audit_shipped_rows_total",
+                "counter",
+                "Rows shipped to Postgres",
+                self.shipped_rows.to_string(),
+            ),
+            (
+                "toolgate_audit_ship_lag_rows",
+                "gauge",
+                "Committed rows not yet in Postgres",
+                self.ship_lag_rows.to_string(),
+            ),
+            (
+                "toolgate_audit_ship_lag_seconds",
+                "gauge",
+                "Age of the oldest row not yet in Postgres",
+                format!("{:.3}", self.ship_lag_ms as f64 / 1e3),
+            ),
+        ];
+        let mut s = String::new();
+        for (name, kind, help, value) in lines {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        s.push_str(&format!(
+            "# HELP toolgate_audit_ship_errors_total Failed attempts to ship to Postgres\n# TYPE toolgate_audit_ship_errors_total counter\ntoolgate_audit_ship_errors_total {}\n",
+            self.ship_errors
+        ));
+        s
+    }
+}
+
+struct Inner {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    mode: AuditMode,
+    gateway: String,
+    redactor: super::Redactor,
+    path: PathBuf,
+    queue: usize,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stop_notify.notify_waiters();
+        let _ = self.tx.send(Msg::Shutdown);
+        let threads = match self.threads.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => Vec::new(),
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The audit store handle: cheap to clone; the writer stops (after committing what was queued)
+/// when the last clone is dropped.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+/// Opens the write connection with the store's pragmas.
+pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY;"
+    ))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn set_max_bytes(conn: &Connection, max: Option<u64>) -> rusqlite::Result<()> {
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = match max {
+        Some(b) => i64::try_from(b).unwrap_or(i64::MAX) / page.max(512),
+        None => 4_294_967_294,
+    };
+    let _: i64 = conn.query_row(
+        &format!("PRAGMA max_page_count = {}", pages.max(1)),
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(())
+}
+
+/// Takes the store's lock file: a second toolgate on the same database refuses to start.
+fn take_lock(path: &Path) -> Result<Connection, String> {
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = PathBuf::from(lock);
+    let c = Connection::open(&lock).map_err(|e| format!("lock file {}: {e}", lock.display()))?;
+    c.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .map_err(|e| {
+            format!(
+                "another toolgate process holds the audit store ({}: {e})",
+                lock.display()
+            )
+        })?;
+    Ok(c)
+}
+
+fn prepare_dir(path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn restrict_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+impl AuditLog {
+    /// Opens (creating and migrating) the store, starts the writer thread and, when configured,
+    /// the Postgres shipper. Fails when the database cannot be opened, is locked by another
+    /// toolgate, or is of a newer schema.
+    pub fn open(settings: Settings) -> Result<AuditLog, AuditError> {
+        let path = settings.path.clone();
+        let err = |message: String| AuditError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        prepare_dir(&path).map_err(err)?;
+        let lock = take_lock(&path).map_err(err)?;
+        let mut conn = open_write(&path, settings.durability).map_err(|e| err(e.to_string()))?;
+        restrict_file(&path);
+        migrate::sqlite(&mut conn).map_err(err)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
+            params![new_id()],
+        )
+        .map_err(|e| err(e.to_string()))?;
+        set_max_bytes(&conn, settings.max_db_bytes).map_err(|e| err(e.to_string()))?;
+        let (head_seq, head_hash) = chain::tail(&conn).map_err(|e| err(e.to_string()))?;
+        let shipped = retention::meta_i64(&conn, "shipped").map_err(|e| err(e.to_string()))?;
+
+        let shared = Arc::new(Shared::new());
+        shared.head_seq.store(head_seq, Ordering::Relaxed);
+        shared
+            .shipped_seq
+            .store(shipped.unwrap_or(0), Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(settings.queue);
+        let writer = Writer {
+            conn,
+            _lock: lock,
+            path: path.clone(),
+            durability: settings.durability,
+            max_bytes: settings.max_db_bytes,
+            rx,
+            shared: shared.clone(),
+            sync: settings.mode == AuditMode::Sync,
+            batch_rows: settings.batch_rows,
+            batch_wait: settings.batch_wait,
+            head_seq,
+            head_hash,
+            gateway: settings.gateway.clone(),
+            watermark: None,
+            shipped: if settings.postgres.is_some() {
+                Some(shipped.unwrap_or(0))
+            } else {
+                None
+            },
+            retention: settings.retention,
+            prune_every: settings.prune_every,
+            next_prune: Instant::now() + Duration::from_secs(5),
+            prune_more: false,
+            last_head_log: Instant::now(),
+            logged_head: head_seq,
+        };
+        let mut threads = Vec::new();
+        threads.push(
+            std::thread::Builder::new()
+                .name("audit-writer".into())
+                .spawn(move || writer.run())
+                .map_err(|e| err(format!("starting the writer thread: {e}")))?,
+        );
+        if let Some(pg) = settings.postgres.clone() {
+            shared.shipping.store(true, Ordering::Relaxed);
+            let wtx = tx.clone();
+            let ship = postgres::Shipper {
+                db: path.clone(),
+                pg,
+                shared: shared.clone(),
+                report: Box::new(move |w| wtx.try_send(Msg::Watermark(w)).is_ok()),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("audit-shipper".into())
+                    .spawn(move || ship.run())
+                    .map_err(|e| err(format!("starting the shipper thread: {e}")))?,
+            );
+        }
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                mode: settings.mode,
+                gateway: settings.gateway,
+                redactor: settings.redactor,
+                path,
+                queue: settings.queue,
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    /// The redaction settings (`audit.arguments`): use
+    /// [`super::Redactor::apply_arguments`] to fill a record's digest and arguments.
+    pub fn redactor(&self) -> &super::Redactor {
+        &self.inner.redactor
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn gateway(&self) -> &str {
+        &self.inner.gateway
+    }
+
+    pub fn mode(&self) -> AuditMode {
+        self.inner.mode
+    }
+
+    /// Queues a decision. `Err` (queue full, writer stopped) means: answer 503, forward nothing.
+    /// Otherwise await the ticket before forwarding an allowed call.
+    pub fn submit(&self, mut rec: Record) -> Result<Ticket, AuditError> {
+        if rec.id.is_empty() {
+            rec.id = new_id();
+        }
+        if rec.time.len() != 27 || !rec.time.ends_with('Z') {
+            rec.time = normalize_time(&rec.time).unwrap_or_else(now_text);
+        }
+        self.inner.redactor.scrub_record(&mut rec);
+        self.enqueue(StoredRow::decision(&rec, &self.inner.gateway))
+    }
+
+    /// Records what happened to an allowed decision once the upstream answered (`forwarded`,
+    /// `upstream_error:<kind>`, ...), as its own chained row; queries merge the latest outcome
+    /// into the decision. `detail` is scrubbed of secrets and capped.
+    pub fn record_outcome(
+        &self,
+        decision_id: &str,
+        outcome: &str,
+        latency_us: Option<u64>,
+        detail: &str,
+    ) -> Result<Ticket, AuditError> {
+        let detail = self.inner.redactor.scrub_text(detail);
+        self.enqueue(StoredRow::outcome(
+            decision_id,
+            outcome,
+            latency_us,
+            &detail,
+            &self.inner.gateway,
+        ))
+    }
+
+    fn enqueue(&self, row: StoredRow) -> Result<Ticket, AuditError> {
+        let inner = &*self.inner;
+        let content = row.content();
+        let id = row.id.clone();
+        let wait = inner.mode == AuditMode::Sync || !inner.shared.healthy.load(Ordering::Relaxed);
+        let (reply, rx) = if wait {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let pending = Box::new(Pending {
+            row,
+            content,
+            reply,
+            acked: !wait,
+        });
+        inner.shared.queued.fetch_add(1, Ordering::Relaxed);
+        match inner.tx.try_send(Msg::Write(pending)) {
+            Ok(()) => {
+                inner.shared.submitted.fetch_add(1, Ordering::Relaxed);
+                Ok(Ticket {
+                    id,
+                    state: match rx {
+                        Some(r) => TicketState::Waiting(r),
+                        None => TicketState::Ready(Ok(Committed { seq: None })),
+                    },
+                })
+            }
+            Err(e) => {
+                inner.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(_) => {
+                        inner.shared.rejected_full.fetch_add(1, Ordering::Relaxed);
+                        Err(AuditError::QueueFull)
+                    }
+                    TrySendError::Disconnected(_) => Err(AuditError::Closed),
+                }
+            }
+        }
+    }
+
+    /// Waits until everything queued before this call is committed (or failed).
+    pub fn flush_blocking(&self) -> Result<(), AuditError> {
+        let (t, r) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Flush(t))
+            .map_err(|_| AuditError::Closed)?;
+        r.blocking_recv().map_err(|_| AuditError::Closed)
+    }
+
+    /// [`AuditLog::flush_blocking`] for async callers.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let (t, r) = oneshot::channel();
+        let tx = self.inner.tx.clone();
+        // `send` blocks only while the queue is full; keep that off the async workers.
+        tokio::task::spawn_blocking(move || tx.send(Msg::Flush(t)))
+            .await
+            .map_err(|_| AuditError::Closed)?
+            .map_err(|_| AuditError::Closed)?;
+        r.await.map_err(|_| AuditError::Closed)
+    }
+
+    /// Runs retention now (normally hourly); returns the rows pruned.
+    pub fn prune_now_blocking(&self) -> Result<u64, AuditError> {
+        let (t, r) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Prune(t))
+            .map_err(|_| AuditError::Closed)?;
+        r.blocking_recv().map_err(|_| AuditError::Closed)?
+    }
+
+    /// Changes the database size cap (`max_page_count`) at run time.
+    pub fn set_max_db_bytes(&self, max: Option<u64>) -> Result<(), AuditError> {
+        self.inner
+            .tx
+            .send(Msg::SetMaxBytes(max))
+            .map_err(|_| AuditError::Closed)
+    }
+
+    pub fn health(&self) -> Health {
+        let s = &self.inner.shared;
+        let e = s.last_error.lock().map(|g| g.clone()).unwrap_or_default();
+        Health {
+            healthy: s.healthy.load(Ordering::Relaxed),
+            last_error: if e.is_empty() { None } else { Some(e) },
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let s = &self.inner.shared;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let head = s.head_seq.load(Ordering::Relaxed);
+        let shipping = s.shipping.load(Ordering::Relaxed);
+        let shipped = s.shipped_seq.load(Ordering::Relaxed);
+        Metrics {
+            healthy: s.healthy.load(Ordering::Relaxed),
+            submitted: l(&s.submitted),
+            committed_rows: l(&s.committed_rows),
+            commits: l(&s.commits),
+            failed_rows: l(&s.failed_rows),
+            rejected_queue_full: l(&s.rejected_full),
+            write_errors: l(&s.write_errors),
+            async_rows_lost: l(&s.async_rows_lost),
+            queue_depth: u64::try_from(s.queued.load(Ordering::Relaxed)).unwrap_or(0),
+            queue_capacity: self.inner.queue as u64,
+            pruned_rows: l(&s.pruned_rows),
+            head_seq: head,
+            commit_seconds_total_us: l(&s.commit_us_total),
+            shipping,
+            ship_healthy: !shipping || s.ship_healthy.load(Ordering::Relaxed),
+            shipped_seq: shipped,
+            shipped_rows: l(&s.shipped_rows),
+            ship_errors: l(&s.ship_errors),
+            ship_lag_rows: if shipping {
+                u64::try_from(head - shipped).unwrap_or(0)
+            } else {
+                0
+            },
+            ship_lag_ms: if shipping { l(&s.ship_lag_ms) } else { 0 },
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    _lock: Connection,
+    path: PathBuf,
+    durability: Durability,
+    max_bytes: Option<u64>,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    sync: bool,
+    batch_rows: usize,
+    batch_wait: Duration,
+    head_seq: i64,
+    head_hash: String,
+    gateway: String,
+    /// A shipped watermark to persist with the next transaction.
+    watermark: Option<i64>,
+    /// With Postgres: the highest seq known to be shipped (retention never prunes past it).
+    shipped: Option<i64>,
+    retention: Option<Duration>,
+    prune_every: Duration,
+    next_prune: Instant,
+    prune_more: bool,
+    last_head_log: Instant,
+    logged_head: i64,
+}
+
+enum After {
+    Flush(oneshot::Sender<()>),
+    Prune(oneshot::Sender<Result<u64, AuditError>>),
+}
+
+const INSERT_SQL: &str = "INSERT INTO events (seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)";
+
+/// Inserts one stored row (seq, hash and prev_hash already set).
+pub(crate) fn insert_row(conn: &Connection, r: &StoredRow) -> rusqlite::Result<()> {
+    debug_assert_eq!(COLUMNS.len(), 29);
+    conn.prepare_cached(INSERT_SQL)?.execute(params![
+        r.seq,
+        r.event,
+        r.id,
+        r.decision_id,
+        r.gateway,
+        r.time,
+        r.kind,
+        r.principal,
+        r.login,
+        r.node,
+        r.node_id,
+        r.tags,
+        r.ip,
+        r.server,
+        r.method,
+        r.tool,
+        r.action,
+        r.effect,
+        r.policy,
+        r.rule,
+        r.reason,
+        r.args_digest,
+        r.outcome,
+        r.latency_us,
+        r.policy_hash,
+        r.explain,
+        r.arguments,
+        r.hash,
+        r.prev_hash,
+    ])?;
+    Ok(())
+}
+
+/// Errors after which the connection is reopened (not disk-full or busy).
+fn needs_reopen(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(SystemIoFailure | DatabaseCorrupt | CannotOpen | NotADatabase | ReadOnly)
+    )
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut shutdown = false;
+        while !shutdown {
+            let tick = if self.prune_more {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(500)
+            };
+            let first = match self.rx.recv_timeout(tick) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.idle();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch: Vec<Pending> = Vec::new();
+            let mut after: Vec<After> = Vec::new();
+            shutdown = self.take(first, &mut batch, &mut after);
+            let started = Instant::now();
+            while !shutdown && batch.len() < self.batch_rows && after.is_empty() {
+                let m = match self.rx.try_recv() {
+                    Ok(m) => m,
+                    Err(TryRecvError::Disconnected) => {
+                        shutdown = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => {
+                        let linger = if self.sync {
+                            Duration::ZERO
+                        } else {
+                            self.batch_wait
+                        };
+                        let waited = started.elapsed();
+                        if batch.is_empty() || waited >= linger {
+                            break;
+                        }
+                        match self.rx.recv_timeout(linger - waited) {
+                            Ok(m) => m,
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                shutdown = true;
+                                break;
+                            }
+                        }
+                    }
+                };
+                shutdown = self.take(m, &mut batch, &mut after);
+            }
+            self.commit(batch);
+            for a in after {
+                match a {
+                    After::Flush(t) => {
+                        let _ = t.send(());
+                    }
+                    After::Prune(t) => {
+                        let r = self.prune_all();
+                        let _ = t.send(r);
+                    }
+                }
+            }
+            if self.prune_more || Instant::now() >= self.next_prune {
+                self.prune_step();
+            }
+        }
+        if self.watermark.is_some() {
+            self.commit(Vec::new());
+        }
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+        self.log_head(true);
+    }
+
+    /// Returns true on shutdown.
+    fn take(&mut self, m: Msg, batch: &mut Vec<Pending>, after: &mut Vec<After>) -> bool {
+        match m {
+            Msg::Write(p) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                batch.push(*p);
+            }
+            Msg::Flush(t) => after.push(After::Flush(t)),
+            Msg::Prune(t) => after.push(After::Prune(t)),
+            Msg::Watermark(w) => {
+                self.shipped = Some(w);
+                self.watermark = Some(w);
+            }
+            Msg::SetMaxBytes(b) => {
+                self.max_bytes = b;
+                if let Err(e) = set_max_bytes(&self.conn, b) {
+                    tracing::warn!(error = %e, "audit: setting the size cap failed");
+                }
+            }
+            Msg::Shutdown => return true,
+        }
+        false
+    }
+
+    fn idle(&mut self) {
+        if self.watermark.is_some() {
+            self.commit(Vec::new());
+        }
+        if self.prune_more || Instant::now() >= self.next_prune {
+            self.prune_step();
+        }
+        self.log_head(false);
+    }
+
+    /// Logs the chain head now and then: an external record that makes truncation detectable.
+    fn log_head(&mut self, force: bool) {
+        if self.head_seq != self.logged_head
+            && (force || self.last_head_log.elapsed() >= Duration::from_secs(60))
+        {
+            tracing::info!(target: "toolgate::audit", seq = self.head_seq, hash = %self.head_hash, "audit chain head");
+            self.logged_head = self.head_seq;
+            self.last_head_log = Instant::now();
+        }
+    }
+
+    fn write_batch(&mut self, batch: &mut [Pending]) -> rusqlite::Result<(i64, String)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = self.head_seq;
+        let mut hash = self.head_hash.clone();
+        for p in batch.iter_mut() {
+            seq += 1;
+            p.row.seq = seq;
+            p.row.hash = row_hash(&hash, seq, &p.content);
+            p.row.prev_hash = std::mem::replace(&mut hash, p.row.hash.clone());
+            insert_row(&tx, &p.row)?;
+        }
+        if seq != self.head_seq {
+            chain::set_head(&tx, seq, &hash)?;
+        }
+        if let Some(w) = self.watermark {
+            retention::set_meta(&tx, "shipped", &w.to_string())?;
+        }
+        tx.commit()?;
+        Ok((seq, hash))
+    }
+
+    fn commit(&mut self, mut batch: Vec<Pending>) {
+        if batch.is_empty() && self.watermark.is_none() {
+            return;
+        }
+        let t0 = Instant::now();
+        let result = self.write_batch(&mut batch);
+        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shared.commit_us_total.fetch_add(us, Ordering::Relaxed);
+        let n = batch.len() as u64;
+        match result {
+            Ok((seq, hash)) => {
+                self.head_seq = seq;
+                self.head_hash = hash;
+                self.watermark = None;
+                self.shared.head_seq.store(seq, Ordering::Relaxed);
+                self.shared.committed_rows.fetch_add(n, Ordering::Relaxed);
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                if !self.shared.healthy.swap(true, Ordering::SeqCst) {
+                    tracing::warn!("audit store recovered: writes succeed again");
+                }
+                for p in batch {
+                    if let Some(r) = p.reply {
+                        let _ = r.send(Ok(Committed {
+                            seq: Some(p.row.seq),
+                        }));
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.shared.set_error(&msg);
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared.failed_rows.fetch_add(n, Ordering::Relaxed);
+                if self.shared.healthy.swap(false, Ordering::SeqCst) {
+                    tracing::error!(error = %msg, "audit store failing: allowed calls are refused until writes succeed");
+                }
+                let mut lost = 0u64;
+                for p in batch {
+                    match p.reply {
+                        Some(r) => {
+                            let _ = r.send(Err(AuditError::Unavailable(msg.clone())));
+                        }
+                        None if p.acked => lost += 1,
+                        None => {}
+                    }
+                }
+                if lost > 0 {
+                    self.shared
+                        .async_rows_lost
+                        .fetch_add(lost, Ordering::Relaxed);
+                    tracing::error!(rows = lost, error = %msg, "audit (async mode): acknowledged rows could not be committed");
+                }
+                if needs_reopen(&e) {
+                    self.reopen();
+                }
+            }
+        }
+    }
+
+    fn reopen(&mut self) {
+        match open_write(&self.path, self.durability) {
+            Ok(c) => {
+                if set_max_bytes(&c, self.max_bytes).is_ok()
+                    && let Ok((s, h)) = chain::tail(&c)
+                {
+                    self.head_seq = s;
+                    self.head_hash = h;
+                    self.conn = c;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "audit: reopening the store failed"),
+        }
+    }
+
+    fn prune_cutoff(&self) -> Option<String> {
+        let keep = self.retention?;
+        let keep = chrono::Duration::from_std(keep).ok()?;
+        Some(super::record::format_time(chrono::Utc::now() - keep))
+    }
+
+    /// One bounded retention transaction; schedules the next.
+    fn prune_step(&mut self) {
+        self.prune_more = false;
+        self.next_prune = Instant::now() + self.prune_every;
+        let Some(cutoff) = self.prune_cutoff() else {
+            return;
+        };
+        match self.prune_chunk(&cutoff) {
+            Ok((_, more)) => self.prune_more = more,
+            Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        }
+    }
+
+    fn prune_all(&mut self) -> Result<u64, AuditError> {
+        let Some(cutoff) = self.prune_cutoff() else {
+            return Ok(0);
+        };
+        let mut total = 0;
+        loop {
+            let (n, more) = self
+                .prune_chunk(&cutoff)
+                .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+            total += n;
+            if !more {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn prune_chunk(&mut self, cutoff: &str) -> rusqlite::Result<(u64, bool)> {
+        let step = retention::prune_chunk(
+            &mut self.conn,
+            cutoff,
+            self.shipped,
+            retention::CHUNK_ROWS,
+            (self.head_seq, &self.head_hash),
+            &self.gateway,
+        )?;
+        if let Some((seq, hash)) = step.new_head {
+            self.head_seq = seq;
+            self.head_hash = hash;
+            self.shared.head_seq.store(seq, Ordering::Relaxed);
+        }
+        self.shared
+            .pruned_rows
+            .fetch_add(step.pruned, Ordering::Relaxed);
+        Ok((step.pruned, step.more))
+    }
+}

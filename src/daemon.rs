@@ -1,0 +1,450 @@
+//! `toolgate serve`: start-up, listeners, reloads, shutdown.
+//!
+//! Start-up order: policies (deny-all until they compile), the audit store (no audit, no
+//! start), the identity provider (tailscaled must be `Running`: we wait and say what to run),
+//! then one listener per address. `tailnet:PORT` binds exactly this node's tailnet IPs and is
+//! re-bound when they change (learned from the IPN bus). SIGHUP and policy-file changes reload
+//! policies (a broken reload keeps the last good set). SIGTERM/SIGINT stop accepting, let
+//! in-flight calls finish within a deadline, flush the audit writer and exit 0.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::audit::{self, AuditLog};
+use crate::config::{Config, IdentityProvider, Listen, parse_listen};
+use crate::gateway::{Caller, Gateway, Sessions, Upstream};
+use crate::identity::{StaticIdentities, normalize_ip};
+use crate::policy::store::Store;
+use crate::server::{self, Identify, StaticProvider};
+use crate::tailnet::localapi::LocalApi;
+use crate::tailnet::types::Status;
+
+/// How long in-flight calls may run after SIGTERM.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
+/// How often the policy directory is checked for changes.
+pub const POLICY_POLL: Duration = Duration::from_secs(1);
+
+/// Is `ip` a tailnet address (100.64.0.0/10 or fd7a:115c:a1e0::/48)?
+pub fn is_tailnet_ip(ip: IpAddr) -> bool {
+    match normalize_ip(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 100 && (o[1] & 0xC0) == 64
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+        }
+    }
+}
+
+/// Refuses peers outside the tailnet before any WhoIs (explicit non-tailnet binds).
+struct TailnetPeersOnly(Arc<dyn Identify>);
+
+impl Identify for TailnetPeersOnly {
+    fn identify(
+        &self,
+        peer: SocketAddr,
+    ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>> {
+        if is_tailnet_ip(peer.ip()) || peer.ip().is_loopback() {
+            self.0.identify(peer)
+        } else {
+            Box::pin(async move { Err(format!("peer {} is outside the tailnet", peer.ip())) })
+        }
+    }
+}
+
+/// What the node learned from tailscaled.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub dns_name: String,
+    pub ips: Vec<IpAddr>,
+    pub tailnet: String,
+}
+
+impl NodeInfo {
+    fn from_status(s: &Status) -> NodeInfo {
+        NodeInfo {
+            dns_name: s.self_dns_name().unwrap_or_default().to_string(),
+            ips: s.tailscale_ips.clone(),
+            tailnet: s.tailnet_name().unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// Waits until tailscaled is `Running`, saying what the operator should do meanwhile.
+pub async fn wait_running(
+    api: &LocalApi,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Status, String> {
+    let mut last = String::new();
+    loop {
+        match api.status().await {
+            Ok(s) if s.is_running() => return Ok(s),
+            Ok(s) => {
+                let state = s.backend_state.as_str().to_string();
+                if state != last {
+                    let hint = match state.as_str() {
+                        "NeedsLogin" => match s.auth_url.as_str() {
+                            "" => "run `tailscale up` (or `tailscale up --authkey=...`) on this machine".to_string(),
+                            url => format!("log in at {url}"),
+                        },
+                        "Stopped" => "run `tailscale up` to start it".to_string(),
+                        "NeedsMachineAuth" => "approve this machine in the admin console".to_string(),
+                        _ => "waiting".to_string(),
+                    };
+                    tracing::warn!(state = %state, "tailscaled is not running yet: {hint}");
+                    last = state;
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    tracing::warn!(
+                        "tailscaled is not reachable ({msg}); is tailscaled running, and may this user read its socket?"
+                    );
+                    last = msg;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return Err("shutdown requested".into()),
+        }
+    }
+}
+
+/// The addresses a listen list resolves to, given this node's tailnet IPs.
+pub fn resolve_listen(cfg: &Config, tailnet_ips: &[IpAddr]) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    for l in &cfg.listen {
+        match parse_listen(l)? {
+            Listen::Tailnet(port) => {
+                if tailnet_ips.is_empty() {
+                    return Err(format!(
+                        "listen {l:?}: this node has no tailnet IPs (is tailscaled logged in?)"
+                    ));
+                }
+                out.extend(tailnet_ips.iter().map(|ip| SocketAddr::new(*ip, port)));
+            }
+            Listen::Addr(a) => {
+                let ok = a.ip().is_loopback() || is_tailnet_ip(a.ip()) || cfg.allow_non_tailnet;
+                if !ok {
+                    return Err(format!(
+                        "listen {l:?} is neither loopback nor a tailnet address; set allow_non_tailnet: true to bind it (peers outside the tailnet are still refused)"
+                    ));
+                }
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A cheap fingerprint of a directory tree (names, sizes, mtimes) to notice edits.
+fn dir_fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut n = 0usize;
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            n += 1;
+            if n > 200_000 {
+                return h.finish();
+            }
+            let Ok(md) = e.metadata() else { continue };
+            e.file_name().hash(&mut h);
+            md.len().hash(&mut h);
+            md.modified().unwrap_or(SystemTime::UNIX_EPOCH).hash(&mut h);
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    h.finish()
+}
+
+fn reload(store: &Store, why: &str) {
+    match store.reload() {
+        Ok(set) => {
+            tracing::info!(policies = set.len(), snapshot = %&set.hash[..12], "policies reloaded ({why})")
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!("policy error: {e}");
+            }
+            tracing::error!(
+                errors = errors.len(),
+                "policy reload failed ({why}); keeping the last good policies"
+            );
+        }
+    }
+}
+
+/// Everything `serve` builds before it binds.
+pub struct Built {
+    pub gateway: Arc<Gateway>,
+    pub audit: AuditLog,
+    pub identify: Arc<dyn Identify>,
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Builds the gateway for `cfg`, with `identify` and the node's names.
+pub fn build(
+    cfg: Config,
+    identify: Arc<dyn Identify>,
+    node: &NodeInfo,
+    listen: Vec<SocketAddr>,
+) -> Result<Built, String> {
+    let (store, res) = Store::open(&cfg.policies.dir);
+    match res {
+        Ok(()) => {
+            let set = store.current();
+            tracing::info!(policies = set.len(), dir = %cfg.policies.dir.display(), snapshot = %&set.hash[..12], "policies loaded");
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!("policy error: {e}");
+            }
+            tracing::error!("policies did not compile: every call is denied until they do");
+        }
+    }
+    let audit =
+        AuditLog::open(audit::Settings::from_config(&cfg.audit)).map_err(|e| e.to_string())?;
+    let mut upstreams = std::collections::BTreeMap::new();
+    for (name, s) in &cfg.servers {
+        upstreams.insert(name.clone(), Upstream::from_config(name, s)?);
+    }
+    let mut hosts: BTreeSet<String> = BTreeSet::new();
+    if !node.dns_name.is_empty() {
+        hosts.insert(node.dns_name.to_ascii_lowercase());
+        if let Some(label) = node.dns_name.split('.').next() {
+            hosts.insert(label.to_ascii_lowercase());
+        }
+    }
+    for ip in &node.ips {
+        hosts.insert(host_form(*ip));
+    }
+    for a in &listen {
+        hosts.insert(host_form(a.ip()));
+        if a.ip().is_loopback() {
+            hosts.insert("localhost".into());
+        }
+    }
+    let gateway = Arc::new(Gateway {
+        config: cfg,
+        store: Arc::new(store),
+        upstreams,
+        http: crate::gateway::http_client()?,
+        sessions: Sessions::default(),
+        annotations: Default::default(),
+        allowed_hosts: hosts.into_iter().collect(),
+        audit: Arc::new(audit.clone()),
+    });
+    Ok(Built {
+        gateway,
+        audit,
+        identify,
+        listen,
+    })
+}
+
+fn host_form(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    }
+}
+
+/// The static provider, refused on any non-loopback listener.
+pub fn static_provider(cfg: &Config, listen: &[SocketAddr]) -> Result<Arc<dyn Identify>, String> {
+    if let Some(a) = listen.iter().find(|a| !a.ip().is_loopback()) {
+        return Err(format!(
+            "identity.provider static is for development only: it refuses to serve on {a}, which is not a loopback address"
+        ));
+    }
+    let path: &PathBuf = cfg
+        .identity
+        .r#static
+        .as_ref()
+        .ok_or("identity.static: no fixture file")?;
+    let identities = StaticIdentities::load(path)?;
+    Ok(Arc::new(StaticProvider {
+        identities,
+        mappings: cfg.identity.role_mappings.clone(),
+    }))
+}
+
+/// Runs listeners until `shutdown`; returns when every connection has finished.
+pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let app = server::router(built.gateway.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in &built.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(%local, "listening");
+        let identify: Arc<dyn Identify> = if local.ip().is_loopback() || is_tailnet_ip(local.ip()) {
+            built.identify.clone()
+        } else {
+            Arc::new(TailnetPeersOnly(built.identify.clone()))
+        };
+        tasks.spawn(server::serve_listener(
+            listener,
+            app.clone(),
+            identify,
+            shutdown.clone(),
+        ));
+    }
+    // Policy changes on disk apply to the next call.
+    if built.gateway.config.policies.watch {
+        let store = built.gateway.store.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let dir = store.dir().to_path_buf();
+            let mut seen = dir_fingerprint(&dir);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLICY_POLL) => {}
+                    _ = stop.changed() => return,
+                }
+                let now = dir_fingerprint(&dir);
+                if now != seen {
+                    seen = now;
+                    reload(&store, "files changed");
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Wires SIGHUP (reload) and SIGTERM/SIGINT (graceful stop).
+pub fn signals(store: Arc<Store>, stop: watch::Sender<bool>) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => reload(&store, "SIGHUP"),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: no new connections; waiting for in-flight calls");
+        let _ = stop.send(true);
+    });
+    Ok(())
+}
+
+/// `toolgate serve --config FILE`.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (identify, node, listen): (Arc<dyn Identify>, NodeInfo, Vec<SocketAddr>) = match cfg
+        .identity
+        .provider
+    {
+        IdentityProvider::Static => {
+            let listen = resolve_listen(&cfg, &[])?;
+            (static_provider(&cfg, &listen)?, NodeInfo::default(), listen)
+        }
+        IdentityProvider::Tailscale => {
+            let api = LocalApi::unix(&cfg.identity.socket);
+            let status = wait_running(&api, &mut stop_rx).await?;
+            let node = NodeInfo::from_status(&status);
+            tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
+            let listen = resolve_listen(&cfg, &node.ips)?;
+            (
+                crate::tailnet::identify(api, &cfg.identity, &node.tailnet),
+                node,
+                listen,
+            )
+        }
+    };
+    let built = build(cfg, identify, &node, listen)?;
+    let audit = built.audit.clone();
+    signals(built.gateway.store.clone(), stop_tx)?;
+    let deadline_rx = stop_rx.clone();
+    let served = run(built, stop_rx);
+    tokio::pin!(served);
+    let mut deadline_rx = deadline_rx;
+    tokio::select! {
+        r = &mut served => r?,
+        _ = async {
+            let _ = deadline_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+        } => tracing::warn!("in-flight calls did not finish within {:?}; exiting", SHUTDOWN_DEADLINE),
+    }
+    audit
+        .flush()
+        .await
+        .map_err(|e| format!("flushing the audit store: {e}"))?;
+    tracing::info!("audit store flushed; bye");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tailnet_ranges() {
+        for ip in [
+            "100.64.0.1",
+            "100.127.255.254",
+            "fd7a:115c:a1e0::1",
+            "::ffff:100.100.1.1",
+        ] {
+            assert!(
+                is_tailnet_ip(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+                "{ip}"
+            );
+        }
+        for ip in [
+            "100.63.255.255",
+            "100.128.0.1",
+            "10.0.0.1",
+            "127.0.0.1",
+            "fd7a:115c:a1e1::1",
+        ] {
+            assert!(
+                !is_tailnet_ip(ip.parse().unwrap_or(IpAddr::from([100, 64, 0, 1]))),
+                "{ip}"
+            );
+        }
+    }
+
+    #[test]
+    fn listen_rules() {
+        let cfg = |s: &str| {
+            Config::parse("t.yaml", s.as_bytes(), Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let ips: Vec<IpAddr> = vec!["100.64.0.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))];
+        let c = cfg("listen: [\"tailnet:443\", \"127.0.0.1:8080\"]\n");
+        assert_eq!(resolve_listen(&c, &ips).unwrap_or_default().len(), 2);
+        assert!(resolve_listen(&c, &[]).is_err());
+        let c = cfg("listen: [\"0.0.0.0:443\"]\n");
+        assert!(
+            resolve_listen(&c, &ips)
+                .unwrap_err()
+                .contains("allow_non_tailnet")
+        );
+        let c = cfg("listen: [\"0.0.0.0:443\"]\nallow_non_tailnet: true\n");
+        assert!(resolve_listen(&c, &ips).is_ok());
+    }
+}

@@ -1,0 +1,355 @@
+//! `toolgate demo`: the real code path end to end on loopback, with no tailscaled and no
+//! network. The gateway runs with the static identity provider (two people and a tagged CI
+//! node on 127.0.0.2–4), the built-in sample MCP upstream, the shipped example policies
+//! (embedded in the binary) and a fresh audit database; a scripted agent session per identity
+//! prints each decision as it happens, then the audit table.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::daemon;
+use crate::sample;
+
+/// The shipped example policies, embedded so the demo needs no files.
+pub const POLICIES: [(&str, &str); 8] = [
+    (
+        "common_roles.yaml",
+        include_str!("../policies/common_roles.yaml"),
+    ),
+    ("constants.yaml", include_str!("../policies/constants.yaml")),
+    (
+        "mcp_server.yaml",
+        include_str!("../policies/mcp_server.yaml"),
+    ),
+    (
+        "toolgate_audit.yaml",
+        include_str!("../policies/toolgate_audit.yaml"),
+    ),
+    (
+        "mcp_server_test.yaml",
+        include_str!("../policies/mcp_server_test.yaml"),
+    ),
+    (
+        "toolgate_audit_test.yaml",
+        include_str!("../policies/toolgate_audit_test.yaml"),
+    ),
+    (
+        "testdata/principals.yaml",
+        include_str!("../policies/testdata/principals.yaml"),
+    ),
+    (
+        "testdata/resources.yaml",
+        include_str!("../policies/testdata/resources.yaml"),
+    ),
+];
+
+pub const IDENTITIES: &str = r#"# Source IP → tailnet identity (what WhoIs would say), for the demo only.
+"127.0.0.2":
+  login: alice@example.com
+  display_name: Alice
+  node: alice-laptop.example.ts.net
+  node_id: nALICE1
+  tailnet: example.ts.net
+  caps: [{roles: [developer]}]
+"127.0.0.3":
+  login: bob@example.com
+  display_name: Bob
+  node: bob-desktop.example.ts.net
+  node_id: nBOB1
+  tailnet: example.ts.net
+"127.0.0.4":
+  node: ci-runner.example.ts.net
+  node_id: nCI1
+  tailnet: example.ts.net
+  tags: ["tag:ci"]
+"#;
+
+/// Writes the demo's files into `dir`; returns the config path.
+pub fn write_files(dir: &Path, port: u16, upstream: SocketAddr) -> Result<PathBuf, String> {
+    let w = |rel: &str, body: &str| -> Result<(), String> {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    for (name, body) in POLICIES {
+        w(&format!("policies/{name}"), body)?;
+    }
+    w("identities.yaml", IDENTITIES)?;
+    let config = format!(
+        "# toolgate demo config: loopback only, static identities, the built-in sample upstream.\n\
+         listen: [\"127.0.0.1:{port}\"]\n\
+         tls: off\n\
+         identity:\n  provider: static\n  static: identities.yaml\n\
+         policies:\n  dir: policies\n\
+         servers:\n  github: {{url: \"http://{upstream}/mcp\"}}\n  files: {{url: \"http://{upstream}/mcp\"}}\n  shell: {{url: \"http://{upstream}/mcp\"}}\n\
+         audit:\n  sqlite: audit.db\n  mode: sync\n  arguments: redacted\n"
+    );
+    w("toolgate.yaml", &config)?;
+    Ok(dir.join("toolgate.yaml"))
+}
+
+struct Agent {
+    who: &'static str,
+    ip: &'static str,
+    calls: Vec<(&'static str, &'static str, Value, &'static str)>,
+}
+
+fn script() -> Vec<Agent> {
+    vec![
+        Agent {
+            who: "alice (developer)",
+            ip: "127.0.0.2",
+            calls: vec![
+                (
+                    "github",
+                    "create_issue",
+                    json!({"owner": "example", "repo": "toolgate", "title": "Demo issue"}),
+                    "allowed: her organisation",
+                ),
+                (
+                    "github",
+                    "delete_repository",
+                    json!({"owner": "example", "repo": "toolgate"}),
+                    "hidden: admins only",
+                ),
+                (
+                    "github",
+                    "create_issue",
+                    json!({"owner": "evil-corp", "repo": "x", "title": "Hi"}),
+                    "argument deny: another organisation",
+                ),
+            ],
+        },
+        Agent {
+            who: "bob (user)",
+            ip: "127.0.0.3",
+            calls: vec![
+                (
+                    "files",
+                    "read_file",
+                    json!({"path": "/srv/work/notes.md"}),
+                    "allowed: inside the workspace",
+                ),
+                (
+                    "github",
+                    "create_issue",
+                    json!({"owner": "example", "repo": "toolgate", "title": "x"}),
+                    "hidden: developers only",
+                ),
+                (
+                    "files",
+                    "read_file",
+                    json!({"path": "/srv/work/../../etc/shadow"}),
+                    "argument deny: escapes the workspace",
+                ),
+            ],
+        },
+        Agent {
+            who: "ci-runner (tag:ci)",
+            ip: "127.0.0.4",
+            calls: vec![
+                (
+                    "github",
+                    "search_repositories",
+                    json!({"query": "toolgate"}),
+                    "allowed: CI may read",
+                ),
+                (
+                    "files",
+                    "read_file",
+                    json!({"path": "/srv/work/notes.md"}),
+                    "hidden: people only",
+                ),
+                (
+                    "github",
+                    "get_issue",
+                    json!({"owner": "example", "repo": "toolgate", "number": "not-a-number"}),
+                    "allowed: reads need no argument check",
+                ),
+            ],
+        },
+    ]
+}
+
+async fn rpc(
+    client: &reqwest::Client,
+    base: &str,
+    server: &str,
+    body: Value,
+) -> Result<(u16, String, Value), String> {
+    let r = client
+        .post(format!("{base}/mcp/{server}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = r.status().as_u16();
+    let id = r
+        .headers()
+        .get("toolgate-decision-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    Ok((
+        status,
+        id,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+fn verdict(v: &Value) -> String {
+    if let Some(e) = v.get("error") {
+        return format!("DENIED  {}", e["message"].as_str().unwrap_or(""));
+    }
+    let r = &v["result"];
+    if r["isError"] == json!(true) {
+        let text = r["content"][0]["text"].as_str().unwrap_or("");
+        let reason = text.split("): ").nth(1).unwrap_or(text);
+        return format!("DENIED  isError: {reason}");
+    }
+    "ALLOWED".to_string()
+}
+
+/// Options of `toolgate demo`.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Where to put the config, policies and audit database (default: a new temporary folder).
+    pub dir: Option<PathBuf>,
+    /// Leave the gateway running after the script.
+    pub keep_running: bool,
+}
+
+/// Runs the demo; returns the folder it used.
+pub async fn run(opts: Options) -> Result<PathBuf, String> {
+    let dir = match &opts.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("toolgate-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(dir.join("audit.db"));
+    let counters = Arc::new(sample::Counters::default());
+    let upstream = sample::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), counters.clone())
+        .await
+        .map_err(|e| format!("cannot start the sample MCP server: {e}"))?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        l.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let config_path = write_files(&dir, port, upstream)?;
+    let cfg = Config::load(&config_path).map_err(|e| e.to_string())?;
+    let listen = daemon::resolve_listen(&cfg, &[])?;
+    let identify = daemon::static_provider(&cfg, &listen)?;
+    let db = cfg.audit.sqlite.clone();
+    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen)?;
+    let audit = built.audit.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(daemon::run(built, stop_rx));
+    let base = format!("http://127.0.0.1:{port}");
+    println!(
+        "toolgate demo: gateway on {base}, sample MCP server on {upstream}, files in {}\n",
+        dir.display()
+    );
+    // Wait until the listener answers.
+    for _ in 0..100 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for agent in script() {
+        let ip: IpAddr = agent.ip.parse().map_err(|_| "bad demo ip".to_string())?;
+        let client = reqwest::Client::builder()
+            .local_address(ip)
+            .build()
+            .map_err(|e| e.to_string())?;
+        println!("── {} connects from {}", agent.who, agent.ip);
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "toolgate-demo", "version": "1"}}});
+        let (s, _, _) = rpc(&client, &base, "github", init).await?;
+        println!("   initialize                      → HTTP {s}");
+        let (_, _, list) = rpc(
+            &client,
+            &base,
+            "github",
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        )
+        .await?;
+        let names: Vec<&str> = list["result"]["tools"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|x| x["name"].as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "   tools/list (github)             → sees {}",
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+        for (i, (server, tool, args, expect)) in agent.calls.iter().enumerate() {
+            let body = json!({"jsonrpc": "2.0", "id": i + 2, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+            let (_, id, v) = rpc(&client, &base, server, body).await?;
+            println!(
+                "   {:<32} → {}   [{expect}; decision {id}]",
+                format!("{server}: {tool}"),
+                verdict(&v)
+            );
+        }
+        println!();
+    }
+    println!("── an unknown machine (127.0.0.9, no identity)");
+    let client = reqwest::Client::builder()
+        .local_address(IpAddr::from([127, 0, 0, 9]))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (s, _, v) = rpc(
+        &client,
+        &base,
+        "github",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    )
+    .await?;
+    println!(
+        "   tools/list                      → HTTP {s} {}\n",
+        v["error"]["message"].as_str().unwrap_or("")
+    );
+    audit.flush().await.map_err(|e| e.to_string())?;
+    println!(
+        "The sample upstream executed {} tool call(s); every one has a committed audit row.\n",
+        counters
+            .tool_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    println!("Audit trail ({}):", db.display());
+    let rows = crate::audit::query::query(&db, &crate::audit::query::Filter::default())
+        .map_err(|e| e.to_string())?;
+    print!("{}", crate::audit::cli::table_text(&rows));
+    println!(
+        "\nQuery it again:\n  toolgate audit query --db {}\n  toolgate audit query --db {} --effect deny --format jsonl\n  toolgate audit verify --db {}",
+        db.display(),
+        db.display(),
+        db.display()
+    );
+    if opts.keep_running {
+        println!(
+            "\nThe gateway keeps running on {base} (Ctrl-C to stop). Point an MCP client at {base}/mcp/github\n\
+             from 127.0.0.2 (alice), 127.0.0.3 (bob) or 127.0.0.4 (ci); other addresses have no identity. Example:\n  \
+             curl --interface 127.0.0.2 -s {base}/mcp/github -H 'content-type: application/json' \\\n    \
+             -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}}'"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    audit.flush().await.map_err(|e| e.to_string())?;
+    Ok(dir)
+}

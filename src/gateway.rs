@@ -1,0 +1,416 @@
+//! The gateway's shared state and its one decision step.
+//!
+//! Every route goes through [`Gateway::decide`]: principal × resource × actions against the
+//! current policy snapshot, then an audit row. Routes differ only in how they build the check
+//! and how they answer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use crate::config::{Config, ServerConfig};
+use crate::identity::Identity;
+use crate::mcp::mapping::Target;
+use crate::policy::eval::{self, CheckOutput};
+use crate::policy::input::{CheckInput, Params, Principal, Resource};
+use crate::policy::model::Effect;
+use crate::policy::store::Store;
+
+/// The verified caller of one connection.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Identity,
+    pub principal: Principal,
+}
+
+/// What the accept loop knows about a connection; inserted into every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// `None`: no verified identity (invariant I1: nothing is forwarded for it).
+    pub caller: Option<Arc<Caller>>,
+    /// Why there is no caller, for the refusal and the audit row.
+    pub unidentified: Option<String>,
+}
+
+/// An upstream MCP server, as configured.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub target: Target,
+    pub url: String,
+    pub timeout: Duration,
+    /// Resolved extra headers (values may come from the environment; never logged).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Upstream {
+    pub fn from_config(name: &str, c: &ServerConfig) -> Result<Upstream, String> {
+        let mut headers = Vec::new();
+        for (k, v) in &c.headers {
+            headers.push((
+                k.clone(),
+                expand_env(v).map_err(|e| format!("servers.{name}.headers.{k}: {e}"))?,
+            ));
+        }
+        Ok(Upstream {
+            target: Target {
+                server: name.to_string(),
+                resource_kind: c.resource_kind.clone(),
+                scope: c.scope.clone(),
+            },
+            url: c.url.clone(),
+            timeout: c.timeout,
+            headers,
+        })
+    }
+}
+
+/// `${NAME}` → the environment variable's value; a missing variable is an error.
+pub fn expand_env(v: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = v;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after.find('}').ok_or("unclosed ${")?;
+        let name = &after[..end];
+        let val =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The decision for a set of actions, with what the audit row needs.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub output: CheckOutput,
+    pub policy_hash: String,
+    pub elapsed: Duration,
+}
+
+impl Decision {
+    pub fn effect(&self, action: &str) -> Effect {
+        self.output.effect(action).unwrap_or(Effect::Deny)
+    }
+
+    pub fn result(&self, action: &str) -> Option<&eval::ActionResult> {
+        self.output.actions.iter().find(|a| a.action == action)
+    }
+}
+
+/// A session of the handshake era, bound to the principal that opened it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub principal: String,
+    pub server: String,
+    pub last_seen: Instant,
+}
+
+/// The answer of [`Sessions::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCheck {
+    /// Opened by this principal on this server.
+    Own,
+    /// Not a session this gateway knows (never opened through it, or ended).
+    Unknown,
+    /// Someone else's session: refused.
+    Foreign,
+}
+
+/// Bounded session table.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Session>>,
+}
+
+pub const MAX_SESSIONS: usize = 100_000;
+pub const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+impl Sessions {
+    pub fn bind(&self, id: &str, principal: &str, server: &str) {
+        let Ok(mut m) = self.map.lock() else { return };
+        if m.len() >= MAX_SESSIONS {
+            let now = Instant::now();
+            m.retain(|_, s| now.duration_since(s.last_seen) < SESSION_IDLE);
+        }
+        if m.len() < MAX_SESSIONS {
+            m.insert(
+                id.to_string(),
+                Session {
+                    principal: principal.to_string(),
+                    server: server.to_string(),
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Whose session `id` is, as seen by `principal` on `server`.
+    pub fn check(&self, id: &str, principal: &str, server: &str) -> SessionCheck {
+        let Ok(mut m) = self.map.lock() else {
+            return SessionCheck::Foreign;
+        };
+        match m.get_mut(id) {
+            None => SessionCheck::Unknown,
+            Some(s) if s.principal == principal && s.server == server => {
+                s.last_seen = Instant::now();
+                SessionCheck::Own
+            }
+            Some(_) => SessionCheck::Foreign,
+        }
+    }
+
+    pub fn end(&self, id: &str) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(id);
+        }
+    }
+}
+
+/// The shared state of a running gateway.
+pub struct Gateway {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub upstreams: BTreeMap<String, Upstream>,
+    pub http: reqwest::Client,
+    pub sessions: Sessions,
+    /// Tool annotations seen in `tools/list`, for `R.attr.annotations` at call time.
+    pub annotations: Mutex<HashMap<(String, String), Value>>,
+    /// `Host` values this node answers to (invariant I7); empty means any (loopback dev only).
+    pub allowed_hosts: Vec<String>,
+    pub audit: Arc<dyn AuditSink>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("upstreams", &self.upstreams.keys())
+            .finish()
+    }
+}
+
+impl Gateway {
+    pub fn params(&self) -> Params {
+        Params {
+            now: chrono::Utc::now(),
+            globals: Arc::new(self.config.policies.globals.clone()),
+            evaluation: self.config.policies.evaluation,
+            schema_enforcement: self.config.policies.schema_enforcement,
+            ..Params::default()
+        }
+    }
+
+    /// Evaluates `actions` for `principal` on `resource` against the current snapshot.
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        resource: Resource,
+        actions: Vec<String>,
+    ) -> Decision {
+        let started = Instant::now();
+        let set = self.store.current();
+        let input = CheckInput {
+            principal: principal.clone(),
+            resource,
+            actions,
+            aux_data: Value::Null,
+        };
+        let output = eval::check(&set, &input, &self.params());
+        Decision {
+            output,
+            policy_hash: set.hash.clone(),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    pub fn annotations_for(&self, server: &str, tool: &str) -> Option<Value> {
+        self.annotations
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(server.to_string(), tool.to_string())).cloned())
+    }
+
+    pub fn remember_annotations(&self, server: &str, tools: &[Value]) {
+        let Ok(mut m) = self.annotations.lock() else {
+            return;
+        };
+        for t in tools {
+            if let (Some(name), Some(a)) =
+                (t.get("name").and_then(Value::as_str), t.get("annotations"))
+            {
+                if m.len() < 100_000 {
+                    m.insert((server.to_string(), name.to_string()), a.clone());
+                }
+            }
+        }
+    }
+}
+
+/// A compact JSON view of a principal for logs and the audit row.
+pub fn principal_json(p: &Principal) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), Value::String(p.id.clone()));
+    m.insert("roles".into(), Value::from(p.roles.clone()));
+    Value::Object(m)
+}
+
+/// One audit row as the gateway builds it (DESIGN.md §5 keys); the audit module stores it.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub id: String,
+    /// `mcp`, `check`, `hook` or `identity`.
+    pub kind: &'static str,
+    pub caller: Option<Arc<Caller>>,
+    pub ip: String,
+    pub server: String,
+    pub method: String,
+    pub tool: String,
+    pub action: String,
+    pub effect: Effect,
+    pub policy: String,
+    pub rule: String,
+    pub reason: String,
+    /// The call's arguments; the audit store digests or redacts them per `audit.arguments`.
+    pub arguments: Option<Value>,
+    pub outcome: String,
+    pub latency_us: u64,
+    pub policy_hash: String,
+    /// The explain trace of the decision.
+    pub explain: Option<Value>,
+}
+
+impl AuditRow {
+    pub fn new(kind: &'static str, conn: &Conn) -> AuditRow {
+        AuditRow {
+            id: crate::audit::record::new_id(),
+            kind,
+            caller: conn.caller.clone(),
+            ip: crate::identity::normalize_ip(conn.peer.ip()).to_string(),
+            server: String::new(),
+            method: String::new(),
+            tool: String::new(),
+            action: String::new(),
+            effect: Effect::Deny,
+            policy: String::new(),
+            rule: String::new(),
+            reason: String::new(),
+            arguments: None,
+            outcome: String::new(),
+            latency_us: 0,
+            policy_hash: String::new(),
+            explain: None,
+        }
+    }
+
+    /// Fills the decision fields for `action` from `d`.
+    pub fn decided(mut self, d: &Decision, action: &str) -> AuditRow {
+        self.action = action.to_string();
+        self.policy_hash = d.policy_hash.clone();
+        if let Some(r) = d.result(action) {
+            self.effect = r.effect;
+            self.policy = r.policy.clone();
+            self.rule = r.rule.clone();
+            self.reason = r.reason.clone();
+        }
+        self.explain = serde_json::to_value(&d.output.trace).ok();
+        self
+    }
+}
+
+/// The audit store could not take a row: the call is refused (503), never run unaudited.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("audit unavailable: {0}")]
+pub struct AuditUnavailable(pub String);
+
+/// Resolves when an audit row is committed (sync mode) or queued (async mode).
+pub type Commit =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), AuditUnavailable>> + Send>>;
+
+/// Where decisions go. The SQLite writer implements it; tests may inject faults.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Queues a row without blocking. A full or failed store answers `Err` at once.
+    fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable>;
+    /// Records how an allowed call ended (`forwarded`, `upstream_error`, …).
+    fn outcome(&self, id: &str, outcome: &str, latency_us: u64);
+}
+
+/// The upstream HTTP client: no redirects (upstream URLs are fixed by config), rustls on ring.
+pub fn http_client() -> Result<reqwest::Client, String> {
+    // Installing twice is harmless: the second call reports the first provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))
+}
+
+impl AuditRow {
+    /// The stored form: identity fields from the caller, arguments per `audit.arguments`.
+    pub fn into_record(self, redactor: &crate::audit::Redactor) -> crate::audit::Record {
+        use crate::audit::{Kind, Record};
+        let kind = match self.kind {
+            "check" => Kind::Check,
+            "hook" => Kind::Hook,
+            "identity" => Kind::Identity,
+            _ => Kind::Mcp,
+        };
+        let effect = match self.effect {
+            Effect::Allow => crate::audit::Effect::Allow,
+            Effect::Deny => crate::audit::Effect::Deny,
+        };
+        let mut rec = Record::new(kind, effect);
+        rec.id = self.id;
+        if let Some(c) = &self.caller {
+            rec.principal = c.principal.id.clone();
+            rec.login = c.identity.login.clone();
+            rec.node = c.identity.node.clone();
+            rec.node_id = c.identity.node_id.clone();
+            rec.tags = c.identity.tags.clone();
+        }
+        rec.ip = self.ip;
+        rec.server = self.server;
+        rec.method = self.method;
+        rec.tool = self.tool;
+        rec.action = self.action;
+        rec.policy = self.policy;
+        rec.rule = self.rule;
+        rec.reason = self.reason;
+        rec.outcome = self.outcome;
+        rec.latency_us = (self.latency_us > 0).then_some(self.latency_us);
+        rec.policy_hash = self.policy_hash;
+        rec.explain = self.explain.unwrap_or(Value::Null);
+        if let Some(args) = &self.arguments {
+            redactor.apply_arguments(&mut rec, args);
+        }
+        rec
+    }
+}
+
+impl AuditSink for crate::audit::AuditLog {
+    fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable> {
+        let rec = row.into_record(self.redactor());
+        let ticket = crate::audit::AuditLog::submit(self, rec)
+            .map_err(|e| AuditUnavailable(e.to_string()))?;
+        Ok(Box::pin(async move {
+            ticket
+                .wait()
+                .await
+                .map(|_| ())
+                .map_err(|e| AuditUnavailable(e.to_string()))
+        }))
+    }
+
+    fn outcome(&self, id: &str, outcome: &str, latency_us: u64) {
+        if let Err(e) = self.record_outcome(id, outcome, Some(latency_us), "") {
+            tracing::warn!(decision = id, error = %e, "the outcome row was not stored");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! MCP message → policy check (DESIGN.md §4, compatible with cerbos-fastmcp policies).
+//!
+//! | message                         | action                 |
+//! | ------------------------------- | ---------------------- |
+//! | `tools/call` name=T             | `tools/call::T`        |
+//! | `tools/list`, per listed tool T | `tools/list::T`        |
+//! | `prompts/get` name=N / list     | `prompts/get::N` / `prompts/list::N` |
+//! | `resources/read` uri=U / list   | `resources/read::U` / `resources/list::U` |
+//! | `resources/templates/list`      | `resources/templates/list::<uriTemplate>` |
+//! | anything else                   | the method name        |
+//!
+//! The resource is `{kind: <server's resource_kind>, id: <server name>, scope: <server scope>}`
+//! with `attr` = `server`, `method`, and for tools `tool_name`, `arguments`, `annotations`.
+
+use serde_json::{Map, Value};
+
+use super::jsonrpc::Message;
+use crate::policy::input::Resource;
+
+/// The upstream a message is addressed to, as configured.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub server: String,
+    pub resource_kind: String,
+    pub scope: String,
+}
+
+/// What a message asks to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub action: String,
+    /// The tool, prompt or resource named by the message, if any.
+    pub name: Option<String>,
+    /// `tools/call` and `prompts/get` arguments (an object; `{}` when absent).
+    pub arguments: Option<Value>,
+}
+
+/// Maps a request or notification to its action. `Err` is an invalid-params message.
+pub fn check_for(msg: &Message) -> Result<Check, String> {
+    let named = |key: &str, prefix: &str| -> Result<Check, String> {
+        let name = msg
+            .param_str(key)
+            .ok_or_else(|| format!("{} needs a string \"params.{key}\"", msg.method))?;
+        let arguments = match msg.params().and_then(|p| p.get("arguments")) {
+            None | Some(Value::Null) => Some(Value::Object(Map::new())),
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(_) => {
+                return Err(format!(
+                    "{} \"params.arguments\" must be an object",
+                    msg.method
+                ));
+            }
+        };
+        Ok(Check {
+            action: format!("{prefix}::{name}"),
+            name: Some(name.to_string()),
+            arguments: if key == "uri" { None } else { arguments },
+        })
+    };
+    match msg.method.as_str() {
+        "tools/call" => named("name", "tools/call"),
+        "prompts/get" => named("name", "prompts/get"),
+        "resources/read" => named("uri", "resources/read"),
+        other => Ok(Check {
+            action: other.to_string(),
+            name: None,
+            arguments: None,
+        }),
+    }
+}
+
+/// The list action for one listed item.
+pub fn list_action(method: &str, item: &Value) -> Option<String> {
+    let (key, prefix) = match method {
+        "tools/list" => ("name", "tools/list"),
+        "prompts/list" => ("name", "prompts/list"),
+        "resources/list" => ("uri", "resources/list"),
+        "resources/templates/list" => ("uriTemplate", "resources/templates/list"),
+        _ => return None,
+    };
+    item.get(key)
+        .and_then(Value::as_str)
+        .map(|n| format!("{prefix}::{n}"))
+}
+
+/// The array of items in a list result.
+pub fn list_key(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/list" => Some("tools"),
+        "prompts/list" => Some("prompts"),
+        "resources/list" => Some("resources"),
+        "resources/templates/list" => Some("resourceTemplates"),
+        _ => None,
+    }
+}
+
+/// The policy resource for a message to `target`.
+pub fn resource(
+    target: &Target,
+    method: &str,
+    check: &Check,
+    annotations: Option<&Value>,
+) -> Resource {
+    let mut attr = Map::new();
+    attr.insert("server".into(), Value::String(target.server.clone()));
+    attr.insert("method".into(), Value::String(method.to_string()));
+    if let Some(name) = &check.name {
+        let key = if method == "resources/read" {
+            "uri"
+        } else {
+            "tool_name"
+        };
+        attr.insert(key.into(), Value::String(name.clone()));
+        if method == "prompts/get" {
+            attr.insert("prompt_name".into(), Value::String(name.clone()));
+        }
+    }
+    if let Some(args) = &check.arguments {
+        attr.insert("arguments".into(), args.clone());
+    }
+    if let Some(a) = annotations {
+        attr.insert("annotations".into(), a.clone());
+    }
+    Resource {
+        kind: target.resource_kind.clone(),
+        id: target.server.clone(),
+        attr,
+        policy_version: String::new(),
+        scope: target.scope.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcp::jsonrpc::{Limits, parse};
+
+    fn msg(s: &str) -> Message {
+        parse(s.as_bytes(), Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn actions_follow_the_design_table() {
+        let c = check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"x"}}}"#)).unwrap();
+        assert_eq!(c.action, "tools/call::create_issue");
+        assert_eq!(c.arguments, Some(serde_json::json!({"owner": "x"})));
+        let c = check_for(&msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.arguments, Some(serde_json::json!({})));
+        let c = check_for(&msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.action, "resources/read::file:///a");
+        assert_eq!(
+            check_for(&msg(
+                r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#
+            ))
+            .unwrap()
+            .action,
+            "initialize"
+        );
+        assert!(
+            check_for(&msg(
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#
+            ))
+            .is_err()
+        );
+        assert!(check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#)).is_err());
+        assert_eq!(
+            list_action("tools/list", &serde_json::json!({"name": "echo"})).unwrap(),
+            "tools/list::echo"
+        );
+        assert_eq!(
+            list_action(
+                "resources/templates/list",
+                &serde_json::json!({"uriTemplate": "f://{x}"})
+            )
+            .unwrap(),
+            "resources/templates/list::f://{x}"
+        );
+    }
+
+    #[test]
+    fn resource_attributes() {
+        let t = Target {
+            server: "github".into(),
+            resource_kind: "mcp_server".into(),
+            scope: "".into(),
+        };
+        let m = msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"x"}}}"#,
+        );
+        let c = check_for(&m).unwrap();
+        let r = resource(
+            &t,
+            &m.method,
+            &c,
+            Some(&serde_json::json!({"readOnlyHint": false})),
+        );
+        assert_eq!(r.kind, "mcp_server");
+        assert_eq!(r.id, "github");
+        assert_eq!(r.attr["tool_name"], "create_issue");
+        assert_eq!(r.attr["arguments"]["owner"], "x");
+        assert_eq!(r.attr["annotations"]["readOnlyHint"], false);
+        assert_eq!(r.attr["method"], "tools/call");
+    }
+}

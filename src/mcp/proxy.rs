@@ -1,0 +1,1082 @@
+//! The MCP route `/mcp/<server>`: identify, parse strictly, authorize, audit, forward the
+//! canonical message, stream the answer back (filtering lists), record the outcome.
+//!
+//! Denials (DESIGN.md §4): a tool the caller cannot even see answers `-32602 Unknown tool`;
+//! a visible tool denied for these arguments answers an `isError` result naming the decision
+//! id and reason. Every response carries `Toolgate-Decision-Id`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+
+use super::jsonrpc::{self, Kind, Limits, Message, code};
+use super::mapping::{self, Check};
+use super::sse;
+use crate::gateway::{AuditRow, Caller, Conn, Gateway, SessionCheck, Upstream};
+use crate::policy::model::Effect;
+
+pub const DECISION_HEADER: &str = "toolgate-decision-id";
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+/// The first protocol revision whose `Mcp-Method`/`Mcp-Name` headers must match the body.
+const MODERN: &str = "2026-07-28";
+/// The largest JSON response we inspect (lists, call results).
+const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+const MAX_SSE_EVENT: usize = 8 * 1024 * 1024;
+
+fn respond(status: StatusCode, decision: &str, content_type: &str, body: Vec<u8>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(decision) {
+        r.headers_mut().insert(DECISION_HEADER, v);
+    }
+    r
+}
+
+fn rpc_error(
+    status: StatusCode,
+    decision: &str,
+    id: Option<&Value>,
+    code: i64,
+    msg: &str,
+    data: Option<Value>,
+) -> Response {
+    respond(
+        status,
+        decision,
+        "application/json",
+        jsonrpc::error_body(id, code, msg, data),
+    )
+}
+
+/// Audits a refusal (nothing forwarded) and answers it.
+async fn refuse(
+    gw: &Gateway,
+    mut row: AuditRow,
+    status: StatusCode,
+    id: Option<&Value>,
+    code: i64,
+    msg: &str,
+) -> Response {
+    row.effect = Effect::Deny;
+    if row.outcome.is_empty() {
+        row.outcome = "refused".into();
+    }
+    if row.reason.is_empty() {
+        row.reason = msg.to_string();
+    }
+    let decision = row.id.clone();
+    // A refusal is audited but never waits: nothing runs, so nothing is at stake.
+    if let Err(e) = gw.audit.submit(row) {
+        tracing::warn!(error = %e, "audit row for a refusal was not stored");
+    }
+    rpc_error(status, &decision, id, code, msg, None)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `POST /mcp/<server>`.
+pub async fn post(
+    State(gw): State<Arc<Gateway>>,
+    Path(server): Path<String>,
+    Extension(conn): Extension<Conn>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let mut row = AuditRow::new("mcp", &conn);
+    row.server = server.clone();
+    let Some(caller) = conn.caller.clone() else {
+        row.kind = "identity";
+        row.outcome = "unidentified".into();
+        let why = conn
+            .unidentified
+            .clone()
+            .unwrap_or_else(|| "no verified tailnet identity".into());
+        return refuse(
+            &gw,
+            row,
+            StatusCode::FORBIDDEN,
+            None,
+            code::UNIDENTIFIED,
+            &format!("forbidden: {why}"),
+        )
+        .await;
+    };
+    let Some(upstream) = gw.upstreams.get(&server).cloned() else {
+        return refuse(
+            &gw,
+            row,
+            StatusCode::NOT_FOUND,
+            None,
+            code::INVALID_REQUEST,
+            &format!("no MCP server named {server:?}"),
+        )
+        .await;
+    };
+    let ctype = header_str(&headers, "content-type").unwrap_or("");
+    if !ctype.to_ascii_lowercase().starts_with("application/json") {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            code::INVALID_REQUEST,
+            "Content-Type must be application/json",
+        )
+        .await;
+    }
+    let accept = header_str(&headers, "accept")
+        .unwrap_or("*/*")
+        .to_ascii_lowercase();
+    if !(accept.contains("application/json")
+        || accept.contains("text/event-stream")
+        || accept.contains("*/*"))
+    {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::NOT_ACCEPTABLE,
+            None,
+            code::INVALID_REQUEST,
+            "Accept must allow application/json or text/event-stream",
+        )
+        .await;
+    }
+    let limits = Limits::default();
+    let bytes = match axum::body::to_bytes(body, limits.max_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                code::INVALID_REQUEST,
+                &format!("request body refused: {e}"),
+            )
+            .await;
+        }
+    };
+    let msg = match jsonrpc::parse(&bytes, limits) {
+        Ok(m) => m,
+        Err(e) => {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::BAD_REQUEST,
+                None,
+                e.code(),
+                &e.to_string(),
+            )
+            .await;
+        }
+    };
+    row.method = msg.method.clone();
+    // The stateless era mirrors the method and name in headers: they must match the body.
+    if let Err(m) = check_mirrored_headers(&headers, &msg) {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::BAD_REQUEST,
+            msg.id.as_ref(),
+            code::HEADER_MISMATCH,
+            &m,
+        )
+        .await;
+    }
+    // A session belongs to the identity that opened it.
+    if let Some(sid) = header_str(&headers, SESSION_HEADER) {
+        if gw.sessions.check(sid, &caller.principal.id, &server) == SessionCheck::Foreign {
+            row.outcome = "session_refused".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::FORBIDDEN,
+                msg.id.as_ref(),
+                code::UNIDENTIFIED,
+                "this session belongs to another identity",
+            )
+            .await;
+        }
+    }
+    if msg.kind == Kind::Response {
+        // A client's answer to a server request (sampling, elicitation, roots): audited, forwarded.
+        row.action = "response".into();
+        row.effect = Effect::Allow;
+        row.reason = "a client's answer to a server request".into();
+        return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+    }
+    let check = match mapping::check_for(&msg) {
+        Ok(c) => c,
+        Err(e) => {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::OK,
+                msg.id.as_ref(),
+                code::INVALID_PARAMS,
+                &e,
+            )
+            .await;
+        }
+    };
+    row.action = check.action.clone();
+    row.tool = check.name.clone().unwrap_or_default();
+    row.arguments = check.arguments.clone();
+    if mapping::list_key(&msg.method).is_some() {
+        // Lists are forwarded for every identified caller and filtered item by item.
+        row.effect = Effect::Allow;
+        row.rule = "list_filter".into();
+        row.reason = "lists are filtered per caller".into();
+        return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+    }
+    authorize_and_forward(&gw, &upstream, &headers, msg, check, row, started, &caller).await
+}
+
+fn check_mirrored_headers(h: &HeaderMap, msg: &Message) -> Result<(), String> {
+    let version = header_str(h, VERSION_HEADER).unwrap_or("");
+    let modern = version >= MODERN;
+    match header_str(h, "mcp-method") {
+        Some(m) if m != msg.method => {
+            return Err(format!(
+                "Mcp-Method {m:?} does not match the body's method {:?}",
+                msg.method
+            ));
+        }
+        None if modern && msg.kind != Kind::Response => {
+            return Err("Mcp-Method header is required".into());
+        }
+        _ => {}
+    }
+    let body_name = match msg.method.as_str() {
+        "tools/call" | "prompts/get" => msg.param_str("name"),
+        "resources/read" => msg.param_str("uri"),
+        _ => None,
+    };
+    match (header_str(h, "mcp-name"), body_name) {
+        (Some(hn), Some(bn)) if hn != bn => {
+            Err(format!("Mcp-Name {hn:?} does not match the body's {bn:?}"))
+        }
+        (Some(hn), None) => Err(format!("Mcp-Name {hn:?} given, but the body names nothing")),
+        (None, Some(_)) if modern => Err("Mcp-Name header is required".into()),
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+async fn authorize_and_forward(
+    gw: &Arc<Gateway>,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    msg: Message,
+    check: Check,
+    mut row: AuditRow,
+    started: Instant,
+    caller: &Arc<Caller>,
+) -> Response {
+    let annotations = check
+        .name
+        .as_ref()
+        .and_then(|t| gw.annotations_for(&upstream.target.server, t));
+    let resource = mapping::resource(&upstream.target, &msg.method, &check, annotations.as_ref());
+    // For a tool call, also ask whether the tool is visible at all: a hidden tool stays hidden.
+    let list_action = match msg.method.as_str() {
+        "tools/call" => check.name.as_ref().map(|n| format!("tools/list::{n}")),
+        "prompts/get" => check.name.as_ref().map(|n| format!("prompts/list::{n}")),
+        "resources/read" => check.name.as_ref().map(|n| format!("resources/list::{n}")),
+        _ => None,
+    };
+    let mut actions = vec![check.action.clone()];
+    actions.extend(list_action.clone());
+    let d = gw.decide(&caller.principal, resource, actions);
+    row = row.decided(&d, &check.action);
+    if row.effect == Effect::Allow {
+        return forward(gw, upstream, headers, &msg, row, None, started, caller).await;
+    }
+    row.outcome = "denied".into();
+    let decision = row.id.clone();
+    // The policy's own words for the model (a rule's `output`), then the engine's reason.
+    let said: Vec<String> = d
+        .output
+        .outputs
+        .iter()
+        .filter(|o| o.action == check.action)
+        .filter_map(|o| o.val.as_ref())
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        })
+        .collect();
+    let reason = if said.is_empty() {
+        row.reason.clone()
+    } else {
+        format!("{} ({})", said.join("; "), row.reason)
+    };
+    let visible = list_action
+        .as_ref()
+        .is_some_and(|a| d.effect(a) == Effect::Allow);
+    if let Err(e) = gw.audit.submit(row) {
+        tracing::warn!(error = %e, "audit row for a denial was not stored");
+    }
+    if msg.kind == Kind::Notification {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            &decision,
+            "application/json",
+            Vec::new(),
+        );
+    }
+    let name = check.name.clone().unwrap_or_default();
+    match (msg.method.as_str(), visible) {
+        ("tools/call", true) => {
+            let text = format!("Denied by policy (decision {decision}): {reason}");
+            let mut result = json!({"content": [{"type": "text", "text": text}], "isError": true});
+            if header_str(headers, VERSION_HEADER).is_some_and(|v| v >= MODERN) {
+                result["resultType"] = json!("complete");
+            }
+            respond(
+                StatusCode::OK,
+                &decision,
+                "application/json",
+                jsonrpc::result_body(msg.id.as_ref(), result),
+            )
+        }
+        ("tools/call", false) => rpc_error(
+            StatusCode::OK,
+            &decision,
+            msg.id.as_ref(),
+            code::INVALID_PARAMS,
+            &format!("Unknown tool: {name}"),
+            None,
+        ),
+        ("prompts/get", _) => rpc_error(
+            StatusCode::OK,
+            &decision,
+            msg.id.as_ref(),
+            code::INVALID_PARAMS,
+            &format!("Unknown prompt: {name}"),
+            None,
+        ),
+        ("resources/read", _) => rpc_error(
+            StatusCode::OK,
+            &decision,
+            msg.id.as_ref(),
+            code::INVALID_PARAMS,
+            &format!("Unknown resource: {name}"),
+            None,
+        ),
+        _ => rpc_error(
+            StatusCode::OK,
+            &decision,
+            msg.id.as_ref(),
+            code::DENIED,
+            &format!("denied by policy: {}", msg.method),
+            Some(json!({"decisionId": decision, "reason": reason})),
+        ),
+    }
+}
+
+/// Request headers passed to the upstream (everything else, identity headers included, is dropped).
+const FORWARDED_HEADERS: [&str; 6] = [
+    "accept",
+    "mcp-protocol-version",
+    SESSION_HEADER,
+    "mcp-method",
+    "mcp-name",
+    "last-event-id",
+];
+
+fn upstream_request(
+    gw: &Gateway,
+    upstream: &Upstream,
+    method: reqwest::Method,
+    headers: &HeaderMap,
+) -> reqwest::RequestBuilder {
+    let mut req = gw
+        .http
+        .request(method, &upstream.url)
+        .timeout(upstream.timeout);
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v.as_bytes());
+        }
+    }
+    for (k, v) in headers.iter() {
+        if k.as_str().starts_with("mcp-param-") {
+            req = req.header(k.as_str(), v.as_bytes());
+        }
+    }
+    for (k, v) in &upstream.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    req
+}
+
+/// Commits the audit row (for calls that act), forwards the canonical message, and answers.
+#[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+async fn forward(
+    gw: &Arc<Gateway>,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    msg: &Message,
+    mut row: AuditRow,
+    _unused: Option<()>,
+    started: Instant,
+    caller: &Arc<Caller>,
+) -> Response {
+    row.outcome = "pending".into();
+    let decision = row.id.clone();
+    let acts = matches!(
+        msg.method.as_str(),
+        "tools/call" | "prompts/get" | "resources/read"
+    );
+    // INVARIANT (I2): an allowed call that acts is forwarded only after its row is committed.
+    let commit = match gw.audit.submit(row) {
+        Ok(c) => c,
+        Err(e) => return audit_unavailable(&decision, msg, &e.0),
+    };
+    if acts {
+        if let Err(e) = commit.await {
+            return audit_unavailable(&decision, msg, &e.0);
+        }
+    } else {
+        tokio::spawn(async move {
+            let _ = commit.await;
+        });
+    }
+    let req = upstream_request(gw, upstream, reqwest::Method::POST, headers)
+        .header("content-type", "application/json")
+        .body(msg.canonical());
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else {
+                "unreachable"
+            };
+            return upstream_failed(
+                gw,
+                &decision,
+                msg,
+                started,
+                &format!("upstream {what}: {}", without_url(&e)),
+            );
+        }
+    };
+    let status = resp.status();
+    let mut out_headers = HeaderMap::new();
+    for name in ["content-type", SESSION_HEADER, VERSION_HEADER] {
+        if let Some(v) = resp.headers().get(name) {
+            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+                out_headers.insert(name, v);
+            }
+        }
+    }
+    if msg.method == "initialize" && status.is_success() {
+        if let Some(sid) = header_str(&out_headers, SESSION_HEADER) {
+            gw.sessions
+                .bind(sid, &caller.principal.id, &upstream.target.server);
+        }
+    }
+    let ctype = header_str(&out_headers, "content-type")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if status.is_server_error() {
+        let body = resp.bytes().await.unwrap_or_default();
+        let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
+        return upstream_failed(
+            gw,
+            &decision,
+            msg,
+            started,
+            &format!("upstream answered {status}: {snippet}"),
+        );
+    }
+    if msg.kind != Kind::Request {
+        // Notifications and responses: 202 with no body is the expected answer.
+        gw.audit
+            .outcome(&decision, "forwarded", started.elapsed().as_micros() as u64);
+        let mut r = respond(
+            StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::ACCEPTED),
+            &decision,
+            "application/json",
+            Vec::new(),
+        );
+        merge_headers(&mut r, out_headers);
+        return r;
+    }
+    if ctype.starts_with("text/event-stream") {
+        return stream_sse(
+            gw.clone(),
+            upstream.clone(),
+            msg.clone(),
+            decision,
+            resp,
+            out_headers,
+            started,
+            caller.clone(),
+        );
+    }
+    let body = match read_limited(resp, MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return upstream_failed(gw, &decision, msg, started, &e),
+    };
+    let body = match inspect_response(gw, &upstream.target.server, msg, &body, caller) {
+        Ok(b) => b,
+        Err(e) => return upstream_failed(gw, &decision, msg, started, &e),
+    };
+    gw.audit
+        .outcome(&decision, "forwarded", started.elapsed().as_micros() as u64);
+    let mut r = respond(
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK),
+        &decision,
+        "application/json",
+        body,
+    );
+    merge_headers(&mut r, out_headers);
+    r
+}
+
+fn merge_headers(r: &mut Response, h: HeaderMap) {
+    for (k, v) in h.iter() {
+        r.headers_mut().insert(k.clone(), v.clone());
+    }
+}
+
+/// reqwest errors print the URL; upstream URLs may carry secrets, so say only what happened.
+fn without_url(e: &reqwest::Error) -> String {
+    let e = e.without_url_ref();
+    e.to_string()
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        if self.is_timeout() {
+            "timeout".into()
+        } else if self.is_connect() {
+            "connection failed".into()
+        } else if self.is_body() || self.is_decode() {
+            "bad response body".into()
+        } else {
+            "request failed".into()
+        }
+    }
+}
+
+async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("upstream body: {}", without_url(&e)))?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("upstream response larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn audit_unavailable(decision: &str, msg: &Message, why: &str) -> Response {
+    let mut r = rpc_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        decision,
+        msg.id.as_ref(),
+        code::AUDIT_UNAVAILABLE,
+        &format!("audit unavailable, nothing was forwarded; retry later ({why})"),
+        None,
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn upstream_failed(
+    gw: &Gateway,
+    decision: &str,
+    msg: &Message,
+    started: Instant,
+    why: &str,
+) -> Response {
+    gw.audit.outcome(
+        decision,
+        "upstream_error",
+        started.elapsed().as_micros() as u64,
+    );
+    tracing::warn!(decision, method = %msg.method, "{why}");
+    rpc_error(
+        StatusCode::BAD_GATEWAY,
+        decision,
+        msg.id.as_ref(),
+        code::UPSTREAM,
+        why,
+        None,
+    )
+}
+
+/// Checks a JSON response (id, shape) and filters list results. Returns the bytes to send.
+fn inspect_response(
+    gw: &Gateway,
+    server: &str,
+    msg: &Message,
+    body: &[u8],
+    caller: &Caller,
+) -> Result<Vec<u8>, String> {
+    let value = jsonrpc::parse_value(
+        body,
+        Limits {
+            max_bytes: MAX_RESPONSE_BYTES,
+            max_depth: 128,
+        },
+    )
+    .map_err(|e| format!("upstream sent a bad response: {e}"))?;
+    let resp = jsonrpc::message(value).map_err(|e| format!("upstream sent a bad response: {e}"))?;
+    if resp.kind != Kind::Response {
+        return Err("upstream answered a request with something other than a response".into());
+    }
+    if resp.id != msg.id {
+        return Err(format!(
+            "upstream response id {:?} does not match request id {:?}",
+            resp.id, msg.id
+        ));
+    }
+    let mut value = resp.value;
+    filter_list(gw, server, &msg.method, &mut value, caller);
+    Ok(jsonrpc::canonical(&value))
+}
+
+/// Removes list items the caller may not see; keeps `nextCursor`; marks the page private.
+fn filter_list(gw: &Gateway, server: &str, method: &str, value: &mut Value, caller: &Caller) {
+    let Some(key) = mapping::list_key(method) else {
+        return;
+    };
+    let Some(result) = value.get_mut("result").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let Some(Value::Array(items)) = result.get_mut(key) else {
+        return;
+    };
+    if method == "tools/list" {
+        gw.remember_annotations(server, items);
+    }
+    let Some(upstream) = gw.upstreams.get(server) else {
+        return;
+    };
+    items.retain(|item| {
+        let Some(action) = mapping::list_action(method, item) else {
+            return false;
+        };
+        let name = item
+            .get("name")
+            .or_else(|| item.get("uri"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let check = Check {
+            action: action.clone(),
+            name,
+            arguments: None,
+        };
+        let resource = mapping::resource(&upstream.target, method, &check, item.get("annotations"));
+        gw.decide(&caller.principal, resource, vec![action.clone()])
+            .effect(&action)
+            == Effect::Allow
+    });
+    if result.contains_key("ttlMs") {
+        result.insert("ttlMs".into(), Value::from(0));
+    }
+    if result.contains_key("cacheScope") {
+        result.insert("cacheScope".into(), Value::String("private".into()));
+    }
+}
+
+/// Streams an SSE response event by event: filters list results, audits server requests,
+/// records the outcome when the response event passes.
+#[allow(clippy::too_many_arguments, reason = "one stream's whole context")]
+fn stream_sse(
+    gw: Arc<Gateway>,
+    upstream: Upstream,
+    msg: Message,
+    decision: String,
+    resp: reqwest::Response,
+    headers: HeaderMap,
+    started: Instant,
+    caller: Arc<Caller>,
+) -> Response {
+    struct St {
+        gw: Arc<Gateway>,
+        upstream: Upstream,
+        msg: Message,
+        decision: String,
+        started: Instant,
+        caller: Arc<Caller>,
+        parser: sse::Parser,
+        inner: futures_util::stream::BoxStream<'static, Result<Bytes, reqwest::Error>>,
+        answered: bool,
+        done: bool,
+    }
+    let st = St {
+        gw,
+        upstream,
+        msg,
+        decision: decision.clone(),
+        started,
+        caller,
+        parser: sse::Parser::new(MAX_SSE_EVENT),
+        inner: resp.bytes_stream().boxed(),
+        answered: false,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            match st.inner.next().await {
+                Some(Ok(chunk)) => {
+                    let events = match st.parser.feed(&chunk) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            st.gw.audit.outcome(
+                                &st.decision,
+                                "upstream_error",
+                                st.started.elapsed().as_micros() as u64,
+                            );
+                            st.done = true;
+                            return Some((Err(std::io::Error::other(e)), st));
+                        }
+                    };
+                    let mut out = Vec::new();
+                    for ev in events {
+                        if let Some(b) = on_event(
+                            &mut st.answered,
+                            &st.gw,
+                            &st.upstream,
+                            &st.msg,
+                            &st.decision,
+                            st.started,
+                            &st.caller,
+                            ev,
+                        ) {
+                            out.extend_from_slice(&b);
+                        }
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok(Bytes::from(out)), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.gw.audit.outcome(
+                        &st.decision,
+                        "upstream_error",
+                        st.started.elapsed().as_micros() as u64,
+                    );
+                    st.done = true;
+                    return Some((Err(std::io::Error::other(without_url(&e))), st));
+                }
+                None => {
+                    if !st.answered {
+                        st.gw.audit.outcome(
+                            &st.decision,
+                            "upstream_error",
+                            st.started.elapsed().as_micros() as u64,
+                        );
+                    }
+                    return None;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = StatusCode::OK;
+    merge_headers(&mut r, headers);
+    if let Ok(v) = HeaderValue::from_str(&decision) {
+        r.headers_mut().insert(DECISION_HEADER, v);
+    }
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// One SSE event from the upstream: what to pass on (None drops it).
+#[allow(clippy::too_many_arguments, reason = "one event's whole context")]
+fn on_event(
+    answered: &mut bool,
+    gw: &Arc<Gateway>,
+    upstream: &Upstream,
+    msg: &Message,
+    decision: &str,
+    started: Instant,
+    caller: &Arc<Caller>,
+    ev: sse::Event,
+) -> Option<Bytes> {
+    if ev.data.trim().is_empty() {
+        return Some(ev.to_bytes());
+    }
+    let Ok(value) = jsonrpc::parse_value(
+        ev.data.as_bytes(),
+        Limits {
+            max_bytes: MAX_SSE_EVENT,
+            max_depth: 128,
+        },
+    ) else {
+        return Some(ev.to_bytes());
+    };
+    let Ok(m) = jsonrpc::message(value) else {
+        return Some(ev.to_bytes());
+    };
+    match m.kind {
+        Kind::Response if m.id == msg.id => {
+            *answered = true;
+            let mut v = m.value;
+            filter_list(gw, &upstream.target.server, &msg.method, &mut v, caller);
+            gw.audit
+                .outcome(decision, "forwarded", started.elapsed().as_micros() as u64);
+            let data = String::from_utf8(jsonrpc::canonical(&v)).unwrap_or_default();
+            Some(sse::Event { data, ..ev }.to_bytes())
+        }
+        Kind::Request | Kind::Notification => server_message(gw, upstream, caller, m, ev),
+        Kind::Response => Some(ev.to_bytes()),
+    }
+}
+
+/// A server→client message on a stream: audited; requests (sampling, elicitation, roots)
+/// are authorized too, since sampling can carry data out.
+fn server_message(
+    gw: &Arc<Gateway>,
+    upstream: &Upstream,
+    caller: &Arc<Caller>,
+    m: Message,
+    ev: sse::Event,
+) -> Option<Bytes> {
+    let conn = Conn {
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        caller: Some(caller.clone()),
+        unidentified: None,
+    };
+    let mut row = AuditRow::new("mcp", &conn);
+    row.ip = caller.identity.ip.clone();
+    row.server = upstream.target.server.clone();
+    row.method = m.method.clone();
+    row.action = m.method.clone();
+    if m.kind == Kind::Notification {
+        row.effect = Effect::Allow;
+        row.outcome = "delivered".into();
+        row.reason = "server notification".into();
+        if let Err(e) = gw.audit.submit(row) {
+            tracing::warn!(error = %e, "audit row for a server notification was not stored");
+        }
+        return Some(ev.to_bytes());
+    }
+    let check = Check {
+        action: m.method.clone(),
+        name: None,
+        arguments: None,
+    };
+    let resource = mapping::resource(&upstream.target, &m.method, &check, None);
+    let d = gw.decide(&caller.principal, resource, vec![m.method.clone()]);
+    row = row.decided(&d, &m.method);
+    let allowed = row.effect == Effect::Allow;
+    row.outcome = if allowed {
+        "delivered".into()
+    } else {
+        "denied".into()
+    };
+    if let Err(e) = gw.audit.submit(row) {
+        tracing::warn!(error = %e, "audit row for a server request was not stored");
+        return None;
+    }
+    if allowed {
+        return Some(ev.to_bytes());
+    }
+    // Denied: the client never sees it; the server gets an error answer from us.
+    let answer = jsonrpc::error_body(
+        m.id.as_ref(),
+        code::DENIED,
+        &format!("denied by policy: {}", m.method),
+        None,
+    );
+    let gw = gw.clone();
+    let upstream = upstream.clone();
+    tokio::spawn(async move {
+        let _ = gw
+            .http
+            .post(&upstream.url)
+            .timeout(upstream.timeout)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(answer)
+            .send()
+            .await;
+    });
+    None
+}
+
+/// `GET /mcp/<server>` (the handshake era's server stream) and `DELETE` (end a session).
+pub async fn session_request(
+    State(gw): State<Arc<Gateway>>,
+    Path(server): Path<String>,
+    Extension(conn): Extension<Conn>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let mut row = AuditRow::new("mcp", &conn);
+    row.server = server.clone();
+    row.method = format!("{method}");
+    row.action = row.method.clone();
+    let Some(caller) = conn.caller.clone() else {
+        row.kind = "identity";
+        row.outcome = "unidentified".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::FORBIDDEN,
+            None,
+            code::UNIDENTIFIED,
+            "forbidden: no verified tailnet identity",
+        )
+        .await;
+    };
+    let Some(upstream) = gw.upstreams.get(&server).cloned() else {
+        return refuse(
+            &gw,
+            row,
+            StatusCode::NOT_FOUND,
+            None,
+            code::INVALID_REQUEST,
+            &format!("no MCP server named {server:?}"),
+        )
+        .await;
+    };
+    let Some(sid) = header_str(&headers, SESSION_HEADER).map(str::to_string) else {
+        return refuse(
+            &gw,
+            row,
+            StatusCode::BAD_REQUEST,
+            None,
+            code::INVALID_REQUEST,
+            "Mcp-Session-Id is required",
+        )
+        .await;
+    };
+    match gw.sessions.check(&sid, &caller.principal.id, &server) {
+        SessionCheck::Own => {}
+        SessionCheck::Unknown => {
+            return refuse(
+                &gw,
+                row,
+                StatusCode::NOT_FOUND,
+                None,
+                code::INVALID_REQUEST,
+                "unknown session",
+            )
+            .await;
+        }
+        SessionCheck::Foreign => {
+            row.outcome = "session_refused".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::FORBIDDEN,
+                None,
+                code::UNIDENTIFIED,
+                "this session belongs to another identity",
+            )
+            .await;
+        }
+    }
+    row.effect = Effect::Allow;
+    row.reason = "the session's owner".into();
+    row.outcome = "forwarded".into();
+    let decision = row.id.clone();
+    if let Err(e) = gw.audit.submit(row) {
+        return audit_unavailable(&decision, &dummy(), &e.0);
+    }
+    let m = if method == Method::DELETE {
+        reqwest::Method::DELETE
+    } else {
+        reqwest::Method::GET
+    };
+    let resp = match upstream_request(&gw, &upstream, m, &headers).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return upstream_failed(
+                &gw,
+                &decision,
+                &dummy(),
+                started,
+                &format!("upstream unreachable: {}", without_url(&e)),
+            );
+        }
+    };
+    if method == Method::DELETE {
+        gw.sessions.end(&sid);
+    }
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut out_headers = HeaderMap::new();
+    for name in ["content-type", SESSION_HEADER] {
+        if let Some(v) = resp
+            .headers()
+            .get(name)
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        {
+            out_headers.insert(name, v);
+        }
+    }
+    let is_sse = header_str(&out_headers, "content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    if is_sse && status.is_success() {
+        // No request of ours is pending on this stream: a null id matches no response.
+        let mut r = stream_sse(
+            gw.clone(),
+            upstream,
+            dummy(),
+            decision,
+            resp,
+            out_headers,
+            started,
+            caller,
+        );
+        *r.status_mut() = status;
+        return r;
+    }
+    let body = read_limited(resp, MAX_RESPONSE_BYTES)
+        .await
+        .unwrap_or_default();
+    let mut r = respond(status, &decision, "application/json", body);
+    merge_headers(&mut r, out_headers);
+    r
+}
+
+fn dummy() -> Message {
+    Message {
+        kind: Kind::Notification,
+        method: String::new(),
+        id: Some(Value::String("\u{0}toolgate-none".into())),
+        value: Value::Object(Map::new()),
+    }
+}

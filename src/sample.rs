@@ -1,0 +1,160 @@
+//! A small MCP server built in, for `toolgate demo`, the end-to-end tests and load runs.
+//!
+//! Streamable HTTP, handshake era (`initialize` with `Mcp-Session-Id`), JSON responses, and
+//! the stateless 2026-07-28 era (it accepts requests without a session). Its tools pretend to
+//! be GitHub, a file store and a shell; nothing touches the real world. It counts every tool
+//! execution, so tests can compare "what ran" with "what the audit says was forwarded".
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// What the sample server has done.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tool_calls: AtomicU64,
+    /// (tool, canonical arguments) of every executed call, in order.
+    pub executed: Mutex<Vec<(String, String)>>,
+    pub sessions: AtomicU64,
+}
+
+/// The tools, with annotations as an MCP server would publish them.
+pub fn tools() -> Value {
+    json!([
+        {"name": "search_repositories", "description": "Search GitHub repositories", "inputSchema": {"type": "object", "properties": {"query": {"type": "string"}}}, "annotations": {"readOnlyHint": true}},
+        {"name": "get_issue", "description": "Read an issue", "inputSchema": {"type": "object", "properties": {"owner": {"type": "string"}, "repo": {"type": "string"}, "number": {"type": "integer"}}}, "annotations": {"readOnlyHint": true}},
+        {"name": "create_issue", "description": "Open an issue", "inputSchema": {"type": "object", "properties": {"owner": {"type": "string"}, "repo": {"type": "string"}, "title": {"type": "string"}}}, "annotations": {"readOnlyHint": false}},
+        {"name": "delete_repository", "description": "Delete a repository", "inputSchema": {"type": "object", "properties": {"owner": {"type": "string"}, "repo": {"type": "string"}}}, "annotations": {"destructiveHint": true}},
+        {"name": "read_file", "description": "Read a file", "inputSchema": {"type": "object", "properties": {"path": {"type": "string"}}}, "annotations": {"readOnlyHint": true}},
+        {"name": "run_command", "description": "Run a shell command", "inputSchema": {"type": "object", "properties": {"command": {"type": "string"}}}, "annotations": {"destructiveHint": true}}
+    ])
+}
+
+/// The sample server's router (mount it at any path; it answers POST).
+pub fn router(counters: Arc<Counters>) -> Router {
+    Router::new()
+        .route("/mcp", post(handle))
+        .route("/mcp/{server}", post(handle))
+        .with_state(counters)
+}
+
+/// Binds and serves on `addr` (use port 0 for any); returns the bound address.
+pub async fn spawn(addr: SocketAddr, counters: Arc<Counters>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router(counters)).await;
+    });
+    Ok(bound)
+}
+
+fn json_response(status: StatusCode, body: Value, session: Option<String>) -> Response {
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {
+        r.headers_mut().insert("mcp-session-id", s);
+    }
+    r
+}
+
+async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "parse error"}}),
+            None,
+        );
+    };
+    let id = msg.get("id").cloned();
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    let Some(id) = id else {
+        // Notifications and responses.
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let ok = |result: Value| json!({"jsonrpc": "2.0", "id": id, "result": result});
+    let modern = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v >= "2026-07-28");
+    match method {
+        "initialize" => {
+            let n = c.sessions.fetch_add(1, Ordering::Relaxed);
+            let version = msg
+                .pointer("/params/protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("2025-11-25");
+            json_response(
+                StatusCode::OK,
+                ok(
+                    json!({"protocolVersion": version, "capabilities": {"tools": {"listChanged": true}}, "serverInfo": {"name": "toolgate-sample", "version": env!("CARGO_PKG_VERSION")}}),
+                ),
+                Some(format!("sample-session-{n}")),
+            )
+        }
+        "server/discover" => json_response(
+            StatusCode::OK,
+            ok(
+                json!({"supportedVersions": ["2026-07-28", "2025-11-25"], "capabilities": {"tools": {}}, "serverInfo": {"name": "toolgate-sample", "version": env!("CARGO_PKG_VERSION")}}),
+            ),
+            None,
+        ),
+        "ping" => json_response(StatusCode::OK, ok(json!({})), None),
+        "tools/list" => {
+            let mut result = json!({"tools": tools()});
+            if modern {
+                result["ttlMs"] = json!(60000);
+                result["cacheScope"] = json!("public");
+            }
+            json_response(StatusCode::OK, ok(result), None)
+        }
+        "tools/call" => {
+            let name = msg
+                .pointer("/params/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let args = msg
+                .pointer("/params/arguments")
+                .cloned()
+                .unwrap_or(json!({}));
+            let known = tools()
+                .as_array()
+                .is_some_and(|t| t.iter().any(|x| x["name"] == name.as_str()));
+            if !known {
+                return json_response(
+                    StatusCode::OK,
+                    json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": format!("Unknown tool: {name}")}}),
+                    None,
+                );
+            }
+            c.tool_calls.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut e) = c.executed.lock() {
+                e.push((name.clone(), args.to_string()));
+            }
+            let text = format!("{name} ran with {args}");
+            let mut result = json!({"content": [{"type": "text", "text": text}], "isError": false});
+            if modern {
+                result["resultType"] = json!("complete");
+            }
+            json_response(StatusCode::OK, ok(result), None)
+        }
+        _ => json_response(
+            StatusCode::OK,
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("Method not found: {method}")}}),
+            None,
+        ),
+    }
+}

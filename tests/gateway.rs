@@ -1,0 +1,290 @@
+//! The MCP gateway end to end, in process: static identities on 127.0.0.2–4, the built-in
+//! sample upstream, the shipped policies, and an in-memory audit sink that can be made to fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use toolgate::config::{Config, RoleMappings};
+use toolgate::gateway::{
+    AuditRow, AuditSink, AuditUnavailable, Commit, Gateway, Sessions, Upstream,
+};
+use toolgate::identity::StaticIdentities;
+use toolgate::policy::model::Effect;
+use toolgate::policy::store::Store;
+use toolgate::sample;
+use toolgate::server::{self, StaticProvider};
+
+#[derive(Default)]
+struct MemorySink {
+    rows: Mutex<Vec<AuditRow>>,
+    outcomes: Mutex<Vec<(String, String)>>,
+    fail: AtomicBool,
+}
+
+impl AuditSink for MemorySink {
+    fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(AuditUnavailable("queue full".into()));
+        }
+        self.rows.lock().unwrap().push(row);
+        Ok(Box::pin(async { Ok(()) }))
+    }
+    fn outcome(&self, id: &str, outcome: &str, _latency_us: u64) {
+        self.outcomes
+            .lock()
+            .unwrap()
+            .push((id.to_string(), outcome.to_string()));
+    }
+}
+
+const IDENTITIES: &str = r#"
+"127.0.0.2": {login: alice@example.com, display_name: Alice, node: alice-laptop.example.ts.net, node_id: nA, caps: [{roles: [developer]}]}
+"127.0.0.3": {login: bob@example.com, display_name: Bob, node: bob-desktop.example.ts.net, node_id: nB}
+"127.0.0.4": {node: ci-runner.example.ts.net, node_id: nCI, tags: ["tag:ci"]}
+"#;
+
+struct Harness {
+    addr: SocketAddr,
+    sink: Arc<MemorySink>,
+    counters: Arc<sample::Counters>,
+    _shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start() -> Harness {
+    let counters = Arc::new(sample::Counters::default());
+    let up = sample::spawn("127.0.0.1:0".parse().unwrap(), counters.clone())
+        .await
+        .unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg_text = format!(
+        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n",
+        root.join("policies").display()
+    );
+    let config = Config::parse("test.yaml", cfg_text.as_bytes(), root).unwrap();
+    let (store, res) = Store::open(&config.policies.dir);
+    res.unwrap();
+    let upstreams = config
+        .servers
+        .iter()
+        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c).unwrap()))
+        .collect();
+    let sink = Arc::new(MemorySink::default());
+    let gw = Arc::new(Gateway {
+        config,
+        store: Arc::new(store),
+        upstreams,
+        http: toolgate::gateway::http_client().unwrap(),
+        sessions: Sessions::default(),
+        annotations: Default::default(),
+        allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        audit: sink.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ids = StaticIdentities::parse("ids.yaml", IDENTITIES.as_bytes()).unwrap();
+    let provider = Arc::new(StaticProvider {
+        identities: ids,
+        mappings: RoleMappings::default(),
+    });
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(server::serve_listener(
+        listener,
+        server::router(gw),
+        provider,
+        rx,
+    ));
+    Harness {
+        addr,
+        sink,
+        counters,
+        _shutdown: tx,
+    }
+}
+
+fn client(from: &str) -> reqwest::Client {
+    let _ = toolgate::gateway::http_client();
+    reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn rpc(h: &Harness, from: &str, server: &str, body: Value) -> (u16, Value, String) {
+    let r = client(from)
+        .post(format!("http://{}/mcp/{server}", h.addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let decision = r
+        .headers()
+        .get("toolgate-decision-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        decision,
+    )
+}
+
+fn call(tool: &str, args: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}})
+}
+
+#[tokio::test]
+async fn lists_are_filtered_per_identity() {
+    let h = start().await;
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let names = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, alice, _) = rpc(&h, "127.0.0.2", "github", list.clone()).await;
+    assert_eq!(s, 200);
+    let (_, ci, _) = rpc(&h, "127.0.0.4", "github", list).await;
+    assert_eq!(
+        names(&alice),
+        vec![
+            "search_repositories",
+            "get_issue",
+            "create_issue",
+            "read_file"
+        ]
+    );
+    assert_eq!(names(&ci), vec!["search_repositories", "get_issue"]);
+}
+
+#[tokio::test]
+async fn allowed_denied_and_argument_denied_calls() {
+    let h = start().await;
+    let (s, v, d) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call(
+            "create_issue",
+            json!({"owner": "example", "repo": "r", "title": "t"}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["result"]["isError"], false, "{v}");
+    assert!(!d.is_empty());
+    // Argument-level deny: a visible tool, wrong organisation → isError naming the decision.
+    let (s, v, d2) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call(
+            "create_issue",
+            json!({"owner": "evil", "repo": "r", "title": "t"}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains(&d2),
+        "{v}"
+    );
+    // bob has no developer role: create_issue is hidden from him → Unknown tool.
+    let (_, v, _) = rpc(
+        &h,
+        "127.0.0.3",
+        "github",
+        call("create_issue", json!({"owner": "example"})),
+    )
+    .await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    assert_eq!(
+        h.counters.tool_calls.load(Ordering::Relaxed),
+        1,
+        "only the allowed call ran"
+    );
+    let rows = h.sink.rows.lock().unwrap().clone();
+    let allowed: Vec<_> = rows
+        .iter()
+        .filter(|r| r.effect == Effect::Allow && r.action.starts_with("tools/call::"))
+        .collect();
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(allowed[0].id, d);
+    assert_eq!(
+        allowed[0].caller.as_ref().unwrap().principal.id,
+        "alice@example.com"
+    );
+    assert_eq!(allowed[0].rule, "github_write_own_org");
+    let outcomes = h.sink.outcomes.lock().unwrap().clone();
+    assert!(outcomes.contains(&(d.clone(), "forwarded".into())));
+}
+
+#[tokio::test]
+async fn unknown_caller_is_refused_and_audited() {
+    let h = start().await;
+    let (s, v, _) = rpc(
+        &h,
+        "127.0.0.9",
+        "github",
+        call("search_repositories", json!({})),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"]["code"], -31001);
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+    let rows = h.sink.rows.lock().unwrap().clone();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].kind, "identity");
+    assert_eq!(rows[0].effect, Effect::Deny);
+}
+
+#[tokio::test]
+async fn a_full_audit_queue_answers_503_and_forwards_nothing() {
+    let h = start().await;
+    h.sink.fail.store(true, Ordering::SeqCst);
+    let r = client("127.0.0.2")
+        .post(format!("http://{}/mcp/github", h.addr))
+        .header("content-type", "application/json")
+        .body(call("search_repositories", json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn hidden_tools_answer_unknown_tool() {
+    let h = start().await;
+    for (tool, args) in [
+        ("launch_missiles", json!({})),
+        ("read_file", json!({"path": "/srv/work/a"})),
+    ] {
+        let (s, v, _) = rpc(&h, "127.0.0.4", "files", call(tool, args)).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["error"]["code"], -32602, "{v}");
+        assert_eq!(v["error"]["message"], format!("Unknown tool: {tool}"));
+    }
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}

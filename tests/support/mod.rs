@@ -1,0 +1,9 @@
+//! Shared helpers for the integration tests (`mod support;` in each test crate).
+//!
+//! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the support code"
+)]
+
+pub mod fake_localapi;
