@@ -39,6 +39,10 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Print the principal (JSON) a peer address maps to, as the gateway would see it.
+    Whois(crate::doctor::WhoisArgs),
+    /// Check this machine: tailscaled, node, HTTPS certificates, policies, audit store.
+    Doctor(crate::doctor::DoctorArgs),
     /// Compile, test and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -141,6 +145,8 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Demo { dir, keep_running } => demo(dir, keep_running),
+        Command::Whois(args) => crate::doctor::whois_cmd(&args),
+        Command::Doctor(args) => crate::doctor::doctor_cmd(&args),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir),
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),

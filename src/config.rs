@@ -35,6 +35,18 @@ pub struct Config {
     pub pdp: PdpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A separate loopback `ip:port` serving `/metrics` to anyone who can reach it. Without
+    /// it, `/metrics` is served on the main listeners and gated by policy
+    /// (resource kind `toolgate_metrics`, action `read`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -529,6 +541,13 @@ impl Config {
         }
         if let Some(p) = cfg.identity.r#static.as_mut() {
             rebase(p);
+        }
+        if let Some(m) = cfg.metrics.listen {
+            if !m.ip().is_loopback() {
+                return Err(err(format!(
+                    "$.metrics.listen: {m} must be a loopback address (it has no access control)"
+                )));
+            }
         }
         if cfg.identity.provider == IdentityProvider::Static && cfg.identity.r#static.is_none() {
             return Err(err(

@@ -175,12 +175,17 @@ fn dir_fingerprint(dir: &Path) -> u64 {
     h.finish()
 }
 
-fn reload(store: &Store, why: &str) {
-    match store.reload() {
+fn reload(gw: &Gateway, why: &str) {
+    use std::sync::atomic::Ordering;
+    match gw.store.reload() {
         Ok(set) => {
+            gw.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(policies = set.len(), snapshot = %&set.hash[..12], "policies reloaded ({why})")
         }
         Err(errors) => {
+            gw.metrics
+                .policy_reload_failures
+                .fetch_add(1, Ordering::Relaxed);
             for e in &errors {
                 tracing::error!("policy error: {e}");
             }
@@ -206,6 +211,7 @@ pub fn build(
     identify: Arc<dyn Identify>,
     node: &NodeInfo,
     listen: Vec<SocketAddr>,
+    localapi: Option<LocalApi>,
 ) -> Result<Built, String> {
     let (store, res) = Store::open(&cfg.policies.dir);
     match res {
@@ -251,6 +257,8 @@ pub fn build(
         annotations: Default::default(),
         allowed_hosts: hosts.into_iter().collect(),
         audit: Arc::new(audit.clone()),
+        metrics: Default::default(),
+        localapi,
     });
     Ok(Built {
         gateway,
@@ -305,15 +313,16 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
             listener,
             app.clone(),
             identify,
+            None,
             shutdown.clone(),
         ));
     }
     // Policy changes on disk apply to the next call.
     if built.gateway.config.policies.watch {
-        let store = built.gateway.store.clone();
+        let gw = built.gateway.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            let dir = store.dir().to_path_buf();
+            let dir = gw.store.dir().to_path_buf();
             let mut seen = dir_fingerprint(&dir);
             loop {
                 tokio::select! {
@@ -323,9 +332,24 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
                 let now = dir_fingerprint(&dir);
                 if now != seen {
                     seen = now;
-                    reload(&store, "files changed");
+                    reload(&gw, "files changed");
                 }
             }
+        });
+    }
+    if let Some(addr) = built.gateway.config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (metrics.listen): {e}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let mut stop = shutdown.clone();
+        let router = server::metrics_router(built.gateway.clone());
+        tasks.spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -333,7 +357,7 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
 }
 
 /// Wires SIGHUP (reload) and SIGTERM/SIGINT (graceful stop).
-pub fn signals(store: Arc<Store>, stop: watch::Sender<bool>) -> Result<(), String> {
+pub fn signals(gw: Arc<Gateway>, stop: watch::Sender<bool>) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -341,7 +365,7 @@ pub fn signals(store: Arc<Store>, stop: watch::Sender<bool>) -> Result<(), Strin
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = hup.recv() => reload(&store, "SIGHUP"),
+                _ = hup.recv() => reload(&gw, "SIGHUP"),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -355,6 +379,7 @@ pub fn signals(store: Arc<Store>, stop: watch::Sender<bool>) -> Result<(), Strin
 /// `toolgate serve --config FILE`.
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    let mut localapi: Option<LocalApi> = None;
     let (identify, node, listen): (Arc<dyn Identify>, NodeInfo, Vec<SocketAddr>) = match cfg
         .identity
         .provider
@@ -369,6 +394,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             let node = NodeInfo::from_status(&status);
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
             let listen = resolve_listen(&cfg, &node.ips)?;
+            localapi = Some(api.clone());
             (
                 crate::tailnet::identify(api, &cfg.identity, &node.tailnet),
                 node,
@@ -376,9 +402,9 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             )
         }
     };
-    let built = build(cfg, identify, &node, listen)?;
+    let built = build(cfg, identify, &node, listen, localapi)?;
     let audit = built.audit.clone();
-    signals(built.gateway.store.clone(), stop_tx)?;
+    signals(built.gateway.clone(), stop_tx)?;
     let deadline_rx = stop_rx.clone();
     let served = run(built, stop_rx);
     tokio::pin!(served);

@@ -15,7 +15,7 @@ use crate::daemon;
 use crate::sample;
 
 /// The shipped example policies, embedded so the demo needs no files.
-pub const POLICIES: [(&str, &str); 8] = [
+pub const POLICIES: &[(&str, &str)] = &[
     (
         "common_roles.yaml",
         include_str!("../policies/common_roles.yaml"),
@@ -28,6 +28,14 @@ pub const POLICIES: [(&str, &str); 8] = [
     (
         "toolgate_audit.yaml",
         include_str!("../policies/toolgate_audit.yaml"),
+    ),
+    (
+        "toolgate_metrics.yaml",
+        include_str!("../policies/toolgate_metrics.yaml"),
+    ),
+    (
+        "toolgate_metrics_test.yaml",
+        include_str!("../policies/toolgate_metrics_test.yaml"),
     ),
     (
         "mcp_server_test.yaml",
@@ -77,7 +85,7 @@ pub fn write_files(dir: &Path, port: u16, upstream: SocketAddr) -> Result<PathBu
         }
         std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))
     };
-    for (name, body) in POLICIES {
+    for (name, body) in POLICIES.iter().copied() {
         w(&format!("policies/{name}"), body)?;
     }
     w("identities.yaml", IDENTITIES)?;
@@ -250,7 +258,7 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
     let listen = daemon::resolve_listen(&cfg, &[])?;
     let identify = daemon::static_provider(&cfg, &listen)?;
     let db = cfg.audit.sqlite.clone();
-    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen)?;
+    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None)?;
     let audit = built.audit.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(daemon::run(built, stop_rx));

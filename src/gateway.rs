@@ -185,6 +185,9 @@ pub struct Gateway {
     /// `Host` values this node answers to (invariant I7); empty means any (loopback dev only).
     pub allowed_hosts: Vec<String>,
     pub audit: Arc<dyn AuditSink>,
+    pub metrics: crate::metrics::Metrics,
+    /// tailscaled's LocalAPI, when identities come from it (for `/readyz`).
+    pub localapi: Option<crate::tailnet::localapi::LocalApi>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -222,11 +225,60 @@ impl Gateway {
             aux_data: Value::Null,
         };
         let output = eval::check(&set, &input, &self.params());
+        let elapsed = started.elapsed();
+        self.metrics.decision_latency.observe(elapsed);
         Decision {
             output,
             policy_hash: set.hash.clone(),
-            elapsed: started.elapsed(),
+            elapsed,
         }
+    }
+
+    /// Hands a decision row to the audit store, counting it; `Err` means answer 503.
+    pub fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable> {
+        let effect = match row.effect {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        };
+        let tool = if row.tool.is_empty() {
+            &row.method
+        } else {
+            &row.tool
+        };
+        self.metrics.decision(effect, &row.server, tool);
+        if row.kind == "identity" {
+            self.metrics
+                .unidentified
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.audit.submit(row).inspect_err(|_| {
+            self.metrics
+                .audit_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+    }
+
+    /// Records how an allowed call ended.
+    pub fn outcome(&self, id: &str, outcome: &str, latency: Duration) {
+        if outcome == "upstream_error" {
+            self.metrics
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.metrics.upstream_latency.observe(latency);
+        }
+        self.audit.outcome(
+            id,
+            outcome,
+            latency.as_micros().min(u64::MAX as u128) as u64,
+        );
+    }
+
+    /// Every metric, as Prometheus text.
+    pub fn prometheus(&self) -> String {
+        let mut s = self.metrics.render();
+        s.push_str(&self.audit.prometheus());
+        s
     }
 
     pub fn annotations_for(&self, server: &str, tool: &str) -> Option<Value> {
@@ -338,6 +390,14 @@ pub trait AuditSink: Send + Sync + 'static {
     fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable>;
     /// Records how an allowed call ended (`forwarded`, `upstream_error`, …).
     fn outcome(&self, id: &str, outcome: &str, latency_us: u64);
+    /// The store's own metrics, as Prometheus text.
+    fn prometheus(&self) -> String {
+        String::new()
+    }
+    /// `Err(why)` while the store cannot write.
+    fn writable(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The upstream HTTP client: no redirects (upstream URLs are fixed by config), rustls on ring.
@@ -411,6 +471,21 @@ impl AuditSink for crate::audit::AuditLog {
     fn outcome(&self, id: &str, outcome: &str, latency_us: u64) {
         if let Err(e) = self.record_outcome(id, outcome, Some(latency_us), "") {
             tracing::warn!(decision = id, error = %e, "the outcome row was not stored");
+        }
+    }
+
+    fn prometheus(&self) -> String {
+        self.metrics().prometheus()
+    }
+
+    fn writable(&self) -> Result<(), String> {
+        let h = self.health();
+        if h.healthy {
+            Ok(())
+        } else {
+            Err(h
+                .last_error
+                .unwrap_or_else(|| "audit store unhealthy".into()))
         }
     }
 }

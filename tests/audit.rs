@@ -134,6 +134,17 @@ fn outcome_rows_merge_into_their_decision() {
     assert!(reader.query(&f).unwrap().is_empty());
     assert_eq!(count_rows(&db), 3);
     assert!(reader.verify().unwrap().broken.is_none());
+
+    // An allowed call still pending when the gateway stops is marked unknown at the next start.
+    let r = rec("alice@example.com", "delete_repo", Effect::Allow);
+    let pending = r.id.clone();
+    log.submit(r).unwrap().wait_blocking().unwrap();
+    drop(log);
+    let _log = AuditLog::open(settings(&db)).unwrap();
+    let row = reader.get(&pending).unwrap().unwrap();
+    assert_eq!(row.outcome, "unknown");
+    assert_eq!(reader.get(&id).unwrap().unwrap().outcome, "forwarded");
+    assert!(reader.verify().unwrap().broken.is_none());
 }
 
 #[test]
@@ -550,6 +561,12 @@ fn retention_prunes_the_oldest_rows_and_anchors_the_chain() {
     let rep = reader.verify().unwrap();
     assert!(rep.broken.is_none(), "{:?}", rep.broken);
     assert_eq!(rep.anchor.as_ref().unwrap().pruned_through_seq, 50);
+    // The freed pages went back to the file system (incremental vacuum).
+    let free: i64 = Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(free, 0);
     let left: BTreeSet<String> = reader
         .query(&Filter::default())
         .unwrap()

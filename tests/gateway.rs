@@ -88,6 +88,8 @@ async fn start() -> Harness {
         annotations: Default::default(),
         allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
         audit: sink.clone(),
+        metrics: Default::default(),
+        localapi: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -101,6 +103,7 @@ async fn start() -> Harness {
         listener,
         server::router(gw),
         provider,
+        None,
         rx,
     ));
     Harness {

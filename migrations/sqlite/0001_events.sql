@@ -40,13 +40,14 @@ CREATE TABLE events (
   prev_hash    TEXT    NOT NULL
 ) STRICT;
 
--- Common queries: time windows, per principal / tool / effect / node / server, newest first.
+-- Common queries: time windows, per principal / tool / effect, newest first. Other filters
+-- (node, tag, server, outcome) ride on one of these. Every index costs insert throughput: each
+-- batch dirties index pages at random positions, so keep the set small.
 -- Partial indexes: queries always say event = 'decision'. (seq, the rowid, ends every index.)
 CREATE INDEX events_time      ON events (time)            WHERE event = 'decision';
 CREATE INDEX events_principal ON events (principal, time) WHERE event = 'decision';
 CREATE INDEX events_tool      ON events (tool, time)      WHERE event = 'decision';
 CREATE INDEX events_effect    ON events (effect, time)    WHERE event = 'decision';
-CREATE INDEX events_node      ON events (node, time)      WHERE event = 'decision';
 CREATE INDEX events_outcome_of ON events (decision_id)    WHERE event = 'outcome';
 
 -- Small key/value state: chain head (checked by verify), Postgres shipping watermark.

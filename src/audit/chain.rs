@@ -35,10 +35,31 @@ pub fn row_hash(prev_hash: &str, seq: i64, content: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
-    h.update(seq.to_string().as_bytes());
+    let mut buf = [0u8; 20];
+    h.update(decimal(seq, &mut buf));
     h.update(b"\n");
     h.update(content.as_bytes());
     hex(&h.finalize())
+}
+
+/// `n` in decimal, without allocating.
+fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let neg = n < 0;
+    let mut v = n.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if neg && i > 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
 }
 
 /// What an anchor row records (as its `explain` JSON).
@@ -256,5 +277,9 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_ne!(a, row_hash(GENESIS, 2, "{}"));
         assert_ne!(a, row_hash(&a, 1, "{}"));
+        let mut b = [0u8; 20];
+        for n in [0i64, 7, 10, 123_456_789, i64::MAX, -5] {
+            assert_eq!(decimal(n, &mut b), n.to_string().as_bytes());
+        }
     }
 }

@@ -59,6 +59,9 @@ pub mod outcome {
     pub const UPSTREAM_ERROR: &str = "upstream_error";
     /// Check-API and hook decisions: answered to the caller.
     pub const ANSWERED: &str = "answered";
+    /// Written at start for allowed calls still `pending` when the gateway stopped (crash or
+    /// shutdown mid-call): whether the upstream ran them is not known.
+    pub const UNKNOWN: &str = "unknown";
 }
 
 /// One decision as the gateway builds it. [`Record::new`] fills `id` and `time`; the gateway fills
@@ -176,10 +179,32 @@ fn write_canonical(out: &mut String, v: &Value) {
 
 /// A JSON string literal (serde_json's escaping, which is deterministic).
 pub(crate) fn write_str(out: &mut String, s: &str) {
-    match serde_json::to_string(s) {
-        Ok(q) => out.push_str(&q),
-        Err(_) => out.push_str("\"\""),
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: Option<&str> = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x08 => Some("\\b"),
+            0x0c => Some("\\f"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        match esc {
+            Some(e) => out.push_str(e),
+            None => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// The three kinds of chained rows.
@@ -263,34 +288,48 @@ fn clamp_i64(v: Option<u64>) -> Option<i64> {
 impl StoredRow {
     /// The stored form of a decision (seq, hash and prev_hash are the writer's).
     pub fn decision(r: &Record, gateway: &str) -> StoredRow {
+        StoredRow::from_record(r.clone(), gateway)
+    }
+
+    /// [`StoredRow::decision`], taking the record apart instead of copying it.
+    pub fn from_record(r: Record, gateway: &str) -> StoredRow {
+        let mut tags = String::with_capacity(2 + r.tags.iter().map(|t| t.len() + 3).sum::<usize>());
+        tags.push('[');
+        for (i, t) in r.tags.iter().enumerate() {
+            if i > 0 {
+                tags.push(',');
+            }
+            write_str(&mut tags, t);
+        }
+        tags.push(']');
         StoredRow {
             seq: 0,
             event: event::DECISION.to_string(),
-            id: r.id.clone(),
             decision_id: String::new(),
             gateway: gateway.to_string(),
-            time: r.time.clone(),
             kind: r.kind.as_str().to_string(),
-            principal: r.principal.clone(),
-            login: r.login.clone(),
-            node: r.node.clone(),
-            node_id: r.node_id.clone(),
-            tags: canonical_json(&Value::from(r.tags.clone())),
-            ip: r.ip.clone(),
-            server: r.server.clone(),
-            method: r.method.clone(),
-            tool: r.tool.clone(),
-            action: r.action.clone(),
+            tags,
             effect: r.effect.as_str().to_string(),
-            policy: r.policy.clone(),
-            rule: r.rule.clone(),
-            reason: r.reason.clone(),
-            args_digest: r.args_digest.clone(),
-            outcome: r.outcome.clone(),
             latency_us: clamp_i64(r.latency_us),
-            policy_hash: r.policy_hash.clone(),
             explain: canonical_json(&r.explain),
             arguments: canonical_json(&r.arguments),
+            id: r.id,
+            time: r.time,
+            principal: r.principal,
+            login: r.login,
+            node: r.node,
+            node_id: r.node_id,
+            ip: r.ip,
+            server: r.server,
+            method: r.method,
+            tool: r.tool,
+            action: r.action,
+            policy: r.policy,
+            rule: r.rule,
+            reason: r.reason,
+            args_digest: r.args_digest,
+            outcome: r.outcome,
+            policy_hash: r.policy_hash,
             hash: String::new(),
             prev_hash: String::new(),
         }
@@ -572,6 +611,24 @@ mod tests {
         let a = new_id();
         let b = new_id();
         assert!(a < b, "{a} {b}");
+    }
+
+    #[test]
+    fn strings_escape_like_serde_json() {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n cr\r tab\t",
+            "\u{1}\u{1f}\u{7f}",
+            "é ü 😀",
+            "\u{8}\u{c}",
+            "",
+        ] {
+            let mut o = String::new();
+            write_str(&mut o, s);
+            assert_eq!(o, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

@@ -85,6 +85,16 @@ static DETECTORS: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         .collect()
 });
 
+/// One pass that says whether any detector might match (the common answer is no).
+static ANY: LazyLock<Option<regex::RegexSet>> = LazyLock::new(|| {
+    let mut pats: Vec<String> = DETECTORS
+        .iter()
+        .map(|(_, r)| r.as_str().to_string())
+        .collect();
+    pats.push(r"[A-Za-z0-9+/=_.\-]{32,}".to_string());
+    regex::RegexSet::new(pats).ok()
+});
+
 static LONG_TOKEN: LazyLock<Option<Regex>> =
     LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/=_.\-]{32,}").ok());
 
@@ -115,7 +125,7 @@ fn high_entropy(tok: &str) -> bool {
 
 /// Replaces secret-looking substrings of `s`.
 pub fn scrub_values(s: &str) -> Cow<'_, str> {
-    if s.len() < 12 {
+    if s.len() < 12 || ANY.as_ref().is_some_and(|set| !set.is_match(s)) {
         return Cow::Borrowed(s);
     }
     let mut out: Cow<'_, str> = Cow::Borrowed(s);

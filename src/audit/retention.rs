@@ -32,6 +32,15 @@ pub(crate) fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::R
     Ok(())
 }
 
+/// Gives up to `VACUUM_PAGES` free pages back to the file system (the pragma frees one page per
+/// result row, so every row must be stepped).
+fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    let mut st = conn.prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
+
 /// What one chunk did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Step {
@@ -110,7 +119,9 @@ pub(crate) fn prune_chunk(
     insert_row(&tx, &row)?;
     super::chain::set_head(&tx, row.seq, &row.hash)?;
     tx.commit()?;
-    let _ = conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"));
+    if let Err(e) = incremental_vacuum(conn) {
+        tracing::debug!(error = %e, "audit: incremental vacuum");
+    }
     tracing::info!(target: "toolgate::audit", pruned, through = last_seq, "audit retention");
     Ok(Step {
         pruned: pruned as u64,

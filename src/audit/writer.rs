@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::chain::{self, row_hash};
-use super::record::{COLUMNS, Record, StoredRow, new_id, normalize_time, now_text};
+use super::record::{COLUMNS, Record, StoredRow, new_id, normalize_time, now_text, outcome};
 use super::{AuditError, Settings, migrate, postgres, retention};
 use crate::config::{AuditMode, Durability};
 
@@ -177,7 +177,7 @@ pub struct Metrics {
     pub queue_capacity: u64,
     pub pruned_rows: u64,
     pub head_seq: i64,
-    pub commit_seconds_total_us: u64,
+    pub commit_time_us: u64,
     /// Fleet shipping (all zero/true when no Postgres is configured).
     pub shipping: bool,
     pub ship_healthy: bool,
@@ -269,7 +269,7 @@ impl Metrics {
                 "toolgate_audit_commit_seconds_total",
                 "counter",
                 "Time spent in audit transactions",
-                format!("{:.6}", self.commit_seconds_total_us as f64 / 1e6),
+                format!("{:.6}", self.commit_time_us as f64 / 1e6),
             ),
             (
                 "toolgate_audit_ship_healthy",
@@ -366,10 +366,59 @@ pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Resul
         Durability::Full => "FULL",
     };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY;"
+        "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES};"
     ))?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// The writer checkpoints by itself only past this many WAL pages (a backstop): the
+/// checkpoint thread normally does it, off the commit path.
+const BACKSTOP_CHECKPOINT_PAGES: u32 = 32_768;
+/// The checkpoint thread runs a passive checkpoint once the WAL is this large.
+const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
+
+/// Copies WAL pages back into the database from its own connection, so the writer's commits do
+/// not pay for checkpoints (and their fsyncs); truncates the WAL when writes pause.
+fn checkpointer(path: PathBuf, shared: Arc<Shared>) {
+    let conn = match Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit checkpoint thread: cannot open the store");
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_millis(100));
+    let mut wal = path.clone().into_os_string();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    let mut last_head = shared.head_seq.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    let mut truncated = false;
+    while !shared.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        let head = shared.head_seq.load(Ordering::Relaxed);
+        if head != last_head {
+            last_head = head;
+            quiet_since = Instant::now();
+            truncated = false;
+        }
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let mode = if !truncated && size > 0 && quiet_since.elapsed() >= Duration::from_secs(1) {
+            truncated = true;
+            "TRUNCATE"
+        } else if size >= CHECKPOINT_WAL_BYTES {
+            "PASSIVE"
+        } else {
+            continue;
+        };
+        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+            tracing::debug!(error = %e, "audit checkpoint");
+        }
+    }
 }
 
 fn set_max_bytes(conn: &Connection, max: Option<u64>) -> rusqlite::Result<()> {
@@ -478,6 +527,8 @@ impl AuditLog {
             last_head_log: Instant::now(),
             logged_head: head_seq,
         };
+        let mut writer = writer;
+        writer.mark_unfinished();
         let mut threads = Vec::new();
         threads.push(
             std::thread::Builder::new()
@@ -485,6 +536,15 @@ impl AuditLog {
                 .spawn(move || writer.run())
                 .map_err(|e| err(format!("starting the writer thread: {e}")))?,
         );
+        {
+            let (p, sh) = (path.clone(), shared.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("audit-checkpoint".into())
+                    .spawn(move || checkpointer(p, sh))
+                    .map_err(|e| err(format!("starting the checkpoint thread: {e}")))?,
+            );
+        }
         if let Some(pg) = settings.postgres.clone() {
             shared.shipping.store(true, Ordering::Relaxed);
             let wtx = tx.clone();
@@ -543,7 +603,7 @@ impl AuditLog {
             rec.time = normalize_time(&rec.time).unwrap_or_else(now_text);
         }
         self.inner.redactor.scrub_record(&mut rec);
-        self.enqueue(StoredRow::decision(&rec, &self.inner.gateway))
+        self.enqueue(StoredRow::from_record(rec, &self.inner.gateway))
     }
 
     /// Records what happened to an allowed decision once the upstream answered (`forwarded`,
@@ -648,6 +708,16 @@ impl AuditLog {
             .map_err(|_| AuditError::Closed)
     }
 
+    /// Rows waiting for the writer now.
+    pub fn queue_depth(&self) -> usize {
+        usize::try_from(self.inner.shared.queued.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// The queue bound (`audit.queue`).
+    pub fn queue_capacity(&self) -> usize {
+        self.inner.queue
+    }
+
     pub fn health(&self) -> Health {
         let s = &self.inner.shared;
         let e = s.last_error.lock().map(|g| g.clone()).unwrap_or_default();
@@ -676,7 +746,7 @@ impl AuditLog {
             queue_capacity: self.inner.queue as u64,
             pruned_rows: l(&s.pruned_rows),
             head_seq: head,
-            commit_seconds_total_us: l(&s.commit_us_total),
+            commit_time_us: l(&s.commit_us_total),
             shipping,
             ship_healthy: !shipping || s.ship_healthy.load(Ordering::Relaxed),
             shipped_seq: shipped,
@@ -727,8 +797,12 @@ const INSERT_SQL: &str = "INSERT INTO events (seq, event, id, decision_id, gatew
 
 /// Inserts one stored row (seq, hash and prev_hash already set).
 pub(crate) fn insert_row(conn: &Connection, r: &StoredRow) -> rusqlite::Result<()> {
+    execute_insert(&mut conn.prepare_cached(INSERT_SQL)?, r)
+}
+
+fn execute_insert(stmt: &mut rusqlite::CachedStatement<'_>, r: &StoredRow) -> rusqlite::Result<()> {
     debug_assert_eq!(COLUMNS.len(), 29);
-    conn.prepare_cached(INSERT_SQL)?.execute(params![
+    stmt.execute(params![
         r.seq,
         r.event,
         r.id,
@@ -844,6 +918,54 @@ impl Writer {
         self.log_head(true);
     }
 
+    /// Allowed calls still `pending` from before this start (the last 10,000 rows) get an
+    /// `unknown` outcome row, so they do not look in flight forever.
+    fn mark_unfinished(&mut self) {
+        let from = self.head_seq - 10_000;
+        let found = (|| -> rusqlite::Result<Vec<String>> {
+            let mut st = self.conn.prepare(
+                "SELECT d.id FROM events d WHERE d.seq > ?1 AND d.event = 'decision' AND d.outcome = ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM events o WHERE o.event = 'outcome' AND o.decision_id = d.id) ORDER BY d.seq",
+            )?;
+            let ids = st.query_map(params![from, outcome::PENDING], |r| r.get(0))?;
+            ids.collect()
+        })();
+        let ids = match found {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit: looking for unfinished calls failed");
+                return;
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        let n = ids.len();
+        let batch = ids
+            .iter()
+            .map(|id| {
+                let row = StoredRow::outcome(
+                    id,
+                    outcome::UNKNOWN,
+                    None,
+                    "the gateway stopped before this call's outcome was recorded",
+                    &self.gateway,
+                );
+                Pending {
+                    content: row.content(),
+                    row,
+                    reply: None,
+                    acked: false,
+                }
+            })
+            .collect();
+        self.commit(batch);
+        tracing::warn!(
+            rows = n,
+            "audit: allowed calls in flight at the last stop are marked outcome=unknown"
+        );
+    }
+
     /// Returns true on shutdown.
     fn take(&mut self, m: Msg, batch: &mut Vec<Pending>, after: &mut Vec<After>) -> bool {
         match m {
@@ -895,12 +1017,15 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = self.head_seq;
         let mut hash = self.head_hash.clone();
-        for p in batch.iter_mut() {
-            seq += 1;
-            p.row.seq = seq;
-            p.row.hash = row_hash(&hash, seq, &p.content);
-            p.row.prev_hash = std::mem::replace(&mut hash, p.row.hash.clone());
-            insert_row(&tx, &p.row)?;
+        {
+            let mut stmt = tx.prepare_cached(INSERT_SQL)?;
+            for p in batch.iter_mut() {
+                seq += 1;
+                p.row.seq = seq;
+                p.row.hash = row_hash(&hash, seq, &p.content);
+                p.row.prev_hash = std::mem::replace(&mut hash, p.row.hash.clone());
+                execute_insert(&mut stmt, &p.row)?;
+            }
         }
         if seq != self.head_seq {
             chain::set_head(&tx, seq, &hash)?;

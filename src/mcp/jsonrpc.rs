@@ -20,6 +20,8 @@ pub mod code {
     pub const INTERNAL_ERROR: i64 = -32603;
     /// MCP 2026-07-28: a header does not match the body.
     pub const HEADER_MISMATCH: i64 = -32020;
+    /// MCP 2026-07-28: an unsupported `MCP-Protocol-Version`.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
     /// Ours, outside the reserved range: the caller has no verified tailnet identity.
     pub const UNIDENTIFIED: i64 = -31001;
     /// Ours: denied by policy (for non-tool methods).
@@ -29,6 +31,9 @@ pub mod code {
     /// Ours: the upstream MCP server failed.
     pub const UPSTREAM: i64 = -31004;
 }
+
+/// The longest string `id` a request may carry (security.md RPC-5).
+pub const MAX_ID_BYTES: usize = 128;
 
 /// Bounds on one message.
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +178,17 @@ pub fn message(value: Value) -> Result<Message, ParseError> {
             return Err(ParseError::Invalid(
                 "\"id\" must be a string or an integer".into(),
             ));
+        }
+        // Requests: MCP forbids a null id, and an id is an identifier, not a payload.
+        if obj.contains_key("method") {
+            if id.is_null() {
+                return Err(ParseError::Invalid("\"id\" must not be null".into()));
+            }
+            if id.as_str().is_some_and(|s| s.len() > MAX_ID_BYTES) {
+                return Err(ParseError::Invalid(format!(
+                    "a string \"id\" may be at most {MAX_ID_BYTES} bytes"
+                )));
+            }
         }
     }
     if let Some(params) = obj.get("params") {

@@ -30,6 +30,10 @@ const MODERN: &str = "2026-07-28";
 /// The largest JSON response we inspect (lists, call results).
 const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_SSE_EVENT: usize = 8 * 1024 * 1024;
+/// The whole request body must arrive within this time (slow-body attacks; invariant I5).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The oldest protocol revision we speak (`MCP-Protocol-Version` values are `YYYY-MM-DD`).
+const OLDEST: &str = "2024-11-05";
 
 fn respond(status: StatusCode, decision: &str, content_type: &str, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
@@ -77,7 +81,7 @@ async fn refuse(
     }
     let decision = row.id.clone();
     // A refusal is audited but never waits: nothing runs, so nothing is at stake.
-    if let Err(e) = gw.audit.submit(row) {
+    if let Err(e) = gw.submit(row) {
         tracing::warn!(error = %e, "audit row for a refusal was not stored");
     }
     rpc_error(status, &decision, id, code, msg, None)
@@ -157,10 +161,58 @@ pub async fn post(
         )
         .await;
     }
+    // Identity encoding only: a compressed body would be one message to us and maybe another
+    // to an upstream that decodes it (security.md RPC-8).
+    if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            code::INVALID_REQUEST,
+            "Content-Encoding must be identity",
+        )
+        .await;
+    }
     let limits = Limits::default();
-    let bytes = match axum::body::to_bytes(body, limits.max_bytes).await {
-        Ok(b) => b,
-        Err(e) => {
+    // A declared length over the limit is refused before anything is read (HTTP-2).
+    if let Some(len) = header_str(&headers, "content-length").and_then(|v| v.parse::<u64>().ok()) {
+        if len > limits.max_bytes as u64 {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                code::INVALID_REQUEST,
+                &format!(
+                    "request body of {len} bytes refused; the limit is {}",
+                    limits.max_bytes
+                ),
+            )
+            .await;
+        }
+    }
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limits.max_bytes));
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Err(_) => {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::REQUEST_TIMEOUT,
+                None,
+                code::INVALID_REQUEST,
+                &format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
             row.outcome = "invalid".into();
             return refuse(
                 &gw,
@@ -189,6 +241,45 @@ pub async fn post(
         }
     };
     row.method = msg.method.clone();
+    // An unknown or malformed protocol revision is refused (security.md RPC-10): we could not
+    // know which header rules apply to it.
+    if let Some(v) = headers.get(VERSION_HEADER) {
+        let v = v.to_str().unwrap_or("");
+        let well_formed = v.len() == 10
+            && v.bytes().enumerate().all(|(i, b)| {
+                if i == 4 || i == 7 {
+                    b == b'-'
+                } else {
+                    b.is_ascii_digit()
+                }
+            });
+        if !well_formed || v < OLDEST {
+            row.outcome = "invalid".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::BAD_REQUEST,
+                msg.id.as_ref(),
+                code::UNSUPPORTED_VERSION,
+                &format!("unsupported MCP-Protocol-Version {v:?}"),
+            )
+            .await;
+        }
+    }
+    // A request method without an id would run upstream unanswered and unchecked by the
+    // caller: only `notifications/*` may come without an id (security.md RPC-5).
+    if msg.kind == Kind::Notification && !msg.method.starts_with("notifications/") {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::BAD_REQUEST,
+            None,
+            code::INVALID_REQUEST,
+            &format!("{} is a request: it needs an \"id\"", msg.method),
+        )
+        .await;
+    }
     // The stateless era mirrors the method and name in headers: they must match the body.
     if let Err(m) = check_mirrored_headers(&headers, &msg) {
         row.outcome = "invalid".into();
@@ -335,7 +426,7 @@ async fn authorize_and_forward(
     let visible = list_action
         .as_ref()
         .is_some_and(|a| d.effect(a) == Effect::Allow);
-    if let Err(e) = gw.audit.submit(row) {
+    if let Err(e) = gw.submit(row) {
         tracing::warn!(error = %e, "audit row for a denial was not stored");
     }
     if msg.kind == Kind::Notification {
@@ -451,7 +542,7 @@ async fn forward(
         "tools/call" | "prompts/get" | "resources/read"
     );
     // INVARIANT (I2): an allowed call that acts is forwarded only after its row is committed.
-    let commit = match gw.audit.submit(row) {
+    let commit = match gw.submit(row) {
         Ok(c) => c,
         Err(e) => return audit_unavailable(&decision, msg, &e.0),
     };
@@ -515,8 +606,7 @@ async fn forward(
     }
     if msg.kind != Kind::Request {
         // Notifications and responses: 202 with no body is the expected answer.
-        gw.audit
-            .outcome(&decision, "forwarded", started.elapsed().as_micros() as u64);
+        gw.outcome(&decision, "forwarded", started.elapsed());
         let mut r = respond(
             StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::ACCEPTED),
             &decision,
@@ -546,8 +636,7 @@ async fn forward(
         Ok(b) => b,
         Err(e) => return upstream_failed(gw, &decision, msg, started, &e),
     };
-    gw.audit
-        .outcome(&decision, "forwarded", started.elapsed().as_micros() as u64);
+    gw.outcome(&decision, "forwarded", started.elapsed());
     let mut r = respond(
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK),
         &decision,
@@ -622,11 +711,7 @@ fn upstream_failed(
     started: Instant,
     why: &str,
 ) -> Response {
-    gw.audit.outcome(
-        decision,
-        "upstream_error",
-        started.elapsed().as_micros() as u64,
-    );
+    gw.outcome(decision, "upstream_error", started.elapsed());
     tracing::warn!(decision, method = %msg.method, "{why}");
     rpc_error(
         StatusCode::BAD_GATEWAY,
@@ -760,11 +845,8 @@ fn stream_sse(
                     let events = match st.parser.feed(&chunk) {
                         Ok(e) => e,
                         Err(e) => {
-                            st.gw.audit.outcome(
-                                &st.decision,
-                                "upstream_error",
-                                st.started.elapsed().as_micros() as u64,
-                            );
+                            st.gw
+                                .outcome(&st.decision, "upstream_error", st.started.elapsed());
                             st.done = true;
                             return Some((Err(std::io::Error::other(e)), st));
                         }
@@ -789,21 +871,16 @@ fn stream_sse(
                     }
                 }
                 Some(Err(e)) => {
-                    st.gw.audit.outcome(
-                        &st.decision,
-                        "upstream_error",
-                        st.started.elapsed().as_micros() as u64,
-                    );
+                    st.gw
+                        .outcome(&st.decision, "upstream_error", st.started.elapsed());
                     st.done = true;
                     return Some((Err(std::io::Error::other(without_url(&e))), st));
                 }
                 None => {
-                    if !st.answered {
-                        st.gw.audit.outcome(
-                            &st.decision,
-                            "upstream_error",
-                            st.started.elapsed().as_micros() as u64,
-                        );
+                    // A stream with no request pending (the GET stream) just ends.
+                    if !st.answered && !st.msg.method.is_empty() {
+                        st.gw
+                            .outcome(&st.decision, "upstream_error", st.started.elapsed());
                     }
                     return None;
                 }
@@ -843,18 +920,26 @@ fn on_event(
             max_depth: 128,
         },
     ) else {
-        return Some(ev.to_bytes());
+        // What we cannot parse we cannot filter or audit: it is dropped, never passed on.
+        tracing::warn!(
+            decision,
+            "dropped an upstream SSE event that is not strict JSON"
+        );
+        return None;
     };
     let Ok(m) = jsonrpc::message(value) else {
-        return Some(ev.to_bytes());
+        tracing::warn!(
+            decision,
+            "dropped an upstream SSE event that is not JSON-RPC"
+        );
+        return None;
     };
     match m.kind {
         Kind::Response if m.id == msg.id => {
             *answered = true;
             let mut v = m.value;
             filter_list(gw, &upstream.target.server, &msg.method, &mut v, caller);
-            gw.audit
-                .outcome(decision, "forwarded", started.elapsed().as_micros() as u64);
+            gw.outcome(decision, "forwarded", started.elapsed());
             let data = String::from_utf8(jsonrpc::canonical(&v)).unwrap_or_default();
             Some(sse::Event { data, ..ev }.to_bytes())
         }
@@ -886,7 +971,7 @@ fn server_message(
         row.effect = Effect::Allow;
         row.outcome = "delivered".into();
         row.reason = "server notification".into();
-        if let Err(e) = gw.audit.submit(row) {
+        if let Err(e) = gw.submit(row) {
             tracing::warn!(error = %e, "audit row for a server notification was not stored");
         }
         return Some(ev.to_bytes());
@@ -905,7 +990,7 @@ fn server_message(
     } else {
         "denied".into()
     };
-    if let Err(e) = gw.audit.submit(row) {
+    if let Err(e) = gw.submit(row) {
         tracing::warn!(error = %e, "audit row for a server request was not stored");
         return None;
     }
@@ -1013,7 +1098,7 @@ pub async fn session_request(
     row.reason = "the session's owner".into();
     row.outcome = "forwarded".into();
     let decision = row.id.clone();
-    if let Err(e) = gw.audit.submit(row) {
+    if let Err(e) = gw.submit(row) {
         return audit_unavailable(&decision, &dummy(), &e.0);
     }
     let m = if method == Method::DELETE {

@@ -91,6 +91,9 @@ pub struct Rule {
     pub condition: Option<Cond>,
     pub output_activated: Option<Expr>,
     pub output_not_met: Option<Expr>,
+    /// A conditional ALLOW in a `REQUIRE_PARENTAL_CONSENT_FOR_ALLOWS` scope, rewritten (as
+    /// Cerbos does) into a DENY whose condition is `none(original)`.
+    pub implicit_deny: bool,
 }
 
 /// A compiled JSON Schema, with the actions it does not apply to.
@@ -143,6 +146,10 @@ pub struct PolicySet {
     pub hash: String,
     /// Every compiled policy, in key order (for listing and coverage).
     pub all: Vec<Arc<Policy>>,
+    /// Scopes that exist for the resource pass: of every resource and role policy.
+    pub resource_scopes: std::collections::BTreeSet<String>,
+    /// Scopes that exist for the principal pass: of every principal policy.
+    pub principal_scopes: std::collections::BTreeSet<String>,
 }
 
 impl PolicySet {
@@ -155,6 +162,8 @@ impl PolicySet {
             roles: HashMap::new(),
             hash: hex(&Sha256::digest(b"")),
             all: Vec::new(),
+            resource_scopes: Default::default(),
+            principal_scopes: Default::default(),
         }
     }
 
@@ -230,6 +239,24 @@ pub fn compile(
     schemas: &BTreeMap<String, Value>,
 ) -> Result<PolicySet, Vec<CompileError>> {
     Compiler::new(schemas).run(files)
+}
+
+/// In a `REQUIRE_PARENTAL_CONSENT_FOR_ALLOWS` scope a conditional ALLOW that does not hold is
+/// an implicit DENY. Cerbos compiles it into a DENY rule with condition `none(cond)` (its
+/// outputs move along), and so do we: one mechanism, the same outputs.
+fn rewrite_for_consent(perms: ScopePermissions, rules: &mut [Rule]) {
+    if perms != ScopePermissions::RequireParentalConsentForAllows {
+        return;
+    }
+    for rule in rules.iter_mut() {
+        if rule.effect == Effect::Allow {
+            if let Some(cond) = rule.condition.take() {
+                rule.effect = Effect::Deny;
+                rule.condition = Some(Cond::None(vec![cond]));
+                rule.implicit_deny = true;
+            }
+        }
+    }
 }
 
 struct Parsed {
@@ -364,6 +391,12 @@ impl<'a> Compiler<'a> {
                 PolicyKind::Resource => &mut set.resources,
                 PolicyKind::Principal => &mut set.principals,
                 PolicyKind::Role => &mut set.roles,
+            };
+            match policy.kind {
+                PolicyKind::Principal => set.principal_scopes.insert(policy.scope.clone()),
+                PolicyKind::Resource | PolicyKind::Role => {
+                    set.resource_scopes.insert(policy.scope.clone())
+                }
             };
             index
                 .entry((name, version))
@@ -955,6 +988,7 @@ impl<'a> Compiler<'a> {
                 condition,
                 output_activated,
                 output_not_met,
+                implicit_deny: false,
             });
         }
         let (principal_schema, resource_schema) = match &rp.schemas {
@@ -973,6 +1007,7 @@ impl<'a> Compiler<'a> {
             None => (None, None),
         };
         used.sort_by(|a, b| a.name.cmp(&b.name));
+        rewrite_for_consent(rp.scope_permissions, &mut rules);
         let key = policy_key(PolicyKind::Resource, &rp.resource, &rp.version, &rp.scope);
         Some((
             rp.resource.clone(),
@@ -1079,9 +1114,11 @@ impl<'a> Compiler<'a> {
                     condition,
                     output_activated,
                     output_not_met,
+                    implicit_deny: false,
                 });
             }
         }
+        rewrite_for_consent(pp.scope_permissions, &mut rules);
         let key = policy_key(PolicyKind::Principal, &pp.principal, &pp.version, &pp.scope);
         Some((
             pp.principal.clone(),
@@ -1179,6 +1216,7 @@ impl<'a> Compiler<'a> {
                 condition,
                 output_activated,
                 output_not_met,
+                implicit_deny: false,
             });
         }
         let key = policy_key(PolicyKind::Role, &rp.role, &version, &rp.scope);

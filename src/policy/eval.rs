@@ -7,18 +7,18 @@
 //! Pure and synchronous: no I/O, no locks, no allocation of the policy set. Every decision
 //! carries an explain trace and the evaluation errors met on the way.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::cel::{EvalCtx, Request, Variables};
-use super::compile::{ByScope, Cond, DerivedRole, Policy, PolicyKind, PolicySet, Rule, Schema};
+use super::compile::{Cond, DerivedRole, Policy, PolicyKind, PolicySet, Rule, Schema, policy_key};
 use super::input::{CheckInput, Evaluation, Params, SchemaEnforcement};
 use super::model::{Effect, ScopePermissions};
 
 pub const NO_MATCH: &str = "NO_MATCH";
-pub const NO_MATCH_FOR_SCOPE_PERMISSIONS: &str = "NO_MATCH_FOR_SCOPE_PERMISSIONS";
 
 /// The decision for one action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -160,30 +160,40 @@ impl CheckOutput {
     }
 }
 
-/// Where a role pass ended up.
+/// Where a pass ended up.
 #[derive(Debug, Clone)]
 enum Verdict {
-    NoMatch {
-        awaiting_consent: bool,
-    },
+    NoMatch,
     Decided {
         effect: Effect,
+        /// The deciding policy (its own key names it in the reason).
         policy: Arc<Policy>,
         rule: String,
         role: Option<String>,
     },
 }
 
-/// A scope string's resource policy and the role policies that apply there.
-struct ScopeLevel {
+/// One scope of the resource pass: its resource policy and the role policies there.
+struct Level {
     scope: String,
     resource: Option<Arc<Policy>>,
-    /// (role name, role policy) for principal roles that have one at this scope.
+    /// Role policies at this scope, by role name.
     role_policies: Vec<(String, Arc<Policy>)>,
-    /// Derived roles active for the principal here: (definition, active).
-    derived: Vec<(Arc<DerivedRole>, bool)>,
-    /// Names of `derived` that are active.
-    active_names: Vec<String>,
+    /// Derived roles evaluated here for the current action: (definition, active).
+    derived: Option<(String, Vec<(Arc<DerivedRole>, bool)>)>,
+}
+
+impl Level {
+    fn active_names(&self) -> Vec<String> {
+        match &self.derived {
+            Some((_, d)) => d
+                .iter()
+                .filter(|(_, a)| *a)
+                .map(|(dr, _)| dr.name.clone())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Cerbos's scope normalisation: empty → the default scope, then one leading `.` stripped.
@@ -203,29 +213,16 @@ fn scope_chain(scope: &str) -> Vec<String> {
     out
 }
 
-/// The chain of policies to walk: strict needs the exact scope; lenient skips missing leaves.
-fn policy_chain(
-    by_scope: Option<&ByScope>,
-    scope: &str,
-    lenient: bool,
-) -> Vec<(String, Option<Arc<Policy>>)> {
-    let Some(by_scope) = by_scope else {
+/// The scopes to walk, most specific first. As in Cerbos, a scope "exists" if any policy of
+/// the pass's kind has it (not only policies for this resource kind or principal). Strict
+/// search needs the requested scope to exist; lenient search skips missing leaves.
+fn walk_scopes(requested: &str, existing: &BTreeSet<String>, lenient: bool) -> Vec<String> {
+    if !lenient && !existing.contains(requested) {
         return Vec::new();
-    };
-    let chain = scope_chain(scope);
-    let start = if lenient {
-        chain.iter().position(|s| by_scope.contains_key(s))
-    } else if by_scope.contains_key(scope) {
-        Some(0)
-    } else {
-        None
-    };
-    let Some(start) = start else {
-        return Vec::new();
-    };
-    chain[start..]
-        .iter()
-        .map(|s| (s.clone(), by_scope.get(s).cloned()))
+    }
+    scope_chain(requested)
+        .into_iter()
+        .filter(|s| existing.contains(s))
         .collect()
 }
 
@@ -273,28 +270,59 @@ impl<'a> Checker<'a> {
         let r_scope = normalise_scope(&r.scope, &self.params.default_scope).to_string();
         let lenient = self.params.lenient_scope_search;
 
-        let principal_chain = policy_chain(
-            self.set.principals.get(&(p.id.clone(), p_version.clone())),
-            &p_scope,
-            lenient,
+        // Principal policies. Cerbos 0.55 looks their rules up by the *resource's* version
+        // (its docs say the principal's) and names the match by the principal's version;
+        // we follow the code, as clients see it.
+        let principal_scopes = walk_scopes(&p_scope, &self.set.principal_scopes, lenient);
+        let rules_of = self.set.principals.get(&(p.id.clone(), r_version.clone()));
+        let principal_chain: Vec<Arc<Policy>> = principal_scopes
+            .iter()
+            .filter_map(|s| rules_of.and_then(|b| b.get(s)).cloned())
+            .collect();
+        let named = self.set.principals.get(&(p.id.clone(), p_version.clone()));
+        let principal_key = Some(
+            match principal_scopes
+                .iter()
+                .any(|s| named.is_some_and(|b| b.contains_key(s)))
+            {
+                true => policy_key(
+                    PolicyKind::Principal,
+                    &p.id,
+                    &p_version,
+                    &principal_scopes[0],
+                ),
+                false => NO_MATCH.to_string(),
+            },
         );
-        let resource_chain = policy_chain(
-            self.set.resources.get(&(r.kind.clone(), r_version.clone())),
-            &r_scope,
-            lenient,
-        );
+
+        let resource_scopes = walk_scopes(&r_scope, &self.set.resource_scopes, lenient);
+        let by_kind = self.set.resources.get(&(r.kind.clone(), r_version.clone()));
+        let mut levels: Vec<Level> = resource_scopes
+            .iter()
+            .map(|scope| Level {
+                scope: scope.clone(),
+                resource: by_kind.and_then(|b| b.get(scope)).cloned(),
+                role_policies: Vec::new(),
+                derived: None,
+            })
+            .collect();
+        let resource_key = levels.iter().any(|l| l.resource.is_some()).then(|| {
+            policy_key(
+                PolicyKind::Resource,
+                &r.kind,
+                &r_version,
+                &resource_scopes[0],
+            )
+        });
+
         let rejected = self.validate(&r_version);
 
-        // Role-policy parents: a custom role inherits its parents' permissions.
+        // Custom roles inherit their parents' permissions; parents are resolved at exactly
+        // the resource's scope, as Cerbos does.
         let role_sets: Vec<(String, Vec<String>)> = p
             .roles
             .iter()
-            .map(|role| {
-                (
-                    role.clone(),
-                    self.role_set(role, &r_version, &resource_chain),
-                )
-            })
+            .map(|role| (role.clone(), self.role_set(role, &r_version, &r_scope)))
             .collect();
         let all_roles: Vec<String> = {
             let mut v: Vec<String> = role_sets
@@ -305,37 +333,29 @@ impl<'a> Checker<'a> {
             v.dedup();
             v
         };
-        let mut levels: Vec<ScopeLevel> = resource_chain
-            .iter()
-            .map(|(scope, policy)| ScopeLevel {
-                scope: scope.clone(),
-                resource: policy.clone(),
-                role_policies: p
+        for level in levels.iter_mut() {
+            for role in &all_roles {
+                if let Some(rp) = self
+                    .set
                     .roles
-                    .iter()
-                    .filter_map(|role| {
-                        self.set
-                            .roles
-                            .get(&(role.clone(), r_version.clone()))
-                            .and_then(|b| b.get(scope))
-                            .map(|rp| (role.clone(), rp.clone()))
-                    })
-                    .collect(),
-                derived: Vec::new(),
-                active_names: Vec::new(),
-            })
-            .collect();
-        for (_, policy) in &principal_chain {
-            if let Some(policy) = policy {
-                self.out.trace.policies.push(policy.key.clone());
+                    .get(&(role.clone(), r_version.clone()))
+                    .and_then(|b| b.get(&level.scope))
+                {
+                    level.role_policies.push((role.clone(), rp.clone()));
+                }
             }
+        }
+        for policy in &principal_chain {
+            self.out.trace.policies.push(policy.key.clone());
         }
         for level in &levels {
             if let Some(policy) = &level.resource {
                 self.out.trace.policies.push(policy.key.clone());
             }
             for (_, rp) in &level.role_policies {
-                self.out.trace.policies.push(rp.key.clone());
+                if !self.out.trace.policies.contains(&rp.key) {
+                    self.out.trace.policies.push(rp.key.clone());
+                }
             }
         }
 
@@ -353,39 +373,24 @@ impl<'a> Checker<'a> {
                 });
                 continue;
             }
-            // Derived roles are evaluated per scope (and per action: CEL may read request.action).
-            for level in levels.iter_mut() {
-                self.derive_roles(level, action, &all_roles);
-                for n in &level.active_names {
-                    if !effective.contains(n) {
-                        effective.push(n.clone());
-                    }
-                }
-            }
-            let mut verdict = Verdict::NoMatch {
-                awaiting_consent: false,
-            };
+            let mut reported = principal_key.clone();
+            let mut verdict = Verdict::NoMatch;
             if !principal_chain.is_empty() {
                 verdict = self.walk_principal(action, &principal_chain);
             }
-            if !matches!(verdict, Verdict::Decided { .. }) {
-                let principal_consent = matches!(
-                    verdict,
-                    Verdict::NoMatch {
-                        awaiting_consent: true
-                    }
-                );
-                verdict = self.resource_pass(action, &levels, &role_sets);
-                if principal_consent {
-                    if let Verdict::NoMatch { .. } = verdict {
-                        verdict = Verdict::NoMatch {
-                            awaiting_consent: true,
-                        };
+            if matches!(verdict, Verdict::NoMatch) {
+                reported = resource_key.clone();
+                verdict = self.resource_pass(action, &mut levels, &role_sets, &all_roles);
+                for level in &levels {
+                    for n in level.active_names() {
+                        if !effective.contains(&n) {
+                            effective.push(n);
+                        }
                     }
                 }
             }
-            let mut r = result(action, verdict);
-            if r.policy == NO_MATCH {
+            let mut r = result(action, verdict, reported.as_deref());
+            if r.rule.is_empty() && r.effect == Effect::Deny {
                 let tried: Vec<String> = self
                     .out
                     .trace
@@ -413,25 +418,21 @@ impl<'a> Checker<'a> {
         self.out.effective_derived_roles = effective;
     }
 
-    /// `{role} ∪ parentRoles(role)` through role policies, recursively.
-    fn role_set(
-        &self,
-        role: &str,
-        version: &str,
-        chain: &[(String, Option<Arc<Policy>>)],
-    ) -> Vec<String> {
+    /// `{role} ∪ parentRoles(role)` through role policies at `scope`, recursively.
+    fn role_set(&self, role: &str, version: &str, scope: &str) -> Vec<String> {
         let mut out = vec![role.to_string()];
         let mut i = 0;
         while i < out.len() && out.len() < 64 {
             let r = out[i].clone();
-            if let Some(by_scope) = self.set.roles.get(&(r, version.to_string())) {
-                for (scope, _) in chain {
-                    if let Some(rp) = by_scope.get(scope) {
-                        for parent in &rp.parent_roles {
-                            if !out.contains(parent) {
-                                out.push(parent.clone());
-                            }
-                        }
+            if let Some(rp) = self
+                .set
+                .roles
+                .get(&(r, version.to_string()))
+                .and_then(|b| b.get(scope))
+            {
+                for parent in &rp.parent_roles {
+                    if !out.contains(parent) {
+                        out.push(parent.clone());
                     }
                 }
             }
@@ -506,40 +507,76 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn derive_roles(&mut self, level: &mut ScopeLevel, action: &str, all_roles: &[String]) {
+    /// Evaluates a condition; lenient CEL errors are recorded here and read as `false`.
+    fn condition(
+        &mut self,
+        cond: &Cond,
+        ctx_parts: (&str, &Arc<Map<String, Value>>, &Variables, &[String]),
+        at: (&str, &str),
+    ) -> Result<bool, (String, String)> {
+        let (action, constants, variables, derived) = ctx_parts;
+        let lenient = self.params.evaluation == Evaluation::Lenient;
+        let mut absorbed = Vec::new();
+        let held = {
+            let ctx = self.ctx(action, constants, variables, derived);
+            eval_cond(cond, &ctx, lenient, &mut absorbed)
+        };
+        for (expression, message) in absorbed {
+            self.out.evaluation_errors.push(EvalError {
+                action: action.to_string(),
+                policy: at.0.to_string(),
+                rule: at.1.to_string(),
+                expression,
+                message,
+            });
+        }
+        held
+    }
+
+    /// Derived roles of `level`'s policy for this action (once per scope and action).
+    fn derive_roles(&mut self, level: &mut Level, action: &str, all_roles: &[String]) {
+        if level.derived.as_ref().is_some_and(|(a, _)| a == action) {
+            return;
+        }
         let Some(policy) = level.resource.clone() else {
+            level.derived = Some((action.to_string(), Vec::new()));
             return;
         };
-        level.derived.clear();
-        level.active_names.clear();
+        let mut out = Vec::new();
         for dr in &policy.derived_roles {
             let parent_ok = dr
                 .parent_roles
                 .iter()
                 .any(|g| all_roles.iter().any(|r| g.matches(r)));
-            let (active, error) = if !parent_ok {
-                (false, None)
-            } else {
-                match &dr.condition {
-                    None => (true, None),
+            let mut error = None;
+            let active = parent_ok
+                && match &dr.condition {
+                    None => true,
                     Some(cond) => {
-                        let ctx = self.ctx(action, &dr.constants, &dr.variables, &self.no_roles);
-                        match eval_cond(cond, &ctx) {
-                            Ok(b) => (b, None),
-                            Err((expr, msg)) => {
+                        let at = format!("derived_roles.{}", dr.set);
+                        let no_roles = std::mem::take(&mut self.no_roles);
+                        let held = self.condition(
+                            cond,
+                            (action, &dr.constants, &dr.variables, &no_roles),
+                            (&at, &dr.name),
+                        );
+                        self.no_roles = no_roles;
+                        match held {
+                            Ok(b) => b,
+                            Err((expression, message)) => {
                                 self.out.evaluation_errors.push(EvalError {
                                     action: action.to_string(),
-                                    policy: format!("derived_roles.{}", dr.set),
+                                    policy: at,
                                     rule: dr.name.clone(),
-                                    expression: expr,
-                                    message: msg.clone(),
+                                    expression,
+                                    message: message.clone(),
                                 });
-                                (false, Some(msg))
+                                error = Some(message);
+                                false
                             }
                         }
                     }
-                }
-            };
+                };
             let seen = self
                 .out
                 .trace
@@ -554,18 +591,14 @@ impl<'a> Checker<'a> {
                     error,
                 });
             }
-            if active {
-                level.active_names.push(dr.name.clone());
-            }
-            level.derived.push((dr.clone(), active));
+            out.push((dr.clone(), active));
         }
+        level.derived = Some((action.to_string(), out));
     }
 
-    fn walk_principal(&mut self, action: &str, chain: &[(String, Option<Arc<Policy>>)]) -> Verdict {
+    fn walk_principal(&mut self, action: &str, chain: &[Arc<Policy>]) -> Verdict {
         let kind = self.input.resource.kind.clone();
-        let mut awaiting = false;
-        for (_, policy) in chain {
-            let Some(policy) = policy else { continue };
+        for policy in chain {
             let mut has_allow: Option<String> = None;
             for rule in &policy.rules {
                 let resource_ok = rule.resource.as_ref().is_some_and(|g| g.matches(&kind));
@@ -589,7 +622,6 @@ impl<'a> Checker<'a> {
             }
             if let Some(rule) = has_allow {
                 if policy.scope_permissions == ScopePermissions::RequireParentalConsentForAllows {
-                    awaiting = true;
                     self.consent_step(action, "principal", None, policy, &rule);
                     continue;
                 }
@@ -601,47 +633,32 @@ impl<'a> Checker<'a> {
                 };
             }
         }
-        Verdict::NoMatch {
-            awaiting_consent: awaiting,
-        }
+        Verdict::NoMatch
     }
 
+    /// Per role: a DENY wins within the role; across roles the first ALLOW wins, else the
+    /// first DENY, else no match.
     fn resource_pass(
         &mut self,
         action: &str,
-        levels: &[ScopeLevel],
+        levels: &mut [Level],
         role_sets: &[(String, Vec<String>)],
+        all_roles: &[String],
     ) -> Verdict {
-        let mut effect = Verdict::NoMatch {
-            awaiting_consent: false,
-        };
+        let mut effect = Verdict::NoMatch;
         for (role, role_set) in role_sets {
-            let v = self.walk_role(action, role, role_set, levels);
-            let is_allow = matches!(
+            let v = self.walk_role(action, role, role_set, levels, all_roles);
+            if matches!(
                 v,
                 Verdict::Decided {
                     effect: Effect::Allow,
                     ..
                 }
-            );
-            match (&effect, &v) {
-                (
-                    Verdict::NoMatch {
-                        awaiting_consent: false,
-                    },
-                    _,
-                ) => effect = v.clone(),
-                (
-                    Verdict::NoMatch {
-                        awaiting_consent: true,
-                    },
-                    Verdict::Decided { .. },
-                ) => effect = v.clone(),
-                _ => {}
+            ) {
+                return v;
             }
-            if is_allow {
+            if matches!(effect, Verdict::NoMatch) {
                 effect = v;
-                break;
             }
         }
         effect
@@ -652,14 +669,35 @@ impl<'a> Checker<'a> {
         action: &str,
         role: &str,
         role_set: &[String],
-        levels: &[ScopeLevel],
+        levels: &mut [Level],
+        all_roles: &[String],
     ) -> Verdict {
         let kind = self.input.resource.kind.clone();
-        let mut awaiting = false;
-        for level in levels {
-            // Role-policy constraints come first: an unlisted action is a DENY for this role.
-            for (rp_role, rp) in &level.role_policies {
-                if rp_role != role {
+        let r_version = version(
+            &self.input.resource.policy_version,
+            &self.params.default_policy_version,
+        )
+        .to_string();
+        for level in levels.iter_mut() {
+            self.derive_roles(level, action, all_roles);
+            let active = level.active_names();
+            // Role policies first: an action a custom role (or its parents) does not list
+            // for this resource is a DENY for this role.
+            let constraints: Vec<Arc<Policy>> = level
+                .role_policies
+                .iter()
+                .filter(|(r, _)| role_set.contains(r))
+                .map(|(_, rp)| rp.clone())
+                .collect();
+            let constrained = constraints.iter().any(|rp| {
+                rp.rules
+                    .iter()
+                    .any(|rule| rule.resource.as_ref().is_some_and(|g| g.matches(&kind)))
+            });
+            for rp in constraints {
+                // A custom role constrains the resource kinds that it or its parent custom
+                // roles name (Cerbos's synthetic DENY rows); other kinds are left alone.
+                if !constrained {
                     continue;
                 }
                 let mut allowed = false;
@@ -668,14 +706,9 @@ impl<'a> Checker<'a> {
                     if !resource_ok || !rule.actions.iter().any(|g| g.matches(action)) {
                         continue;
                     }
-                    if let RuleOutcome::Allow = self.apply_rule(
-                        action,
-                        "resource",
-                        Some(role),
-                        rp,
-                        rule,
-                        &level.active_names,
-                    ) {
+                    if let RuleOutcome::Allow =
+                        self.apply_rule(action, "resource", Some(role), &rp, rule, &active)
+                    {
                         allowed = true;
                         break;
                     }
@@ -700,12 +733,15 @@ impl<'a> Checker<'a> {
                     };
                 }
             }
-            let Some(policy) = &level.resource else {
+            let Some(policy) = level.resource.clone() else {
                 continue;
             };
+            let derived: Vec<(Arc<DerivedRole>, bool)> = level
+                .derived
+                .as_ref()
+                .map(|(_, d)| d.clone())
+                .unwrap_or_default();
             let mut has_allow: Option<String> = None;
-            let consent =
-                policy.scope_permissions == ScopePermissions::RequireParentalConsentForAllows;
             for rule in &policy.rules {
                 if !rule.actions.iter().any(|g| g.matches(action)) {
                     continue;
@@ -715,41 +751,18 @@ impl<'a> Checker<'a> {
                     .iter()
                     .any(|g| role_set.iter().any(|r| g.matches(r)));
                 let by_derived = rule.derived_roles.iter().any(|name| {
-                    level.derived.iter().any(|(dr, active)| {
-                        *active
-                            && &dr.name == name
+                    derived.iter().any(|(dr, on)| {
+                        *on && &dr.name == name
                             && dr
                                 .parent_roles
                                 .iter()
                                 .any(|g| role_set.iter().any(|r| g.matches(r)))
                     })
                 });
-                let derived_declined = !by_role
-                    && rule.derived_roles.iter().any(|name| {
-                        level.derived.iter().any(|(dr, active)| {
-                            !*active
-                                && &dr.name == name
-                                && dr
-                                    .parent_roles
-                                    .iter()
-                                    .any(|g| role_set.iter().any(|r| g.matches(r)))
-                        })
-                    });
                 if !by_role && !by_derived {
-                    // In a consent scope, a conditional ALLOW whose derived role did not hold
-                    // does not deny: only a false *rule* condition does.
-                    let _ = derived_declined;
                     continue;
                 }
-                let outcome = self.apply_rule(
-                    action,
-                    "resource",
-                    Some(role),
-                    policy,
-                    rule,
-                    &level.active_names,
-                );
-                match outcome {
+                match self.apply_rule(action, "resource", Some(role), &policy, rule, &active) {
                     RuleOutcome::Deny => {
                         return Verdict::Decided {
                             effect: Effect::Deny,
@@ -761,33 +774,12 @@ impl<'a> Checker<'a> {
                     RuleOutcome::Allow => {
                         has_allow.get_or_insert_with(|| rule.name.clone());
                     }
-                    RuleOutcome::Nothing => {
-                        if consent && rule.effect == Effect::Allow && rule.condition.is_some() {
-                            self.out.trace.steps.push(Step {
-                                action: action.to_string(),
-                                pass: "resource",
-                                role: Some(role.to_string()),
-                                policy: policy.key.clone(),
-                                scope: policy.scope.clone(),
-                                rule: rule.name.clone(),
-                                effect: Effect::Deny,
-                                outcome: StepOutcome::ImplicitDeny,
-                                error: None,
-                            });
-                            return Verdict::Decided {
-                                effect: Effect::Deny,
-                                policy: policy.clone(),
-                                rule: rule.name.clone(),
-                                role: Some(role.to_string()),
-                            };
-                        }
-                    }
+                    RuleOutcome::Nothing => {}
                 }
             }
             if let Some(rule) = has_allow {
-                if consent {
-                    awaiting = true;
-                    self.consent_step(action, "resource", Some(role), policy, &rule);
+                if policy.scope_permissions == ScopePermissions::RequireParentalConsentForAllows {
+                    self.consent_step(action, "resource", Some(role), &policy, &rule);
                     continue;
                 }
                 return Verdict::Decided {
@@ -798,9 +790,7 @@ impl<'a> Checker<'a> {
                 };
             }
         }
-        Verdict::NoMatch {
-            awaiting_consent: awaiting,
-        }
+        Verdict::NoMatch
     }
 
     fn consent_step(
@@ -836,10 +826,11 @@ impl<'a> Checker<'a> {
     ) -> RuleOutcome {
         let held = match &rule.condition {
             None => Ok(true),
-            Some(cond) => {
-                let ctx = self.ctx(action, &policy.constants, &policy.variables, derived);
-                eval_cond(cond, &ctx)
-            }
+            Some(cond) => self.condition(
+                cond,
+                (action, &policy.constants, &policy.variables, derived),
+                (&policy.key, &rule.name),
+            ),
         };
         let src = format!("{}#{}", policy.key, rule.name);
         let (outcome, step, error) = match held {
@@ -855,7 +846,12 @@ impl<'a> Checker<'a> {
                     Effect::Allow => RuleOutcome::Allow,
                     Effect::Deny => RuleOutcome::Deny,
                 };
-                (o, StepOutcome::Activated, None)
+                let step = if rule.implicit_deny {
+                    StepOutcome::ImplicitDeny
+                } else {
+                    StepOutcome::Activated
+                };
+                (o, step, None)
             }
             Ok(false) => {
                 self.output(action, policy, derived, &src, rule.output_not_met.as_ref());
@@ -871,11 +867,7 @@ impl<'a> Checker<'a> {
                 });
                 self.output(action, policy, derived, &src, rule.output_not_met.as_ref());
                 // INVARIANT: in strict mode a CEL error never allows: the rule denies instead.
-                let o = match self.params.evaluation {
-                    Evaluation::Strict => RuleOutcome::Deny,
-                    Evaluation::Lenient => RuleOutcome::Nothing,
-                };
-                (o, StepOutcome::Error, Some(message))
+                (RuleOutcome::Deny, StepOutcome::Error, Some(message))
             }
         };
         let effect = match (outcome, rule.effect) {
@@ -896,6 +888,8 @@ impl<'a> Checker<'a> {
         outcome
     }
 
+    /// Emits an output entry. As in Cerbos, once per rule visit (a rule visited in several
+    /// role passes emits once per pass).
     fn output(
         &mut self,
         action: &str,
@@ -905,18 +899,12 @@ impl<'a> Checker<'a> {
         expr: Option<&super::cel::Expr>,
     ) {
         let Some(expr) = expr else { return };
-        if self
-            .out
-            .outputs
-            .iter()
-            .any(|o| o.src == src && o.action == action)
-        {
-            return;
-        }
-        let ctx = self.ctx(action, &policy.constants, &policy.variables, derived);
-        let (val, error) = match expr.eval_json(&ctx) {
-            Ok(v) => (Some(v), None),
-            Err(e) => (None, Some(e)),
+        let (val, error) = {
+            let ctx = self.ctx(action, &policy.constants, &policy.variables, derived);
+            match expr.eval_json(&ctx) {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e)),
+            }
         };
         self.out.outputs.push(OutputEntry {
             src: src.to_string(),
@@ -934,26 +922,19 @@ enum RuleOutcome {
     Nothing,
 }
 
-fn result(action: &str, verdict: Verdict) -> ActionResult {
+/// The action's result. `reported` is Cerbos's `matchedPolicy` for the pass that ran: the
+/// key of the requested (first existing) scope, even when an ancestor scope decided; the
+/// deciding scope goes to `matchedScope`, and the deciding policy and rule to the reason.
+fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResult {
     match verdict {
-        Verdict::NoMatch { awaiting_consent } => {
-            let (policy, reason) = if awaiting_consent {
-                (
-                    NO_MATCH_FOR_SCOPE_PERMISSIONS,
-                    "denied: allowed in a scope that requires parental consent, and no parent scope allowed it",
-                )
-            } else {
-                (NO_MATCH, "denied by default: no policy rule matched")
-            };
-            ActionResult {
-                action: action.to_string(),
-                effect: Effect::Deny,
-                policy: policy.to_string(),
-                scope: String::new(),
-                rule: String::new(),
-                reason: reason.to_string(),
-            }
-        }
+        Verdict::NoMatch => ActionResult {
+            action: action.to_string(),
+            effect: Effect::Deny,
+            policy: reported.unwrap_or(NO_MATCH).to_string(),
+            scope: String::new(),
+            rule: String::new(),
+            reason: "denied by default: no policy rule matched".to_string(),
+        },
         Verdict::Decided {
             effect,
             policy,
@@ -966,22 +947,25 @@ fn result(action: &str, verdict: Verdict) -> ActionResult {
             };
             let by = if rule.is_empty() {
                 format!(
-                    "{verb} by {} (action not listed for this resource)",
+                    "{verb} by {} (the custom role does not list this action)",
                     policy.key
                 )
             } else {
                 format!("{verb} by {}#{rule}", policy.key)
             };
-            let reason = match (role, policy.kind) {
-                (Some(role), PolicyKind::Resource | PolicyKind::Role) => {
-                    format!("{by} for role {role}")
-                }
-                _ => by,
+            let reason = match role {
+                Some(role) => format!("{by} for role {role}"),
+                None => by,
+            };
+            let matched = if policy.kind == PolicyKind::Role {
+                policy.key.clone()
+            } else {
+                reported.unwrap_or(&policy.key).to_string()
             };
             ActionResult {
                 action: action.to_string(),
                 effect,
-                policy: policy.key.clone(),
+                policy: matched,
                 scope: policy.scope.clone(),
                 rule,
                 reason,
@@ -990,16 +974,31 @@ fn result(action: &str, verdict: Verdict) -> ActionResult {
     }
 }
 
-/// Evaluates a condition tree with CEL's error absorption: `all` is false if any child is
-/// false, else an error if any child errs; `any` mirrors it; `none` is `!any`.
-/// The error names the failing expression.
-pub fn eval_cond(cond: &Cond, ctx: &EvalCtx<'_>) -> Result<bool, (String, String)> {
+/// Evaluates a condition tree.
+///
+/// Strict: CEL's error absorption: `all` is false if any child is false, else an error if any
+/// child errs; `any` mirrors it; `none` is `!any`. The error names the failing expression.
+/// Lenient (Cerbos's default): an erroring expression reads as `false` and is reported
+/// through `absorbed`, so `none` over an error is true, as in Cerbos.
+pub fn eval_cond(
+    cond: &Cond,
+    ctx: &EvalCtx<'_>,
+    lenient: bool,
+    absorbed: &mut Vec<(String, String)>,
+) -> Result<bool, (String, String)> {
     match cond {
-        Cond::Expr(e) => e.eval_bool(ctx).map_err(|m| (e.source().to_string(), m)),
+        Cond::Expr(e) => match e.eval_bool(ctx) {
+            Ok(b) => Ok(b),
+            Err(m) if lenient => {
+                absorbed.push((e.source().to_string(), m));
+                Ok(false)
+            }
+            Err(m) => Err((e.source().to_string(), m)),
+        },
         Cond::All(children) => {
             let mut first_err = None;
             for c in children {
-                match eval_cond(c, ctx) {
+                match eval_cond(c, ctx, lenient, absorbed) {
                     Ok(false) => return Ok(false),
                     Ok(true) => {}
                     Err(e) => {
@@ -1013,7 +1012,7 @@ pub fn eval_cond(cond: &Cond, ctx: &EvalCtx<'_>) -> Result<bool, (String, String
             let mut first_err = None;
             let mut any = false;
             for c in children {
-                match eval_cond(c, ctx) {
+                match eval_cond(c, ctx, lenient, absorbed) {
                     Ok(true) => {
                         any = true;
                         break;

@@ -4,31 +4,32 @@
 //!   variants): `status`, `whois`, `cert` pairs and the `watch-ipn-bus` stream, with typed
 //!   errors, per-call timeouts and a keep-alive connection pool.
 //! - [`types`]: tolerant serde types of tailscaled's JSON (`Status`, `WhoIs`, `Notify`).
+//! - [`whois`]: WhoIs → principal per connection: bounded, cached, fail-closed.
+//! - [`tls`]: `tls: auto`, the node's LocalAPI certificate for rustls, renewed ahead of expiry.
 //!
 //! Identity (DESIGN.md §1 step 2, §3) is built on [`localapi::LocalApi::whois`]: a caller
 //! without a WhoIs answer gets no identity and nothing is forwarded.
 
 pub mod localapi;
+pub mod tls;
 pub mod types;
+pub mod whois;
 
-/// The WhoIs-backed identity provider for `identity.provider: tailscale`.
+/// The WhoIs-backed identity provider for `identity.provider: tailscale`: a
+/// [`whois::WhoisResolver`] over `api` (settings from `cfg`, the tailnet name from start-up),
+/// with its IPN-bus watcher running (the cache is flushed on netmap changes). Keep the
+/// resolver itself ([`whois::WhoisResolver::from_config`]) to read its metrics.
 pub fn identify(
     api: localapi::LocalApi,
     cfg: &crate::config::IdentityConfig,
     tailnet: &str,
 ) -> std::sync::Arc<dyn crate::server::Identify> {
-    let _ = (api, cfg, tailnet);
-    std::sync::Arc::new(NoIdentity)
-}
-
-/// Placeholder until the WhoIs resolver lands: nobody is identified (fail closed).
-struct NoIdentity;
-
-impl crate::server::Identify for NoIdentity {
-    fn identify(
-        &self,
-        peer: std::net::SocketAddr,
-    ) -> futures_util::future::BoxFuture<'_, Result<crate::gateway::Caller, String>> {
-        Box::pin(async move { Err(format!("no WhoIs resolver for {peer}")) })
-    }
+    let mut settings = whois::WhoisSettings::from_config(cfg);
+    settings.tailnet = Some(tailnet.to_owned()).filter(|t| !t.is_empty());
+    // The WhoIs call's own bound follows `identity.whois_timeout` too.
+    let mut api_config = api.config().clone();
+    api_config.whois_timeout = cfg.whois_timeout;
+    let resolver = whois::WhoisResolver::new(localapi::LocalApi::new(api_config), settings);
+    resolver.spawn_netmap_watch();
+    resolver
 }

@@ -39,10 +39,13 @@ use crate::server::Identify;
 
 /// Concurrent WhoIs calls in flight, all peers together.
 pub const DEFAULT_MAX_CONCURRENT: usize = 32;
-/// Concurrent WhoIs calls for loopback peers (a subset of the above). Each unmapped loopback
-/// lookup holds tailscaled's main lock ~181 ms; five in parallel delayed an ordinary WhoIs to
-/// 0.61 s on the lab machine.
-pub const DEFAULT_MAX_CONCURRENT_LOOPBACK: usize = 4;
+/// Concurrent WhoIs calls for loopback peers (a subset of the above). Measured on tailscaled
+/// 1.96.4 (`cargo bench --bench identity`): unmapped `ip:port` lookups run one after another
+/// under its main lock, ~181 ms each, and a `status` (or any other WhoIs) sent meanwhile waits
+/// for all of them (k in parallel: k × 181 ms). Each unit of this bound is thus ~181 ms of
+/// stall a local process can impose on everyone else; tailscaled gains nothing from more
+/// parallel misses, so the bound is small.
+pub const DEFAULT_MAX_CONCURRENT_LOOPBACK: usize = 2;
 /// The pause before the single retry of a loopback 404.
 pub const DEFAULT_LOOPBACK_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// Most peer IPs kept in the cache.
@@ -558,7 +561,9 @@ impl WhoisResolver {
         let peer = SocketAddr::new(ip, peer.port());
         let loopback = ip.is_loopback();
         if loopback {
-            self.metrics.loopback_lookups.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .loopback_lookups
+                .fetch_add(1, Ordering::Relaxed);
         } else if let Some(hit) = self.cached(ip) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.identified.fetch_add(1, Ordering::Relaxed);
@@ -668,8 +673,8 @@ impl WhoisResolver {
         let who = answer.map_err(|e| self.explain(peer, &e))?;
         let tailnet = self.tailnet_name().await?;
         let ip = caller_ip(&who, peer.ip());
-        let identity = identity_from_whois(&who, ip, &tailnet, &self.settings.capability)
-            .map_err(|e| {
+        let identity =
+            identity_from_whois(&who, ip, &tailnet, &self.settings.capability).map_err(|e| {
                 self.metrics
                     .err_invalid_identity
                     .fetch_add(1, Ordering::Relaxed);
@@ -854,10 +859,7 @@ impl WhoisResolver {
                     }
                     Err(e) => {
                         if let Some(me) = weak.upgrade() {
-                            me.warn(
-                                "bus",
-                                &format!("cannot watch the IPN bus (retrying): {e}"),
-                            );
+                            me.warn("bus", &format!("cannot watch the IPN bus (retrying): {e}"));
                         }
                     }
                 }
@@ -913,7 +915,10 @@ mod tests {
             ..Default::default()
         };
         let text = s.prometheus();
-        assert!(text.contains("toolgate_whois_cache_hits_total 3\n"), "{text}");
+        assert!(
+            text.contains("toolgate_whois_cache_hits_total 3\n"),
+            "{text}"
+        );
         assert!(
             text.contains("toolgate_whois_errors_total{kind=\"transport\"} 2\n"),
             "{text}"

@@ -13,7 +13,8 @@
 //!   retries ~181 ms; reference/tailnet-lab.md finding 1).
 //!
 //! Tests configure identities, status, the cert pair and faults, push bus notifications, and
-//! read call counts, accepted connections and the recorded request headers.
+//! read call counts, WhoIs requests in flight, accepted connections and the recorded request
+//! headers.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -170,6 +171,9 @@ struct Shared {
     /// Bus lines; `None` ends every open bus stream.
     bus: broadcast::Sender<Option<String>>,
     accepted: AtomicUsize,
+    /// WhoIs requests being handled right now, and the most ever at once.
+    whois_in_flight: AtomicUsize,
+    whois_max_in_flight: AtomicUsize,
     conns: Mutex<Vec<AbortHandle>>,
 }
 
@@ -207,6 +211,8 @@ impl FakeLocalApi {
             }),
             bus,
             accepted: AtomicUsize::new(0),
+            whois_in_flight: AtomicUsize::new(0),
+            whois_max_in_flight: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
         });
         let fake = FakeLocalApi {
@@ -387,6 +393,22 @@ impl FakeLocalApi {
             .get(endpoint)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// WhoIs requests being handled right now (from arrival to response, faults included).
+    pub fn whois_in_flight(&self) -> usize {
+        self.shared.whois_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most WhoIs requests ever handled at once (since start or the last reset).
+    pub fn whois_max_in_flight(&self) -> usize {
+        self.shared.whois_max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Resets [`FakeLocalApi::whois_max_in_flight`] to the current in-flight count.
+    pub fn reset_whois_max_in_flight(&self) {
+        let now = self.shared.whois_in_flight.load(Ordering::SeqCst);
+        self.shared.whois_max_in_flight.store(now, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
@@ -621,10 +643,28 @@ async fn hang() -> Response<Body> {
     std::future::pending::<Response<Body>>().await
 }
 
+/// Counts a WhoIs request in flight while it lives.
+struct WhoisInFlight(Arc<Shared>);
+
+impl WhoisInFlight {
+    fn new(shared: &Arc<Shared>) -> Self {
+        let now = shared.whois_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.whois_max_in_flight.fetch_max(now, Ordering::SeqCst);
+        WhoisInFlight(shared.clone())
+    }
+}
+
+impl Drop for WhoisInFlight {
+    fn drop(&mut self) {
+        self.0.whois_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, DropConn> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let endpoint = endpoint_name(&path);
+    let _in_flight = (endpoint == "whois").then(|| WhoisInFlight::new(&shared));
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()

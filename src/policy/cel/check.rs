@@ -3,7 +3,8 @@
 //!   functions, bad literal arguments (durations, timestamps, regexes, IPs, CIDRs, SPIFFE IDs),
 //!   bare uses of `V`, too deep trees and too deeply nested comprehensions;
 //! - collect the variables read (`V.x`, `variables.x`);
-//! - instrument every loop with an `@tick` call that charges the evaluation's cost budget.
+//! - instrument every loop with an `@tick` call that charges the evaluation's cost budget, and
+//!   route `==`, `!=` and `in` between non-literals to structural equality (lazy views).
 
 use std::sync::Arc;
 
@@ -224,6 +225,13 @@ impl Checker<'_> {
         };
         let root = segments[0];
         if self.is_bound(root) || root.starts_with('@') {
+            return Ok(());
+        }
+        // `V.x.y` reads the variable `x`.
+        if (root == "V" || root == "variables")
+            && let Some(var) = segments.get(1)
+        {
+            self.use_variable(var);
             return Ok(());
         }
         if ROOTS.contains(&root) {

@@ -10,13 +10,19 @@
 //! - [`Request`] (once per check) and [`EvalCtx`] (once per policy × action × scope)
 //! - [`Expr::eval_bool`], [`Expr::eval_json`]
 //!
-//! Layout: [`env`] builds the `cel::Env`; [`macros`] holds the parse-time rewrites (`cel.bind`,
-//! two-variable comprehensions, `now()`, UTC getters, cached `matches`); [`check`] the load-time
-//! checks and the cost-tick rewrite; [`scope`] binds a request lazily (the variable resolver,
-//! the per-evaluation cost budget); [`views`] the lazy JSON views; [`output`] protojson-like
-//! output; [`funcs`], [`hierarchy`], [`network`], [`paths`], [`regex`], [`spiffe`] the functions.
+//! Layout: `env` builds the `cel::Env`; `macros` holds the parse-time rewrites (`cel.bind`,
+//! two-variable comprehensions, `now()`, UTC getters, cached `matches`); `check` the load-time
+//! checks and AST rewrites, run by `compiler` on a thread with a large stack; `scope` binds
+//! a request lazily (variable resolver, lazy policy variables, cost budget); `views` the lazy
+//! JSON views; `output` protojson-like output; `funcs`, `hierarchy`, `network`,
+//! `paths`, `regex`, `spiffe` the functions.
+//!
+//! Limits: [`MAX_SOURCE_LEN`], [`MAX_DEPTH`], [`MAX_VARIABLE_DEPTH`], [`MAX_LOOP_NESTING`] at
+//! load; [`COST_LIMIT`] per evaluation. Policy variables are evaluated on first use and cached
+//! for the rest of that one evaluation (`eval_bool`/`eval_json` call).
 
 mod check;
+mod compiler;
 mod env;
 mod funcs;
 mod hierarchy;
@@ -36,7 +42,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, LazyLock};
 
-use cel::common::types::CelBool;
 use cel::common::value::Val;
 use serde_json::{Map, Value};
 
@@ -55,9 +60,6 @@ pub const MAX_LOOP_NESTING: usize = 4;
 pub const COST_LIMIT: u64 = 100_000;
 /// The error of an evaluation that exceeded [`COST_LIMIT`].
 pub const COST_EXCEEDED: &str = "evaluation cost limit exceeded";
-
-/// Stack for the compiler thread: the parser recurses deeply (notably in debug builds).
-const COMPILE_STACK: usize = 256 << 20;
 
 /// The compiled CEL environment. Build once, share everywhere (`Send + Sync`).
 #[derive(Clone)]
@@ -101,20 +103,7 @@ impl CelEnv {
                 src.len()
             ));
         }
-        let env = &self.env;
-        let compiled = std::thread::scope(|s| {
-            let handle = std::thread::Builder::new()
-                .name("cel-compile".into())
-                .stack_size(COMPILE_STACK)
-                .spawn_scoped(s, || {
-                    catch_unwind(AssertUnwindSafe(|| check::compile(env, src)))
-                })
-                .map_err(|e| format!("cannot start the CEL compiler thread: {e}"))?;
-            match handle.join() {
-                Ok(Ok(result)) => result,
-                _ => Err("internal error while compiling the expression".to_string()),
-            }
-        })?;
+        let compiled = compiler::compile(&self.env, src)?;
         Ok(Expr {
             inner: Arc::new(ExprInner {
                 source: src.to_string(),
@@ -164,13 +153,27 @@ impl Expr {
 
     /// Evaluates a boolean condition. A non-boolean result is an error.
     pub fn eval_bool(&self, ctx: &EvalCtx<'_>) -> Result<bool, String> {
-        self.eval_with(ctx, |v| match v.downcast_ref::<CelBool>() {
-            Some(b) => Ok(*b.inner()),
-            None => Err(format!(
-                "condition evaluated to a {}, not a bool",
-                v.get_type().name()
-            )),
-        })
+        let run = || {
+            scope::reset_budget();
+            let scope = scope::Scope::new(ctx);
+            let mut context = cel::Context::with_env(ctx.env.env.clone());
+            context.set_variable_resolver(&scope);
+            // `Value::resolve` (not the `#[inline(always)]` `resolve_val`) runs the interpreter
+            // as compiled in the `cel` crate: with its optimisation level, hence its (much
+            // smaller) stack frames, in debug builds too.
+            match cel::Value::resolve(&self.inner.ast, &context) {
+                Ok(cel::Value::Bool(b)) => Ok(b),
+                Ok(other) => Err(not_a_bool(&value_type(other))),
+                Err(cel::ExecutionError::UnexpectedType { got, want })
+                    if want.contains("representable as") =>
+                {
+                    Err(not_a_bool(&got))
+                }
+                Err(e) => Err(scope::error_message(&e)),
+            }
+        };
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|_| Err("internal error while evaluating the expression".to_string()))
     }
 
     /// Evaluates an output expression to JSON (protojson-like: durations `"5400s"`, timestamps
@@ -197,6 +200,16 @@ impl Expr {
         catch_unwind(AssertUnwindSafe(run))
             .unwrap_or_else(|_| Err("internal error while evaluating the expression".to_string()))
     }
+}
+
+fn not_a_bool(type_name: &str) -> String {
+    format!("condition evaluated to a {type_name}, not a bool")
+}
+
+/// The CEL type name of a value (`double`, `list`, ...).
+fn value_type(v: cel::Value) -> String {
+    let fallback = v.type_of().to_string();
+    Box::<dyn Val>::try_from(v).map_or(fallback, |v| v.get_type().name().to_string())
 }
 
 /// A policy's variables (imported and local, merged), in dependency order.

@@ -181,6 +181,8 @@ pub(super) fn translate(pattern: &str) -> String {
                 }
                 None => out.push(']'),
             },
+            // RE2 reads a `{` that starts no repetition (`{n}`, `{n,}`, `{n,m}`) as a literal.
+            '{' if class.is_none() && !starts_repetition(chars.clone()) => out.push_str("\\{"),
             '&' | '~' if class.is_some() => {
                 out.push('\\');
                 out.push(c);
@@ -195,6 +197,20 @@ pub(super) fn translate(pattern: &str) -> String {
         }
     }
     out
+}
+
+/// Whether the characters after a `{` are `n}`, `n,}` or `n,m}`.
+fn starts_repetition(rest: impl Iterator<Item = char>) -> bool {
+    let mut body = String::new();
+    for c in rest.take(32) {
+        if c == '}' {
+            let (min, max) = body.split_once(',').unwrap_or((&body, "0"));
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            return digits(min) && (max.is_empty() || digits(max));
+        }
+        body.push(c);
+    }
+    false
 }
 
 /// `s.matches(re)` / `matches(s, re)`: an unanchored search.

@@ -121,9 +121,19 @@ impl<'a> Scope<'a> {
         let value = slot.value.get_or_init(|| {
             let mut context = cel::Context::with_env(self.env.clone());
             context.set_variable_resolver(self);
-            cel::Value::resolve_val(&expr.inner.ast, &context)
-                .and_then(|v| to_static(v.as_ref()))
-                .map_err(|e| format!("variable '{name}': {}", error_message(&e)))
+            // As in `eval_bool`, `Value::resolve` runs the interpreter compiled in `cel`. A
+            // value it cannot return (a view, one of our types) is evaluated again, kept as is.
+            let value = match cel::Value::resolve(&expr.inner.ast, &context) {
+                Ok(v) => Box::<dyn Val>::try_from(v),
+                Err(ExecutionError::UnexpectedType { want, .. })
+                    if want.contains("representable as") =>
+                {
+                    cel::Value::resolve_val(&expr.inner.ast, &context)
+                        .and_then(|v| to_static(v.as_ref()))
+                }
+                Err(e) => Err(e),
+            };
+            value.map_err(|e| format!("variable '{name}': {}", error_message(&e)))
         });
         match value {
             Ok(v) => Ok(v.as_ref()),

@@ -250,6 +250,33 @@ fn request_values_are_cerbos_shaped() {
                 "level": 3, "login": "alice", "ip": "10.1.2.3",
             }),
         ),
+        (
+            "string(R.attr.count) == '30' && int(R.attr.count) == 30",
+            json!(true),
+        ),
+        ("R.attr.count > 10 && R.attr.count < 31u", json!(true)),
+        ("R.attr.tags[0] + R.attr.tags[1]", json!("xy")),
+        ("size(R.attr.owner) + R.attr.owner.size()", json!(10)),
+        ("now().getFullYear()", json!(2024)),
+        (
+            "R.attr.nested == {'a': {'b': [1, 2, {'c': true}]}}",
+            json!(true),
+        ),
+        (
+            "R.attr.nested != {'a': {'b': [1, 2, {'c': false}]}}",
+            json!(true),
+        ),
+        ("[R.attr.nested.a.b[2]] == [{'c': true}]", json!(true)),
+        ("{'c': true} in R.attr.nested.a.b", json!(true)),
+        ("R.attr.nested.a.b[2] in [{'c': true}]", json!(true)),
+        (
+            "P.attr.geo in [P.attr.geo] && P.attr.teams != P.attr.geo",
+            json!(true),
+        ),
+        (
+            "[P.attr.geo].exists(g, g == {'country': 'NL', 'city': 'Amsterdam'})",
+            json!(true),
+        ),
         ("R.attr.big.size()", json!(70_000)),
         ("69999 in R.attr.big", json!(true)),
     ]);
@@ -309,6 +336,15 @@ fn regexes_are_re2_and_cached() {
         ("'axb'.matches('^\\\\Qa.b\\\\E$')", json!(false)),
         ("'é'.matches('^\\\\pL$')", json!(true)),
         ("'ABC'.matches('(?i)^abc$')", json!(true)),
+        ("'a{'.matches('^a{$')", json!(true)),
+        (
+            "'aa'.matches('^a{2}$') && 'aaa'.matches('^a{2,}$') && 'a'.matches('^a{1,2}$')",
+            json!(true),
+        ),
+        (
+            "'a{x}'.matches('^a{x}$') && 'a{2'.matches('^a{2$')",
+            json!(true),
+        ),
         ("R.attr.owner.matches('^al')", json!(true)),
         ("R.attr.owner.matches(P.id)", json!(true)),
         ("regex.extract('abc123', '[0-9]+').value()", json!("123")),
@@ -764,6 +800,7 @@ fn load_time_rejections() {
     let long_chain = format!("1{}", " + 1".repeat(60));
     let huge_chain = format!("1{}", "+1".repeat(4000));
     let nested_loops = "[1].all(a, [1].all(b, [1].all(c, [1].all(d, [1].all(e, true)))))";
+    let deep_lists = format!("{}1{}", "[".repeat(90), "]".repeat(90));
     assert_compile_errors(&[
         ("foo == 1", "undeclared reference to 'foo'"),
         ("[1].all(x, y > 0)", "undeclared reference to 'y'"),
@@ -812,6 +849,7 @@ fn load_time_rejections() {
         (&deep_parens, "nests too deeply"),
         (&long_chain, "nests too deeply (61 levels, limit 50)"),
         (&huge_chain, "nests too deeply"),
+        (&deep_lists, "nests too deeply (91 levels"),
         (
             nested_loops,
             "comprehensions nest too deeply (5 levels, limit 4)",
@@ -821,6 +859,17 @@ fn load_time_rejections() {
     let four =
         "[1].all(a, [1].all(b, [1].all(c, [1].all(d, cel.bind(e, 1, cel.bind(f, 2, e < f))))))";
     assert_eq!(eval(four), Ok(json!(true)));
+    // Parentheses add no depth: 90 of them parse (on the compiler thread) and evaluate.
+    let parens = format!("{}1{}", "(".repeat(90), ")".repeat(90));
+    assert_eq!(eval(&parens), Ok(json!(1)));
+}
+
+#[test]
+fn compiles_concurrently() {
+    let handles: Vec<_> = (0..8)
+        .map(|i| std::thread::spawn(move || compile(&format!("R.attr.count > {i}.0")).is_ok()))
+        .collect();
+    assert!(handles.into_iter().all(|h| h.join().unwrap_or(false)));
 }
 
 #[test]
@@ -874,10 +923,12 @@ fn vars(defs: &[(&str, &str)]) -> Result<Variables, Vec<(String, String)>> {
 
 #[test]
 fn variables_used_are_collected() {
-    let e = compile("V.a && variables.b && has(V.c) && V['d'] && V.a && [1].all(V, V > 0)");
+    let e = compile(
+        "V.a && variables.b && has(V.c) && V['d'] && V.a && [1].all(V, V > 0) && V.e.f && has(V.g.h)",
+    );
     assert_eq!(
         e.map(|e| e.variables_used().to_vec()),
-        Ok(vec!["a".into(), "b".into(), "c".into(), "d".into()])
+        Ok(["a", "b", "c", "d", "e", "g"].map(String::from).to_vec())
     );
 }
 

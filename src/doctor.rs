@@ -1,0 +1,569 @@
+//! `toolgate whois ADDR` and `toolgate doctor`: what an address maps to, and whether this
+//! machine is ready to run the gateway.
+//!
+//! `doctor` prints one line per check, `OK`, `WARN`, `FAIL` or `SKIP`, each with its reason
+//! and, on failure, what to do; it exits non-zero when any essential check fails (tailscaled
+//! reachable and `Running`, HTTPS certificates with `tls: auto`, policies compile, audit
+//! store usable).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::{Config, IdentityConfig, IdentityProvider, TlsMode};
+use crate::tailnet::localapi::{LocalApi, LocalApiError};
+use crate::tailnet::tls::{LocalApiCerts, TlsSettings};
+use crate::tailnet::types::{BackendState, Status};
+use crate::tailnet::whois::{WhoisResolver, WhoisSettings};
+
+/// Where `serve` and `doctor` look for the config by default.
+pub const DEFAULT_CONFIG: &str = "/etc/toolgate/config.yaml";
+
+/// `toolgate whois ADDR`.
+#[derive(Debug, Args)]
+pub struct WhoisArgs {
+    /// The peer address: `IP:PORT` (`[v6]:PORT`) as a connection would show it, or a bare IP.
+    pub addr: String,
+    /// Take the socket, capability, role mappings and timeout from this config file.
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// tailscaled's LocalAPI socket (default: /var/run/tailscale/tailscaled.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The app capability whose grants become roles and `attr.caps`
+    /// (default: toolgate.dev/cap/toolgate).
+    #[arg(long)]
+    pub capability: Option<String>,
+}
+
+/// `toolgate doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The config file (default: /etc/toolgate/config.yaml when it exists, else built-in
+    /// defaults).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Parses `IP:PORT`, `[v6]:PORT` or a bare IP (port 0: any connection of that node).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("{s:?} is not an address (want IP, IP:PORT or [IPv6]:PORT)"))
+}
+
+/// `toolgate whois ADDR`: prints the principal (JSON) the address maps to; exit 1 when it
+/// maps to none (the reason on stderr), 2 on usage errors.
+pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
+    let addr = match parse_addr(&args.addr) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut identity = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c.identity,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => IdentityConfig::default(),
+    };
+    if let Some(s) = &args.socket {
+        identity.socket = s.clone();
+    }
+    if let Some(c) = &args.capability {
+        identity.capability = c.clone();
+    }
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let resolver = WhoisResolver::from_config(&identity, None);
+            resolver.resolve(addr).await
+        })
+    });
+    match result {
+        Ok(caller) => match serde_json::to_string_pretty(&caller.principal) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(why) => {
+            eprintln!("error: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The verdict of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Works, but deserves attention; never fails the run.
+    Warn,
+    /// Essential and broken: `doctor` exits non-zero.
+    Fail,
+    /// Does not apply to this configuration.
+    Skip,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so the report's `{:<5}` column width applies.
+        f.pad(match self {
+            Verdict::Ok => "OK",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub verdict: Verdict,
+    /// What was checked (`tailscaled`, `backend`, `https`, …).
+    pub what: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:<5} {:<10} {}", self.verdict, self.what, self.detail)
+    }
+}
+
+fn check(verdict: Verdict, what: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        verdict,
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// `toolgate doctor`.
+pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
+    let (cfg, first) = match load_config(args.config.as_deref()) {
+        Ok(x) => x,
+        Err(c) => {
+            println!("{c}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = match runtime() {
+        Ok(rt) => rt.block_on(run_checks(&cfg)),
+        Err(e) => vec![check(Verdict::Fail, "runtime", e)],
+    };
+    println!("{first}");
+    let mut failed = 0;
+    for c in &checks {
+        println!("{c}");
+        if c.verdict == Verdict::Fail {
+            failed += 1;
+        }
+    }
+    if failed == 0 {
+        println!("ready: every essential check passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("not ready: {failed} essential check(s) failed");
+        ExitCode::FAILURE
+    }
+}
+
+/// The config to check and the report line about it.
+fn load_config(path: Option<&Path>) -> Result<(Config, Check), Check> {
+    let (path, explicit) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    if !explicit && !path.exists() {
+        let cfg = Config::parse("<built-in defaults>", b"{}", Path::new("."))
+            .map_err(|e| check(Verdict::Fail, "config", e.to_string()))?;
+        return Ok((
+            cfg,
+            check(
+                Verdict::Warn,
+                "config",
+                format!("no --config and no {DEFAULT_CONFIG}: checking the built-in defaults"),
+            ),
+        ));
+    }
+    match Config::load(&path) {
+        Ok(cfg) => Ok((
+            cfg,
+            check(Verdict::Ok, "config", format!("{} parses", path.display())),
+        )),
+        Err(e) => Err(check(Verdict::Fail, "config", e.to_string())),
+    }
+}
+
+/// Every check for `cfg`, in report order (the config line excluded).
+pub async fn run_checks(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    match cfg.identity.provider {
+        IdentityProvider::Tailscale => tailnet_checks(cfg, &mut out).await,
+        IdentityProvider::Static => {
+            out.push(check(
+                Verdict::Skip,
+                "tailscaled",
+                "identity.provider is static (development only): tailscaled is not used",
+            ));
+            match &cfg.identity.r#static {
+                Some(p) => match crate::identity::StaticIdentities::load(p) {
+                    Ok(ids) => out.push(check(
+                        Verdict::Ok,
+                        "identity",
+                        format!("{} static identities from {}", ids.len(), p.display()),
+                    )),
+                    Err(e) => out.push(check(Verdict::Fail, "identity", e)),
+                },
+                None => out.push(check(
+                    Verdict::Fail,
+                    "identity",
+                    "identity.provider static needs identity.static (a fixture file)",
+                )),
+            }
+        }
+    }
+    out.push(policy_check(&cfg.policies.dir));
+    out.push(audit_check(&cfg.audit.sqlite));
+    out
+}
+
+async fn tailnet_checks(cfg: &Config, out: &mut Vec<Check>) {
+    let api = LocalApi::unix(&cfg.identity.socket);
+    let transport = api.config().transport.to_string();
+    let status = match api.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            let hint = match &e {
+                LocalApiError::AccessDenied { .. } => {
+                    "this user may not read tailscaled's socket; run as root or a permitted user"
+                }
+                _ => {
+                    "is tailscaled running (`systemctl status tailscaled`), and is \
+                     identity.socket its --socket?"
+                }
+            };
+            out.push(check(
+                Verdict::Fail,
+                "tailscaled",
+                format!("not reachable at {transport}: {e}; {hint}"),
+            ));
+            out.push(check(Verdict::Skip, "https", "needs tailscaled"));
+            return;
+        }
+    };
+    out.push(check(
+        Verdict::Ok,
+        "tailscaled",
+        format!("reachable at {transport}, version {}", status.version),
+    ));
+    out.push(backend_check(&status));
+    if status.is_running() {
+        let ips: Vec<String> = status.tailscale_ips.iter().map(IpAddr::to_string).collect();
+        let name = status.self_dns_name().unwrap_or("");
+        let tailnet = status.tailnet_name().unwrap_or("");
+        let verdict = if name.is_empty() || ips.is_empty() {
+            Verdict::Warn
+        } else {
+            Verdict::Ok
+        };
+        out.push(check(
+            verdict,
+            "node",
+            format!(
+                "{} ({}), tailnet {}",
+                if name.is_empty() {
+                    "<no MagicDNS name>"
+                } else {
+                    name
+                },
+                if ips.is_empty() {
+                    "no IPs".to_owned()
+                } else {
+                    ips.join(", ")
+                },
+                if tailnet.is_empty() {
+                    "<unknown>"
+                } else {
+                    tailnet
+                }
+            ),
+        ));
+        out.push(mode_check(cfg, &status));
+        out.push(whois_self_check(cfg, &api, &status).await);
+    }
+    out.push(https_check(cfg, &api, &status).await);
+}
+
+fn backend_check(s: &Status) -> Check {
+    let state = &s.backend_state;
+    let todo = match state {
+        BackendState::Running => return check(Verdict::Ok, "backend", "Running"),
+        BackendState::NeedsLogin if !s.auth_url.is_empty() => {
+            format!("log in at {}", s.auth_url)
+        }
+        BackendState::NeedsLogin => {
+            "run `tailscale up` (or `tailscale up --authkey=tskey-...`) on this machine".to_owned()
+        }
+        BackendState::Stopped => "run `tailscale up` to start it".to_owned(),
+        BackendState::NeedsMachineAuth => {
+            "approve this machine in the tailnet admin console".to_owned()
+        }
+        BackendState::Starting | BackendState::NoState => {
+            "tailscaled is still starting; try again in a moment".to_owned()
+        }
+        other => format!("unexpected state {other}"),
+    };
+    check(Verdict::Fail, "backend", format!("{state}: {todo}"))
+}
+
+fn mode_check(cfg: &Config, s: &Status) -> Check {
+    if s.tun {
+        return check(
+            Verdict::Ok,
+            "mode",
+            "TUN device: tailnet peers arrive on this node's tailnet IPs",
+        );
+    }
+    let tailnet_listen = cfg.listen.iter().any(|l| l.starts_with("tailnet:"));
+    let listen = if tailnet_listen {
+        " `listen: [tailnet:PORT]` cannot bind in this mode (the tailnet IPs are not local \
+         addresses): listen on 127.0.0.1:PORT instead."
+    } else {
+        ""
+    };
+    check(
+        Verdict::Warn,
+        "mode",
+        format!(
+            "userspace networking: tailnet peers arrive from 127.0.0.1 and are identified by \
+             their exact ip:port. Every loopback port of this machine is reachable from the \
+             tailnet where the ACL allows it: let the ACL open only toolgate's port, so upstream \
+             MCP servers on loopback cannot be reached around the gateway.{listen}"
+        ),
+    )
+}
+
+/// A WhoIs of this node's own address: proves read access and the mapping.
+async fn whois_self_check(cfg: &Config, api: &LocalApi, s: &Status) -> Check {
+    let Some(ip) = s.tailscale_ips.first() else {
+        return check(Verdict::Skip, "whois", "this node has no tailnet IP");
+    };
+    let mut settings = WhoisSettings::from_config(&cfg.identity);
+    settings.tailnet = s.tailnet_name().map(str::to_owned);
+    let resolver = WhoisResolver::new(api.clone(), settings);
+    match resolver.resolve(SocketAddr::new(*ip, 0)).await {
+        Ok(c) => check(
+            Verdict::Ok,
+            "whois",
+            format!(
+                "WhoIs works: this node ({ip}) maps to principal {:?} with roles {}",
+                c.principal.id,
+                c.principal.roles.join(", ")
+            ),
+        ),
+        Err(e) => check(
+            Verdict::Warn,
+            "whois",
+            format!("WhoIs of this node failed: {e}"),
+        ),
+    }
+}
+
+async fn https_check(cfg: &Config, api: &LocalApi, s: &Status) -> Check {
+    let needed = cfg.tls == TlsMode::Auto;
+    let fail = if needed { Verdict::Fail } else { Verdict::Warn };
+    if !needed && s.cert_domains.is_empty() {
+        return check(
+            Verdict::Skip,
+            "https",
+            "tls: off (and the tailnet offers no certificates)",
+        );
+    }
+    match LocalApiCerts::load(api, TlsSettings::default()).await {
+        Ok(certs) => {
+            let now = chrono::Utc::now();
+            let held: Vec<String> = certs
+                .info()
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} valid until {} ({} days)",
+                        i.domain,
+                        i.not_after.format("%Y-%m-%d %H:%M UTC"),
+                        (i.not_after - now).num_days()
+                    )
+                })
+                .collect();
+            let note = if needed { "" } else { " (not used: tls: off)" };
+            check(
+                Verdict::Ok,
+                "https",
+                format!("certificate for {}{note}", held.join("; ")),
+            )
+        }
+        Err(e) => check(fail, "https", e),
+    }
+}
+
+fn policy_check(dir: &Path) -> Check {
+    match crate::policy::store::load_dir(dir) {
+        Ok(set) => check(
+            Verdict::Ok,
+            "policies",
+            format!(
+                "{} policies compile from {} (snapshot {})",
+                set.len(),
+                dir.display(),
+                set.hash.get(..12).unwrap_or(&set.hash)
+            ),
+        ),
+        Err(errors) => {
+            let mut detail = format!(
+                "{} error(s) in {} (every call is denied until they compile; see `toolgate \
+                 policy check`)",
+                errors.len(),
+                dir.display()
+            );
+            for e in errors.iter().take(5) {
+                detail.push_str(&format!("\n                 {e}"));
+            }
+            check(Verdict::Fail, "policies", detail)
+        }
+    }
+}
+
+fn audit_check(path: &Path) -> Check {
+    if path.exists() {
+        return match crate::audit::query::Reader::open(path) {
+            Ok(reader) => {
+                let rows = reader
+                    .head_seq()
+                    .map(|n| format!(", {n} rows"))
+                    .unwrap_or_default();
+                check(
+                    Verdict::Ok,
+                    "audit",
+                    format!("{} opens{rows}", path.display()),
+                )
+            }
+            Err(e) => check(Verdict::Fail, "audit", e.to_string()),
+        };
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return check(
+            Verdict::Fail,
+            "audit",
+            format!(
+                "{} does not exist and neither does its directory {}",
+                path.display(),
+                dir.display()
+            ),
+        );
+    }
+    let probe = dir.join(format!(".toolgate-doctor-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            check(
+                Verdict::Ok,
+                "audit",
+                format!(
+                    "{} does not exist yet; it will be created at start ({} is writable)",
+                    path.display(),
+                    dir.display()
+                ),
+            )
+        }
+        Err(e) => check(
+            Verdict::Fail,
+            "audit",
+            format!(
+                "{} does not exist and {} is not writable for this user: {e}",
+                path.display(),
+                dir.display()
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_addr("100.64.0.1:443").unwrap(),
+            "100.64.0.1:443".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("100.64.0.1").unwrap(),
+            "100.64.0.1:0".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("[fd7a::1]:5").unwrap(),
+            "[fd7a::1]:5".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("fd7a::1").unwrap(),
+            "[fd7a::1]:0".parse().unwrap()
+        );
+        assert!(parse_addr("host.example").is_err());
+    }
+
+    #[test]
+    fn backend_states_say_what_to_run() {
+        let mut s = Status {
+            backend_state: BackendState::NeedsLogin,
+            ..Status::default()
+        };
+        let c = backend_check(&s);
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.detail.contains("tailscale up"), "{}", c.detail);
+        s.auth_url = "https://login.tailscale.com/a/x".into();
+        assert!(backend_check(&s).detail.contains("log in at https://login"));
+        s.backend_state = BackendState::Stopped;
+        assert!(backend_check(&s).detail.contains("tailscale up"));
+        s.backend_state = BackendState::Running;
+        assert_eq!(backend_check(&s).verdict, Verdict::Ok);
+        assert_eq!(
+            format!("{}", check(Verdict::Ok, "audit", "x")),
+            "OK    audit      x"
+        );
+    }
+}
