@@ -50,7 +50,7 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
     r.ip = format!("100.64.{}.{}", (p / 250) % 250, p % 250);
     r.server = ["github", "jira", "slack", "fs"][(i % 4) as usize].into();
     r.method = "tools/call".into();
-    r.tool = format!("tool{}", i % 50);
+    r.tool = format!("tool{}", (i / 3) % 50);
     r.action = format!("tools/call::{}", r.tool);
     r.policy = "resource.mcp_server.vdefault".into();
     r.rule = if effect == Effect::Allow {
@@ -223,7 +223,7 @@ const BIG: u64 = 1_000_000;
 
 fn big_db() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-{n}.db"));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v2-{n}.db"));
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()
@@ -386,18 +386,29 @@ fn query_latency(path: &Path, c: &mut Criterion) {
     g.finish();
 }
 
+/// `TOOLGATE_BENCH_ONLY=insert|wait|query` runs one part.
+fn part(name: &str) -> bool {
+    std::env::var("TOOLGATE_BENCH_ONLY").map_or(true, |v| v == name)
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     // 50 principals: a gateway's agents; 1000: every row in a batch lands on a different page of
     // the principal index (the worst case for write volume).
-    insert_rate(Durability::Normal, 50);
-    insert_rate(Durability::Normal, 1000);
-    insert_rate(Durability::Full, 50);
-    for rate in [1_000, 10_000] {
-        commit_wait(rate, Durability::Full);
-        commit_wait(rate, Durability::Normal);
+    if part("insert") {
+        insert_rate(Durability::Normal, 50);
+        insert_rate(Durability::Normal, 1000);
+        insert_rate(Durability::Full, 50);
     }
-    let db = big_db();
-    query_latency(&db, &mut c);
+    if part("wait") {
+        for rate in [1_000, 10_000] {
+            commit_wait(rate, Durability::Full);
+            commit_wait(rate, Durability::Normal);
+        }
+    }
+    if part("query") {
+        let db = big_db();
+        query_latency(&db, &mut c);
+    }
     c.final_summary();
 }

@@ -203,6 +203,8 @@ pub struct Built {
     pub audit: AuditLog,
     pub identify: Arc<dyn Identify>,
     pub listen: Vec<SocketAddr>,
+    /// `tls: auto`: the LocalAPI certificate acceptor.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Builds the gateway for `cfg`, with `identify` and the node's names.
@@ -259,12 +261,14 @@ pub fn build(
         audit: Arc::new(audit.clone()),
         metrics: Default::default(),
         localapi,
+        whois: Default::default(),
     });
     Ok(Built {
         gateway,
         audit,
         identify,
         listen,
+        tls: None,
     })
 }
 
@@ -294,29 +298,69 @@ pub fn static_provider(cfg: &Config, listen: &[SocketAddr]) -> Result<Arc<dyn Id
     }))
 }
 
-/// Runs listeners until `shutdown`; returns when every connection has finished.
-pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), String> {
-    let app = server::router(built.gateway.clone());
-    let mut tasks = tokio::task::JoinSet::new();
-    for addr in &built.listen {
+/// Binds `addrs` and serves them until `stop` turns true.
+async fn spawn_listeners(
+    built: &Built,
+    app: &axum::Router,
+    addrs: &[SocketAddr],
+    stop: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), String> {
+    for addr in addrs {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(%local, "listening");
+        tracing::info!(%local, tls = built.tls.is_some(), "listening");
         let identify: Arc<dyn Identify> = if local.ip().is_loopback() || is_tailnet_ip(local.ip()) {
             built.identify.clone()
         } else {
             Arc::new(TailnetPeersOnly(built.identify.clone()))
         };
-        tasks.spawn(server::serve_listener(
-            listener,
-            app.clone(),
-            identify,
-            None,
-            shutdown.clone(),
-        ));
+        tasks.spawn(server::serve_listener(listener, app.clone(), identify, built.tls.clone(), stop.clone()));
     }
+    Ok(())
+}
+
+/// A stop signal that follows `parent` and can also be fired on its own.
+fn child_stop(parent: &watch::Receiver<bool>) -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(*parent.borrow());
+    let mut parent = parent.clone();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        let _ = parent.wait_for(|s| *s).await;
+        let _ = forward.send(true);
+    });
+    (tx, rx)
+}
+
+/// Runs listeners until `shutdown`; returns when every connection has finished.
+///
+/// With a LocalAPI, `tailnet:PORT` entries follow the node's tailnet IPs: when the IPN bus
+/// reports a new netmap and the IPs changed, those listeners are replaced (connections in
+/// flight finish on the old ones).
+pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let app = server::router(built.gateway.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    let cfg = &built.gateway.config;
+    let tailnet_ports: Vec<u16> = cfg
+        .listen
+        .iter()
+        .filter_map(|l| match parse_listen(l) {
+            Ok(Listen::Tailnet(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let follows = |a: &SocketAddr| tailnet_ports.contains(&a.port()) && is_tailnet_ip(a.ip());
+    let fixed: Vec<SocketAddr> = built.listen.iter().copied().filter(|a| !follows(a)).collect();
+    let mut current: Vec<SocketAddr> = built.listen.iter().copied().filter(|a| follows(a)).collect();
+    spawn_listeners(&built, &app, &fixed, shutdown.clone(), &mut tasks).await?;
+    let (mut gen_tx, gen_rx) = child_stop(&shutdown);
+    spawn_listeners(&built, &app, &current, gen_rx, &mut tasks).await?;
+    let mut bus = match (&built.gateway.localapi, tailnet_ports.is_empty()) {
+        (Some(api), false) => Some(api.clone()),
+        _ => None,
+    };
     // Policy changes on disk apply to the next call.
     if built.gateway.config.policies.watch {
         let gw = built.gateway.clone();
@@ -352,6 +396,60 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
                 .await;
         });
     }
+    let mut stop = shutdown.clone();
+    while let Some(api) = bus.take() {
+        let mut watcher = tokio::select! {
+            w = api.watch_ipn_bus(crate::tailnet::types::WatchMask::NETMAP_WATCH) => w,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let watcher = match watcher.as_mut() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the IPN bus; retrying in 5 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                bus = Some(api);
+                continue;
+            }
+        };
+        loop {
+            let n = tokio::select! {
+                n = watcher.next() => n,
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            match n {
+                Some(Ok(notify)) if notify.net_map => {
+                    let Ok(status) = api.status().await else { continue };
+                    let want: Vec<SocketAddr> = tailnet_ports
+                        .iter()
+                        .flat_map(|p| status.tailscale_ips.iter().map(move |ip| SocketAddr::new(*ip, *p)))
+                        .collect();
+                    let (mut a, mut b) = (want.clone(), current.clone());
+                    a.sort();
+                    b.sort();
+                    if a != b && !want.is_empty() {
+                        tracing::info!(old = ?current, new = ?want, "tailnet addresses changed; re-binding");
+                        let _ = gen_tx.send(true);
+                        let (tx, rx) = child_stop(&shutdown);
+                        gen_tx = tx;
+                        if let Err(e) = spawn_listeners(&built, &app, &want, rx, &mut tasks).await {
+                            tracing::error!("re-binding failed: {e}");
+                        }
+                        current = want;
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        if *stop.borrow() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        bus = Some(api);
+    }
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
@@ -380,11 +478,16 @@ pub fn signals(gw: Arc<Gateway>, stop: watch::Sender<bool>) -> Result<(), String
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut localapi: Option<LocalApi> = None;
+    let mut tls = None;
+    let mut whois = None;
     let (identify, node, listen): (Arc<dyn Identify>, NodeInfo, Vec<SocketAddr>) = match cfg
         .identity
         .provider
     {
         IdentityProvider::Static => {
+            if cfg.tls == crate::config::TlsMode::Auto {
+                return Err("tls: auto needs tailscaled's certificates; with identity.provider static use tls: off".into());
+            }
             let listen = resolve_listen(&cfg, &[])?;
             (static_provider(&cfg, &listen)?, NodeInfo::default(), listen)
         }
@@ -395,14 +498,22 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
             let listen = resolve_listen(&cfg, &node.ips)?;
             localapi = Some(api.clone());
-            (
-                crate::tailnet::identify(api, &cfg.identity, &node.tailnet),
-                node,
-                listen,
-            )
+            if cfg.tls == crate::config::TlsMode::Auto {
+                let (acceptor, certs) = crate::tailnet::tls::acceptor(&api, Default::default()).await?;
+                tracing::info!(domains = ?certs.domains(), "serving HTTPS with the LocalAPI certificate");
+                tls = Some(acceptor);
+            }
+            let resolver = crate::tailnet::whois::WhoisResolver::from_config(&cfg.identity, Some(&node.tailnet));
+            resolver.spawn_netmap_watch();
+            whois = Some(resolver.clone());
+            (resolver as Arc<dyn Identify>, node, listen)
         }
     };
-    let built = build(cfg, identify, &node, listen, localapi)?;
+    let mut built = build(cfg, identify, &node, listen, localapi)?;
+    built.tls = tls;
+    if let Some(w) = whois {
+        built.gateway.set_whois(w);
+    }
     let audit = built.audit.clone();
     signals(built.gateway.clone(), stop_tx)?;
     let deadline_rx = stop_rx.clone();

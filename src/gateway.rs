@@ -188,6 +188,8 @@ pub struct Gateway {
     pub metrics: crate::metrics::Metrics,
     /// tailscaled's LocalAPI, when identities come from it (for `/readyz`).
     pub localapi: Option<crate::tailnet::localapi::LocalApi>,
+    /// The WhoIs resolver, for its metrics.
+    pub whois: std::sync::OnceLock<Arc<crate::tailnet::whois::WhoisResolver>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -278,7 +280,14 @@ impl Gateway {
     pub fn prometheus(&self) -> String {
         let mut s = self.metrics.render();
         s.push_str(&self.audit.prometheus());
+        if let Some(w) = self.whois.get() {
+            s.push_str(&w.snapshot().prometheus());
+        }
         s
+    }
+
+    pub fn set_whois(&self, w: Arc<crate::tailnet::whois::WhoisResolver>) {
+        let _ = self.whois.set(w);
     }
 
     pub fn annotations_for(&self, server: &str, tool: &str) -> Option<Value> {
@@ -343,7 +352,10 @@ impl AuditRow {
             id: crate::audit::record::new_id(),
             kind,
             caller: conn.caller.clone(),
-            ip: crate::identity::normalize_ip(conn.peer.ip()).to_string(),
+            ip: match &conn.caller {
+                Some(c) if !c.identity.ip.is_empty() => c.identity.ip.clone(),
+                _ => crate::identity::normalize_ip(conn.peer.ip()).to_string(),
+            },
             server: String::new(),
             method: String::new(),
             tool: String::new(),

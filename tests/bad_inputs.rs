@@ -771,9 +771,10 @@ async fn bad_inputs_are_refused_audited_and_never_forwarded() {
 
     // The slow attacks run alongside everything else: the gateway keeps serving meanwhile.
     let slow = tokio::spawn(async move {
-        let lo = slowloris(addr, Duration::from_millis(500), Duration::from_secs(20)).await;
-        let body = slow_body(addr, Duration::from_secs(20)).await;
-        (lo, body)
+        tokio::join!(
+            slowloris(addr, Duration::from_millis(500), Duration::from_secs(20)),
+            slow_body(addr, Duration::from_secs(20)),
+        )
     });
 
     let all = cases(addr);

@@ -90,6 +90,7 @@ async fn start() -> Harness {
         audit: sink.clone(),
         metrics: Default::default(),
         localapi: None,
+        whois: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -31,6 +31,7 @@
 #[path = "peers/harness.rs"]
 mod harness;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -89,7 +90,11 @@ fn peers(test: &str) -> Option<Peers> {
     if std::env::var("TOOLGATE_REQUIRE_PEERS").as_deref() == Ok("1") {
         panic!("{test}: {why} (TOOLGATE_REQUIRE_PEERS=1)");
     }
-    eprintln!("SKIP {test}: {why}; set TOOLGATE_REQUIRE_PEERS=1 to fail instead");
+    // Straight to the process's stderr: libtest captures `eprintln!`, and a skip must show.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: {why}; set TOOLGATE_REQUIRE_PEERS=1 to fail instead"
+    );
     None
 }
 

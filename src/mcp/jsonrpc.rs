@@ -385,6 +385,7 @@ mod tests {
             (r#"{"jsonrpc":"2.0","id":1,"method":"ping"} {}"#, "trailing"),
             (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, "2.0"),
             (r#"{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}"#, "id"),
+            (r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, "null"),
             (r#"{"jsonrpc":"2.0","id":1,"method":""}"#, "method"),
             (
                 r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
@@ -408,6 +409,11 @@ mod tests {
             parse(&[0xff, 0xfe], Limits::default()).unwrap_err(),
             ParseError::NotUtf8
         );
+        let long_id = format!(
+            r#"{{"jsonrpc":"2.0","id":"{}","method":"ping"}}"#,
+            "i".repeat(129)
+        );
+        assert!(p(&long_id).unwrap_err().to_string().contains("at most"));
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         assert!(p(&deep).unwrap_err().to_string().contains("deeper"));
         let big = format!(

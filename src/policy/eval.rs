@@ -173,6 +173,9 @@ enum Verdict {
     },
 }
 
+/// Derived roles of one scope for one action: (action, [(definition, active)]).
+type DerivedForAction = (String, Vec<(Arc<DerivedRole>, bool)>);
+
 /// One scope of the resource pass: its resource policy and the role policies there.
 struct Level {
     scope: String,
@@ -180,7 +183,7 @@ struct Level {
     /// Role policies at this scope, by role name.
     role_policies: Vec<(String, Arc<Policy>)>,
     /// Derived roles evaluated here for the current action: (definition, active).
-    derived: Option<(String, Vec<(Arc<DerivedRole>, bool)>)>,
+    derived: Option<DerivedForAction>,
 }
 
 impl Level {
@@ -673,11 +676,6 @@ impl<'a> Checker<'a> {
         all_roles: &[String],
     ) -> Verdict {
         let kind = self.input.resource.kind.clone();
-        let r_version = version(
-            &self.input.resource.policy_version,
-            &self.params.default_policy_version,
-        )
-        .to_string();
         for level in levels.iter_mut() {
             self.derive_roles(level, action, all_roles);
             let active = level.active_names();
