@@ -104,7 +104,11 @@ impl Http {
             if let Some(end) = text.find("\r\n\r\n") {
                 let len = text[..end]
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
                     .unwrap_or(0);
                 if buf.len() >= end + 4 + len {
                     return Ok(text[end + 4..end + 4 + len].to_string());
@@ -123,15 +127,23 @@ fn quantiles(mut samples: Vec<u64>) -> (f64, f64, f64) {
 /// The same generated policies through the real Cerbos PDP's check API (`CERBOS_BIN`).
 fn cerbos_side_by_side() {
     let Ok(bin) = std::env::var("CERBOS_BIN") else {
-        println!("cerbos side-by-side: skipped (set CERBOS_BIN, e.g. CERBOS_BIN=$(scripts/peers cerbos))");
+        println!(
+            "cerbos side-by-side: skipped (set CERBOS_BIN, e.g. CERBOS_BIN=$(scripts/peers cerbos))"
+        );
         return;
     };
     for n in [10usize, 100, 1000] {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let policies = dir.path().join("policies");
         fixtures::write_set(&policies, n);
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(3592);
-        let grpc = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(3593);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(3592);
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(3593);
         let conf = dir.path().join("conf.yaml");
         let _ = std::fs::write(
             &conf,
@@ -158,7 +170,9 @@ fn cerbos_side_by_side() {
         // Loading 1,000 policies takes Cerbos a while on a busy 2-core machine.
         for _ in 0..1200 {
             if let Ok(mut c) = Http::connect(&addr) {
-                if c.request("GET", "/_cerbos/health", "").is_ok_and(|b| b.contains("SERVING")) {
+                if c.request("GET", "/_cerbos/health", "")
+                    .is_ok_and(|b| b.contains("SERVING"))
+                {
                     client = Some(c);
                     break;
                 }
@@ -177,7 +191,9 @@ fn cerbos_side_by_side() {
             "resources": [{"resource": input.resource, "actions": input.actions}],
         })
         .to_string();
-        let first = c.request("POST", "/api/check/resources", &body).unwrap_or_default();
+        let first = c
+            .request("POST", "/api/check/resources", &body)
+            .unwrap_or_default();
         assert!(first.contains("EFFECT_ALLOW"), "cerbos answered {first}");
         let rounds = 5_000;
         let mut check = Vec::with_capacity(rounds);

@@ -37,6 +37,106 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// How toolgate reaches the tailnet: the host's tailscaled, or its own (sidecar).
+    #[serde(default)]
+    pub tailnet: TailnetConfig,
+}
+
+/// `tailnet.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TailnetMode {
+    /// The machine's tailscaled (`identity.socket`).
+    #[default]
+    Host,
+    /// toolgate starts and supervises its own userspace-networking tailscaled and joins the
+    /// tailnet as its own node (`tailnet.hostname`, `tailnet.tags`).
+    Sidecar,
+}
+
+/// `tailnet:`: the sidecar node (ignored in `mode: host`, except `socks5`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TailnetConfig {
+    #[serde(default)]
+    pub mode: TailnetMode,
+    /// The tailscaled binary (sidecar mode).
+    #[serde(default = "default_tailscaled")]
+    pub tailscaled: PathBuf,
+    /// The sidecar's state directory.
+    #[serde(default = "default_tailnet_state_dir")]
+    pub state_dir: PathBuf,
+    /// The sidecar's LocalAPI socket; default `<state_dir>/tailscaled.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// The node's name on the tailnet.
+    #[serde(default = "default_tailnet_hostname")]
+    pub hostname: String,
+    /// Tags the node advertises when it logs in with an auth key.
+    #[serde(default = "default_tailnet_tags")]
+    pub tags: Vec<String>,
+    /// A self-hosted control server (`--login-server`); default: Tailscale's.
+    #[serde(default)]
+    pub control_url: Option<String>,
+    /// A file holding the auth key (else the `TS_AUTHKEY` environment variable).
+    #[serde(default)]
+    pub authkey_file: Option<PathBuf>,
+    /// Tailscale's log upload; `false` (default) runs tailscaled with `--no-logs-no-support`.
+    #[serde(default)]
+    pub logs: bool,
+    /// tailscaled's SOCKS5 listener for dialing tailnet upstreams (`127.0.0.1:PORT`). Sidecar
+    /// default: `127.0.0.1:1055`. In host mode, set it only if the host's tailscaled has one.
+    #[serde(default)]
+    pub socks5: Option<SocketAddr>,
+}
+
+fn default_tailscaled() -> PathBuf {
+    PathBuf::from("tailscaled")
+}
+fn default_tailnet_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/toolgate/tailscale")
+}
+fn default_tailnet_hostname() -> String {
+    "toolgate".to_string()
+}
+fn default_tailnet_tags() -> Vec<String> {
+    vec!["tag:toolgate".to_string()]
+}
+/// The sidecar's SOCKS5 listener when `tailnet.socks5` is not set.
+pub const DEFAULT_SIDECAR_SOCKS5: &str = "127.0.0.1:1055";
+
+impl Default for TailnetConfig {
+    fn default() -> Self {
+        TailnetConfig {
+            mode: TailnetMode::default(),
+            tailscaled: default_tailscaled(),
+            state_dir: default_tailnet_state_dir(),
+            socket: None,
+            hostname: default_tailnet_hostname(),
+            tags: default_tailnet_tags(),
+            control_url: None,
+            authkey_file: None,
+            logs: false,
+            socks5: None,
+        }
+    }
+}
+
+impl TailnetConfig {
+    /// The LocalAPI socket of the sidecar.
+    pub fn sidecar_socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("tailscaled.sock"))
+    }
+
+    /// The SOCKS5 listener upstream requests to tailnet hosts go through, if any.
+    pub fn socks5_addr(&self) -> Option<SocketAddr> {
+        match self.mode {
+            TailnetMode::Host => self.socks5,
+            TailnetMode::Sidecar => self.socks5.or_else(|| DEFAULT_SIDECAR_SOCKS5.parse().ok()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -549,6 +649,56 @@ impl Config {
                 )));
             }
         }
+        let t = &mut cfg.tailnet;
+        rebase(&mut t.state_dir);
+        if let Some(p) = t.socket.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = t.authkey_file.as_mut() {
+            rebase(p);
+        }
+        // A bare name (`tailscaled`) is looked up in PATH; a relative path is taken from the folder.
+        if t.tailscaled.components().count() > 1 {
+            rebase(&mut t.tailscaled);
+        }
+        if t.hostname.is_empty()
+            || t.hostname.len() > 63
+            || !t
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(err(format!(
+                "$.tailnet.hostname: {:?} must be a DNS label (letters, digits, -)",
+                t.hostname
+            )));
+        }
+        for tag in &t.tags {
+            let name = tag.strip_prefix("tag:").unwrap_or_default();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(format!(
+                    "$.tailnet.tags: {tag:?} must look like tag:NAME"
+                )));
+            }
+        }
+        if let Some(u) = &t.control_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err(format!(
+                "$.tailnet.control_url: {u:?} is not an http(s) URL"
+            )));
+        }
+        if let Some(a) = t.socks5
+            && !a.ip().is_loopback()
+        {
+            return Err(err(format!(
+                "$.tailnet.socks5: {a} must be a loopback address (it has no access control)"
+            )));
+        }
         if cfg.identity.provider == IdentityProvider::Static && cfg.identity.r#static.is_none() {
             return Err(err(
                 "$.identity.static: provider static needs a fixture file".into(),
@@ -663,6 +813,63 @@ pdp:
                 "$.audit.postgres_schema",
             ),
             ("audit: {sqllite: x}\n", "sqllite"),
+        ] {
+            let e = parse_str(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/config.example.yaml");
+        let bytes = std::fs::read(&path).unwrap();
+        let c = Config::parse("config.example.yaml", &bytes, Path::new("/etc/toolgate")).unwrap();
+        assert_eq!(
+            c.servers["github"].headers["Authorization"],
+            "Bearer ${GITHUB_MCP_TOKEN}"
+        );
+    }
+
+    #[test]
+    fn tailnet_section() {
+        let c = parse_str("servers: {}\n").unwrap();
+        assert_eq!(c.tailnet.mode, TailnetMode::Host);
+        assert_eq!(c.tailnet.hostname, "toolgate");
+        assert_eq!(c.tailnet.tags, vec!["tag:toolgate"]);
+        assert!(!c.tailnet.logs);
+        assert_eq!(c.tailnet.socks5_addr(), None);
+        let c = parse_str(
+            "tailnet: {mode: sidecar, state_dir: ts, tailscaled: bin/tailscaled, hostname: gw1,\n  tags: [tag:mcp], control_url: \"http://127.0.0.1:8080\", authkey_file: key, socks5: \"127.0.0.1:1081\"}\n",
+        )
+        .unwrap();
+        assert_eq!(c.tailnet.mode, TailnetMode::Sidecar);
+        assert_eq!(c.tailnet.state_dir, PathBuf::from("/etc/toolgate/ts"));
+        assert_eq!(
+            c.tailnet.sidecar_socket(),
+            PathBuf::from("/etc/toolgate/ts/tailscaled.sock")
+        );
+        assert_eq!(
+            c.tailnet.tailscaled,
+            PathBuf::from("/etc/toolgate/bin/tailscaled")
+        );
+        assert_eq!(
+            c.tailnet.authkey_file,
+            Some(PathBuf::from("/etc/toolgate/key"))
+        );
+        assert_eq!(c.tailnet.socks5_addr(), "127.0.0.1:1081".parse().ok());
+        let c = parse_str("tailnet: {mode: sidecar}\n").unwrap();
+        assert_eq!(c.tailnet.tailscaled, PathBuf::from("tailscaled"));
+        assert_eq!(c.tailnet.socks5_addr(), "127.0.0.1:1055".parse().ok());
+        for (bad, key) in [
+            ("tailnet: {mode: tun}\n", "tailnet.mode"),
+            ("tailnet: {hostname: \"a b\"}\n", "$.tailnet.hostname"),
+            ("tailnet: {tags: [ci]}\n", "$.tailnet.tags"),
+            (
+                "tailnet: {control_url: \"ftp://x\"}\n",
+                "$.tailnet.control_url",
+            ),
+            ("tailnet: {socks5: \"0.0.0.0:1055\"}\n", "$.tailnet.socks5"),
+            ("tailnet: {authkey: tskey-x}\n", "authkey"),
         ] {
             let e = parse_str(bad).unwrap_err().to_string();
             assert!(e.contains(key), "{bad}: {e}");

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use crate::audit::{self, AuditLog};
-use crate::config::{Config, IdentityProvider, Listen, parse_listen};
+use crate::config::{Config, IdentityProvider, Listen, TailnetMode, parse_listen};
 use crate::gateway::{Caller, Gateway, Sessions, Upstream};
 use crate::identity::{StaticIdentities, normalize_ip};
 use crate::policy::store::Store;
@@ -65,6 +65,8 @@ pub struct NodeInfo {
     pub dns_name: String,
     pub ips: Vec<IpAddr>,
     pub tailnet: String,
+    /// The MagicDNS suffix (`tail1234.ts.net`), to route upstream calls to tailnet hosts.
+    pub magic_dns_suffix: String,
 }
 
 impl NodeInfo {
@@ -73,6 +75,12 @@ impl NodeInfo {
             dns_name: s.self_dns_name().unwrap_or_default().to_string(),
             ips: s.tailscale_ips.clone(),
             tailnet: s.tailnet_name().unwrap_or_default().to_string(),
+            magic_dns_suffix: s
+                .current_tailnet
+                .as_ref()
+                .map(|t| t.magic_dns_suffix.clone())
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| s.magic_dns_suffix.clone()),
         }
     }
 }
@@ -117,6 +125,54 @@ pub async fn wait_running(
             _ = shutdown.changed() => return Err("shutdown requested".into()),
         }
     }
+}
+
+/// Checks that the listen entries can work with `tailnet.mode`.
+///
+/// In `sidecar` mode tailscaled runs with userspace networking: its tailnet IPs are not local
+/// addresses (binding them fails with EADDRNOTAVAIL), and its netstack delivers inbound tailnet
+/// TCP for port P to `127.0.0.1:P`, where the proxymap WhoIs names the real peer. So the listen
+/// entry for port P is `127.0.0.1:P` (the node is then reached as `<hostname>.<tailnet>:P`).
+pub fn check_listen_for_mode(cfg: &Config) -> Result<(), String> {
+    if cfg.tailnet.mode != TailnetMode::Sidecar {
+        return Ok(());
+    }
+    let mut loopback_v4 = false;
+    for l in &cfg.listen {
+        match parse_listen(l)? {
+            Listen::Tailnet(port) => {
+                return Err(format!(
+                    "listen {l:?} cannot work with tailnet.mode: sidecar: the sidecar tailscaled runs in userspace-networking mode, so its tailnet IPs are not local addresses; listen on \"127.0.0.1:{port}\" instead (tailscaled forwards inbound tailnet TCP on port {port} to 127.0.0.1:{port})"
+                ));
+            }
+            Listen::Addr(a) if is_tailnet_ip(a.ip()) => {
+                return Err(format!(
+                    "listen {l:?} cannot work with tailnet.mode: sidecar: tailnet IPs are not local addresses in userspace-networking mode; listen on \"127.0.0.1:{}\" instead",
+                    a.port()
+                ));
+            }
+            Listen::Addr(a) if a.ip() == IpAddr::from([127, 0, 0, 1]) && a.port() != 0 => {
+                loopback_v4 = true;
+            }
+            Listen::Addr(_) => {}
+        }
+    }
+    if !loopback_v4 {
+        return Err(
+            "tailnet.mode: sidecar: tailnet peers arrive on 127.0.0.1:<port> (tailscaled's userspace netstack forwards them there); add a listen entry \"127.0.0.1:PORT\" with a fixed port".into(),
+        );
+    }
+    if let Some(s) = cfg.tailnet.socks5_addr()
+        && cfg
+            .listen
+            .iter()
+            .any(|l| matches!(parse_listen(l), Ok(Listen::Addr(a)) if a.port() == s.port()))
+    {
+        return Err(format!(
+            "tailnet.socks5 {s} uses the same port as a listen entry; pick another port"
+        ));
+    }
+    Ok(())
 }
 
 /// The addresses a listen list resolves to, given this node's tailnet IPs.
@@ -180,6 +236,10 @@ fn reload(gw: &Gateway, why: &str) {
     match gw.store.reload() {
         Ok(set) => {
             gw.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+            let told = gw.policies_changed();
+            if told > 0 {
+                tracing::info!(streams = told, "sent notifications/tools/list_changed");
+            }
             tracing::info!(policies = set.len(), snapshot = %&set.hash[..12], "policies reloaded ({why})")
         }
         Err(errors) => {
@@ -230,6 +290,16 @@ pub fn build(
     }
     let audit =
         AuditLog::open(audit::Settings::from_config(&cfg.audit)).map_err(|e| e.to_string())?;
+    let proxy = cfg
+        .tailnet
+        .socks5_addr()
+        .map(|socks5| crate::gateway::TailnetProxy {
+            socks5,
+            magic_dns_suffix: Some(node.magic_dns_suffix.clone()).filter(|m| !m.is_empty()),
+        });
+    if let Some(p) = &proxy {
+        tracing::info!(socks5 = %p.socks5, suffix = ?p.magic_dns_suffix, "upstream calls to tailnet hosts go through tailscaled's SOCKS5 listener");
+    }
     let mut upstreams = std::collections::BTreeMap::new();
     for (name, s) in &cfg.servers {
         upstreams.insert(name.clone(), Upstream::from_config(name, s)?);
@@ -254,7 +324,7 @@ pub fn build(
         config: cfg,
         store: Arc::new(store),
         upstreams,
-        http: crate::gateway::http_client()?,
+        http: crate::gateway::http_client_via(proxy)?,
         sessions: Sessions::default(),
         annotations: Default::default(),
         allowed_hosts: hosts.into_iter().collect(),
@@ -262,6 +332,8 @@ pub fn build(
         metrics: Default::default(),
         localapi,
         whois: Default::default(),
+        list_watchers: Default::default(),
+        known_tools: Default::default(),
     });
     Ok(Built {
         gateway,
@@ -317,7 +389,13 @@ async fn spawn_listeners(
         } else {
             Arc::new(TailnetPeersOnly(built.identify.clone()))
         };
-        tasks.spawn(server::serve_listener(listener, app.clone(), identify, built.tls.clone(), stop.clone()));
+        tasks.spawn(server::serve_listener(
+            listener,
+            app.clone(),
+            identify,
+            built.tls.clone(),
+            stop.clone(),
+        ));
     }
     Ok(())
 }
@@ -352,8 +430,18 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
         })
         .collect();
     let follows = |a: &SocketAddr| tailnet_ports.contains(&a.port()) && is_tailnet_ip(a.ip());
-    let fixed: Vec<SocketAddr> = built.listen.iter().copied().filter(|a| !follows(a)).collect();
-    let mut current: Vec<SocketAddr> = built.listen.iter().copied().filter(|a| follows(a)).collect();
+    let fixed: Vec<SocketAddr> = built
+        .listen
+        .iter()
+        .copied()
+        .filter(|a| !follows(a))
+        .collect();
+    let mut current: Vec<SocketAddr> = built
+        .listen
+        .iter()
+        .copied()
+        .filter(|a| follows(a))
+        .collect();
     spawn_listeners(&built, &app, &fixed, shutdown.clone(), &mut tasks).await?;
     let (mut gen_tx, gen_rx) = child_stop(&shutdown);
     spawn_listeners(&built, &app, &current, gen_rx, &mut tasks).await?;
@@ -421,10 +509,17 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
             };
             match n {
                 Some(Ok(notify)) if notify.net_map => {
-                    let Ok(status) = api.status().await else { continue };
+                    let Ok(status) = api.status().await else {
+                        continue;
+                    };
                     let want: Vec<SocketAddr> = tailnet_ports
                         .iter()
-                        .flat_map(|p| status.tailscale_ips.iter().map(move |ip| SocketAddr::new(*ip, *p)))
+                        .flat_map(|p| {
+                            status
+                                .tailscale_ips
+                                .iter()
+                                .map(move |ip| SocketAddr::new(*ip, *p))
+                        })
                         .collect();
                     let (mut a, mut b) = (want.clone(), current.clone());
                     a.sort();
@@ -475,8 +570,28 @@ pub fn signals(gw: Arc<Gateway>, stop: watch::Sender<bool>) -> Result<(), String
 }
 
 /// `toolgate serve --config FILE`.
-pub async fn serve(cfg: Config) -> Result<(), String> {
+pub async fn serve(mut cfg: Config) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    // `tailnet.mode: sidecar`: our own tailscaled, logged in through the LocalAPI; everything
+    // below then talks to its socket. Kept alive (and stopped) with this function.
+    let mut sidecar: Option<crate::tailnet::sidecar::Sidecar> = None;
+    if cfg.identity.provider == IdentityProvider::Tailscale
+        && cfg.tailnet.mode == TailnetMode::Sidecar
+    {
+        check_listen_for_mode(&cfg)?;
+        let join = crate::tailnet::join::JoinSettings::from_config(&cfg.tailnet)?;
+        let sc = crate::tailnet::sidecar::Sidecar::start(
+            crate::tailnet::sidecar::SidecarSettings::from_config(&cfg.tailnet),
+        )
+        .await?;
+        cfg.identity.socket = sc.settings().socket.clone();
+        let api = sc.localapi();
+        sidecar = Some(sc);
+        // Signals are wired later; until then SIGTERM ends the process (and the child, by
+        // kill_on_drop), which is what an operator expects from a daemon stuck logging in.
+        crate::tailnet::join::ensure_joined(&api, &join, &mut stop_rx).await?;
+        crate::tailnet::join::spawn_rejoin(api, join, stop_rx.clone());
+    }
     let mut localapi: Option<LocalApi> = None;
     let mut tls = None;
     let mut whois = None;
@@ -496,14 +611,23 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             let status = wait_running(&api, &mut stop_rx).await?;
             let node = NodeInfo::from_status(&status);
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
+            if !status.tun && cfg.tailnet.mode == TailnetMode::Host {
+                if let Some(l) = cfg.listen.iter().find(|l| l.starts_with("tailnet:")) {
+                    tracing::warn!(listen = %l, "tailscaled runs in userspace-networking mode: its tailnet IPs are not local addresses, so {l} cannot bind; listen on 127.0.0.1:PORT instead (inbound tailnet TCP is forwarded there)");
+                }
+            }
             let listen = resolve_listen(&cfg, &node.ips)?;
             localapi = Some(api.clone());
             if cfg.tls == crate::config::TlsMode::Auto {
-                let (acceptor, certs) = crate::tailnet::tls::acceptor(&api, Default::default()).await?;
+                let (acceptor, certs) =
+                    crate::tailnet::tls::acceptor(&api, Default::default()).await?;
                 tracing::info!(domains = ?certs.domains(), "serving HTTPS with the LocalAPI certificate");
                 tls = Some(acceptor);
             }
-            let resolver = crate::tailnet::whois::WhoisResolver::from_config(&cfg.identity, Some(&node.tailnet));
+            let resolver = crate::tailnet::whois::WhoisResolver::from_config(
+                &cfg.identity,
+                Some(&node.tailnet),
+            );
             resolver.spawn_netmap_watch();
             whois = Some(resolver.clone());
             (resolver as Arc<dyn Identify>, node, listen)
@@ -531,6 +655,9 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         .flush()
         .await
         .map_err(|e| format!("flushing the audit store: {e}"))?;
+    if let Some(sc) = sidecar {
+        sc.stop().await;
+    }
     tracing::info!("audit store flushed; bye");
     Ok(())
 }
@@ -583,5 +710,43 @@ mod tests {
         );
         let c = cfg("listen: [\"0.0.0.0:443\"]\nallow_non_tailnet: true\n");
         assert!(resolve_listen(&c, &ips).is_ok());
+    }
+
+    #[test]
+    fn sidecar_listen_rules() {
+        let cfg = |s: &str| {
+            Config::parse("t.yaml", s.as_bytes(), Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+        };
+        // Host mode: anything resolve_listen accepts.
+        assert!(check_listen_for_mode(&cfg("listen: [\"tailnet:443\"]\n")).is_ok());
+        let e = check_listen_for_mode(&cfg(
+            "listen: [\"tailnet:443\"]\ntailnet: {mode: sidecar}\n",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("127.0.0.1:443") && e.contains("userspace"),
+            "{e}"
+        );
+        let e = check_listen_for_mode(&cfg(
+            "listen: [\"100.64.0.7:443\"]\ntailnet: {mode: sidecar}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("127.0.0.1:443"), "{e}");
+        let e = check_listen_for_mode(&cfg(
+            "listen: [\"127.0.0.1:0\"]\ntailnet: {mode: sidecar}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("fixed port"), "{e}");
+        let e = check_listen_for_mode(&cfg(
+            "listen: [\"127.0.0.1:1055\"]\ntailnet: {mode: sidecar}\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("socks5"), "{e}");
+        assert!(
+            check_listen_for_mode(&cfg(
+                "listen: [\"127.0.0.1:8100\"]\ntailnet: {mode: sidecar}\n"
+            ))
+            .is_ok()
+        );
     }
 }

@@ -190,7 +190,23 @@ pub struct Gateway {
     pub localapi: Option<crate::tailnet::localapi::LocalApi>,
     /// The WhoIs resolver, for its metrics.
     pub whois: std::sync::OnceLock<Arc<crate::tailnet::whois::WhoisResolver>>,
+    /// Open server→client streams to tell about tool-list changes.
+    pub list_watchers: Mutex<Vec<ListWatcher>>,
+    /// Tool names seen in each server's `tools/list`.
+    pub known_tools: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
 }
+
+/// An open stream whose caller is told when policy changes the tools it can see.
+#[derive(Debug)]
+pub struct ListWatcher {
+    pub principal: Principal,
+    pub server: String,
+    pub visible: Vec<String>,
+    pub tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+}
+
+/// Bound on watchers (each is one open client stream).
+pub const MAX_LIST_WATCHERS: usize = 10_000;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -295,6 +311,113 @@ impl Gateway {
             .lock()
             .ok()
             .and_then(|m| m.get(&(server.to_string(), tool.to_string())).cloned())
+    }
+
+    /// Remembers a server's tools: their names (for list-change notices) and annotations.
+    pub fn remember_tools(&self, server: &str, tools: &[Value]) {
+        if let Ok(mut k) = self.known_tools.lock() {
+            let set = k.entry(server.to_string()).or_default();
+            for t in tools
+                .iter()
+                .filter_map(|t| t.get("name").and_then(Value::as_str))
+            {
+                if set.len() < 10_000 {
+                    set.insert(t.to_string());
+                }
+            }
+        }
+        self.remember_annotations(server, tools);
+    }
+
+    /// The known tools of `server` that `principal` may see (`tools/list::T`), now.
+    pub fn visible_tools(&self, principal: &Principal, server: &str) -> Vec<String> {
+        let known: Vec<String> = self
+            .known_tools
+            .lock()
+            .map(|k| {
+                k.get(server)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let Some(up) = self.upstreams.get(server) else {
+            return Vec::new();
+        };
+        known
+            .into_iter()
+            .filter(|t| {
+                let action = format!("tools/list::{t}");
+                let check = crate::mcp::mapping::Check {
+                    action: action.clone(),
+                    name: Some(t.clone()),
+                    arguments: None,
+                };
+                let annotations = self.annotations_for(server, t);
+                let resource = crate::mcp::mapping::resource(
+                    &up.target,
+                    "tools/list",
+                    &check,
+                    annotations.as_ref(),
+                );
+                self.decide(principal, resource, vec![action.clone()])
+                    .effect(&action)
+                    == Effect::Allow
+            })
+            .collect()
+    }
+
+    /// Registers an open stream; returns the receiver of events to merge into it.
+    pub fn watch_tool_list(
+        &self,
+        principal: &Principal,
+        server: &str,
+    ) -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let visible = self.visible_tools(principal, server);
+        if let Ok(mut w) = self.list_watchers.lock() {
+            w.retain(|x| !x.tx.is_closed());
+            if w.len() < MAX_LIST_WATCHERS {
+                w.push(ListWatcher {
+                    principal: principal.clone(),
+                    server: server.to_string(),
+                    visible,
+                    tx,
+                });
+            }
+        }
+        rx
+    }
+
+    /// After a policy reload: tells every open stream whose visible tools changed.
+    /// Returns how many were told.
+    pub fn policies_changed(&self) -> usize {
+        let mut watchers = match self.list_watchers.lock() {
+            Ok(mut w) => {
+                w.retain(|x| !x.tx.is_closed());
+                std::mem::take(&mut *w)
+            }
+            Err(_) => return 0,
+        };
+        let mut told = 0;
+        for w in watchers.iter_mut() {
+            let now = self.visible_tools(&w.principal, &w.server);
+            if now != w.visible {
+                let event = crate::mcp::sse::Event {
+                    event: Some("message".into()),
+                    data: r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#.into(),
+                    ..Default::default()
+                };
+                if w.tx.try_send(event.to_bytes()).is_ok() {
+                    told += 1;
+                }
+                w.visible = now;
+            }
+        }
+        if let Ok(mut w) = self.list_watchers.lock() {
+            watchers.append(&mut w);
+            *w = watchers;
+        }
+        told
     }
 
     pub fn remember_annotations(&self, server: &str, tools: &[Value]) {
@@ -414,10 +537,55 @@ pub trait AuditSink: Send + Sync + 'static {
 
 /// The upstream HTTP client: no redirects (upstream URLs are fixed by config), rustls on ring.
 pub fn http_client() -> Result<reqwest::Client, String> {
+    http_client_via(None)
+}
+
+/// Sends requests for tailnet hosts (see [`is_tailnet_host`]) through tailscaled's SOCKS5
+/// listener: a userspace-networking (sidecar) node has no route to 100.64.0.0/10, and
+/// `socks5h` lets tailscaled resolve MagicDNS names itself.
+#[derive(Debug, Clone)]
+pub struct TailnetProxy {
+    /// tailscaled's `--socks5-server` (loopback).
+    pub socks5: std::net::SocketAddr,
+    /// The tailnet's MagicDNS suffix (`tail1234.ts.net`), when known; `*.ts.net` always matches.
+    pub magic_dns_suffix: Option<String>,
+}
+
+/// Is `host` (a URL host: name, IPv4, or IPv6 without brackets) on the tailnet: a MagicDNS
+/// name under `*.ts.net` or `suffix`, or an address in 100.64.0.0/10 or fd7a:115c:a1e0::/48?
+pub fn is_tailnet_host(host: &str, suffix: Option<&str>) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return crate::daemon::is_tailnet_ip(ip);
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let under = |s: &str| {
+        let s = s.trim_matches('.').to_ascii_lowercase();
+        !s.is_empty()
+            && host.len() > s.len()
+            && host.ends_with(&s)
+            && host[..host.len() - s.len()].ends_with('.')
+    };
+    under("ts.net") || suffix.is_some_and(under)
+}
+
+/// [`http_client`], with tailnet hosts dialed through `proxy` when given.
+pub fn http_client_via(proxy: Option<TailnetProxy>) -> Result<reqwest::Client, String> {
     // Installing twice is harmless: the second call reports the first provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
+    let mut b = reqwest::Client::builder();
+    if let Some(p) = proxy {
+        let via = format!("socks5h://{}", p.socks5);
+        let target: reqwest::Url = via
+            .parse()
+            .map_err(|e| format!("tailnet SOCKS5 proxy {via}: {e}"))?;
+        b = b.proxy(reqwest::Proxy::custom(move |url| {
+            url.host_str()
+                .filter(|h| is_tailnet_host(h, p.magic_dns_suffix.as_deref()))
+                .map(|_| target.clone())
+        }));
+    }
+    b.redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
         .build()

@@ -42,8 +42,8 @@ pub fn tools() -> Value {
 /// The sample server's router (mount it at any path; it answers POST).
 pub fn router(counters: Arc<Counters>) -> Router {
     Router::new()
-        .route("/mcp", post(handle))
-        .route("/mcp/{server}", post(handle))
+        .route("/mcp", post(handle).get(server_stream))
+        .route("/mcp/{server}", post(handle).get(server_stream))
         .with_state(counters)
 }
 
@@ -55,6 +55,31 @@ pub async fn spawn(addr: SocketAddr, counters: Arc<Counters>) -> std::io::Result
         let _ = axum::serve(listener, router(counters)).await;
     });
     Ok(bound)
+}
+
+/// The handshake era's GET stream: a priming event, then a keep-alive comment every second,
+/// until the client goes away.
+async fn server_stream() -> Response {
+    let events = futures_util::stream::unfold(0u64, |n| async move {
+        if n > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let chunk = if n == 0 {
+            "id: 0\ndata: \n\n".to_string()
+        } else {
+            format!(": keep-alive {n}\n\n")
+        };
+        Some((
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)),
+            n + 1,
+        ))
+    });
+    let mut r = Response::new(axum::body::Body::from_stream(events));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
 }
 
 fn json_response(status: StatusCode, body: Value, session: Option<String>) -> Response {
@@ -139,6 +164,10 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes)
                     json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": format!("Unknown tool: {name}")}}),
                     None,
                 );
+            }
+            // Tests ask for slow calls with `delay_ms` (capped): in-flight work at shutdown.
+            if let Some(ms) = args.get("delay_ms").and_then(Value::as_u64) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms.min(10_000))).await;
             }
             c.tool_calls.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut e) = c.executed.lock() {

@@ -57,10 +57,16 @@ struct Harness {
     addr: SocketAddr,
     sink: Arc<MemorySink>,
     counters: Arc<sample::Counters>,
+    gw: Arc<Gateway>,
     _shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 async fn start() -> Harness {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    start_with(&root.join("policies")).await
+}
+
+async fn start_with(policies: &Path) -> Harness {
     let counters = Arc::new(sample::Counters::default());
     let up = sample::spawn("127.0.0.1:0".parse().unwrap(), counters.clone())
         .await
@@ -68,7 +74,7 @@ async fn start() -> Harness {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_text = format!(
         "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n",
-        root.join("policies").display()
+        policies.display()
     );
     let config = Config::parse("test.yaml", cfg_text.as_bytes(), root).unwrap();
     let (store, res) = Store::open(&config.policies.dir);
@@ -91,6 +97,8 @@ async fn start() -> Harness {
         metrics: Default::default(),
         localapi: None,
         whois: Default::default(),
+        list_watchers: Default::default(),
+        known_tools: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -102,7 +110,7 @@ async fn start() -> Harness {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(server::serve_listener(
         listener,
-        server::router(gw),
+        server::router(gw.clone()),
         provider,
         None,
         rx,
@@ -111,6 +119,7 @@ async fn start() -> Harness {
         addr,
         sink,
         counters,
+        gw,
         _shutdown: tx,
     }
 }
@@ -291,4 +300,61 @@ async fn hidden_tools_answer_unknown_tool() {
         assert_eq!(v["error"]["message"], format!("Unknown tool: {tool}"));
     }
     assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_policy_change_announces_list_changed_on_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let h = start_with(dir.path()).await;
+    let c = client("127.0.0.2");
+    let init = c
+        .post(format!("http://{}/mcp/github", h.addr))
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let sid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    )
+    .await;
+    let mut stream = c
+        .get(format!("http://{}/mcp/github", h.addr))
+        .header("mcp-session-id", &sid)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    // No change, no notice.
+    assert_eq!(h.gw.policies_changed(), 0);
+    // Developers lose create_issue in lists: alice's visible tools change.
+    let p = dir.path().join("mcp_server.yaml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace(r#""tools/list::create_issue", "#, "")).unwrap();
+    h.gw.store.reload().unwrap();
+    assert_eq!(h.gw.policies_changed(), 1);
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !seen.contains("notifications/tools/list_changed") {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .expect("no notice within 5 s")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
 }

@@ -626,6 +626,7 @@ async fn forward(
             out_headers,
             started,
             caller.clone(),
+            None,
         );
     }
     let body = match read_limited(resp, MAX_RESPONSE_BYTES).await {
@@ -766,7 +767,7 @@ fn filter_list(gw: &Gateway, server: &str, method: &str, value: &mut Value, call
         return;
     };
     if method == "tools/list" {
-        gw.remember_annotations(server, items);
+        gw.remember_tools(server, items);
     }
     let Some(upstream) = gw.upstreams.get(server) else {
         return;
@@ -810,6 +811,7 @@ fn stream_sse(
     headers: HeaderMap,
     started: Instant,
     caller: Arc<Caller>,
+    inject: Option<tokio::sync::mpsc::Receiver<Bytes>>,
 ) -> Response {
     struct St {
         gw: Arc<Gateway>,
@@ -822,6 +824,8 @@ fn stream_sse(
         inner: futures_util::stream::BoxStream<'static, Result<Bytes, reqwest::Error>>,
         answered: bool,
         done: bool,
+        /// Events of our own (e.g. `notifications/tools/list_changed`) merged into the stream.
+        inject: Option<tokio::sync::mpsc::Receiver<Bytes>>,
     }
     let st = St {
         gw,
@@ -834,13 +838,27 @@ fn stream_sse(
         inner: resp.bytes_stream().boxed(),
         answered: false,
         done: false,
+        inject,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
         loop {
-            match st.inner.next().await {
+            let next = match st.inject.as_mut() {
+                Some(rx) => tokio::select! {
+                    n = st.inner.next() => n,
+                    ours = rx.recv() => match ours {
+                        Some(event) => return Some((Ok(event), st)),
+                        None => {
+                            st.inject = None;
+                            continue;
+                        }
+                    },
+                },
+                None => st.inner.next().await,
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     let events = match st.parser.feed(&chunk) {
                         Ok(e) => e,
@@ -1136,6 +1154,8 @@ pub async fn session_request(
         .is_some_and(|c| c.starts_with("text/event-stream"));
     if is_sse && status.is_success() {
         // No request of ours is pending on this stream: a null id matches no response.
+        // Policy changes that alter this caller's tools are announced on it.
+        let inject = gw.watch_tool_list(&caller.principal, &upstream.target.server);
         let mut r = stream_sse(
             gw.clone(),
             upstream,
@@ -1145,6 +1165,7 @@ pub async fn session_request(
             out_headers,
             started,
             caller,
+            Some(inject),
         );
         *r.status_mut() = status;
         return r;

@@ -477,6 +477,61 @@ impl LocalApi {
             .await
     }
 
+    /// A `POST` of `body` (JSON when not empty) to `path_and_query` on a fresh connection (never
+    /// retried: POSTs change state). 200 and 204 are success; the body is returned. Needs write
+    /// permission. Used for `start`, `login-interactive` (what `tailscale up` calls).
+    pub async fn post(&self, path_and_query: &str, body: Bytes) -> Result<Bytes, LocalApiError> {
+        self.send_once(Method::POST, path_and_query, body).await
+    }
+
+    /// A `PATCH` of a JSON `body` (e.g. `ipn.MaskedPrefs` to `/localapi/v0/prefs`).
+    pub async fn patch(&self, path_and_query: &str, body: Bytes) -> Result<Bytes, LocalApiError> {
+        self.send_once(Method::PATCH, path_and_query, body).await
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        pq: &str,
+        body: Bytes,
+    ) -> Result<Bytes, LocalApiError> {
+        let endpoint = endpoint_of(pq);
+        let timeout = self.inner.config.timeout;
+        let call = async {
+            let (mut sender, task) = self.connect(&endpoint).await?;
+            let mut req = self.request(&endpoint, pq)?;
+            *req.method_mut() = method;
+            if !body.is_empty() {
+                req.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            *req.body_mut() = Full::new(body);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| LocalApiError::transport(&endpoint, format!("request failed: {e}")))?;
+            let status = resp.status();
+            let out = read_limited(
+                &endpoint,
+                resp.into_body(),
+                self.inner.config.max_body_bytes,
+            )
+            .await;
+            task.abort();
+            let out = out?;
+            if status != StatusCode::OK && status != StatusCode::NO_CONTENT {
+                return Err(LocalApiError::from_status(&endpoint, status, &out));
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(LocalApiError::Timeout { endpoint, timeout }),
+        }
+    }
+
     /// `GET /localapi/v0/watch-ipn-bus?mask=N`: a long-lived stream of [`Notify`], one JSON
     /// object per line, on a dedicated connection. The call's timeout bounds only the wait for
     /// the response head; the stream itself is unbounded in time.

@@ -6,11 +6,15 @@
 //! - [`types`]: tolerant serde types of tailscaled's JSON (`Status`, `WhoIs`, `Notify`).
 //! - [`whois`]: WhoIs → principal per connection: bounded, cached, fail-closed.
 //! - [`tls`]: `tls: auto`, the node's LocalAPI certificate for rustls, renewed ahead of expiry.
+//! - [`sidecar`]: `tailnet.mode: sidecar`, our own supervised userspace tailscaled.
+//! - [`join`]: logging that node in through the LocalAPI (auth key, tags, control URL).
 //!
 //! Identity (DESIGN.md §1 step 2, §3) is built on [`localapi::LocalApi::whois`]: a caller
 //! without a WhoIs answer gets no identity and nothing is forwarded.
 
+pub mod join;
 pub mod localapi;
+pub mod sidecar;
 pub mod tls;
 pub mod types;
 pub mod whois;
