@@ -30,7 +30,7 @@ fn quick() -> bool {
 
 /// A realistic decision: ~25 short fields, a small explain trace, digest-mode arguments.
 fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
-    let effect = if i % 5 == 0 {
+    let effect = if i.is_multiple_of(5) {
         Effect::Deny
     } else {
         Effect::Allow
@@ -44,7 +44,7 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
     r.login = r.principal.clone();
     r.node = format!("host{p}.example.ts.net");
     r.node_id = format!("n{p:08}");
-    if p % 3 == 0 {
+    if p.is_multiple_of(3) {
         r.tags = vec!["tag:ci".into()];
     }
     r.ip = format!("100.64.{}.{}", (p / 250) % 250, p % 250);
@@ -174,7 +174,7 @@ fn commit_wait(rate: u64, durability: Durability) {
     let secs = if quick() { 1 } else { 4 };
     let total = rate * secs;
     let lat = rt.block_on(async {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Duration>>();
         let start = tokio::time::Instant::now();
         // Pace in 1 ms ticks: rate/1000 decisions per tick.
         let per_tick = (rate / 1000).max(1);
@@ -189,26 +189,33 @@ fn commit_wait(rate: u64, durability: Durability) {
                 let r = decision(sent, 1000, None);
                 tokio::spawn(async move {
                     let t0 = Instant::now();
-                    let ticket = log.submit(r).unwrap();
-                    ticket.wait().await.unwrap();
-                    let _ = tx.send(t0.elapsed());
+                    // A refusal (full queue, failed commit) is what the gateway answers 503 to.
+                    let ok = match log.submit(r) {
+                        Ok(t) => t.wait().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    let _ = tx.send(ok.then(|| t0.elapsed()));
                 });
                 sent += 1;
             }
         }
         drop(tx);
         let mut v = Vec::with_capacity(total as usize);
+        let mut refused = 0u64;
         while let Some(d) = rx.recv().await {
-            v.push(d);
+            match d {
+                Some(d) => v.push(d),
+                None => refused += 1,
+            }
         }
         let took = start.elapsed();
-        (v, took)
+        (v, took, refused)
     });
-    let (mut v, took) = lat;
+    let (mut v, took, refused) = lat;
     v.sort();
     let m = log.metrics();
     println!(
-        "audit sync commit wait at {rate}/s ({durability:?}): n={} achieved {:.0}/s p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms ({:.1} rows/txn)",
+        "audit sync commit wait at {rate}/s ({durability:?}): n={} refused(503)={refused} achieved {:.0}/s p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms ({:.1} rows/txn)",
         v.len(),
         v.len() as f64 / took.as_secs_f64(),
         pct(&v, 0.50).as_secs_f64() * 1e3,
@@ -302,7 +309,7 @@ fn queries() -> Vec<(&'static str, Filter)> {
         (
             "tool + deny + since 24h, newest 100",
             Filter {
-                tool: Some("tool7".into()),
+                tool: Some("tool8".into()),
                 effect: Some("deny".into()),
                 since: since("24h"),
                 limit: Some(100),
@@ -337,7 +344,7 @@ fn queries() -> Vec<(&'static str, Filter)> {
             "node + tool, newest 50",
             Filter {
                 node: Some("host7.example.ts.net".into()),
-                tool: Some("tool7".into()),
+                tool: Some("tool19".into()),
                 limit: Some(50),
                 ..Filter::default()
             },

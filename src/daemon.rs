@@ -587,9 +587,31 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
         cfg.identity.socket = sc.settings().socket.clone();
         let api = sc.localapi();
         sidecar = Some(sc);
-        // Signals are wired later; until then SIGTERM ends the process (and the child, by
-        // kill_on_drop), which is what an operator expects from a daemon stuck logging in.
-        crate::tailnet::join::ensure_joined(&api, &join, &mut stop_rx).await?;
+        // SIGTERM/SIGINT while joining: stop tailscaled by pid and exit cleanly (a signal's
+        // default action would leave the child running).
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+            let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+            let early = stop_tx.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                let _ = early.send(true);
+            });
+        }
+        if let Err(e) = crate::tailnet::join::ensure_joined(&api, &join, &mut stop_rx).await {
+            if let Some(sc) = sidecar.take() {
+                sc.stop().await;
+            }
+            if *stop_rx.borrow() {
+                tracing::info!("shut down before the sidecar node joined the tailnet");
+                return Ok(());
+            }
+            return Err(e);
+        }
         crate::tailnet::join::spawn_rejoin(api, join, stop_rx.clone());
     }
     let mut localapi: Option<LocalApi> = None;

@@ -75,6 +75,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
                 .delete(proxy::session_request),
         )
         .route("/metrics", get(metrics))
+        .route("/api/audit", get(api_audit))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/_cerbos/health", get(cerbos_health))
@@ -164,6 +165,127 @@ fn metrics_text(gw: &Gateway) -> Response {
         gw.prometheus(),
     )
         .into_response()
+}
+
+/// `GET /api/audit?principal=..&since=2h&limit=50`: the audit query as JSON, itself
+/// authorized row by row (resource kind `toolgate_audit`, action `read`, `R.attr.principal` =
+/// the row's principal), so "users see their own rows, admins see all" is one policy.
+async fn api_audit(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Extension(conn): axum::extract::Extension<Conn>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let Some(caller) = conn.caller.clone() else {
+        return forbidden("no verified tailnet identity");
+    };
+    let pairs: Vec<(String, String)> = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    let filter = match crate::audit::query::Filter::from_pairs(pairs) {
+        Ok(f) => f,
+        Err(e) => {
+            let body = serde_json::json!({"error": e}).to_string();
+            return (
+                StatusCode::BAD_REQUEST,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response();
+        }
+    };
+    let db = gw.config.audit.sqlite.clone();
+    let principal = caller.principal.clone();
+    let gw2 = gw.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let mut allowed = 0usize;
+        let mut denied = 0usize;
+        let rows = crate::audit::query::query_authorized(&db, &filter, &mut |row| {
+            let mut attr = serde_json::Map::new();
+            attr.insert("principal".into(), row.principal.clone().into());
+            attr.insert("node".into(), row.node.clone().into());
+            attr.insert("server".into(), row.server.clone().into());
+            let resource = crate::policy::input::Resource {
+                kind: "toolgate_audit".into(),
+                id: row.id.clone(),
+                attr,
+                ..Default::default()
+            };
+            let ok = gw2
+                .decide(&principal, resource, vec!["read".into()])
+                .effect("read")
+                == crate::policy::model::Effect::Allow;
+            if ok {
+                allowed += 1;
+            } else {
+                denied += 1;
+            }
+            ok
+        });
+        (rows, allowed, denied)
+    })
+    .await;
+    let (rows, allowed, denied) = match rows {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            let body = serde_json::json!({"error": e.to_string()}).to_string();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response();
+        }
+    };
+    let mut row = crate::gateway::AuditRow::new("check", &conn);
+    row.method = "GET /api/audit".into();
+    row.action = "read".into();
+    row.effect = crate::policy::model::Effect::Allow;
+    row.outcome = "answered".into();
+    row.reason =
+        format!("{allowed} row(s) readable, {denied} withheld by policy toolgate_audit/read");
+    row.policy_hash = gw.store.current().hash.clone();
+    if gw.submit(row).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "audit unavailable").into_response();
+    }
+    let body = serde_json::json!({"rows": rows, "withheld": denied}).to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The router of the optional loopback metrics listener (`metrics.listen`): no identity.

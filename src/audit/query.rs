@@ -171,6 +171,23 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>)
         let p = ph(Param::Text(v.clone()), &mut params);
         conds.push(format!("d.time < {p}{ts}"));
     }
+    // SQLite has no statistics here (ANALYZE would hold the write lock for seconds), so steer
+    // it: a unary `+` keeps a column's index out of play when a more selective one applies
+    // (id > principal > tool > effect > time).
+    let selective = f.id.is_some() || f.principal.is_some() || f.tool.is_some();
+    let hint = |col: &str| -> &'static str {
+        let skip = match col {
+            "principal" => f.id.is_some(),
+            "tool" => f.id.is_some() || f.principal.is_some(),
+            "effect" => selective,
+            _ => false,
+        };
+        if skip && dialect == Dialect::Sqlite {
+            "+"
+        } else {
+            ""
+        }
+    };
     for (col, v) in [
         ("principal", &f.principal),
         ("node", &f.node),
@@ -183,7 +200,7 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>)
     ] {
         if let Some(v) = v {
             let p = ph(Param::Text(v.clone()), &mut params);
-            conds.push(format!("d.{col} = {p}"));
+            conds.push(format!("{}d.{col} = {p}", hint(col)));
         }
     }
     if let Some(v) = &f.tag {
