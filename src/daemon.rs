@@ -550,18 +550,15 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
 }
 
 /// Wires SIGHUP (reload) and SIGTERM/SIGINT (graceful stop).
-pub fn signals(gw: Arc<Gateway>, stop: watch::Sender<bool>) -> Result<(), String> {
+/// SIGTERM/SIGINT: a graceful stop (also while still waiting for tailscaled at start-up).
+pub fn stop_signals(stop: watch::Sender<bool>) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = hup.recv() => reload(&gw, "SIGHUP"),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("shutting down: no new connections; waiting for in-flight calls");
         let _ = stop.send(true);
@@ -569,9 +566,22 @@ pub fn signals(gw: Arc<Gateway>, stop: watch::Sender<bool>) -> Result<(), String
     Ok(())
 }
 
+/// SIGHUP: reload policies (a broken reload keeps the last good set).
+pub fn reload_signal(gw: Arc<Gateway>) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload(&gw, "SIGHUP");
+        }
+    });
+    Ok(())
+}
+
 /// `toolgate serve --config FILE`.
 pub async fn serve(mut cfg: Config) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    stop_signals(stop_tx.clone())?;
     // `tailnet.mode: sidecar`: our own tailscaled, logged in through the LocalAPI; everything
     // below then talks to its socket. Kept alive (and stopped) with this function.
     let mut sidecar: Option<crate::tailnet::sidecar::Sidecar> = None;
@@ -630,7 +640,14 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
         }
         IdentityProvider::Tailscale => {
             let api = LocalApi::unix(&cfg.identity.socket);
-            let status = wait_running(&api, &mut stop_rx).await?;
+            let status = match wait_running(&api, &mut stop_rx).await {
+                Ok(s) => s,
+                Err(_) if *stop_rx.borrow() => {
+                    tracing::info!("shut down while waiting for tailscaled");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             let node = NodeInfo::from_status(&status);
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
             if !status.tun && cfg.tailnet.mode == TailnetMode::Host {
@@ -661,7 +678,7 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
         built.gateway.set_whois(w);
     }
     let audit = built.audit.clone();
-    signals(built.gateway.clone(), stop_tx)?;
+    reload_signal(built.gateway.clone())?;
     let deadline_rx = stop_rx.clone();
     let served = run(built, stop_rx);
     tokio::pin!(served);

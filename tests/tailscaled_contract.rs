@@ -402,3 +402,47 @@ async fn prefs_and_cert_error_paths() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn serve_waits_clearly_while_tailscaled_needs_login() {
+    let Some(bin) = tailscaled_bin("serve_waits_clearly_while_tailscaled_needs_login") else {
+        return;
+    };
+    let d = Daemon::start(&bin);
+    let cfg = d.dir.path().join("toolgate.yaml");
+    std::fs::create_dir_all(d.dir.path().join("policies")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: [tailnet:8443]\ntls: off\nidentity: {{socket: {}}}\npolicies: {{dir: policies}}\naudit: {{sqlite: audit.db}}\n",
+            d.socket.display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("TOOLGATE_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Still waiting (it must not give up, nor bind anything), then SIGTERM ends it cleanly.
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "serve exited while waiting for login"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let out = serve.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SIGTERM while waiting must exit 0: {:?}\n{log}",
+        out.status
+    );
+    assert!(log.contains("tailscaled is not running yet"), "{log}");
+    assert!(log.contains("NeedsLogin"), "{log}");
+    assert!(log.contains("tailscale up"), "{log}");
+}

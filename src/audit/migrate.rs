@@ -40,11 +40,6 @@ pub fn sqlite(conn: &mut Connection) -> Result<usize, String> {
             SQLITE.len()
         ));
     }
-    if current == 0 {
-        // Must precede the first table: lets retention give pages back with incremental_vacuum.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(|e| format!("setting auto_vacuum: {e}"))?;
-    }
     for (i, (name, sql)) in SQLITE.iter().enumerate().skip(current) {
         let version = i + 1;
         let tx = conn

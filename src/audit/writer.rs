@@ -360,6 +360,9 @@ pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Resul
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Before WAL mode, or it does not take: lets retention give pages back with
+    // incremental_vacuum. Only a new, empty database changes; existing ones keep theirs.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
     let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     let sync = match durability {
         Durability::Normal => "NORMAL",

@@ -165,6 +165,12 @@ pub async fn ensure_joined(
                         tracing::error!(error = %e, "logging in through the LocalAPI failed; retrying in {}s", backoff.as_secs());
                     }
                 }
+                if let Some(h) = s.health.iter().find(|h| h.contains("login error")) {
+                    if *h != last_note {
+                        tracing::error!("the sidecar node cannot log in: {h}");
+                        last_note = h.clone();
+                    }
+                }
                 if !s.auth_url.is_empty() && s.auth_url != last_note {
                     tracing::warn!(url = %s.auth_url, "to add toolgate to the tailnet, log in at this URL (or configure tailnet.authkey_file / TS_AUTHKEY)");
                     last_note = s.auth_url.clone();
