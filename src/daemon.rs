@@ -732,6 +732,49 @@ mod tests {
         }
     }
 
+    struct Counting(std::sync::atomic::AtomicUsize);
+    impl Identify for Counting {
+        fn identify(
+            &self,
+            _: SocketAddr,
+        ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err("inner".to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn non_tailnet_peers_are_refused_before_whois() {
+        let inner = Arc::new(Counting(Default::default()));
+        let guard = TailnetPeersOnly(inner.clone());
+        let outside = guard
+            .identify(
+                "10.1.2.3:5555"
+                    .parse()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            )
+            .await;
+        assert!(
+            outside
+                .err()
+                .unwrap_or_default()
+                .contains("outside the tailnet")
+        );
+        assert_eq!(
+            inner.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no WhoIs for an outsider"
+        );
+        let _ = guard
+            .identify(
+                "100.64.0.9:5555"
+                    .parse()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            )
+            .await;
+        assert_eq!(inner.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn listen_rules() {
         let cfg = |s: &str| {

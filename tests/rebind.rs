@@ -5,7 +5,12 @@
 //!
 //! Needs root and `ip netns` (CI runs as root); otherwise it prints SKIP.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 mod support;
 
@@ -31,13 +36,24 @@ impl Drop for Kill {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Listening TCP sockets inside the namespace, as `ip:port` strings.
 fn listening(ns: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Hltn"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(3).map(str::to_string)).collect()
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect()
 }
 
 fn wait_for(ns: &str, want: &str, gone: Option<&str>) {
@@ -47,7 +63,10 @@ fn wait_for(ns: &str, want: &str, gone: Option<&str>) {
         if l.iter().any(|a| a == want) && gone.is_none_or(|g| !l.iter().any(|a| a == g)) {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "want {want} (gone: {gone:?}); listening: {l:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "want {want} (gone: {gone:?}); listening: {l:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -56,13 +75,31 @@ fn wait_for(ns: &str, want: &str, gone: Option<&str>) {
 async fn tailnet_listeners_follow_the_nodes_addresses() {
     let ns = format!("tgrebind{}", std::process::id());
     if !ip(&["netns", "add", &ns]) {
-        println!("SKIP tailnet_listeners_follow_the_nodes_addresses: cannot create a network namespace (needs root and iproute2)");
+        println!(
+            "SKIP tailnet_listeners_follow_the_nodes_addresses: cannot create a network namespace (needs root and iproute2)"
+        );
         return;
     }
     let _ns = Netns(ns.clone());
     assert!(ip(&["-n", &ns, "link", "set", "lo", "up"]));
-    assert!(ip(&["-n", &ns, "addr", "add", "100.64.0.7/32", "dev", "lo"]));
-    assert!(ip(&["-n", &ns, "addr", "add", "100.64.0.8/32", "dev", "lo"]));
+    assert!(ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "100.64.0.7/32",
+        "dev",
+        "lo"
+    ]));
+    assert!(ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "100.64.0.8/32",
+        "dev",
+        "lo"
+    ]));
 
     let fake = FakeLocalApi::start().await;
     let mut status = default_status();
@@ -81,7 +118,15 @@ async fn tailnet_listeners_follow_the_nodes_addresses() {
     )
     .unwrap();
     let child = Command::new("ip")
-        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_toolgate"), "serve", "--config", cfg.to_str().unwrap()])
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_toolgate"),
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -95,7 +140,10 @@ async fn tailnet_listeners_follow_the_nodes_addresses() {
     let t = Instant::now();
     // Two watchers: the WhoIs cache and the listener re-binder.
     while fake.bus_watchers() < 2 {
-        assert!(t.elapsed() < Duration::from_secs(10), "toolgate never watched the IPN bus");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "toolgate never watched the IPN bus"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     fake.push_notify(&json!({"NetMap": {}}));
