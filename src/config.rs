@@ -284,6 +284,18 @@ pub struct ServerConfig {
     /// Extra request headers; values may reference environment variables as `${NAME}`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Methods the gateway does not know (extensions): `policy` (default) checks them like
+    /// any other method (action = the method name); `deny` refuses them outright.
+    #[serde(default)]
+    pub unknown_methods: UnknownMethods,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownMethods {
+    #[default]
+    Policy,
+    Deny,
 }
 
 fn default_resource_kind() -> String {

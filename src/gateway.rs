@@ -44,6 +44,8 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Resolved extra headers (values may come from the environment; never logged).
     pub headers: Vec<(String, String)>,
+    /// Refuse methods the gateway does not know instead of asking policy.
+    pub deny_unknown: bool,
 }
 
 impl Upstream {
@@ -64,6 +66,7 @@ impl Upstream {
             url: c.url.clone(),
             timeout: c.timeout,
             headers,
+            deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
         })
     }
 }

@@ -314,18 +314,34 @@ async fn host_guard(State(gw): State<Arc<Gateway>>, req: Request, next: Next) ->
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
-        if !host_allowed(&gw.allowed_hosts, host) {
-            return forbidden(&format!("Host {host:?} is not this node"));
-        }
-        if let Some(origin) = req
+        let origin = req
             .headers()
             .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-        {
-            let origin_host = origin.split("://").nth(1).unwrap_or("");
-            if !host_allowed(&gw.allowed_hosts, origin_host) {
-                return forbidden(&format!("Origin {origin:?} is not this node"));
+            .and_then(|v| v.to_str().ok());
+        let why = if !host_allowed(&gw.allowed_hosts, host) {
+            Some(format!("Host {host:?} is not this node"))
+        } else {
+            origin
+                .filter(|o| !host_allowed(&gw.allowed_hosts, o.split("://").nth(1).unwrap_or("")))
+                .map(|o| format!("Origin {o:?} is not this node"))
+        };
+        if let Some(why) = why {
+            // Audited like every refusal; nothing else runs.
+            let mut decision = String::new();
+            if let Some(conn) = req.extensions().get::<Conn>() {
+                let mut row = crate::gateway::AuditRow::new("mcp", conn);
+                row.method = format!("{} {}", req.method(), req.uri().path());
+                row.outcome = "refused_host".into();
+                row.reason = format!("forbidden: {why}");
+                decision = row.id.clone();
+                let _ = gw.submit(row);
             }
+            let mut r = forbidden(&why);
+            if let Ok(v) = HeaderValue::from_str(&decision) {
+                r.headers_mut()
+                    .insert(crate::mcp::proxy::DECISION_HEADER, v);
+            }
+            return r;
         }
     }
     next.run(req).await

@@ -73,7 +73,7 @@ async fn start_with(policies: &Path) -> Harness {
         .unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_text = format!(
-        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n",
+        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n  strict: {{url: \"http://{up}/mcp\", unknown_methods: deny}}\n",
         policies.display()
     );
     let config = Config::parse("test.yaml", cfg_text.as_bytes(), root).unwrap();
@@ -357,4 +357,46 @@ async fn a_policy_change_announces_list_changed_on_open_streams() {
             .unwrap();
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
+}
+
+#[tokio::test]
+async fn unknown_methods_go_to_policy_or_are_refused() {
+    let h = start().await;
+    let ext = json!({"jsonrpc": "2.0", "id": 9, "method": "acme/frobnicate", "params": {}});
+    let (s, v, _) = rpc(&h, "127.0.0.2", "github", ext.clone()).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["error"]["code"], -31002,
+        "policy decides (and has no rule for it): {v}"
+    );
+    let (s, v, d) = rpc(&h, "127.0.0.2", "strict", ext).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["error"]["code"], -32601, "{v}");
+    assert!(!d.is_empty());
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_foreign_host_is_refused_and_audited() {
+    let h = start().await;
+    let r = client("127.0.0.2")
+        .post(format!("http://{}/mcp/github", h.addr))
+        .header("host", "evil.example.com")
+        .header("content-type", "application/json")
+        .body(call("search_repositories", json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let id = r.headers()["toolgate-decision-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let rows = h.sink.rows.lock().unwrap().clone();
+    assert!(
+        rows.iter()
+            .any(|x| x.id == id && x.outcome == "refused_host"),
+        "{rows:?}"
+    );
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
 }

@@ -69,6 +69,31 @@ pub fn check_for(msg: &Message) -> Result<Check, String> {
     }
 }
 
+/// Methods of the MCP revisions we speak (both eras); anything else is an extension.
+pub fn is_known_method(method: &str) -> bool {
+    const KNOWN: &[&str] = &[
+        "initialize",
+        "ping",
+        "server/discover",
+        "subscriptions/listen",
+        "tools/list",
+        "tools/call",
+        "prompts/list",
+        "prompts/get",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "completion/complete",
+        "logging/setLevel",
+        "sampling/createMessage",
+        "elicitation/create",
+        "roots/list",
+    ];
+    KNOWN.contains(&method) || method.starts_with("notifications/") || method.starts_with("tasks/")
+}
+
 /// The list action for one listed item.
 pub fn list_action(method: &str, item: &Value) -> Option<String> {
     let (key, prefix) = match method {

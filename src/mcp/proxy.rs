@@ -315,6 +315,21 @@ pub async fn post(
         row.reason = "a client's answer to a server request".into();
         return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
     }
+    if upstream.deny_unknown && !mapping::is_known_method(&msg.method) {
+        row.outcome = "refused".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::OK,
+            msg.id.as_ref(),
+            code::METHOD_NOT_FOUND,
+            &format!(
+                "Method not found: {} (unknown methods are refused on this server)",
+                msg.method
+            ),
+        )
+        .await;
+    }
     let check = match mapping::check_for(&msg) {
         Ok(c) => c,
         Err(e) => {
@@ -827,6 +842,24 @@ fn stream_sse(
         /// Events of our own (e.g. `notifications/tools/list_changed`) merged into the stream.
         inject: Option<tokio::sync::mpsc::Receiver<Bytes>>,
     }
+    impl St {
+        /// The stream ended on the upstream's side: nothing more to record when dropped.
+        fn finish(&mut self) {
+            self.done = true;
+        }
+    }
+    impl Drop for St {
+        /// The client went away before the answer: say so in the audit trail.
+        fn drop(&mut self) {
+            if !self.answered && !self.done && !self.msg.method.is_empty() {
+                self.gw.outcome(
+                    &self.decision,
+                    "client_disconnected",
+                    self.started.elapsed(),
+                );
+            }
+        }
+    }
     let st = St {
         gw,
         upstream,
@@ -900,6 +933,7 @@ fn stream_sse(
                         st.gw
                             .outcome(&st.decision, "upstream_error", st.started.elapsed());
                     }
+                    st.finish();
                     return None;
                 }
             }
