@@ -467,30 +467,22 @@ async fn authorize_and_forward(
                 jsonrpc::result_body(msg.id.as_ref(), result),
             )
         }
-        ("tools/call", false) => rpc_error(
-            StatusCode::OK,
-            &decision,
-            msg.id.as_ref(),
-            code::INVALID_PARAMS,
-            &format!("Unknown tool: {name}"),
-            None,
-        ),
-        ("prompts/get", _) => rpc_error(
-            StatusCode::OK,
-            &decision,
-            msg.id.as_ref(),
-            code::INVALID_PARAMS,
-            &format!("Unknown prompt: {name}"),
-            None,
-        ),
-        ("resources/read", _) => rpc_error(
-            StatusCode::OK,
-            &decision,
-            msg.id.as_ref(),
-            code::INVALID_PARAMS,
-            &format!("Unknown resource: {name}"),
-            None,
-        ),
+        // A name-level deny keeps the tool (prompt, resource) hidden, as in the filtered list.
+        ("tools/call" | "prompts/get" | "resources/read", _) => {
+            let what = match msg.method.as_str() {
+                "tools/call" => "tool",
+                "prompts/get" => "prompt",
+                _ => "resource",
+            };
+            rpc_error(
+                StatusCode::OK,
+                &decision,
+                msg.id.as_ref(),
+                code::INVALID_PARAMS,
+                &format!("Unknown {what}: {name}"),
+                None,
+            )
+        }
         _ => rpc_error(
             StatusCode::OK,
             &decision,
