@@ -288,6 +288,14 @@ pub struct ServerConfig {
     /// any other method (action = the method name); `deny` refuses them outright.
     #[serde(default)]
     pub unknown_methods: UnknownMethods,
+    /// The longest a server→client stream (the handshake era's GET stream) stays open;
+    /// clients reconnect after it. Request/response calls are bounded by `timeout`.
+    #[serde(default = "default_max_stream", with = "duration_text")]
+    pub max_stream: Duration,
+}
+
+fn default_max_stream() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -46,6 +46,8 @@ pub struct Upstream {
     pub headers: Vec<(String, String)>,
     /// Refuse methods the gateway does not know instead of asking policy.
     pub deny_unknown: bool,
+    /// Bound on a server→client stream.
+    pub max_stream: Duration,
 }
 
 impl Upstream {
@@ -67,6 +69,7 @@ impl Upstream {
             timeout: c.timeout,
             headers,
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
+            max_stream: c.max_stream,
         })
     }
 }

@@ -1150,7 +1150,11 @@ pub async fn session_request(
     } else {
         reqwest::Method::GET
     };
-    let resp = match upstream_request(&gw, &upstream, m, &headers).send().await {
+    let resp = match upstream_request(&gw, &upstream, m, &headers)
+        .timeout(upstream.max_stream)
+        .send()
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             return upstream_failed(
