@@ -395,7 +395,7 @@ fn request(mix: Mix, agent: usize, seq: u64, tag: &str) -> (&'static str, Value,
             (s, b, Expect::Allow)
         }
         Mix::Canary => {
-            if seq % 2 == 0 {
+            if seq.is_multiple_of(2) {
                 let (s, b) = call(
                     "github",
                     "create_issue",
@@ -416,7 +416,7 @@ fn request(mix: Mix, agent: usize, seq: u64, tag: &str) -> (&'static str, Value,
                 let (s, b) = allowed(seq);
                 (s, b, Expect::Allow)
             } else if r < 95 {
-                let (s, b) = if r % 2 == 0 {
+                let (s, b) = if r.is_multiple_of(2) {
                     call(
                         "github",
                         "delete_repository",
