@@ -399,6 +399,11 @@ fn part(name: &str) -> bool {
 }
 
 fn main() {
+    // `cargo test`/nextest run bench binaries without `--bench` (and list them with `--list`):
+    // these benchmarks build large databases, so they run only as real benchmarks.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     // 50 principals: a gateway's agents; 1000: every row in a batch lands on a different page of
     // the principal index (the worst case for write volume).

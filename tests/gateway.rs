@@ -63,17 +63,17 @@ struct Harness {
 
 async fn start() -> Harness {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    start_with(&root.join("policies")).await
+    start_with(&root.join("policies"), "").await
 }
 
-async fn start_with(policies: &Path) -> Harness {
+async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let counters = Arc::new(sample::Counters::default());
     let up = sample::spawn("127.0.0.1:0".parse().unwrap(), counters.clone())
         .await
         .unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_text = format!(
-        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n  strict: {{url: \"http://{up}/mcp\", unknown_methods: deny}}\n",
+        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n  strict: {{url: \"http://{up}/mcp\", unknown_methods: deny}}\n{extra_servers}",
         policies.display()
     );
     let config = Config::parse("test.yaml", cfg_text.as_bytes(), root).unwrap();
@@ -311,7 +311,7 @@ async fn a_policy_change_announces_list_changed_on_open_streams() {
             std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
         }
     }
-    let h = start_with(dir.path()).await;
+    let h = start_with(dir.path(), "").await;
     let c = client("127.0.0.2");
     let init = c
         .post(format!("http://{}/mcp/github", h.addr))
@@ -399,4 +399,52 @@ async fn a_foreign_host_is_refused_and_audited() {
         "{rows:?}"
     );
     assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn an_upstream_stream_that_ends_unanswered_becomes_a_jsonrpc_error() {
+    use axum::response::IntoResponse;
+    // An upstream that answers with SSE, sends a progress notification, then hangs up.
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(|| async {
+            let body = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\n\n";
+            ([("content-type", "text/event-stream")], body).into_response()
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let h = start_with(
+        &root.join("policies"),
+        &format!("  github2: {{url: \"http://{up}/mcp\"}}\n"),
+    )
+    .await;
+    let r = client("127.0.0.2")
+        .post(format!("http://{}/mcp/github2", h.addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let d = r.headers()["toolgate-decision-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = tokio::time::timeout(std::time::Duration::from_secs(5), r.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("notifications/progress"), "{text}");
+    assert!(
+        text.contains("\"id\":1") && text.contains("-31004"),
+        "no JSON-RPC error for the request: {text}"
+    );
+    let outcomes = h.sink.outcomes.lock().unwrap().clone();
+    assert!(
+        outcomes.contains(&(d, "upstream_error".to_string())),
+        "{outcomes:?}"
+    );
 }

@@ -839,6 +839,26 @@ fn stream_sse(
         fn finish(&mut self) {
             self.done = true;
         }
+
+        /// The upstream failed mid-stream: record it and, if our request is still unanswered,
+        /// end the stream with a JSON-RPC error for it (never a silently dropped connection).
+        fn fail(mut self, why: &str) -> Option<(Result<Bytes, std::io::Error>, St)> {
+            self.gw
+                .outcome(&self.decision, "upstream_error", self.started.elapsed());
+            tracing::warn!(decision = %self.decision, "{why}");
+            self.done = true;
+            if self.answered || self.msg.method.is_empty() {
+                return Some((Err(std::io::Error::other(why.to_string())), self));
+            }
+            self.answered = true;
+            let body = jsonrpc::error_body(self.msg.id.as_ref(), code::UPSTREAM, why, None);
+            let event = sse::Event {
+                event: Some("message".into()),
+                data: String::from_utf8_lossy(&body).into_owned(),
+                ..Default::default()
+            };
+            Some((Ok(event.to_bytes()), self))
+        }
     }
     impl Drop for St {
         /// The client went away before the answer: say so in the audit trail.
@@ -887,12 +907,7 @@ fn stream_sse(
                 Some(Ok(chunk)) => {
                     let events = match st.parser.feed(&chunk) {
                         Ok(e) => e,
-                        Err(e) => {
-                            st.gw
-                                .outcome(&st.decision, "upstream_error", st.started.elapsed());
-                            st.done = true;
-                            return Some((Err(std::io::Error::other(e)), st));
-                        }
+                        Err(e) => return st.fail(&format!("upstream stream: {e}")),
                     };
                     let mut out = Vec::new();
                     for ev in events {
@@ -913,17 +928,12 @@ fn stream_sse(
                         return Some((Ok(Bytes::from(out)), st));
                     }
                 }
-                Some(Err(e)) => {
-                    st.gw
-                        .outcome(&st.decision, "upstream_error", st.started.elapsed());
-                    st.done = true;
-                    return Some((Err(std::io::Error::other(without_url(&e))), st));
-                }
+                Some(Err(e)) => return st.fail(&format!("upstream stream: {}", without_url(&e))),
                 None => {
-                    // A stream with no request pending (the GET stream) just ends.
+                    // A stream with no request pending (the GET stream) just ends; one that
+                    // ends before answering our request gets a JSON-RPC error for it.
                     if !st.answered && !st.msg.method.is_empty() {
-                        st.gw
-                            .outcome(&st.decision, "upstream_error", st.started.elapsed());
+                        return st.fail("upstream ended the stream without an answer");
                     }
                     st.finish();
                     return None;
