@@ -1038,7 +1038,7 @@ fn deepest_accepted_expression_evaluates() {
 /// Eval time per condition; run with
 /// `cargo test --release --lib policy::cel::tests::timing -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a timing report, not a check: run it in release by hand (docs/benchmarks.md)"]
 fn timing() {
     let f = fixture();
     let env = CelEnv::new();
