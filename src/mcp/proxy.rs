@@ -91,6 +91,43 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A refusal before any decision: HTTP status, JSON-RPC code, message.
+type Refusal = (StatusCode, i64, String);
+
+/// The caller and the upstream of a request, or why it is refused (identity first: I1).
+fn identified(
+    gw: &Gateway,
+    conn: &Conn,
+    server: &str,
+    row: &mut AuditRow,
+) -> Result<(Arc<Caller>, Upstream), Refusal> {
+    let Some(caller) = conn.caller.clone() else {
+        row.kind = "identity";
+        row.outcome = "unidentified".into();
+        let why = conn
+            .unidentified
+            .as_deref()
+            .unwrap_or("no verified tailnet identity");
+        return Err((
+            StatusCode::FORBIDDEN,
+            code::UNIDENTIFIED,
+            format!("forbidden: {why}"),
+        ));
+    };
+    let Some(upstream) = gw.upstreams.get(server).cloned() else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            code::INVALID_REQUEST,
+            format!("no MCP server named {server:?}"),
+        ));
+    };
+    Ok((caller, upstream))
+}
+
+async fn refuse_with(gw: &Gateway, row: AuditRow, (status, code, msg): Refusal) -> Response {
+    refuse(gw, row, status, None, code, &msg).await
+}
+
 /// `POST /mcp/<server>`.
 pub async fn post(
     State(gw): State<Arc<Gateway>>,
@@ -102,33 +139,9 @@ pub async fn post(
     let started = Instant::now();
     let mut row = AuditRow::new("mcp", &conn);
     row.server = server.clone();
-    let Some(caller) = conn.caller.clone() else {
-        row.kind = "identity";
-        row.outcome = "unidentified".into();
-        let why = conn
-            .unidentified
-            .clone()
-            .unwrap_or_else(|| "no verified tailnet identity".into());
-        return refuse(
-            &gw,
-            row,
-            StatusCode::FORBIDDEN,
-            None,
-            code::UNIDENTIFIED,
-            &format!("forbidden: {why}"),
-        )
-        .await;
-    };
-    let Some(upstream) = gw.upstreams.get(&server).cloned() else {
-        return refuse(
-            &gw,
-            row,
-            StatusCode::NOT_FOUND,
-            None,
-            code::INVALID_REQUEST,
-            &format!("no MCP server named {server:?}"),
-        )
-        .await;
+    let (caller, upstream) = match identified(&gw, &conn, &server, &mut row) {
+        Ok(x) => x,
+        Err(status_code_msg) => return refuse_with(&gw, row, status_code_msg).await,
     };
     let ctype = header_str(&headers, "content-type").unwrap_or("");
     if !ctype.to_ascii_lowercase().starts_with("application/json") {
@@ -1087,29 +1100,9 @@ pub async fn session_request(
     row.server = server.clone();
     row.method = format!("{method}");
     row.action = row.method.clone();
-    let Some(caller) = conn.caller.clone() else {
-        row.kind = "identity";
-        row.outcome = "unidentified".into();
-        return refuse(
-            &gw,
-            row,
-            StatusCode::FORBIDDEN,
-            None,
-            code::UNIDENTIFIED,
-            "forbidden: no verified tailnet identity",
-        )
-        .await;
-    };
-    let Some(upstream) = gw.upstreams.get(&server).cloned() else {
-        return refuse(
-            &gw,
-            row,
-            StatusCode::NOT_FOUND,
-            None,
-            code::INVALID_REQUEST,
-            &format!("no MCP server named {server:?}"),
-        )
-        .await;
+    let (caller, upstream) = match identified(&gw, &conn, &server, &mut row) {
+        Ok(x) => x,
+        Err(status_code_msg) => return refuse_with(&gw, row, status_code_msg).await,
     };
     let Some(sid) = header_str(&headers, SESSION_HEADER).map(str::to_string) else {
         return refuse(
