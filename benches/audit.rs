@@ -230,7 +230,7 @@ const BIG: u64 = 1_000_000;
 
 fn big_db() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v2-{n}.db"));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v3-{n}.db"));
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()
@@ -270,8 +270,10 @@ fn big_db() -> PathBuf {
             while log.queue_depth() + 1 >= log.queue_capacity() {
                 std::thread::sleep(Duration::from_micros(200));
             }
-            log.record_outcome(&id, o, Some(1000 + i % 5000), "")
-                .unwrap();
+            // The outcome follows its decision by the call's latency, as in the gateway.
+            let latency = 1000 + i % 5000;
+            let at = format_time(t + chrono::Duration::microseconds(latency as i64));
+            log.record_outcome_at(&id, o, Some(latency), at).unwrap();
         }
     }
     log.flush_blocking().unwrap();
@@ -337,6 +339,22 @@ fn queries() -> Vec<(&'static str, Filter)> {
             Filter {
                 outcome: Some("upstream_error".into()),
                 since: since("24h"),
+                ..Filter::default()
+            },
+        ),
+        (
+            "outcome forwarded (common), newest 100",
+            Filter {
+                outcome: Some("forwarded".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "outcome upstream_error, newest 100",
+            Filter {
+                outcome: Some("upstream_error".into()),
+                limit: Some(100),
                 ..Filter::default()
             },
         ),

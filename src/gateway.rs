@@ -539,6 +539,11 @@ pub trait AuditSink: Send + Sync + 'static {
     fn writable(&self) -> Result<(), String> {
         Ok(())
     }
+    /// The queue is full right now: a row submitted now would be refused. Lets an overloaded
+    /// gateway answer 503 before spending a policy decision and a row on a call it cannot run.
+    fn saturated(&self) -> bool {
+        false
+    }
 }
 
 /// The upstream HTTP client: no redirects (upstream URLs are fixed by config), rustls on ring.
@@ -642,6 +647,12 @@ impl AuditRow {
 
 impl AuditSink for crate::audit::AuditLog {
     fn submit(&self, row: AuditRow) -> Result<Commit, AuditUnavailable> {
+        if self.saturated() {
+            // The writer's queue decides (try_send); this only skips building a doomed row.
+            return Err(AuditUnavailable(
+                crate::audit::AuditError::QueueFull.to_string(),
+            ));
+        }
         let rec = row.into_record(self.redactor());
         let ticket = crate::audit::AuditLog::submit(self, rec)
             .map_err(|e| AuditUnavailable(e.to_string()))?;
@@ -662,6 +673,10 @@ impl AuditSink for crate::audit::AuditLog {
 
     fn prometheus(&self) -> String {
         self.metrics().prometheus()
+    }
+
+    fn saturated(&self) -> bool {
+        self.queue_depth() >= self.queue_capacity()
     }
 
     fn writable(&self) -> Result<(), String> {

@@ -344,6 +344,17 @@ fn query_filters_match_a_brute_force_model() {
             outcome: Some("denied".into()),
             ..Filter::default()
         },
+        // Newest N by outcome: found in recent windows first (1 h holds ~12 rows here).
+        Filter {
+            outcome: Some("upstream_error".into()),
+            limit: Some(3),
+            ..Filter::default()
+        },
+        Filter {
+            outcome: Some("forwarded".into()),
+            limit: Some(30),
+            ..Filter::default()
+        },
         Filter {
             kind: Some("check".into()),
             ..Filter::default()
@@ -377,10 +388,16 @@ fn query_filters_match_a_brute_force_model() {
             ..Filter::default()
         },
     ];
+    // Outcome filters run both ways: from the outcome index (rare outcomes) and along the
+    // time index (common ones).
+    let via_index = Reader::open(&db).unwrap().with_rare_outcome_rows(i64::MAX);
+    let via_time = Reader::open(&db).unwrap().with_rare_outcome_rows(0);
     for f in &filters {
-        let got: Vec<String> = reader.query(f).unwrap().into_iter().map(|r| r.id).collect();
         let want = model(&all, f);
-        assert_eq!(got, want, "filter {f:?}");
+        for r in [&reader, &via_index, &via_time] {
+            let got: Vec<String> = r.query(f).unwrap().into_iter().map(|r| r.id).collect();
+            assert_eq!(got, want, "filter {f:?}");
+        }
     }
     // Merged outcome and latency come through.
     let r = reader

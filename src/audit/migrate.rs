@@ -6,10 +6,16 @@
 use rusqlite::Connection;
 
 /// SQLite migrations, in order; version N is the N-th entry.
-pub const SQLITE: &[(&str, &str)] = &[(
-    "0001_events",
-    include_str!("../../migrations/sqlite/0001_events.sql"),
-)];
+pub const SQLITE: &[(&str, &str)] = &[
+    (
+        "0001_events",
+        include_str!("../../migrations/sqlite/0001_events.sql"),
+    ),
+    (
+        "0002_outcome_index",
+        include_str!("../../migrations/sqlite/0002_outcome_index.sql"),
+    ),
+];
 
 /// Postgres migrations, in order.
 pub const POSTGRES: &[(&str, &str)] = &[(

@@ -300,7 +300,7 @@ fn stored_from_pg(r: &sqlx::postgres::PgRow) -> Result<StoredRow, sqlx::Error> {
 /// Fleet query: the same filters and order as [`super::query::Reader::query`], over every
 /// gateway's rows.
 pub async fn query(conn: &mut PgConnection, f: &Filter) -> Result<Vec<Row>, AuditError> {
-    let (w, params) = where_clause(f, Dialect::Postgres);
+    let (w, params) = where_clause(f, Dialect::Postgres, false);
     let newest_first = f.limit.is_some();
     let order = if newest_first { "DESC" } else { "ASC" };
     let mut sql = format!(

@@ -149,7 +149,10 @@ pub(crate) fn outcome_join(d: Dialect) -> &'static str {
 }
 
 /// The WHERE clause (always starting with the decision-row condition) and its parameters.
-pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>) {
+///
+/// `candidates`: find outcome matches through the `events_outcome` index first (SQLite only;
+/// worth it when few rows carry that outcome, see [`Reader::outcome_is_rare`]).
+pub(crate) fn where_clause(f: &Filter, dialect: Dialect, candidates: bool) -> (String, Vec<Param>) {
     let mut conds = vec!["d.event = 'decision'".to_string()];
     let mut params: Vec<Param> = Vec::new();
     let ph = |p: Param, params: &mut Vec<Param>| -> String {
@@ -222,6 +225,28 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>)
         conds.push(format!(
             "(COALESCE(o.outcome, d.outcome) = {p} OR substr(COALESCE(o.outcome, d.outcome), 1, {n}) = {q})"
         ));
+        if candidates && dialect == Dialect::Sqlite {
+            // Candidates first, through `events_outcome` (migration 0002): decisions whose own
+            // outcome matches, and decisions named by a matching outcome row. The merged test
+            // above then keeps only those whose latest outcome matches. A prefix is the range
+            // [v + ":", v + ";"). Outcome rows are never older than their decision, so `since`
+            // narrows them too.
+            let end = ph(Param::Text(format!("{v};")), &mut params);
+            let matches = |t: &str| {
+                format!("({t}.outcome = {p} OR ({t}.outcome >= {q} AND {t}.outcome < {end}))")
+            };
+            let since = |t: &str, params: &mut Vec<Param>| match &f.since {
+                Some(s) => format!(" AND {t}.time >= {}", ph(Param::Text(s.clone()), params)),
+                None => String::new(),
+            };
+            let (since_c, since_x) = (since("c", &mut params), since("x", &mut params));
+            conds.push(format!(
+                "d.seq IN (SELECT c.seq FROM events c WHERE {}{since_c} AND c.event = 'decision' \
+                 UNION ALL SELECT c.seq FROM events x JOIN events c ON c.id = x.decision_id WHERE {}{since_x} AND x.event = 'outcome')",
+                matches("c"),
+                matches("x"),
+            ));
+        }
     }
     if let Some(v) = f.after_seq {
         let p = ph(Param::Int(v), &mut params);
@@ -243,9 +268,9 @@ impl rusqlite::ToSql for Param {
     }
 }
 
-fn select_sql(f: &Filter, newest_first: bool) -> (String, Vec<Param>) {
+fn select_sql(f: &Filter, newest_first: bool, candidates: bool) -> (String, Vec<Param>) {
     let cols: Vec<String> = COLUMNS.iter().map(|c| format!("d.{c}")).collect();
-    let (w, params) = where_clause(f, Dialect::Sqlite);
+    let (w, params) = where_clause(f, Dialect::Sqlite, candidates);
     let order = if newest_first { "DESC" } else { "ASC" };
     (
         format!(
@@ -264,9 +289,14 @@ fn row_from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row::from_stored(s, o.map(|o| (o, l))))
 }
 
+/// See [`Reader::outcome_is_rare`].
+const RARE_OUTCOME_ROWS: i64 = 10_000;
+
 /// A read-only connection to the store.
 pub struct Reader {
     conn: Connection,
+    /// Below this many rows an outcome counts as rare ([`RARE_OUTCOME_ROWS`]).
+    rare_outcome_rows: i64,
 }
 
 impl std::fmt::Debug for Reader {
@@ -331,7 +361,10 @@ impl Reader {
                 path.display()
             )));
         }
-        Ok(Reader { conn })
+        Ok(Reader {
+            conn,
+            rare_outcome_rows: RARE_OUTCOME_ROWS,
+        })
     }
 
     pub fn connection(&self) -> &Connection {
@@ -355,6 +388,33 @@ impl Reader {
             Some(limit) => {
                 if limit == 0 {
                     return Ok(out);
+                }
+                // The newest N with an outcome filter: try recent windows first, where the
+                // outcome index narrows well. A window that yields N rows holds the newest N
+                // (every row outside it is older).
+                if let (Some(v), None) = (&f.outcome, &f.since) {
+                    let now = chrono::Utc::now();
+                    for hours in [1, 24, 24 * 7, 24 * 30] {
+                        let since = format_time(now - chrono::Duration::hours(hours));
+                        if !self.outcome_is_rare(v, Some(&since))? {
+                            break;
+                        }
+                        let g = Filter {
+                            since: Some(since),
+                            ..f.clone()
+                        };
+                        let mut got = Vec::new();
+                        self.scan(&g, true, &mut |r| {
+                            if keep(&r) {
+                                got.push(r);
+                            }
+                            got.len() < limit
+                        })?;
+                        if got.len() >= limit {
+                            got.reverse();
+                            return Ok(got);
+                        }
+                    }
                 }
                 self.scan(f, true, &mut |r| {
                     if keep(&r) {
@@ -400,7 +460,11 @@ impl Reader {
         newest_first: bool,
         each: &mut dyn FnMut(Row) -> bool,
     ) -> Result<(), AuditError> {
-        let (sql, params) = select_sql(f, newest_first);
+        let candidates = match &f.outcome {
+            Some(v) => self.outcome_is_rare(v, f.since.as_deref())?,
+            None => false,
+        };
+        let (sql, params) = select_sql(f, newest_first, candidates);
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
         while let Some(r) = rows.next()? {
@@ -409,6 +473,39 @@ impl Reader {
             }
         }
         Ok(())
+    }
+
+    /// Sets the rare-outcome bound: `0` never starts from the outcome index, `i64::MAX`
+    /// always does. Both give the same rows; tests compare them.
+    #[doc(hidden)]
+    pub fn with_rare_outcome_rows(mut self, n: i64) -> Reader {
+        self.rare_outcome_rows = n;
+        self
+    }
+
+    /// Do fewer than [`RARE_OUTCOME_ROWS`] rows (since `since`) carry outcome `v` (or
+    /// `v:<kind>`)? Then an
+    /// outcome filter starts from those rows; otherwise matches are common and the newest ones
+    /// are found faster along the time index. (SQLite keeps no statistics here: ANALYZE would
+    /// hold the write lock.) One index range count, stopped at the bound: well under 1 ms.
+    fn outcome_is_rare(&self, v: &str, since: Option<&str>) -> Result<bool, AuditError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM (SELECT 1 FROM events WHERE (outcome = ?1 AND time >= ?5) \
+             OR (outcome >= ?2 AND outcome < ?3 AND time >= ?5) LIMIT ?4)",
+            )?
+            .query_row(
+                rusqlite::params![
+                    v,
+                    format!("{v}:"),
+                    format!("{v};"),
+                    self.rare_outcome_rows,
+                    since.unwrap_or("")
+                ],
+                |r| r.get(0),
+            )?;
+        Ok(n < self.rare_outcome_rows)
     }
 
     /// One decision by id.
@@ -439,7 +536,7 @@ impl Reader {
     pub fn stats(&self, f: &Filter, top: usize) -> Result<Stats, AuditError> {
         let mut f = f.clone();
         f.limit = None;
-        let (w, params) = where_clause(&f, Dialect::Sqlite);
+        let (w, params) = where_clause(&f, Dialect::Sqlite, false);
         let from = format!("FROM events d {} WHERE {w}", outcome_join(Dialect::Sqlite));
         let p = || rusqlite::params_from_iter(params.iter());
         let top = i64::try_from(top).unwrap_or(10);
@@ -551,7 +648,7 @@ mod tests {
             outcome: Some("upstream_error".into()),
             ..Filter::default()
         };
-        let (w, p) = where_clause(&f, Dialect::Postgres);
+        let (w, p) = where_clause(&f, Dialect::Postgres, false);
         assert!(!w.contains("OR 1=1"), "{w}");
         assert!(w.contains("$1") && w.contains("$4"), "{w}");
         assert_eq!(p.len(), 5);

@@ -298,11 +298,12 @@ impl Redactor {
         if let Cow::Owned(s) = cap_text(&rec.reason, MAX_REASON) {
             rec.reason = s;
         }
-        if !rec.explain.is_null() {
-            let len = canonical_json(&rec.explain).len();
-            if len > MAX_EXPLAIN {
-                rec.explain = serde_json::json!({"truncated": true, "bytes": len});
-            }
+    }
+
+    /// Caps a stored explain trace (canonical JSON text) at [`MAX_EXPLAIN`] bytes.
+    pub fn cap_explain(explain: &mut String) {
+        if explain.len() > MAX_EXPLAIN {
+            *explain = format!("{{\"bytes\":{},\"truncated\":true}}", explain.len());
         }
     }
 
@@ -530,5 +531,18 @@ mod tests {
             rec.arguments
         );
         assert_eq!(rec.arguments["truncated"], true);
+    }
+
+    #[test]
+    fn an_oversized_explain_trace_is_replaced_by_its_size() {
+        let mut small = r#"{"policies":[]}"#.to_string();
+        Redactor::cap_explain(&mut small);
+        assert_eq!(small, r#"{"policies":[]}"#);
+        let mut big = format!(r#"{{"x":"{}"}}"#, "y".repeat(MAX_EXPLAIN));
+        let len = big.len();
+        Redactor::cap_explain(&mut big);
+        let v: Value = serde_json::from_str(&big).unwrap();
+        assert_eq!(v, json!({"bytes": len, "truncated": true}));
+        assert_eq!(canonical_json(&v), big, "stored text stays canonical");
     }
 }

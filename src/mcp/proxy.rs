@@ -424,6 +424,14 @@ async fn authorize_and_forward(
         "resources/read" => check.name.as_ref().map(|n| format!("resources/list::{n}")),
         _ => None,
     };
+    if gw.audit.saturated() {
+        // Overload: the row could not be queued, so neither an allow nor a deny could be
+        // recorded. Answer at once (security.md §3.5: 503 within 50 ms); nothing is forwarded.
+        gw.metrics
+            .audit_refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return audit_unavailable(&row.id, &msg, "the audit queue is full");
+    }
     let mut actions = vec![check.action.clone()];
     actions.extend(list_action.clone());
     let d = gw.decide(&caller.principal, resource, actions);
