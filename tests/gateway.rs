@@ -29,6 +29,8 @@ struct MemorySink {
     rows: Mutex<Vec<AuditRow>>,
     outcomes: Mutex<Vec<(String, String)>>,
     fail: AtomicBool,
+    /// Reports a full queue through `saturated` (overload shedding).
+    saturated: AtomicBool,
 }
 
 impl AuditSink for MemorySink {
@@ -38,6 +40,9 @@ impl AuditSink for MemorySink {
         }
         self.rows.lock().unwrap().push(row);
         Ok(Box::pin(async { Ok(()) }))
+    }
+    fn saturated(&self) -> bool {
+        self.saturated.load(Ordering::SeqCst)
     }
     fn outcome(&self, id: &str, outcome: &str, _latency_us: u64) {
         self.outcomes
@@ -285,6 +290,47 @@ async fn a_full_audit_queue_answers_503_and_forwards_nothing() {
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some());
     assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn an_overloaded_audit_queue_sheds_calls_before_deciding() {
+    let h = start().await;
+    h.sink.saturated.store(true, Ordering::SeqCst);
+    let before = h.gw.metrics.render();
+    let (s, v, _) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call("search_repositories", json!({})),
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("audit"),
+        "{v}"
+    );
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+    assert!(h.sink.rows.lock().unwrap().is_empty());
+    // No policy decision was spent on it.
+    let after = h.gw.metrics.render();
+    let decisions = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("toolgate_decisions_total{"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(decisions(&before), decisions(&after));
+    // Once the queue drains, the same call runs.
+    h.sink.saturated.store(false, Ordering::SeqCst);
+    let (s, v, _) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call("search_repositories", json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]
