@@ -326,6 +326,7 @@ pub fn build(
         upstreams,
         http: crate::gateway::http_client_via(proxy)?,
         sessions: Sessions::default(),
+        server_requests: Default::default(),
         annotations: Default::default(),
         allowed_hosts: hosts.into_iter().collect(),
         audit: Arc::new(audit.clone()),

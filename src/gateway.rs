@@ -179,6 +179,52 @@ impl Sessions {
     }
 }
 
+/// Requests a server sent to a caller on its stream (sampling, elicitation, roots) that
+/// policy let through, by (principal, server, canonical JSON-RPC id). A caller may answer only
+/// those: a response to anything else (a request policy withheld, one never sent, one answered
+/// already) is refused, so a client cannot feed the server answers it was never asked for.
+#[derive(Debug, Default)]
+pub struct ServerRequests {
+    map: Mutex<HashMap<(String, String, String), Instant>>,
+}
+
+/// Bound on outstanding server→client requests across all callers.
+pub const MAX_SERVER_REQUESTS: usize = 10_000;
+/// An unanswered server→client request is forgotten after this long.
+pub const SERVER_REQUEST_TTL: Duration = Duration::from_secs(15 * 60);
+
+impl ServerRequests {
+    /// Remembers that `principal` was sent request `id` by `server`. When the table is full
+    /// (after dropping expired entries) the request is not remembered, so its answer will be
+    /// refused: fail closed.
+    pub fn expect(&self, principal: &str, server: &str, id: &str) {
+        let Ok(mut m) = self.map.lock() else { return };
+        if m.len() >= MAX_SERVER_REQUESTS {
+            let now = Instant::now();
+            m.retain(|_, at| now.duration_since(*at) < SERVER_REQUEST_TTL);
+        }
+        if m.len() < MAX_SERVER_REQUESTS {
+            m.insert(
+                (principal.to_string(), server.to_string(), id.to_string()),
+                Instant::now(),
+            );
+        }
+    }
+
+    /// Takes request `id` off the table; `false` if `principal` has no such request from
+    /// `server` outstanding.
+    pub fn answer(&self, principal: &str, server: &str, id: &str) -> bool {
+        let Ok(mut m) = self.map.lock() else {
+            return false;
+        };
+        let key = (principal.to_string(), server.to_string(), id.to_string());
+        match m.remove(&key) {
+            Some(at) => at.elapsed() < SERVER_REQUEST_TTL,
+            None => false,
+        }
+    }
+}
+
 /// The shared state of a running gateway.
 pub struct Gateway {
     pub config: Config,
@@ -186,6 +232,8 @@ pub struct Gateway {
     pub upstreams: BTreeMap<String, Upstream>,
     pub http: reqwest::Client,
     pub sessions: Sessions,
+    /// Server→client requests delivered to callers and not answered yet.
+    pub server_requests: ServerRequests,
     /// Tool annotations seen in `tools/list`, for `R.attr.annotations` at call time.
     pub annotations: Mutex<HashMap<(String, String), Value>>,
     /// `Host` values this node answers to (invariant I7); empty means any (loopback dev only).

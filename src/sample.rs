@@ -4,6 +4,8 @@
 //! the stateless 2026-07-28 era (it accepts requests without a session). Its tools pretend to
 //! be GitHub, a file store and a shell; nothing touches the real world. It counts every tool
 //! execution, so tests can compare "what ran" with "what the audit says was forwarded".
+//! A tool call whose arguments carry `ask: ["sampling/createMessage", ...]` is answered as an
+//! SSE stream that first sends those server→client requests; client answers are recorded.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub struct Counters {
     /// (tool, canonical arguments) of every executed call, in order.
     pub executed: Mutex<Vec<(String, String)>>,
     pub sessions: AtomicU64,
+    /// Client answers (JSON-RPC responses) that reached the server, in order.
+    pub answers: Mutex<Vec<Value>>,
 }
 
 /// The tools, with annotations as an MCP server would publish them.
@@ -105,8 +109,14 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes)
     };
     let id = msg.get("id").cloned();
     let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    if msg.get("method").is_none() && (msg.get("result").is_some() || msg.get("error").is_some()) {
+        if let Ok(mut a) = c.answers.lock() {
+            a.push(msg.clone());
+        }
+        return StatusCode::ACCEPTED.into_response();
+    }
     let Some(id) = id else {
-        // Notifications and responses.
+        // Notifications.
         return StatusCode::ACCEPTED.into_response();
     };
     let ok = |result: Value| json!({"jsonrpc": "2.0", "id": id, "result": result});
@@ -177,6 +187,22 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes)
             let mut result = json!({"content": [{"type": "text", "text": text}], "isError": false});
             if modern {
                 result["resultType"] = json!("complete");
+            }
+            // `ask: [method, ...]`: answer as an SSE stream that first sends those requests to
+            // the client (sampling/createMessage, roots/list, ...), ids `srv-<call id>-<i>`.
+            if let Some(ask) = args.get("ask").and_then(Value::as_array) {
+                let mut body = String::new();
+                for (i, m) in ask.iter().filter_map(Value::as_str).enumerate() {
+                    let req = json!({"jsonrpc": "2.0", "id": format!("srv-{id}-{i}"), "method": m, "params": {}});
+                    body.push_str(&format!("event: message\ndata: {req}\n\n"));
+                }
+                body.push_str(&format!("event: message\ndata: {}\n\n", ok(result)));
+                return (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "text/event-stream")],
+                    body,
+                )
+                    .into_response();
             }
             json_response(StatusCode::OK, ok(result), None)
         }

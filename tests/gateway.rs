@@ -96,6 +96,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         upstreams,
         http: toolgate::gateway::http_client().unwrap(),
         sessions: Sessions::default(),
+        server_requests: Default::default(),
         annotations: Default::default(),
         allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
         audit: sink.clone(),
@@ -492,5 +493,91 @@ async fn an_upstream_stream_that_ends_unanswered_becomes_a_jsonrpc_error() {
     assert!(
         outcomes.contains(&(d, "upstream_error".to_string())),
         "{outcomes:?}"
+    );
+}
+
+/// The JSON messages of an SSE body.
+fn sse_messages(v: &Value) -> Vec<Value> {
+    v.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered() {
+    let h = start().await;
+    let ask = json!({"query": "x", "ask": ["sampling/createMessage", "roots/list"]});
+    // alice (developer): both requests reach her, then the result.
+    let (s, v, _) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call("search_repositories", ask.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let alice = sse_messages(&v);
+    let methods: Vec<&str> = alice.iter().filter_map(|m| m["method"].as_str()).collect();
+    assert_eq!(methods, ["sampling/createMessage", "roots/list"], "{v}");
+    assert_eq!(alice.last().unwrap()["result"]["isError"], false, "{v}");
+    // bob (no developer role): sampling is withheld and refused to the server; roots reach him.
+    let (s, v, _) = rpc(&h, "127.0.0.3", "github", call("search_repositories", ask)).await;
+    assert_eq!(s, 200, "{v}");
+    let bob = sse_messages(&v);
+    let methods: Vec<&str> = bob.iter().filter_map(|m| m["method"].as_str()).collect();
+    assert_eq!(methods, ["roots/list"], "{v}");
+    let answer = |id: &str| json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}});
+    let (s, v, _) = rpc(&h, "127.0.0.2", "github", answer("srv-1-0")).await;
+    assert_eq!(s, 202, "alice answers her sampling request: {v}");
+    for (from, id, why) in [
+        ("127.0.0.2", "srv-1-0", "answered already"),
+        ("127.0.0.3", "srv-1-0", "withheld from bob"),
+        ("127.0.0.3", "srv-9-9", "never sent"),
+        ("127.0.0.4", "srv-1-1", "sent to someone else"),
+    ] {
+        let (s, v, _) = rpc(&h, from, "github", answer(id)).await;
+        assert_eq!(s, 400, "{why}: {v}");
+        assert_eq!(v["error"]["code"], -32600, "{why}: {v}");
+    }
+    let (s, _, _) = rpc(&h, "127.0.0.3", "github", answer("srv-1-1")).await;
+    assert_eq!(s, 202, "bob answers his roots request");
+    // The server saw alice's and bob's real answers, and our refusal of bob's sampling request.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let answers = h.counters.answers.lock().unwrap().clone();
+    let ok: Vec<&str> = answers
+        .iter()
+        .filter(|a| a.get("result").is_some())
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(ok, ["srv-1-0", "srv-1-1"], "{answers:?}");
+    assert!(
+        answers.iter().any(|a| a["id"] == "srv-1-0"
+            && a["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("denied"))),
+        "{answers:?}"
+    );
+    // Audited: each server request with its decision, each refused answer.
+    let rows = h.sink.rows.lock().unwrap();
+    let sampling: Vec<(String, Effect)> = rows
+        .iter()
+        .filter(|r| r.method == "sampling/createMessage")
+        .map(|r| (r.caller.as_ref().unwrap().principal.id.clone(), r.effect))
+        .collect();
+    assert_eq!(
+        sampling,
+        [
+            ("alice@example.com".to_string(), Effect::Allow),
+            ("bob@example.com".to_string(), Effect::Deny)
+        ]
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.action == "response" && r.outcome == "refused")
+            .count(),
+        4
     );
 }

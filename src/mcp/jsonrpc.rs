@@ -136,6 +136,11 @@ pub fn canonical(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// A JSON-RPC id as a table key: `"7"` and `7` are different ids, so the JSON text is the key.
+pub fn canonical_id(id: &Value) -> String {
+    String::from_utf8(canonical(id)).unwrap_or_default()
+}
+
 /// Parses one body into a JSON value, strictly.
 pub fn parse_value(body: &[u8], limits: Limits) -> Result<Value, ParseError> {
     if body.len() > limits.max_bytes {

@@ -322,7 +322,29 @@ pub async fn post(
         }
     }
     if msg.kind == Kind::Response {
-        // A client's answer to a server request (sampling, elicitation, roots): audited, forwarded.
+        // A client's answer to a server request (sampling, elicitation, roots): forwarded only
+        // when that request was delivered to this caller and is still unanswered.
+        let id = msg
+            .id
+            .as_ref()
+            .map(jsonrpc::canonical_id)
+            .unwrap_or_default();
+        if !gw
+            .server_requests
+            .answer(&caller.principal.id, &server, &id)
+        {
+            row.action = "response".into();
+            row.outcome = "refused".into();
+            return refuse(
+                &gw,
+                row,
+                StatusCode::BAD_REQUEST,
+                msg.id.as_ref(),
+                code::INVALID_REQUEST,
+                &format!("no request {id} from this server is waiting for your answer"),
+            )
+            .await;
+        }
         row.action = "response".into();
         row.effect = Effect::Allow;
         row.reason = "a client's answer to a server request".into();
@@ -1070,6 +1092,13 @@ fn server_message(
         return None;
     }
     if allowed {
+        if let Some(id) = m.id.as_ref() {
+            gw.server_requests.expect(
+                &caller.principal.id,
+                &upstream.target.server,
+                &jsonrpc::canonical_id(id),
+            );
+        }
         return Some(ev.to_bytes());
     }
     // Denied: the client never sees it; the server gets an error answer from us.
