@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+
+/// The daemon's allocator (src/main.rs), so the writer is measured as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use toolgate::audit::query::{Filter, Reader, parse_time_bound};
 use toolgate::audit::record::format_time;
 use toolgate::audit::{AuditLog, Effect, Kind, Record, Settings};

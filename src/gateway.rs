@@ -41,6 +41,8 @@ pub struct Conn {
 pub struct Upstream {
     pub target: Target,
     pub url: String,
+    /// `url`, parsed once (not on every forwarded call).
+    pub parsed_url: reqwest::Url,
     pub timeout: Duration,
     /// Resolved extra headers (values may come from the environment; never logged).
     pub headers: Vec<(String, String)>,
@@ -66,6 +68,8 @@ impl Upstream {
                 scope: c.scope.clone(),
             },
             url: c.url.clone(),
+            parsed_url: reqwest::Url::parse(&c.url)
+                .map_err(|e| format!("servers.{name}.url: {e}"))?,
             timeout: c.timeout,
             headers,
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,

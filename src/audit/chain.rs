@@ -6,8 +6,6 @@
 //! against the chain head recorded in `meta` (and the head logged periodically, and the Postgres
 //! copy); a full rewrite by someone holding the file is not: this is evidence, not prevention.
 
-use std::fmt::Write as _;
-
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -18,9 +16,11 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
 }

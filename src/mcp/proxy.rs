@@ -555,7 +555,7 @@ fn upstream_request(
 ) -> reqwest::RequestBuilder {
     let mut req = gw
         .http
-        .request(method, &upstream.url)
+        .request(method, upstream.parsed_url.clone())
         .timeout(upstream.timeout);
     for name in FORWARDED_HEADERS {
         if let Some(v) = headers.get(name) {
@@ -1113,7 +1113,7 @@ fn server_message(
     tokio::spawn(async move {
         let _ = gw
             .http
-            .post(&upstream.url)
+            .post(upstream.parsed_url.clone())
             .timeout(upstream.timeout)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
