@@ -29,6 +29,8 @@ pub struct Counters {
     pub sessions: AtomicU64,
     /// Client answers (JSON-RPC responses) that reached the server, in order.
     pub answers: Mutex<Vec<Value>>,
+    /// The `Mcp-Session-Id` each answer came with, in the same order.
+    pub answer_sessions: Mutex<Vec<Option<String>>>,
 }
 
 /// The tools, with annotations as an MCP server would publish them.
@@ -110,8 +112,14 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes)
     let id = msg.get("id").cloned();
     let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
     if msg.get("method").is_none() && (msg.get("result").is_some() || msg.get("error").is_some()) {
-        if let Ok(mut a) = c.answers.lock() {
+        if let (Ok(mut a), Ok(mut s)) = (c.answers.lock(), c.answer_sessions.lock()) {
             a.push(msg.clone());
+            s.push(
+                headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            );
         }
         return StatusCode::ACCEPTED.into_response();
     }

@@ -523,9 +523,19 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
     let methods: Vec<&str> = alice.iter().filter_map(|m| m["method"].as_str()).collect();
     assert_eq!(methods, ["sampling/createMessage", "roots/list"], "{v}");
     assert_eq!(alice.last().unwrap()["result"]["isError"], false, "{v}");
-    // bob (no developer role): sampling is withheld and refused to the server; roots reach him.
-    let (s, v, _) = rpc(&h, "127.0.0.3", "github", call("search_repositories", ask)).await;
-    assert_eq!(s, 200, "{v}");
+    // bob (no developer role): sampling is withheld and refused to the server (on bob's
+    // session); roots reach him.
+    let r = client("127.0.0.3")
+        .post(format!("http://{}/mcp/github", h.addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "bob-session")
+        .body(call("search_repositories", ask).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v = Value::String(r.text().await.unwrap());
     let bob = sse_messages(&v);
     let methods: Vec<&str> = bob.iter().filter_map(|m| m["method"].as_str()).collect();
     assert_eq!(methods, ["roots/list"], "{v}");
@@ -553,13 +563,17 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
         .filter_map(|a| a["id"].as_str())
         .collect();
     assert_eq!(ok, ["srv-1-0", "srv-1-1"], "{answers:?}");
-    assert!(
-        answers.iter().any(|a| a["id"] == "srv-1-0"
-            && a["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("denied"))),
-        "{answers:?}"
-    );
+    let sessions = h.counters.answer_sessions.lock().unwrap().clone();
+    let refusal = answers
+        .iter()
+        .position(|a| {
+            a["id"] == "srv-1-0"
+                && a["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("denied"))
+        })
+        .expect("the server is told its sampling request was denied");
+    assert_eq!(sessions[refusal].as_deref(), Some("bob-session"));
     // Audited: each server request with its decision, each refused answer.
     let rows = h.sink.rows.lock().unwrap();
     let sampling: Vec<(String, Effect)> = rows

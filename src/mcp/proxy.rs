@@ -669,7 +669,7 @@ async fn forward(
     if ctype.starts_with("text/event-stream") {
         return stream_sse(
             gw.clone(),
-            upstream.clone(),
+            with_session(upstream, headers),
             msg.clone(),
             decision,
             resp,
@@ -1108,20 +1108,33 @@ fn server_message(
         &format!("denied by policy: {}", m.method),
         None,
     );
-    let gw = gw.clone();
-    let upstream = upstream.clone();
+    let mut req = gw
+        .http
+        .post(upstream.parsed_url.clone())
+        .timeout(upstream.timeout)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    // The configured headers (upstream auth) and, on a session, the caller's session id.
+    for (k, v) in &upstream.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
     tokio::spawn(async move {
-        let _ = gw
-            .http
-            .post(upstream.parsed_url.clone())
-            .timeout(upstream.timeout)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(answer)
-            .send()
-            .await;
+        let _ = req.body(answer).send().await;
     });
     None
+}
+
+/// The upstream as seen from one client stream: its configured headers plus the client's
+/// session and protocol version, for the answers the gateway itself sends on that stream
+/// (a withheld server request's error).
+fn with_session(upstream: &Upstream, client: &HeaderMap) -> Upstream {
+    let mut up = upstream.clone();
+    for name in [SESSION_HEADER, VERSION_HEADER] {
+        if let Some(v) = header_str(client, name) {
+            up.headers.push((name.to_string(), v.to_string()));
+        }
+    }
+    up
 }
 
 /// `GET /mcp/<server>` (the handshake era's server stream) and `DELETE` (end a session).
@@ -1228,7 +1241,7 @@ pub async fn session_request(
         let inject = gw.watch_tool_list(&caller.principal, &upstream.target.server);
         let mut r = stream_sse(
             gw.clone(),
-            upstream,
+            with_session(&upstream, &headers),
             dummy(),
             decision,
             resp,
