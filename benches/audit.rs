@@ -234,7 +234,7 @@ const BIG: u64 = 1_000_000;
 
 fn big_db() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v3-{n}.db"));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v4-{n}.db"));
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()

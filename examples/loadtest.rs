@@ -2238,6 +2238,11 @@ async fn bench(rep: &Report) {
         "",
     )
     .replace("arguments: full", "arguments: digest");
+    // BENCH_METRICS=ip:port serves /metrics there (rows per commit, queue depth) for a look.
+    let cfg = match std::env::var("BENCH_METRICS") {
+        Ok(m) => format!("{cfg}metrics:\n  listen: \"{m}\"\n"),
+        Err(_) => cfg,
+    };
     let mut gw = Serve::start(&dir, port, &cfg);
     gw.wait_ready(Duration::from_secs(20)).await.unwrap();
     let ways = [

@@ -232,20 +232,33 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect, candidates: bool) -> (S
             // [v + ":", v + ";"). Outcome rows are never older than their decision, so `since`
             // narrows them too.
             let end = ph(Param::Text(format!("{v};")), &mut params);
-            let matches = |t: &str| {
-                format!("({t}.outcome = {p} OR ({t}.outcome >= {q} AND {t}.outcome < {end}))")
-            };
             let since = |t: &str, params: &mut Vec<Param>| match &f.since {
                 Some(s) => format!(" AND {t}.time >= {}", ph(Param::Text(s.clone()), params)),
                 None => String::new(),
             };
             let (since_c, since_x) = (since("c", &mut params), since("x", &mut params));
-            conds.push(format!(
-                "d.seq IN (SELECT c.seq FROM events c WHERE {}{since_c} AND c.event = 'decision' \
-                 UNION ALL SELECT c.seq FROM events x JOIN events c ON c.id = x.decision_id WHERE {}{since_x} AND x.event = 'outcome')",
-                matches("c"),
-                matches("x"),
-            ));
+            // One SELECT per index range (an OR across ranges would scan the whole index), each
+            // repeating the partial index's condition (SQLite uses it only then).
+            let ranges = |t: &str, since: &str| {
+                [
+                    format!("{t}.outcome = {p}{since} AND {t}.outcome NOT IN {COMMON_OUTCOMES}"),
+                    format!(
+                        "{t}.outcome >= {q} AND {t}.outcome < {end}{since} AND {t}.outcome NOT IN {COMMON_OUTCOMES}"
+                    ),
+                ]
+            };
+            let mut parts = Vec::new();
+            for r in ranges("c", &since_c) {
+                parts.push(format!(
+                    "SELECT c.seq FROM events c WHERE {r} AND c.event = 'decision'"
+                ));
+            }
+            for r in ranges("x", &since_x) {
+                parts.push(format!(
+                    "SELECT c.seq FROM events x JOIN events c ON c.id = x.decision_id WHERE {r} AND x.event = 'outcome'"
+                ));
+            }
+            conds.push(format!("d.seq IN ({})", parts.join(" UNION ALL ")));
         }
     }
     if let Some(v) = f.after_seq {
@@ -291,6 +304,9 @@ fn row_from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 
 /// See [`Reader::outcome_is_rare`].
 const RARE_OUTCOME_ROWS: i64 = 10_000;
+
+/// The outcomes `events_outcome` leaves out (migration 0002), as SQL.
+const COMMON_OUTCOMES: &str = "('pending', 'forwarded')";
 
 /// A read-only connection to the store.
 pub struct Reader {
@@ -484,17 +500,21 @@ impl Reader {
     }
 
     /// Do fewer than [`RARE_OUTCOME_ROWS`] rows (since `since`) carry outcome `v` (or
-    /// `v:<kind>`)? Then an
-    /// outcome filter starts from those rows; otherwise matches are common and the newest ones
-    /// are found faster along the time index. (SQLite keeps no statistics here: ANALYZE would
+    /// `v:<kind>`)? Then an outcome filter starts from those rows; otherwise matches are common
+    /// and the newest ones are found faster along the time index. (SQLite keeps no statistics here: ANALYZE would
     /// hold the write lock.) One index range count, stopped at the bound: well under 1 ms.
     fn outcome_is_rare(&self, v: &str, since: Option<&str>) -> Result<bool, AuditError> {
+        if matches!(v, "pending" | "forwarded") {
+            // Not in the (partial) index, and common by nature.
+            return Ok(false);
+        }
         let n: i64 = self
             .conn
-            .prepare_cached(
-                "SELECT count(*) FROM (SELECT 1 FROM events WHERE (outcome = ?1 AND time >= ?5) \
-             OR (outcome >= ?2 AND outcome < ?3 AND time >= ?5) LIMIT ?4)",
-            )?
+            .prepare_cached(&format!(
+                "SELECT count(*) FROM (SELECT 1 FROM events WHERE outcome = ?1 AND time >= ?5 \
+                 AND outcome NOT IN {COMMON_OUTCOMES} UNION ALL SELECT 1 FROM events WHERE outcome >= ?2 \
+                 AND outcome < ?3 AND time >= ?5 AND outcome NOT IN {COMMON_OUTCOMES} LIMIT ?4)",
+            ))?
             .query_row(
                 rusqlite::params![
                     v,
