@@ -434,6 +434,14 @@ async fn authorize_and_forward(
     started: Instant,
     caller: &Arc<Caller>,
 ) -> Response {
+    if gw.audit.saturated() {
+        // Overload: the row could not be queued, so neither an allow nor a deny could be
+        // recorded. Answer at once (security.md §3.5: 503 within 50 ms); nothing is forwarded.
+        gw.metrics
+            .audit_refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return audit_unavailable(&row.id, &msg, "the audit queue is full");
+    }
     let annotations = check
         .name
         .as_ref()
@@ -446,17 +454,7 @@ async fn authorize_and_forward(
         "resources/read" => check.name.as_ref().map(|n| format!("resources/list::{n}")),
         _ => None,
     };
-    if gw.audit.saturated() {
-        // Overload: the row could not be queued, so neither an allow nor a deny could be
-        // recorded. Answer at once (security.md §3.5: 503 within 50 ms); nothing is forwarded.
-        gw.metrics
-            .audit_refusals
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return audit_unavailable(&row.id, &msg, "the audit queue is full");
-    }
-    let mut actions = vec![check.action.clone()];
-    actions.extend(list_action.clone());
-    let d = gw.decide(&caller.principal, resource, actions);
+    let d = gw.decide(&caller.principal, resource, vec![check.action.clone()]);
     row = row.decided(&d, &check.action);
     if row.effect == Effect::Allow {
         return forward(gw, upstream, headers, &msg, row, None, started, caller).await;
@@ -481,9 +479,15 @@ async fn authorize_and_forward(
     } else {
         format!("{} ({})", said.join("; "), row.reason)
     };
-    let visible = list_action
-        .as_ref()
-        .is_some_and(|a| d.effect(a) == Effect::Allow);
+    // Only a denied call asks whether the tool is visible at all (an allowed call runs
+    // whatever the list says), so most calls cost one evaluation, not two.
+    let visible = list_action.as_ref().is_some_and(|a| {
+        let resource =
+            mapping::resource(&upstream.target, &msg.method, &check, annotations.as_ref());
+        gw.decide(&caller.principal, resource, vec![a.clone()])
+            .effect(a)
+            == Effect::Allow
+    });
     if let Err(e) = gw.submit(row) {
         tracing::warn!(error = %e, "audit row for a denial was not stored");
     }
