@@ -40,9 +40,8 @@ pub struct Conn {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub target: Target,
-    pub url: String,
-    /// `url`, parsed once (not on every forwarded call).
-    pub parsed_url: reqwest::Url,
+    /// Parsed once at start (not on every forwarded call).
+    pub url: reqwest::Url,
     pub timeout: Duration,
     /// Resolved extra headers (values may come from the environment; never logged).
     pub headers: Vec<(String, String)>,
@@ -67,9 +66,7 @@ impl Upstream {
                 resource_kind: c.resource_kind.clone(),
                 scope: c.scope.clone(),
             },
-            url: c.url.clone(),
-            parsed_url: reqwest::Url::parse(&c.url)
-                .map_err(|e| format!("servers.{name}.url: {e}"))?,
+            url: reqwest::Url::parse(&c.url).map_err(|e| format!("servers.{name}.url: {e}"))?,
             timeout: c.timeout,
             headers,
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
@@ -145,20 +142,14 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
 impl Sessions {
     pub fn bind(&self, id: &str, principal: &str, server: &str) {
         let Ok(mut m) = self.map.lock() else { return };
-        if m.len() >= MAX_SESSIONS {
-            let now = Instant::now();
-            m.retain(|_, s| now.duration_since(s.last_seen) < SESSION_IDLE);
-        }
-        if m.len() < MAX_SESSIONS {
-            m.insert(
-                id.to_string(),
-                Session {
-                    principal: principal.to_string(),
-                    server: server.to_string(),
-                    last_seen: Instant::now(),
-                },
-            );
-        }
+        let session = Session {
+            principal: principal.to_string(),
+            server: server.to_string(),
+            last_seen: Instant::now(),
+        };
+        insert_bounded(&mut m, MAX_SESSIONS, id.to_string(), session, |s| {
+            s.last_seen.elapsed() < SESSION_IDLE
+        });
     }
 
     /// Whose session `id` is, as seen by `principal` on `server`.
@@ -183,6 +174,23 @@ impl Sessions {
     }
 }
 
+/// Inserts into a table of at most `max` entries: when full, first drops the entries `live`
+/// rejects; if it is still full, the new entry is not kept (callers then fail closed).
+fn insert_bounded<K: std::hash::Hash + Eq, V>(
+    m: &mut HashMap<K, V>,
+    max: usize,
+    key: K,
+    value: V,
+    live: impl Fn(&V) -> bool,
+) {
+    if m.len() >= max {
+        m.retain(|_, v| live(v));
+    }
+    if m.len() < max {
+        m.insert(key, value);
+    }
+}
+
 /// Requests a server sent to a caller on its stream (sampling, elicitation, roots) that
 /// policy let through, by (principal, server, canonical JSON-RPC id). A caller may answer only
 /// those: a response to anything else (a request policy withheld, one never sent, one answered
@@ -203,16 +211,10 @@ impl ServerRequests {
     /// refused: fail closed.
     pub fn expect(&self, principal: &str, server: &str, id: &str) {
         let Ok(mut m) = self.map.lock() else { return };
-        if m.len() >= MAX_SERVER_REQUESTS {
-            let now = Instant::now();
-            m.retain(|_, at| now.duration_since(*at) < SERVER_REQUEST_TTL);
-        }
-        if m.len() < MAX_SERVER_REQUESTS {
-            m.insert(
-                (principal.to_string(), server.to_string(), id.to_string()),
-                Instant::now(),
-            );
-        }
+        let key = (principal.to_string(), server.to_string(), id.to_string());
+        insert_bounded(&mut m, MAX_SERVER_REQUESTS, key, Instant::now(), |at| {
+            at.elapsed() < SERVER_REQUEST_TTL
+        });
     }
 
     /// Takes request `id` off the table; `false` if `principal` has no such request from

@@ -329,11 +329,11 @@ pub async fn post(
             .as_ref()
             .map(jsonrpc::canonical_id)
             .unwrap_or_default();
+        row.action = "response".into();
         if !gw
             .server_requests
             .answer(&caller.principal.id, &server, &id)
         {
-            row.action = "response".into();
             row.outcome = "refused".into();
             return refuse(
                 &gw,
@@ -345,7 +345,6 @@ pub async fn post(
             )
             .await;
         }
-        row.action = "response".into();
         row.effect = Effect::Allow;
         row.reason = "a client's answer to a server request".into();
         return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
@@ -559,7 +558,7 @@ fn upstream_request(
 ) -> reqwest::RequestBuilder {
     let mut req = gw
         .http
-        .request(method, upstream.parsed_url.clone())
+        .request(method, upstream.url.clone())
         .timeout(upstream.timeout);
     for name in FORWARDED_HEADERS {
         if let Some(v) = headers.get(name) {
@@ -1114,7 +1113,7 @@ fn server_message(
     );
     let mut req = gw
         .http
-        .post(upstream.parsed_url.clone())
+        .post(upstream.url.clone())
         .timeout(upstream.timeout)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream");
