@@ -139,14 +139,25 @@ fn client(from: &str) -> reqwest::Client {
 }
 
 async fn rpc(h: &Harness, from: &str, server: &str, body: Value) -> (u16, Value, String) {
-    let r = client(from)
+    rpc_with(h, from, server, body, &[]).await
+}
+
+/// [`rpc`] with extra request headers.
+async fn rpc_with(
+    h: &Harness,
+    from: &str,
+    server: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (u16, Value, String) {
+    let mut req = client(from)
         .post(format!("http://{}/mcp/{server}", h.addr))
         .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+        .header("accept", "application/json, text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.body(body.to_string()).send().await.unwrap();
     let status = r.status().as_u16();
     let decision = r
         .headers()
@@ -525,17 +536,15 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
     assert_eq!(alice.last().unwrap()["result"]["isError"], false, "{v}");
     // bob (no developer role): sampling is withheld and refused to the server (on bob's
     // session); roots reach him.
-    let r = client("127.0.0.3")
-        .post(format!("http://{}/mcp/github", h.addr))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", "bob-session")
-        .body(call("search_repositories", ask).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let v = Value::String(r.text().await.unwrap());
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.3",
+        "github",
+        call("search_repositories", ask),
+        &[("mcp-session-id", "bob-session")],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
     let bob = sse_messages(&v);
     let methods: Vec<&str> = bob.iter().filter_map(|m| m["method"].as_str()).collect();
     assert_eq!(methods, ["roots/list"], "{v}");
