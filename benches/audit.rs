@@ -416,6 +416,147 @@ fn query_latency(path: &Path, c: &mut Criterion) {
 }
 
 /// `TOOLGATE_BENCH_ONLY=insert|wait|query` runs one part.
+/// Where the writer's time per row goes: the bench's decision rows inserted straight into
+/// SQLite on this thread (no queue, no channel), 1,024 rows per transaction, with the writer's
+/// pragmas, under variants of the shipped schema. Each variant removes one cost, so the
+/// differences are what that cost is; "table only" is the floor any schema with this row pays.
+fn insert_floor() {
+    use toolgate::audit::migrate::SQLITE;
+    use toolgate::audit::record::{COLUMNS, StoredRow};
+
+    let n: u64 = if quick() { 20_480 } else { 204_800 };
+    let shipped: String = SQLITE
+        .iter()
+        .map(|(_, sql)| *sql)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let no_secondary = {
+        let mut s = String::new();
+        for stmt in shipped.split_inclusive(';') {
+            if !stmt.trim_start().starts_with("CREATE INDEX") && !stmt.contains("CREATE INDEX") {
+                s.push_str(stmt);
+            }
+        }
+        s.replace("NOT NULL UNIQUE", "NOT NULL")
+    };
+    let time_only = format!(
+        "{no_secondary}\nCREATE INDEX events_time ON events (time) WHERE event = 'decision';"
+    );
+    let variants: [(&str, String, bool); 4] = [
+        ("shipped schema: rowid + 6 indexes", shipped.clone(), true),
+        ("shipped schema, chain hash not computed", shipped, false),
+        ("table + time index only", time_only, true),
+        ("table only (rowid b-tree)", no_secondary, true),
+    ];
+    let rows: Vec<(StoredRow, String)> = (0..n)
+        .map(|i| {
+            let r = StoredRow::from_record(decision(i, 50, None), "bench");
+            let c = r.content();
+            (r, c)
+        })
+        .collect();
+    let cols = COLUMNS.join(", ");
+    let marks = (1..=COLUMNS.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!("INSERT INTO events ({cols}) VALUES ({marks})");
+    // Three interleaved rounds, medians reported: this machine's noise is ±10 % run to run.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _round in 0..3 {
+        for (v, (_, schema, hashing)) in variants.iter().enumerate() {
+            times[v].push(floor_run(&rows, &insert, schema, *hashing));
+        }
+    }
+    for ((name, _, _), mut t) in variants.iter().zip(times) {
+        t.sort_by(f64::total_cmp);
+        println!(
+            "audit insert floor ({name}): median {:.2} µs/row = {:.0} rows/s on one thread (rounds {})",
+            t[1] * 1e6,
+            1.0 / t[1],
+            t.iter()
+                .map(|x| format!("{:.2}", x * 1e6))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+}
+
+/// One timed pass of [`insert_floor`]: seconds per row, checkpoints excluded.
+fn floor_run(
+    rows: &[(toolgate::audit::record::StoredRow, String)],
+    insert: &str,
+    schema: &str,
+    hashing: bool,
+) -> f64 {
+    use rusqlite::params_from_iter;
+    use toolgate::audit::chain::row_hash;
+
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("floor.db")).unwrap();
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 32768;").unwrap();
+    conn.execute_batch(schema).unwrap();
+    let mut prev = "0".repeat(64);
+    let mut checkpoints = Duration::ZERO;
+    let t0 = Instant::now();
+    for (b, chunk) in rows.chunks(1024).enumerate() {
+        let tx = conn.unchecked_transaction().unwrap();
+        {
+            let mut st = tx.prepare_cached(insert).unwrap();
+            for (j, (r, content)) in chunk.iter().enumerate() {
+                let seq = (b * 1024 + j + 1) as i64;
+                let hash = if hashing {
+                    row_hash(&prev, seq, content)
+                } else {
+                    r.args_digest.clone()
+                };
+                let v: [&dyn rusqlite::ToSql; 29] = [
+                    &seq,
+                    &r.event,
+                    &r.id,
+                    &r.decision_id,
+                    &r.gateway,
+                    &r.time,
+                    &r.kind,
+                    &r.principal,
+                    &r.login,
+                    &r.node,
+                    &r.node_id,
+                    &r.tags,
+                    &r.ip,
+                    &r.server,
+                    &r.method,
+                    &r.tool,
+                    &r.action,
+                    &r.effect,
+                    &r.policy,
+                    &r.rule,
+                    &r.reason,
+                    &r.args_digest,
+                    &r.outcome,
+                    &r.latency_us,
+                    &r.policy_hash,
+                    &r.explain,
+                    &r.arguments,
+                    &hash,
+                    &prev,
+                ];
+                st.execute(params_from_iter(v)).unwrap();
+                prev = hash;
+            }
+        }
+        tx.commit().unwrap();
+        // The daemon's checkpoint thread does this off the writer: not the writer's cost.
+        if b % 16 == 15 {
+            let t = Instant::now();
+            conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+                .unwrap();
+            checkpoints += t.elapsed();
+        }
+    }
+    (t0.elapsed() - checkpoints).as_secs_f64() / rows.len() as f64
+}
+
 fn part(name: &str) -> bool {
     std::env::var("TOOLGATE_BENCH_ONLY").map_or(true, |v| v == name)
 }
@@ -433,6 +574,9 @@ fn main() {
         insert_rate(Durability::Normal, 50);
         insert_rate(Durability::Normal, 1000);
         insert_rate(Durability::Full, 50);
+    }
+    if part("floor") {
+        insert_floor();
     }
     if part("wait") {
         for rate in [1_000, 10_000] {
