@@ -658,6 +658,18 @@ fn cases(addr: SocketAddr) -> Vec<Case> {
     .collect()
 }
 
+/// Is the request a POST whose body parses as one JSON-RPC message with `params.arguments`?
+fn sent_arguments(request: &[u8]) -> bool {
+    if !request.starts_with(b"POST ") {
+        return false;
+    }
+    let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&request[at + 4..])
+        .is_ok_and(|v| v["params"]["arguments"].is_object())
+}
+
 async fn check(gw: &Gateway, up: &CountingUpstream, c: &Case) -> Result<(), String> {
     let before = up.requests();
     let r = raw(c.from, gw.addr, &c.request, Duration::from_secs(15))
@@ -709,6 +721,17 @@ async fn check(gw: &Gateway, up: &CountingUpstream, c: &Case) -> Result<(), Stri
                     }
                     if row.ip != c.from {
                         errs.push(format!("audit row ip {} (want {})", row.ip, c.from));
+                    }
+                    if row.policy_hash.is_empty() {
+                        errs.push("audit row has no policy hash".into());
+                    }
+                    // A parsed call's arguments are digested even when it is refused (a body
+                    // the strict parser refused has no method and nothing to digest).
+                    if !row.method.is_empty()
+                        && sent_arguments(&c.request)
+                        && row.args_digest.is_empty()
+                    {
+                        errs.push("audit row has no args digest for a call with arguments".into());
                     }
                 }
             }
@@ -829,6 +852,14 @@ async fn bad_inputs_are_refused_audited_and_never_forwarded() {
             .into_bytes(),
             status: 403,
             code: Some(-31001),
+            audited: true,
+        },
+        Case {
+            name: "a second initialize on a live session",
+            from: ALICE,
+            request: json_post(addr, &session, init.to_string().as_bytes()),
+            status: 400,
+            code: Some(-32600),
             audited: true,
         },
         Case {

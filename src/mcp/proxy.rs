@@ -73,6 +73,10 @@ async fn refuse(
     msg: &str,
 ) -> Response {
     row.effect = Effect::Deny;
+    if row.policy_hash.is_empty() {
+        // The policy in force when it was refused, as for a decision.
+        row.policy_hash = gw.store.current().hash.clone();
+    }
     if row.outcome.is_empty() {
         row.outcome = "refused".into();
     }
@@ -254,6 +258,8 @@ pub async fn post(
         }
     };
     row.method = msg.method.clone();
+    // What was asked, for the refusals below too (digested or redacted per audit.arguments).
+    row.arguments = msg.params().and_then(|p| p.get("arguments")).cloned();
     // An unknown or malformed protocol revision is refused (security.md RPC-10): we could not
     // know which header rules apply to it.
     if let Some(v) = headers.get(VERSION_HEADER) {
@@ -306,19 +312,36 @@ pub async fn post(
         )
         .await;
     }
-    // A session belongs to the identity that opened it.
+    // A session belongs to the identity that opened it, and is initialized once: a second
+    // `initialize` would renegotiate capabilities (say, claim sampling) mid-session. The
+    // TypeScript SDK's server refuses it the same way ("Server already initialized").
     if let Some(sid) = header_str(&headers, SESSION_HEADER) {
-        if gw.sessions.check(sid, &caller.principal.id, &server) == SessionCheck::Foreign {
-            row.outcome = "session_refused".into();
-            return refuse(
-                &gw,
-                row,
-                StatusCode::FORBIDDEN,
-                msg.id.as_ref(),
-                code::UNIDENTIFIED,
-                "this session belongs to another identity",
-            )
-            .await;
+        match gw.sessions.check(sid, &caller.principal.id, &server) {
+            SessionCheck::Foreign => {
+                row.outcome = "session_refused".into();
+                return refuse(
+                    &gw,
+                    row,
+                    StatusCode::FORBIDDEN,
+                    msg.id.as_ref(),
+                    code::UNIDENTIFIED,
+                    "this session belongs to another identity",
+                )
+                .await;
+            }
+            SessionCheck::Own if msg.method == "initialize" => {
+                row.outcome = "invalid".into();
+                return refuse(
+                    &gw,
+                    row,
+                    StatusCode::BAD_REQUEST,
+                    msg.id.as_ref(),
+                    code::INVALID_REQUEST,
+                    "Invalid Request: this session is already initialized (send initialize without Mcp-Session-Id to open a new one)",
+                )
+                .await;
+            }
+            SessionCheck::Own | SessionCheck::Unknown => {}
         }
     }
     if msg.kind == Kind::Response {
@@ -381,7 +404,10 @@ pub async fn post(
     };
     row.action = check.action.clone();
     row.tool = check.name.clone().unwrap_or_default();
-    row.arguments = check.arguments.clone();
+    if row.arguments.is_none() {
+        // `{}` for a call that sent none (otherwise the row already holds what was sent).
+        row.arguments = check.arguments.clone();
+    }
     if mapping::list_key(&msg.method).is_some() {
         // Lists are forwarded for every identified caller and filtered item by item.
         row.effect = Effect::Allow;
