@@ -5,6 +5,7 @@
 //! ```text
 //! loadtest suite [--ci] [--only L,K,W,U,D,P,H,O]   # every scenario, a results table, exit 1 on a miss
 //! loadtest bench                                   # direct vs nginx vs toolgate, 64 agents
+//! loadtest passthrough PORT UPSTREAM               # (bench child) a bare hyper+reqwest proxy
 //! ```
 //!
 //! Environment: `TOOLGATE_BIN` (default target/release/toolgate), `NGINX_BIN` (bench),
@@ -2197,6 +2198,55 @@ async fn wait_port(addr: SocketAddr) {
     panic!("{addr} never accepted");
 }
 
+/// The bench's fourth path, a floor for the Rust stack toolgate is built on: the same axum/hyper
+/// server and the same reqwest client (`toolgate::gateway::http_client`), forwarding each POST's
+/// bytes to the upstream and the answer back. No identity, no parsing, no policy, no audit. It
+/// runs as its own process, like toolgate and nginx.
+async fn passthrough(port: u16, upstream: String) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::IntoResponse;
+
+    let client = toolgate::gateway::http_client().unwrap();
+    let url: reqwest::Url = format!("http://{upstream}/mcp").parse().unwrap();
+    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut req = client.post(url).body(body);
+            for (name, v) in &headers {
+                if ![header::HOST, header::CONNECTION, header::CONTENT_LENGTH].contains(name) {
+                    req = req.header(name, v);
+                }
+            }
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    let ctype = r.headers().get(header::CONTENT_TYPE).cloned();
+                    let body = r.bytes().await.unwrap_or_default();
+                    let mut out = (status, body).into_response();
+                    if let Some(c) = ctype {
+                        out.headers_mut().insert(header::CONTENT_TYPE, c);
+                    }
+                    out
+                }
+                Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    axum::serve(l, app).await.unwrap();
+}
+
+struct Passthrough(Child);
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn bench(rep: &Report) {
     const S: &str = "bench";
     let secs = env_u64("BENCH_SECONDS", 10);
@@ -2224,6 +2274,18 @@ async fn bench(rep: &Report) {
             .unwrap_or_else(|e| panic!("cannot start {nginx_bin}: {e}")),
     );
     wait_port(SocketAddr::from(([127, 0, 0, 1], nport))).await;
+    // the bare Rust proxy
+    let pport = free_port();
+    let _passthrough = Passthrough(
+        Command::new(std::env::current_exe().unwrap())
+            .arg("passthrough")
+            .arg(pport.to_string())
+            .arg(up.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(SocketAddr::from(([127, 0, 0, 1], pport))).await;
     // toolgate
     let port = free_port();
     let url = format!("http://{up}/mcp");
@@ -2238,6 +2300,12 @@ async fn bench(rep: &Report) {
         "",
     )
     .replace("arguments: full", "arguments: digest");
+    // BENCH_AUDIT may set the mode itself ("mode: async"): then it replaces the default one.
+    let cfg = if std::env::var("BENCH_AUDIT").is_ok_and(|v| v.contains("mode:")) {
+        cfg.replacen("  mode: sync\n", "", 1)
+    } else {
+        cfg
+    };
     // BENCH_METRICS=ip:port serves /metrics there (rows per commit, queue depth) for a look.
     let cfg = match std::env::var("BENCH_METRICS") {
         Ok(m) => format!("{cfg}metrics:\n  listen: \"{m}\"\n"),
@@ -2250,6 +2318,10 @@ async fn bench(rep: &Report) {
         (
             "nginx",
             Target::Fixed(format!("http://127.0.0.1:{nport}/mcp/github")),
+        ),
+        (
+            "hyper+reqwest passthrough",
+            Target::Fixed(format!("http://127.0.0.1:{pport}/mcp/github")),
         ),
         ("toolgate", Target::Gateway(gw.base())),
     ];
@@ -2294,6 +2366,7 @@ async fn bench(rep: &Report) {
     println!();
     let (n, g) = (results["nginx"], results["toolgate"]);
     let d = results["direct"];
+    let h = results["hyper+reqwest passthrough"];
     rep.info(
         S,
         "direct",
@@ -2303,6 +2376,17 @@ async fn bench(rep: &Report) {
         S,
         "nginx",
         format!("{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms", n.0, n.1, n.2),
+    );
+    rep.info(
+        S,
+        "hyper+reqwest passthrough",
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms: {:.2}× nginx's throughput (the floor of toolgate's HTTP stack)",
+            h.0,
+            h.1,
+            h.2,
+            h.0 / n.0
+        ),
     );
     rep.info(
         S,
@@ -2333,9 +2417,12 @@ async fn bench(rep: &Report) {
     rep.check(
         S,
         "errors (all paths)",
-        format!("direct {} nginx {} toolgate {}", d.3, n.3, g.3),
+        format!(
+            "direct {} nginx {} passthrough {} toolgate {}",
+            d.3, n.3, h.3, g.3
+        ),
         "0",
-        d.3 + n.3 + g.3 == 0,
+        d.3 + n.3 + h.3 + g.3 == 0,
     );
     // 1,000 idle keep-alive agent connections.
     let before = gw.rss_mb();
@@ -2443,6 +2530,11 @@ fn main() {
             }
         }),
         Some("bench") => rt.block_on(bench(&rep)),
+        Some("passthrough") => {
+            let port = args.get(1).and_then(|p| p.parse().ok()).unwrap();
+            let upstream = args.get(2).cloned().unwrap();
+            rt.block_on(passthrough(port, upstream));
+        }
         _ => {
             eprintln!("usage: loadtest suite [--ci] [--only L,O,K,W,U,D,P,H] | loadtest bench");
             std::process::exit(2);
