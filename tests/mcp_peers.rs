@@ -337,8 +337,8 @@ async fn assert_audit_exact(gw: &Gateway, server: &str, reports: &[&Value], expe
             assert_eq!(r.node_id, "nALICE");
             assert_eq!(r.ip, ALICE);
         }
-        // Decided calls (not refusals before any decision) carry a digest and the snapshot.
-        if r.method == "tools/call" && r.outcome != "session_refused" {
+        // Every call, decided or refused before a decision, carries a digest and the snapshot.
+        if r.method == "tools/call" {
             assert!(!r.args_digest.is_empty(), "{r:?}");
             assert!(!r.policy_hash.is_empty(), "{r:?}");
         }
@@ -918,7 +918,8 @@ async fn typescript_sdk_client_and_server_everything_through_the_gateway() {
             "deny",
             "",
             "session_refused",
-            Value::Null,
+            // Refused before any decision, but what was asked is still on record.
+            json!({"message": "as bob"}),
         ),
         Want {
             principal: String::new(),
