@@ -316,32 +316,24 @@ pub async fn post(
     // `initialize` would renegotiate capabilities (say, claim sampling) mid-session. The
     // TypeScript SDK's server refuses it the same way ("Server already initialized").
     if let Some(sid) = header_str(&headers, SESSION_HEADER) {
-        match gw.sessions.check(sid, &caller.principal.id, &server) {
-            SessionCheck::Foreign => {
-                row.outcome = "session_refused".into();
-                return refuse(
-                    &gw,
-                    row,
-                    StatusCode::FORBIDDEN,
-                    msg.id.as_ref(),
-                    code::UNIDENTIFIED,
-                    "this session belongs to another identity",
-                )
-                .await;
-            }
-            SessionCheck::Own if msg.method == "initialize" => {
-                row.outcome = "invalid".into();
-                return refuse(
-                    &gw,
-                    row,
-                    StatusCode::BAD_REQUEST,
-                    msg.id.as_ref(),
-                    code::INVALID_REQUEST,
-                    "Invalid Request: this session is already initialized (send initialize without Mcp-Session-Id to open a new one)",
-                )
-                .await;
-            }
-            SessionCheck::Own | SessionCheck::Unknown => {}
+        let refusal = match gw.sessions.check(sid, &caller.principal.id, &server) {
+            SessionCheck::Foreign => Some((
+                StatusCode::FORBIDDEN,
+                code::UNIDENTIFIED,
+                "session_refused",
+                "this session belongs to another identity",
+            )),
+            SessionCheck::Own if msg.method == "initialize" => Some((
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "invalid",
+                "Invalid Request: this session is already initialized (send initialize without Mcp-Session-Id to open a new one)",
+            )),
+            SessionCheck::Own | SessionCheck::Unknown => None,
+        };
+        if let Some((status, code, outcome, why)) = refusal {
+            row.outcome = outcome.into();
+            return refuse(&gw, row, status, msg.id.as_ref(), code, why).await;
         }
     }
     if msg.kind == Kind::Response {
