@@ -6,6 +6,15 @@
 //! execution, so tests can compare "what ran" with "what the audit says was forwarded".
 //! A tool call whose arguments carry `ask: ["sampling/createMessage", ...]` is answered as an
 //! SSE stream that first sends those server→client requests; client answers are recorded.
+//!
+//! Test knobs in a call's arguments (all capped at 10 s):
+//! - `delay_ms`: wait before running the tool (in-flight work that has not run yet);
+//! - `hold_ms`: run the tool at once, then hold the answer back (work that has run, answer
+//!   still in flight); with `stream: true` the answer is an SSE stream that sends a
+//!   `notifications/progress` event at once and the result after `hold_ms`.
+//!
+//! Every call is counted in `started` when it arrives, before any delay: tests wait for that
+//! signal instead of sleeping.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +32,9 @@ use serde_json::{Value, json};
 /// What the sample server has done.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Known tool calls that arrived (counted before any `delay_ms`).
+    pub started: AtomicU64,
+    /// Tool calls that ran.
     pub tool_calls: AtomicU64,
     /// (tool, canonical arguments) of every executed call, in order.
     pub executed: Mutex<Vec<(String, String)>>,
@@ -79,6 +91,27 @@ async fn server_stream() -> Response {
             Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)),
             n + 1,
         ))
+    });
+    let mut r = Response::new(axum::body::Body::from_stream(events));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+/// An SSE answer: a `notifications/progress` event at once, `result` after `hold`.
+fn held_stream(id: &Value, result: Value, hold: std::time::Duration) -> Response {
+    let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": id, "progress": 0, "message": "running"}});
+    let first = format!("event: message\ndata: {progress}\n\n");
+    let last = format!("event: message\ndata: {result}\n\n");
+    let events = futures_util::stream::unfold(Some((first, last)), move |state| async move {
+        let (first, last) = state?;
+        if first.is_empty() {
+            tokio::time::sleep(hold).await;
+            return Some((Ok::<_, std::io::Error>(Bytes::from(last)), None));
+        }
+        Some((Ok(Bytes::from(first)), Some((String::new(), last))))
     });
     let mut r = Response::new(axum::body::Body::from_stream(events));
     r.headers_mut().insert(
@@ -183,18 +216,27 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Bytes)
                     None,
                 );
             }
+            c.started.fetch_add(1, Ordering::SeqCst);
             // Tests ask for slow calls with `delay_ms` (capped): in-flight work at shutdown.
             if let Some(ms) = args.get("delay_ms").and_then(Value::as_u64) {
                 tokio::time::sleep(std::time::Duration::from_millis(ms.min(10_000))).await;
             }
-            c.tool_calls.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut e) = c.executed.lock() {
                 e.push((name.clone(), args.to_string()));
             }
+            c.tool_calls.fetch_add(1, Ordering::SeqCst);
             let text = format!("{name} ran with {args}");
             let mut result = json!({"content": [{"type": "text", "text": text}], "isError": false});
             if modern {
                 result["resultType"] = json!("complete");
+            }
+            // `hold_ms`: the tool has run; its answer is held back (a call a client may abandon).
+            if let Some(ms) = args.get("hold_ms").and_then(Value::as_u64) {
+                let hold = std::time::Duration::from_millis(ms.min(10_000));
+                if args.get("stream") == Some(&json!(true)) {
+                    return held_stream(&id, ok(result), hold);
+                }
+                tokio::time::sleep(hold).await;
             }
             // `ask: [method, ...]`: answer as an SSE stream that first sends those requests to
             // the client (sampling/createMessage, roots/list, ...), ids `srv-<call id>-<i>`.

@@ -57,6 +57,11 @@ pub mod outcome {
     pub const FORWARDED: &str = "forwarded";
     pub const DENIED: &str = "denied";
     pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// An allowed call whose caller hung up after it was sent upstream and before the answer
+    /// reached them: the upstream may have acted on it.
+    pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
+    /// An allowed call whose caller hung up before it was sent upstream: nothing was forwarded.
+    pub const NOT_FORWARDED: &str = "not_forwarded";
     /// Check-API and hook decisions: answered to the caller.
     pub const ANSWERED: &str = "answered";
     /// Written at start for allowed calls still `pending` when the gateway stopped (crash or

@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use super::jsonrpc::{self, Kind, Limits, Message, code};
 use super::mapping::{self, Check};
 use super::sse;
+use crate::audit::record::outcome;
 use crate::gateway::{AuditRow, Caller, Conn, Gateway, SessionCheck, Upstream};
 use crate::policy::model::Effect;
 
@@ -594,19 +595,75 @@ fn upstream_request(
     req
 }
 
+/// Records how a forwarded call ended when the caller hangs up first. hyper drops a request's
+/// future when its connection closes; without this the call's row would stay `pending`.
+struct Hangup {
+    gw: Arc<Gateway>,
+    decision: String,
+    started: Instant,
+    /// The message is on its way to the upstream (it may act on it).
+    sent: std::sync::atomic::AtomicBool,
+    armed: bool,
+}
+
+impl Hangup {
+    fn sent(&self) {
+        self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Hangup {
+    fn drop(&mut self) {
+        if self.armed {
+            let outcome = if self.sent.load(std::sync::atomic::Ordering::Relaxed) {
+                outcome::CLIENT_DISCONNECTED
+            } else {
+                outcome::NOT_FORWARDED
+            };
+            self.gw
+                .outcome(&self.decision, outcome, self.started.elapsed());
+        }
+    }
+}
+
 /// Commits the audit row (for calls that act), forwards the canonical message, and answers.
+/// Every way this ends records the call's outcome, a caller that hangs up included.
 #[allow(clippy::too_many_arguments, reason = "one request's whole context")]
 async fn forward(
     gw: &Arc<Gateway>,
     upstream: &Upstream,
     headers: &HeaderMap,
     msg: &Message,
-    mut row: AuditRow,
+    row: AuditRow,
     _unused: Option<()>,
     started: Instant,
     caller: &Arc<Caller>,
 ) -> Response {
-    row.outcome = "pending".into();
+    let mut hangup = Hangup {
+        gw: gw.clone(),
+        decision: row.id.clone(),
+        started,
+        sent: false.into(),
+        armed: true,
+    };
+    let r = exchange(gw, upstream, headers, msg, row, &hangup, started, caller).await;
+    // Finished (not dropped at an await): `exchange` recorded the outcome itself.
+    hangup.armed = false;
+    r
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+async fn exchange(
+    gw: &Arc<Gateway>,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    msg: &Message,
+    mut row: AuditRow,
+    hangup: &Hangup,
+    started: Instant,
+    caller: &Arc<Caller>,
+) -> Response {
+    row.outcome = outcome::PENDING.into();
     let decision = row.id.clone();
     let acts = matches!(
         msg.method.as_str(),
@@ -629,6 +686,7 @@ async fn forward(
     let req = upstream_request(gw, upstream, reqwest::Method::POST, headers)
         .header("content-type", "application/json")
         .body(msg.canonical());
+    hangup.sent();
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -930,7 +988,7 @@ fn stream_sse(
             if !self.answered && !self.done && !self.msg.method.is_empty() {
                 self.gw.outcome(
                     &self.decision,
-                    "client_disconnected",
+                    outcome::CLIENT_DISCONNECTED,
                     self.started.elapsed(),
                 );
             }
