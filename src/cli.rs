@@ -161,25 +161,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// Logs: human-readable on a terminal, JSON otherwise or when the config says so.
-fn init_logs(format: Option<&str>, level: Option<&str>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLGATE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match format {
-        Some("json") => true,
-        Some(_) => false,
-        None => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+fn init_logs(format: Option<crate::config::LogFormat>, level: Option<&str>) {
+    crate::logging::init(format, level);
 }
 
 fn serve(config: &std::path::Path) -> ExitCode {
@@ -190,7 +173,7 @@ fn serve(config: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logs(cfg.log.format.as_deref(), cfg.log.level.as_deref());
+    init_logs(cfg.log.format, cfg.log.level.as_deref());
     let result = runtime().and_then(|rt| rt.block_on(crate::daemon::serve(cfg)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,7 +186,7 @@ fn serve(config: &std::path::Path) -> ExitCode {
 }
 
 fn demo(dir: Option<PathBuf>, keep_running: bool) -> ExitCode {
-    init_logs(Some("text"), Some("warn"));
+    init_logs(Some(crate::config::LogFormat::Text), Some("warn"));
     let opts = crate::demo::Options { dir, keep_running };
     match runtime().and_then(|rt| rt.block_on(crate::demo::run(opts))) {
         Ok(_) => ExitCode::SUCCESS,

@@ -1,8 +1,20 @@
-//! The daemon's configuration file (YAML; DESIGN.md §5). Unknown keys are errors that name
-//! their path; every other problem names the key too. Defaults are the safe choice.
+//! The daemon's configuration file (YAML; DESIGN.md §5), read in two steps.
+//!
+//! 1. The file is read once into [`RawConfig`]: plain serde types, unknown keys are errors that
+//!    name their YAML path, durations are text (`1h30m`, `1.5h`, `90d`: [`duration_text`]).
+//! 2. [`RawConfig::build`] checks every section (one function per section, every problem
+//!    collected, not just the first) and produces the typed [`Config`] the daemon uses: listen
+//!    entries parsed, upstream URLs parsed and `${ENV}` header values expanded, relative paths
+//!    taken from the file's folder. Limits sit next to their section as named constants.
+//!
+//! Defaults are the safe choice. Tools that need one section (`audit query --config`,
+//! `whois --config`) build only that section, so an upstream's secret need not be in their
+//! environment.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,9 +24,20 @@ use serde_json::{Map, Value};
 use crate::policy::input::{Evaluation, SchemaEnforcement};
 use crate::policy::parse;
 
+#[path = "config/duration.rs"]
+pub mod duration_text;
+
+/// `audit.retention` and other optional durations (`with = "opt_duration_text"`).
+use duration_text::optional as opt_duration_text;
+
+// ============================================================================================
+// The file as written
+// ============================================================================================
+
+/// The config file as written: serde types only, checked by [`RawConfig::build`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct RawConfig {
     /// `tailnet:PORT` (every tailnet IP of this node) or explicit `ip:port`.
     #[serde(default = "default_listen")]
     pub listen: Vec<String>,
@@ -41,6 +64,98 @@ pub struct Config {
     #[serde(default)]
     pub tailnet: TailnetConfig,
 }
+
+/// The checked configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Parsed listen entries (at least one).
+    pub listen: Vec<Listen>,
+    pub allow_non_tailnet: bool,
+    pub tls: TlsMode,
+    pub identity: IdentityConfig,
+    pub policies: PoliciesConfig,
+    /// Upstream MCP servers by name: URL parsed, headers expanded.
+    pub servers: BTreeMap<String, Server>,
+    pub audit: AuditConfig,
+    pub pdp: PdpConfig,
+    pub log: Log,
+    pub metrics: MetricsConfig,
+    pub tailnet: TailnetConfig,
+}
+
+// ============================================================================================
+// listen
+// ============================================================================================
+
+fn default_listen() -> Vec<String> {
+    vec!["tailnet:443".to_string()]
+}
+
+/// A listen entry, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Every tailnet IP of this node, on this port.
+    Tailnet(u16),
+    Addr(SocketAddr),
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tailnet(port) => write!(f, "tailnet:{port}"),
+            Listen::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Parses one listen entry: `tailnet:PORT` or `IP:PORT` (`[v6]:PORT`).
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(port) = s.strip_prefix("tailnet:") {
+        return port
+            .parse()
+            .map(Listen::Tailnet)
+            .map_err(|_| format!("listen {s:?}: {port:?} is not a port"));
+    }
+    s.parse()
+        .map(Listen::Addr)
+        .map_err(|_| format!("listen {s:?}: want \"tailnet:PORT\" or \"IP:PORT\""))
+}
+
+/// Is `ip` a tailnet address (100.64.0.0/10 or fd7a:115c:a1e0::/48)? IPv4-mapped IPv6
+/// addresses count as their IPv4 address.
+pub fn is_tailnet_ip(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 100 && (o[1] & 0xC0) == 64
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+        }
+    }
+}
+
+// ============================================================================================
+// tls
+// ============================================================================================
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// HTTPS with the LocalAPI certificate for the node's DNS name.
+    #[default]
+    Auto,
+    Off,
+}
+
+// ============================================================================================
+// tailnet
+// ============================================================================================
 
 /// `tailnet.mode`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -104,6 +219,8 @@ fn default_tailnet_tags() -> Vec<String> {
 }
 /// The sidecar's SOCKS5 listener when `tailnet.socks5` is not set.
 pub const DEFAULT_SIDECAR_SOCKS5: &str = "127.0.0.1:1055";
+/// `tailnet.hostname` is one DNS label.
+pub const MAX_DNS_LABEL: usize = 63;
 
 impl Default for TailnetConfig {
     fn default() -> Self {
@@ -139,6 +256,10 @@ impl TailnetConfig {
     }
 }
 
+// ============================================================================================
+// metrics
+// ============================================================================================
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -149,18 +270,9 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-fn default_listen() -> Vec<String> {
-    vec!["tailnet:443".to_string()]
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    /// HTTPS with the LocalAPI certificate for the node's DNS name.
-    #[default]
-    Auto,
-    Off,
-}
+// ============================================================================================
+// identity
+// ============================================================================================
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -197,6 +309,13 @@ pub struct IdentityConfig {
     pub serve_listen: Vec<String>,
 }
 
+/// `identity.whois_ttl` default.
+pub const DEFAULT_WHOIS_TTL: Duration = Duration::from_secs(30);
+/// `identity.whois_timeout` default.
+pub const DEFAULT_WHOIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// `identity.whois_timeout` at most: a caller waits this long for its first byte.
+pub const MAX_WHOIS_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn default_socket() -> PathBuf {
     PathBuf::from("/var/run/tailscale/tailscaled.sock")
 }
@@ -204,10 +323,10 @@ fn default_capability() -> String {
     "toolgate.dev/cap/toolgate".to_string()
 }
 fn default_whois_ttl() -> Duration {
-    Duration::from_secs(30)
+    DEFAULT_WHOIS_TTL
 }
 fn default_whois_timeout() -> Duration {
-    Duration::from_secs(2)
+    DEFAULT_WHOIS_TIMEOUT
 }
 
 impl Default for IdentityConfig {
@@ -235,6 +354,10 @@ pub struct RoleMappings {
     #[serde(default)]
     pub group: BTreeMap<String, Vec<String>>,
 }
+
+// ============================================================================================
+// policies
+// ============================================================================================
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,6 +394,11 @@ impl Default for PoliciesConfig {
     }
 }
 
+// ============================================================================================
+// servers
+// ============================================================================================
+
+/// `servers.<name>` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -294,8 +422,44 @@ pub struct ServerConfig {
     pub max_stream: Duration,
 }
 
+/// `servers.<name>`, checked: the URL parsed, header values expanded from the environment.
+#[derive(Clone)]
+pub struct Server {
+    pub url: reqwest::Url,
+    pub resource_kind: String,
+    pub scope: String,
+    pub timeout: Duration,
+    /// Extra request headers, `${NAME}` expanded (secrets: never logged, see `Debug`).
+    pub headers: Vec<(String, String)>,
+    pub unknown_methods: UnknownMethods,
+    pub max_stream: Duration,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Server")
+            .field("url", &self.url.as_str())
+            .field("resource_kind", &self.resource_kind)
+            .field("scope", &self.scope)
+            .field("timeout", &self.timeout)
+            .field("headers (values withheld)", &headers)
+            .field("unknown_methods", &self.unknown_methods)
+            .field("max_stream", &self.max_stream)
+            .finish()
+    }
+}
+
+/// `servers.<name>.timeout` default.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// `servers.<name>.max_stream` default.
+pub const DEFAULT_MAX_STREAM: Duration = Duration::from_secs(3600);
+/// Server names are letters, digits, `-` and `_`, at most this long (they appear in routes
+/// and in `server__tool` names).
+pub const MAX_SERVER_NAME: usize = 64;
+
 fn default_max_stream() -> Duration {
-    Duration::from_secs(3600)
+    DEFAULT_MAX_STREAM
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -310,8 +474,12 @@ fn default_resource_kind() -> String {
     "mcp_server".to_string()
 }
 fn default_upstream_timeout() -> Duration {
-    Duration::from_secs(60)
+    DEFAULT_UPSTREAM_TIMEOUT
 }
+
+// ============================================================================================
+// audit
+// ============================================================================================
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,7 +522,8 @@ pub struct AuditConfig {
     /// This gateway's name in fleet rows; default: the host name.
     #[serde(default)]
     pub gateway: Option<String>,
-    /// Fleet sink: `postgres://user@host:5432/db`; `${NAME}` takes text (a password) from the environment.
+    /// Fleet sink: `postgres://user@host:5432/db`; `${NAME}` takes text (a password) from the
+    /// environment when the shipper connects ([`expand_env`]).
     #[serde(default)]
     pub postgres: Option<String>,
     /// The Postgres schema holding the fleet tables.
@@ -362,20 +531,35 @@ pub struct AuditConfig {
     pub postgres_schema: String,
 }
 
+/// `audit.batch_rows`: rows per transaction (default 256).
+pub const AUDIT_BATCH_ROWS: RangeInclusive<usize> = 1..=100_000;
+pub const DEFAULT_AUDIT_BATCH_ROWS: usize = 256;
+/// `audit.queue`: rows waiting for the writer (default 4096).
+pub const AUDIT_QUEUE: RangeInclusive<usize> = 1..=1_000_000;
+pub const DEFAULT_AUDIT_QUEUE: usize = 4096;
+/// `audit.batch_ms`: at most 10 s (default 10 ms).
+pub const MAX_AUDIT_BATCH_MS: u64 = 10_000;
+pub const DEFAULT_AUDIT_BATCH_MS: u64 = 10;
+/// `audit.max_argument_bytes`: at least 64 (default 4096).
+pub const MIN_AUDIT_ARGUMENT_BYTES: usize = 64;
+pub const DEFAULT_AUDIT_ARGUMENT_BYTES: usize = 4096;
+/// `audit.postgres_schema`: a PostgreSQL identifier (NAMEDATALEN - 1).
+pub const MAX_POSTGRES_SCHEMA: usize = 63;
+
 fn default_audit_db() -> PathBuf {
     PathBuf::from("/var/lib/toolgate/audit.db")
 }
 fn default_max_argument_bytes() -> usize {
-    4096
+    DEFAULT_AUDIT_ARGUMENT_BYTES
 }
 fn default_batch_rows() -> usize {
-    256
+    DEFAULT_AUDIT_BATCH_ROWS
 }
 fn default_batch_ms() -> u64 {
-    10
+    DEFAULT_AUDIT_BATCH_MS
 }
 fn default_audit_queue() -> usize {
-    4096
+    DEFAULT_AUDIT_QUEUE
 }
 fn default_postgres_schema() -> String {
     "toolgate".to_string()
@@ -428,21 +612,19 @@ pub enum ArgumentsMode {
     Full,
 }
 
-/// An optional duration as text (`90d`); absent or null is `None`.
-mod opt_duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            None => Ok(None),
-            Some(s) => super::duration_text::parse(&s)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-        }
-    }
+/// Is `s` a schema name we accept (lower-case letters, digits and `_`, not starting with a
+/// digit)? Quoting is never needed for such a name.
+pub fn valid_postgres_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_POSTGRES_SCHEMA
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
 }
+
+// ============================================================================================
+// pdp
+// ============================================================================================
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -473,258 +655,633 @@ impl Default for PdpConfig {
     }
 }
 
+/// `pdp.request_limits.*` default (Cerbos's).
+pub const DEFAULT_PDP_REQUEST_LIMIT: usize = 50;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestLimits {
-    #[serde(default = "fifty")]
+    #[serde(default = "default_pdp_request_limit")]
     pub max_actions_per_resource: usize,
-    #[serde(default = "fifty")]
+    #[serde(default = "default_pdp_request_limit")]
     pub max_resources_per_request: usize,
 }
 
-fn fifty() -> usize {
-    50
+fn default_pdp_request_limit() -> usize {
+    DEFAULT_PDP_REQUEST_LIMIT
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
         RequestLimits {
-            max_actions_per_resource: 50,
-            max_resources_per_request: 50,
+            max_actions_per_resource: DEFAULT_PDP_REQUEST_LIMIT,
+            max_resources_per_request: DEFAULT_PDP_REQUEST_LIMIT,
         }
     }
 }
 
+// ============================================================================================
+// log
+// ============================================================================================
+
+/// `log:` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `text` (human) or `json`; default: text on a terminal, json otherwise.
+    /// `text` (human) or `json`. Default: text under journald (`JOURNAL_STREAM`) and on a
+    /// terminal (ANSI colours only there), json otherwise.
     #[serde(default)]
-    pub format: Option<String>,
+    pub format: Option<LogFormat>,
     /// A tracing filter, e.g. `info,toolgate=debug`.
     #[serde(default)]
     pub level: Option<String>,
 }
 
-/// Durations as text: `500ms`, `2s`, `5m`, `1h`, `90d`.
-pub mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).map_err(serde::de::Error::custom)
-    }
-
-    /// Parses `<number><unit>` with unit one of ms, s, m, h, d.
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h, d)"))?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("duration {s:?}: {num:?} is not a number"))?;
-        let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
-        let d = match unit {
-            "ms" => Some(Duration::from_millis(n)),
-            "s" => secs(1),
-            "m" => secs(60),
-            "h" => secs(3600),
-            "d" => secs(86_400),
-            _ => {
-                return Err(format!(
-                    "duration {s:?}: unknown unit {unit:?} (ms, s, m, h, d)"
-                ));
-            }
-        };
-        d.ok_or_else(|| format!("duration {s:?} is too large"))
-    }
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
-/// A configuration problem, located.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
+/// `log:`, checked: the level is a valid tracing filter.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+}
+
+// ============================================================================================
+// ${ENV} expansion
+// ============================================================================================
+
+/// Replaces every `${NAME}` in `text` with the environment variable NAME. A missing variable,
+/// an empty or malformed name, or an unclosed `${` is an error naming it. One function for
+/// upstream headers and the Postgres URL.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    expand_with(text, |name| std::env::var(name).ok())
+}
+
+/// [`expand_env`] with an explicit lookup (tests, `doctor`).
+pub fn expand_with(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unclosed \"${\" (want ${NAME})".to_string())?;
+        let name = &after[..end];
+        if !valid_env_name(name) {
+            return Err(format!(
+                "\"${{{name}}}\" is not an environment variable reference (letters, digits and _)"
+            ));
+        }
+        let value =
+            lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The `${NAME}` references in `text`, in order (well-formed ones only).
+pub fn env_refs(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else { break };
+        let name = &after[..end];
+        if valid_env_name(name) {
+            out.push(name);
+        }
+        rest = &after[end + 1..];
+    }
+    out
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+// ============================================================================================
+// Errors
+// ============================================================================================
+
+/// Every problem found in one config file, each with its YAML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
-    pub message: String,
+    /// `$.audit.batch_rows: between 1 and 100000`, one per problem, in file order of sections.
+    pub problems: Vec<String>,
 }
 
-/// A listen entry, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// Every tailnet IP of this node, on this port.
-    Tailnet(u16),
-    Addr(SocketAddr),
-}
-
-pub fn parse_listen(s: &str) -> Result<Listen, String> {
-    if let Some(port) = s.strip_prefix("tailnet:") {
-        return port
-            .parse()
-            .map(Listen::Tailnet)
-            .map_err(|_| format!("listen {s:?}: {port:?} is not a port"));
+impl fmt::Display for ConfigError {
+    /// One line per problem, each starting with the file (as compilers do).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {p}", self.file)?;
+        }
+        Ok(())
     }
-    s.parse()
-        .map(Listen::Addr)
-        .map_err(|_| format!("listen {s:?}: want \"tailnet:PORT\" or \"IP:PORT\""))
 }
 
-impl Config {
-    /// Reads, parses and checks a config file. Relative paths are taken relative to its folder.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+impl std::error::Error for ConfigError {}
+
+/// Collects problems while the sections are checked.
+#[derive(Debug, Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, path: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{path}: {message}"));
+    }
+}
+
+/// What a section check needs besides its own section.
+struct Cx<'a> {
+    /// The config file's folder: relative paths are taken from it.
+    base: &'a Path,
+    /// Environment lookup for `${NAME}`.
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Cx<'_> {
+    fn rebase(&self, p: &mut PathBuf) {
+        if p.is_relative() {
+            *p = self.base.join(&*p);
+        }
+    }
+}
+
+// ============================================================================================
+// Loading and checking
+// ============================================================================================
+
+impl RawConfig {
+    /// Parses the YAML (unknown keys and type errors are reported with their path; serde stops
+    /// at the first).
+    pub fn parse(file: &str, bytes: &[u8]) -> Result<RawConfig, ConfigError> {
+        parse::document(file, bytes).map_err(|e| ConfigError {
+            file: file.to_string(),
+            problems: vec![e.to_string()],
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
         let file = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: file.clone(),
-            message: format!("cannot read: {e}"),
+            problems: vec![format!("cannot read: {e}")],
         })?;
-        Config::parse(&file, &bytes, path.parent().unwrap_or(Path::new(".")))
+        RawConfig::parse(&file, &bytes)
     }
 
+    /// Checks every section and builds the typed config; relative paths are taken from
+    /// `base`, `${NAME}` from `env`. Returns every problem found.
+    pub fn build(
+        self,
+        file: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let cx = Cx { base, env };
+        let mut p = Problems::default();
+        let listen = check_listen(&self.listen, self.allow_non_tailnet, &mut p);
+        let identity = check_identity(self.identity, &cx, &mut p);
+        let policies = check_policies(self.policies, &cx, &mut p);
+        let servers = check_servers(self.servers, &cx, &mut p);
+        let audit = check_audit(self.audit, &cx, &mut p);
+        let pdp = check_pdp(self.pdp, &mut p);
+        let log = check_log(self.log, &mut p);
+        let metrics = check_metrics(self.metrics, &mut p);
+        let tailnet = check_tailnet(self.tailnet, &cx, &mut p);
+        check_sidecar_listen(&listen, &identity, &tailnet, &mut p);
+        if !p.0.is_empty() {
+            return Err(ConfigError {
+                file: file.to_string(),
+                problems: p.0,
+            });
+        }
+        Ok(Config {
+            listen,
+            allow_non_tailnet: self.allow_non_tailnet,
+            tls: self.tls,
+            identity,
+            policies,
+            servers,
+            audit,
+            pdp,
+            log,
+            metrics,
+            tailnet,
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file. Relative paths are taken relative to its folder;
+    /// `${NAME}` comes from this process's environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        RawConfig::load(path)?.build(&file, folder_of(path), &|n| std::env::var(n).ok())
+    }
+
+    /// Parses and checks config text; relative paths are taken from `base`.
     pub fn parse(file: &str, bytes: &[u8], base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = parse::document(file, bytes).map_err(|e| ConfigError {
-            file: file.to_string(),
-            message: e.to_string(),
-        })?;
-        let err = |message: String| ConfigError {
-            file: file.to_string(),
-            message,
-        };
-        if cfg.listen.is_empty() {
-            return Err(err("$.listen: at least one listen entry is needed".into()));
-        }
-        for (i, l) in cfg.listen.iter().enumerate() {
-            parse_listen(l).map_err(|e| err(format!("$.listen[{i}]: {e}")))?;
-        }
-        for (name, s) in &cfg.servers {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        RawConfig::parse(file, bytes)?.build(file, base, &|n| std::env::var(n).ok())
+    }
+}
+
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Only the `audit:` section of a config file, checked (for `toolgate audit … --config`: no
+/// upstream secrets needed in the environment).
+pub fn load_audit(path: &Path) -> Result<AuditConfig, ConfigError> {
+    load_section(path, |raw, cx, p| check_audit(raw.audit, cx, p))
+}
+
+/// Only the `identity:` section of a config file, checked (`toolgate whois --config`).
+pub fn load_identity(path: &Path) -> Result<IdentityConfig, ConfigError> {
+    load_section(path, |raw, cx, p| check_identity(raw.identity, cx, p))
+}
+
+fn load_section<T>(
+    path: &Path,
+    section: impl FnOnce(RawConfig, &Cx<'_>, &mut Problems) -> T,
+) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let raw = RawConfig::load(path)?;
+    let env = |n: &str| std::env::var(n).ok();
+    let cx = Cx {
+        base: folder_of(path),
+        env: &env,
+    };
+    let mut p = Problems::default();
+    let out = section(raw, &cx, &mut p);
+    if p.0.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigError {
+            file,
+            problems: p.0,
+        })
+    }
+}
+
+// --- one check per section -------------------------------------------------------------------
+
+fn check_listen(raw: &[String], allow_non_tailnet: bool, p: &mut Problems) -> Vec<Listen> {
+    if raw.is_empty() {
+        p.add("$.listen", "at least one listen entry is needed");
+    }
+    let mut out = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        match parse_listen(l) {
+            Ok(Listen::Addr(a))
+                if !(a.ip().is_loopback() || is_tailnet_ip(a.ip()) || allow_non_tailnet) =>
             {
-                return Err(err(format!(
-                    "$.servers.{name}: server names are letters, digits, - and _"
-                )));
+                p.add(
+                    format_args!("$.listen[{i}]"),
+                    format_args!(
+                        "{l:?} is neither loopback nor a tailnet address; set allow_non_tailnet: true to bind it (peers outside the tailnet are still refused)"
+                    ),
+                );
             }
-            if !(s.url.starts_with("http://") || s.url.starts_with("https://")) {
-                return Err(err(format!(
-                    "$.servers.{name}.url: {:?} is not an http(s) URL",
-                    s.url
-                )));
-            }
+            Ok(listen) => out.push(listen),
+            Err(e) => p.add(format_args!("$.listen[{i}]"), e),
         }
-        for c in &cfg.pdp.callers {
-            if !(c.starts_with("role:") || c.starts_with("tag:")) {
-                return Err(err(format!(
-                    "$.pdp.callers: {c:?} must be role:NAME or tag:NAME"
-                )));
-            }
+    }
+    out
+}
+
+fn check_identity(mut c: IdentityConfig, cx: &Cx<'_>, p: &mut Problems) -> IdentityConfig {
+    if let Some(s) = c.r#static.as_mut() {
+        cx.rebase(s);
+    }
+    if c.provider == IdentityProvider::Static && c.r#static.is_none() {
+        p.add("$.identity.static", "provider static needs a fixture file");
+    }
+    if c.whois_timeout.is_zero() || c.whois_timeout > MAX_WHOIS_TIMEOUT {
+        p.add(
+            "$.identity.whois_timeout",
+            format_args!("between 1ms and {}s", MAX_WHOIS_TIMEOUT.as_secs()),
+        );
+    }
+    if c.capability.is_empty() {
+        p.add(
+            "$.identity.capability",
+            "empty (the default is toolgate.dev/cap/toolgate)",
+        );
+    }
+    c
+}
+
+fn check_policies(mut c: PoliciesConfig, cx: &Cx<'_>, _p: &mut Problems) -> PoliciesConfig {
+    cx.rebase(&mut c.dir);
+    c
+}
+
+fn check_servers(
+    raw: BTreeMap<String, ServerConfig>,
+    cx: &Cx<'_>,
+    p: &mut Problems,
+) -> BTreeMap<String, Server> {
+    let mut out = BTreeMap::new();
+    for (name, s) in raw {
+        let at = format!("$.servers.{name}");
+        let before = p.0.len();
+        if name.is_empty()
+            || name.len() > MAX_SERVER_NAME
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            p.add(
+                &at,
+                format_args!(
+                    "server names are letters, digits, - and _ (at most {MAX_SERVER_NAME})"
+                ),
+            );
         }
-        let rebase = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
+        let url = match reqwest::Url::parse(&s.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(_) => {
+                p.add(
+                    format_args!("{at}.url"),
+                    format_args!("{:?} is not an http(s) URL", s.url),
+                );
+                None
+            }
+            Err(e) => {
+                p.add(
+                    format_args!("{at}.url"),
+                    format_args!("{:?} is not an http(s) URL: {e}", s.url),
+                );
+                None
             }
         };
-        rebase(&mut cfg.policies.dir);
-        rebase(&mut cfg.audit.sqlite);
-        let a = &cfg.audit;
-        if !(1..=100_000).contains(&a.batch_rows) {
-            return Err(err("$.audit.batch_rows: between 1 and 100000".into()));
+        if s.timeout.is_zero() {
+            p.add(format_args!("{at}.timeout"), "must be more than 0");
         }
-        if !(1..=1_000_000).contains(&a.queue) {
-            return Err(err("$.audit.queue: between 1 and 1000000".into()));
+        if s.max_stream.is_zero() {
+            p.add(format_args!("{at}.max_stream"), "must be more than 0");
         }
-        if a.batch_ms > 10_000 {
-            return Err(err("$.audit.batch_ms: at most 10000".into()));
-        }
-        if a.max_argument_bytes < 64 {
-            return Err(err("$.audit.max_argument_bytes: at least 64".into()));
-        }
-        if let Some(url) = &a.postgres
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            return Err(err("$.audit.postgres: want a postgres:// URL".into()));
-        }
-        if a.postgres_schema.is_empty()
-            || a.postgres_schema.len() > 63
-            || !a
-                .postgres_schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            || a.postgres_schema.starts_with(|c: char| c.is_ascii_digit())
-        {
-            return Err(err(
-                "$.audit.postgres_schema: lower-case letters, digits and _".into(),
-            ));
-        }
-        if let Some(p) = cfg.identity.r#static.as_mut() {
-            rebase(p);
-        }
-        if let Some(m) = cfg.metrics.listen {
-            if !m.ip().is_loopback() {
-                return Err(err(format!(
-                    "$.metrics.listen: {m} must be a loopback address (it has no access control)"
-                )));
+        let mut headers = Vec::new();
+        for (k, v) in &s.headers {
+            let hat = format!("{at}.headers.{k}");
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                p.add(&hat, "not a valid HTTP header name");
+                continue;
+            }
+            match expand_with(v, cx.env) {
+                Ok(value) => {
+                    if reqwest::header::HeaderValue::from_str(&value).is_err() {
+                        // The value may be a secret: name the problem, not the text.
+                        p.add(
+                            &hat,
+                            "the value (after ${NAME} expansion) has characters a header cannot carry",
+                        );
+                    } else {
+                        headers.push((k.clone(), value));
+                    }
+                }
+                Err(e) => p.add(&hat, e),
             }
         }
-        let t = &mut cfg.tailnet;
-        rebase(&mut t.state_dir);
-        if let Some(p) = t.socket.as_mut() {
-            rebase(p);
+        if let (Some(url), true) = (url, p.0.len() == before) {
+            out.insert(
+                name,
+                Server {
+                    url,
+                    resource_kind: s.resource_kind,
+                    scope: s.scope,
+                    timeout: s.timeout,
+                    headers,
+                    unknown_methods: s.unknown_methods,
+                    max_stream: s.max_stream,
+                },
+            );
         }
-        if let Some(p) = t.authkey_file.as_mut() {
-            rebase(p);
+    }
+    out
+}
+
+fn check_audit(mut a: AuditConfig, cx: &Cx<'_>, p: &mut Problems) -> AuditConfig {
+    cx.rebase(&mut a.sqlite);
+    if !AUDIT_BATCH_ROWS.contains(&a.batch_rows) {
+        p.add(
+            "$.audit.batch_rows",
+            format_args!(
+                "between {} and {}",
+                AUDIT_BATCH_ROWS.start(),
+                AUDIT_BATCH_ROWS.end()
+            ),
+        );
+    }
+    if !AUDIT_QUEUE.contains(&a.queue) {
+        p.add(
+            "$.audit.queue",
+            format_args!("between {} and {}", AUDIT_QUEUE.start(), AUDIT_QUEUE.end()),
+        );
+    }
+    if a.batch_ms > MAX_AUDIT_BATCH_MS {
+        p.add(
+            "$.audit.batch_ms",
+            format_args!("at most {MAX_AUDIT_BATCH_MS}"),
+        );
+    }
+    if a.max_argument_bytes < MIN_AUDIT_ARGUMENT_BYTES {
+        p.add(
+            "$.audit.max_argument_bytes",
+            format_args!("at least {MIN_AUDIT_ARGUMENT_BYTES}"),
+        );
+    }
+    if let Some(url) = &a.postgres
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        p.add("$.audit.postgres", "want a postgres:// URL");
+    }
+    if !valid_postgres_schema(&a.postgres_schema) {
+        p.add(
+            "$.audit.postgres_schema",
+            "lower-case letters, digits and _",
+        );
+    }
+    if a.retention.is_some_and(|r| r.is_zero()) {
+        p.add(
+            "$.audit.retention",
+            "0 would prune every row; leave it out to keep rows forever",
+        );
+    }
+    a
+}
+
+fn check_pdp(c: PdpConfig, p: &mut Problems) -> PdpConfig {
+    for (i, caller) in c.callers.iter().enumerate() {
+        if !(caller.starts_with("role:") || caller.starts_with("tag:")) {
+            p.add(
+                format_args!("$.pdp.callers[{i}]"),
+                format_args!("{caller:?} must be role:NAME or tag:NAME"),
+            );
         }
-        // A bare name (`tailscaled`) is looked up in PATH; a relative path is taken from the folder.
-        if t.tailscaled.components().count() > 1 {
-            rebase(&mut t.tailscaled);
+    }
+    c
+}
+
+fn check_log(c: LogConfig, p: &mut Problems) -> Log {
+    if let Some(level) = &c.level {
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
+            p.add(
+                "$.log.level",
+                format_args!(
+                    "{level:?} is not a log filter ({e}); for example info, debug or info,toolgate=debug"
+                ),
+            );
         }
-        if t.hostname.is_empty()
-            || t.hostname.len() > 63
-            || !t
-                .hostname
+    }
+    Log {
+        format: c.format,
+        level: c.level,
+    }
+}
+
+fn check_metrics(c: MetricsConfig, p: &mut Problems) -> MetricsConfig {
+    if let Some(m) = c.listen
+        && !m.ip().is_loopback()
+    {
+        p.add(
+            "$.metrics.listen",
+            format_args!("{m} must be a loopback address (it has no access control)"),
+        );
+    }
+    c
+}
+
+fn check_tailnet(mut t: TailnetConfig, cx: &Cx<'_>, p: &mut Problems) -> TailnetConfig {
+    cx.rebase(&mut t.state_dir);
+    if let Some(s) = t.socket.as_mut() {
+        cx.rebase(s);
+    }
+    if let Some(k) = t.authkey_file.as_mut() {
+        cx.rebase(k);
+    }
+    // A bare name (`tailscaled`) is looked up in PATH; a relative path is taken from the folder.
+    if t.tailscaled.components().count() > 1 {
+        cx.rebase(&mut t.tailscaled);
+    }
+    if t.hostname.is_empty()
+        || t.hostname.len() > MAX_DNS_LABEL
+        || !t
+            .hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        p.add(
+            "$.tailnet.hostname",
+            format_args!("{:?} must be a DNS label (letters, digits, -)", t.hostname),
+        );
+    }
+    for (i, tag) in t.tags.iter().enumerate() {
+        let name = tag.strip_prefix("tag:").unwrap_or_default();
+        if name.is_empty()
+            || !name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(err(format!(
-                "$.tailnet.hostname: {:?} must be a DNS label (letters, digits, -)",
-                t.hostname
-            )));
+            p.add(
+                format_args!("$.tailnet.tags[{i}]"),
+                format_args!("{tag:?} must look like tag:NAME"),
+            );
         }
-        for tag in &t.tags {
-            let name = tag.strip_prefix("tag:").unwrap_or_default();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(err(format!(
-                    "$.tailnet.tags: {tag:?} must look like tag:NAME"
-                )));
+    }
+    if let Some(u) = &t.control_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        p.add(
+            "$.tailnet.control_url",
+            format_args!("{u:?} is not an http(s) URL"),
+        );
+    }
+    if let Some(a) = t.socks5
+        && !a.ip().is_loopback()
+    {
+        p.add(
+            "$.tailnet.socks5",
+            format_args!("{a} must be a loopback address (it has no access control)"),
+        );
+    }
+    t
+}
+
+/// `tailnet.mode: sidecar` with the tailscale provider: the listen entries must suit a
+/// userspace-networking tailscaled.
+///
+/// Its tailnet IPs are not local addresses (binding them fails with EADDRNOTAVAIL), and its
+/// netstack delivers inbound tailnet TCP for port P to `127.0.0.1:P`, where the proxymap WhoIs
+/// names the real peer. So the listen entry for port P is `127.0.0.1:P` (the node is then
+/// reached as `<hostname>.<tailnet>:P`).
+fn check_sidecar_listen(
+    listen: &[Listen],
+    identity: &IdentityConfig,
+    t: &TailnetConfig,
+    p: &mut Problems,
+) {
+    if t.mode != TailnetMode::Sidecar || identity.provider != IdentityProvider::Tailscale {
+        return;
+    }
+    let mut loopback_v4 = false;
+    for (i, l) in listen.iter().enumerate() {
+        match l {
+            Listen::Tailnet(port) => p.add(
+                format_args!("$.listen[{i}]"),
+                format_args!(
+                    "{l} cannot work with tailnet.mode: sidecar: the sidecar tailscaled runs in userspace-networking mode, so its tailnet IPs are not local addresses; listen on \"127.0.0.1:{port}\" instead (tailscaled forwards inbound tailnet TCP on port {port} to 127.0.0.1:{port})"
+                ),
+            ),
+            Listen::Addr(a) if is_tailnet_ip(a.ip()) => p.add(
+                format_args!("$.listen[{i}]"),
+                format_args!(
+                    "{l} cannot work with tailnet.mode: sidecar: tailnet IPs are not local addresses in userspace-networking mode; listen on \"127.0.0.1:{}\" instead",
+                    a.port()
+                ),
+            ),
+            Listen::Addr(a) if a.ip() == IpAddr::from([127, 0, 0, 1]) && a.port() != 0 => {
+                loopback_v4 = true;
             }
+            Listen::Addr(_) => {}
         }
-        if let Some(u) = &t.control_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
-        {
-            return Err(err(format!(
-                "$.tailnet.control_url: {u:?} is not an http(s) URL"
-            )));
-        }
-        if let Some(a) = t.socks5
-            && !a.ip().is_loopback()
-        {
-            return Err(err(format!(
-                "$.tailnet.socks5: {a} must be a loopback address (it has no access control)"
-            )));
-        }
-        if cfg.identity.provider == IdentityProvider::Static && cfg.identity.r#static.is_none() {
-            return Err(err(
-                "$.identity.static: provider static needs a fixture file".into(),
-            ));
-        }
-        Ok(cfg)
+    }
+    if !loopback_v4 && !listen.is_empty() {
+        p.add(
+            "$.listen",
+            "tailnet.mode: sidecar: tailnet peers arrive on 127.0.0.1:<port> (tailscaled's userspace netstack forwards them there); add a listen entry \"127.0.0.1:PORT\" with a fixed port",
+        );
+    }
+    if let Some(s) = t.socks5_addr()
+        && listen
+            .iter()
+            .any(|l| matches!(l, Listen::Addr(a) if a.port() == s.port()))
+    {
+        p.add(
+            "$.tailnet.socks5",
+            format_args!("{s} uses the same port as a listen entry; pick another port"),
+        );
     }
 }
 
@@ -736,14 +1293,28 @@ mod tests {
         Config::parse("toolgate.yaml", s.as_bytes(), Path::new("/etc/toolgate"))
     }
 
+    fn build_with_env(s: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let lookup = |n: &str| {
+            env.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        };
+        RawConfig::parse("toolgate.yaml", s.as_bytes())?.build(
+            "toolgate.yaml",
+            Path::new("/etc/toolgate"),
+            &lookup,
+        )
+    }
+
     #[test]
     fn defaults_are_safe() {
         let c = parse_str("servers: {}\n").unwrap();
-        assert_eq!(c.listen, vec!["tailnet:443"]);
+        assert_eq!(c.listen, vec![Listen::Tailnet(443)]);
         assert_eq!(c.tls, TlsMode::Auto);
         assert_eq!(c.identity.provider, IdentityProvider::Tailscale);
         assert_eq!(c.policies.evaluation, Evaluation::Strict);
         assert_eq!(c.pdp.callers, vec!["role:pdp"]);
+        assert_eq!(c.log.format, None);
     }
 
     #[test]
@@ -778,10 +1349,16 @@ pdp:
         .unwrap();
         assert_eq!(c.policies.dir, PathBuf::from("/etc/toolgate/policies"));
         assert_eq!(
-            parse_listen(&c.listen[1]).unwrap(),
-            Listen::Addr("127.0.0.1:8443".parse().unwrap())
+            c.listen,
+            vec![
+                Listen::Tailnet(443),
+                Listen::Addr("127.0.0.1:8443".parse().unwrap())
+            ]
         );
-        assert_eq!(c.servers["github"].timeout, Duration::from_secs(60));
+        let gh = &c.servers["github"];
+        assert_eq!(gh.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(gh.url.as_str(), "http://127.0.0.1:9001/mcp");
+        assert_eq!(gh.url.port(), Some(9001));
     }
 
     #[test]
@@ -802,10 +1379,143 @@ pdp:
             .unwrap_err()
             .to_string();
         assert!(e.contains("$.servers.gh.url"), "{e}");
+        let e = parse_str("servers: {gh: {url: \"http://\"}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("$.servers.gh.url"), "{e}");
         let e = parse_str("identity: {whois_ttl: 5 minutes}\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("identity.whois_ttl"), "{e}");
+    }
+
+    /// Every problem is reported at once, each with its file and path, one per line.
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let e = parse_str(
+            "listen: [\"tailnet:http\", \"0.0.0.0:443\"]\nservers: {gh: {url: ftp://x}, \"a b\": {url: \"http://h/\"}}\naudit: {batch_rows: 0, queue: 0}\npdp: {callers: [admins]}\nlog: {level: \"info,=[\"}\nmetrics: {listen: \"10.0.0.1:9090\"}\ntailnet: {hostname: \"a b\", tags: [ci]}\n",
+        )
+        .unwrap_err();
+        let want = [
+            "$.listen[0]",
+            "$.listen[1]",
+            "$.servers.a b",
+            "$.servers.gh.url",
+            "$.audit.batch_rows",
+            "$.audit.queue",
+            "$.pdp.callers[0]",
+            "$.log.level",
+            "$.metrics.listen",
+            "$.tailnet.hostname",
+            "$.tailnet.tags[0]",
+        ];
+        assert_eq!(e.problems.len(), want.len(), "{e}");
+        for (p, w) in e.problems.iter().zip(want) {
+            assert!(p.starts_with(w), "{p:?} should start with {w}");
+        }
+        let text = e.to_string();
+        assert_eq!(text.lines().count(), want.len(), "{text}");
+        assert!(
+            text.lines().all(|l| l.starts_with("toolgate.yaml: $.")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn non_tailnet_binds_need_the_opt_in() {
+        let e = parse_str("listen: [\"0.0.0.0:443\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_non_tailnet"), "{e}");
+        let c = parse_str("listen: [\"0.0.0.0:443\"]\nallow_non_tailnet: true\n").unwrap();
+        assert_eq!(c.listen, vec![Listen::Addr("0.0.0.0:443".parse().unwrap())]);
+        for ok in [
+            "127.0.0.1:1",
+            "[::1]:2",
+            "100.64.0.7:443",
+            "[fd7a:115c:a1e0::1]:443",
+        ] {
+            assert!(parse_str(&format!("listen: [\"{ok}\"]\n")).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn upstream_headers_are_expanded_once_and_never_shown() {
+        let text = "servers:\n  gh:\n    url: \"https://api.example.com/mcp\"\n    headers: {Authorization: \"Bearer ${TOKEN}\", X-Team: \"${TEAM}-x\"}\n";
+        let c = build_with_env(text, &[("TOKEN", "s3cret"), ("TEAM", "eng")]).unwrap();
+        let gh = &c.servers["gh"];
+        assert_eq!(
+            gh.headers,
+            vec![
+                ("Authorization".to_string(), "Bearer s3cret".to_string()),
+                ("X-Team".to_string(), "eng-x".to_string())
+            ]
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("Authorization"), "{shown}");
+        // Missing variables: each one named, with its header's path.
+        let e = build_with_env(text, &[]).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.problems[0].contains("$.servers.gh.headers.Authorization"));
+        assert!(e.problems[0].contains("TOKEN is not set"), "{e}");
+        assert!(e.problems[1].contains("TEAM is not set"), "{e}");
+        // A value that cannot be a header is refused without echoing it.
+        let e = build_with_env(text, &[("TOKEN", "a\nb"), ("TEAM", "x")]).unwrap_err();
+        assert!(e.to_string().contains("cannot carry"), "{e}");
+        assert!(!e.to_string().contains("a\nb"), "{e}");
+        let e = build_with_env(
+            "servers: {gh: {url: \"http://h/\", headers: {\"bad name\": x}}}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("header name"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = |n: &str| (n == "A").then(|| "1".to_string());
+        assert_eq!(expand_with("x${A}y${A}", env).unwrap(), "x1y1");
+        assert_eq!(expand_with("no refs", env).unwrap(), "no refs");
+        assert!(
+            expand_with("${B}", env)
+                .unwrap_err()
+                .contains("B is not set")
+        );
+        assert!(expand_with("${A", env).unwrap_err().contains("unclosed"));
+        assert!(expand_with("${}", env).unwrap_err().contains("${}"));
+        assert!(expand_with("${A-B}", env).is_err());
+        assert_eq!(env_refs("a ${X} b ${Y_2} ${bad-} ${"), vec!["X", "Y_2"]);
+    }
+
+    #[test]
+    fn durations_are_written_the_go_and_prometheus_way() {
+        let c = parse_str(
+            "identity: {whois_ttl: 1m30s, whois_timeout: 1.5s}\nservers: {gh: {url: \"http://h/\", timeout: 1m30s, max_stream: 1.5h}}\naudit: {retention: 90d}\n",
+        )
+        .unwrap();
+        assert_eq!(c.identity.whois_ttl, Duration::from_secs(90));
+        assert_eq!(c.identity.whois_timeout, Duration::from_millis(1500));
+        assert_eq!(c.servers["gh"].timeout, Duration::from_secs(90));
+        assert_eq!(c.servers["gh"].max_stream, Duration::from_secs(5400));
+        assert_eq!(c.audit.retention, Some(Duration::from_secs(90 * 86_400)));
+        let e = parse_str("servers: {gh: {url: \"http://h/\", timeout: 0s}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("$.servers.gh.timeout"), "{e}");
+    }
+
+    #[test]
+    fn log_settings_are_checked() {
+        let c = parse_str("log: {format: json, level: \"info,toolgate=debug\"}\n").unwrap();
+        assert_eq!(c.log.format, Some(LogFormat::Json));
+        assert_eq!(c.log.level.as_deref(), Some("info,toolgate=debug"));
+        let e = parse_str("log: {format: xml}\n").unwrap_err().to_string();
+        assert!(e.contains("log.format"), "{e}");
+        let e = parse_str("log: {level: \"loud=[\"}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("$.log.level"), "{e}");
     }
 
     #[test]
@@ -815,6 +1525,7 @@ pdp:
         assert_eq!(c.audit.durability, Durability::Full);
         assert_eq!(c.audit.arguments, ArgumentsMode::Digest);
         assert_eq!(c.audit.retention, None);
+        assert_eq!(c.audit.batch_rows, DEFAULT_AUDIT_BATCH_ROWS);
         let c = parse_str(
             "audit: {sqlite: a.db, mode: async, durability: normal, arguments: redacted, secret_keys: [x-internal],\n  retention: 90d, batch_rows: 500, batch_ms: 5, queue: 100, max_db_bytes: 1048576,\n  postgres: \"postgres://u@h/db\", postgres_schema: fleet, gateway: gw1, max_argument_bytes: 2048}\n",
         )
@@ -825,6 +1536,7 @@ pdp:
         assert_eq!(c.audit.arguments, ArgumentsMode::Redacted);
         for (bad, key) in [
             ("audit: {retention: forever}\n", "audit.retention"),
+            ("audit: {retention: 0}\n", "$.audit.retention"),
             ("audit: {mode: later}\n", "audit.mode"),
             ("audit: {batch_rows: 0}\n", "$.audit.batch_rows"),
             ("audit: {postgres: \"mysql://x\"}\n", "$.audit.postgres"),
@@ -839,15 +1551,49 @@ pdp:
         }
     }
 
+    /// `audit … --config` and `whois --config` read their section only: an upstream's secret
+    /// need not be in the operator's shell.
+    #[test]
+    fn one_section_loads_without_the_others_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "servers: {gh: {url: \"http://h/\", headers: {A: \"${TOOLGATE_TEST_SURELY_UNSET}\"}}}\naudit: {sqlite: a.db}\nidentity: {socket: ts.sock}\n",
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err());
+        assert_eq!(load_audit(&path).unwrap().sqlite, dir.path().join("a.db"));
+        assert_eq!(
+            load_identity(&path).unwrap().socket,
+            PathBuf::from("ts.sock")
+        );
+        std::fs::write(&path, "audit: {batch_rows: 0}\n").unwrap();
+        assert!(
+            load_audit(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("$.audit.batch_rows")
+        );
+    }
+
     #[test]
     fn the_shipped_example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/config.example.yaml");
         let bytes = std::fs::read(&path).unwrap();
-        let c = Config::parse("config.example.yaml", &bytes, Path::new("/etc/toolgate")).unwrap();
+        let raw = RawConfig::parse("config.example.yaml", &bytes).unwrap();
         assert_eq!(
-            c.servers["github"].headers["Authorization"],
+            raw.servers["github"].headers["Authorization"],
             "Bearer ${GITHUB_MCP_TOKEN}"
         );
+        let c = raw
+            .build(
+                "config.example.yaml",
+                Path::new("/etc/toolgate"),
+                &|n: &str| (n == "GITHUB_MCP_TOKEN").then(|| "t".to_string()),
+            )
+            .unwrap();
+        assert_eq!(c.servers["github"].headers[0].1, "Bearer t");
     }
 
     #[test]
@@ -859,7 +1605,7 @@ pdp:
         assert!(!c.tailnet.logs);
         assert_eq!(c.tailnet.socks5_addr(), None);
         let c = parse_str(
-            "tailnet: {mode: sidecar, state_dir: ts, tailscaled: bin/tailscaled, hostname: gw1,\n  tags: [tag:mcp], control_url: \"http://127.0.0.1:8080\", authkey_file: key, socks5: \"127.0.0.1:1081\"}\n",
+            "listen: [\"127.0.0.1:8443\"]\ntailnet: {mode: sidecar, state_dir: ts, tailscaled: bin/tailscaled, hostname: gw1,\n  tags: [tag:mcp], control_url: \"http://127.0.0.1:8080\", authkey_file: key, socks5: \"127.0.0.1:1081\"}\n",
         )
         .unwrap();
         assert_eq!(c.tailnet.mode, TailnetMode::Sidecar);
@@ -877,13 +1623,13 @@ pdp:
             Some(PathBuf::from("/etc/toolgate/key"))
         );
         assert_eq!(c.tailnet.socks5_addr(), "127.0.0.1:1081".parse().ok());
-        let c = parse_str("tailnet: {mode: sidecar}\n").unwrap();
+        let c = parse_str("listen: [\"127.0.0.1:8443\"]\ntailnet: {mode: sidecar}\n").unwrap();
         assert_eq!(c.tailnet.tailscaled, PathBuf::from("tailscaled"));
         assert_eq!(c.tailnet.socks5_addr(), "127.0.0.1:1055".parse().ok());
         for (bad, key) in [
             ("tailnet: {mode: tun}\n", "tailnet.mode"),
             ("tailnet: {hostname: \"a b\"}\n", "$.tailnet.hostname"),
-            ("tailnet: {tags: [ci]}\n", "$.tailnet.tags"),
+            ("tailnet: {tags: [ci]}\n", "$.tailnet.tags[0]"),
             (
                 "tailnet: {control_url: \"ftp://x\"}\n",
                 "$.tailnet.control_url",
@@ -897,16 +1643,49 @@ pdp:
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(
-            duration_text::parse("90d").unwrap(),
-            Duration::from_secs(90 * 86_400)
+    fn sidecar_listen_rules() {
+        let err = |s: &str| parse_str(s).unwrap_err().to_string();
+        // Host mode: anything else the listen rules accept.
+        assert!(parse_str("listen: [\"tailnet:443\"]\n").is_ok());
+        let e = err("listen: [\"tailnet:443\"]\ntailnet: {mode: sidecar}\n");
+        assert!(
+            e.contains("127.0.0.1:443") && e.contains("userspace"),
+            "{e}"
         );
-        assert_eq!(
-            duration_text::parse("250ms").unwrap(),
-            Duration::from_millis(250)
+        let e = err("listen: [\"100.64.0.7:443\"]\ntailnet: {mode: sidecar}\n");
+        assert!(e.contains("127.0.0.1:443"), "{e}");
+        let e = err("listen: [\"127.0.0.1:0\"]\ntailnet: {mode: sidecar}\n");
+        assert!(e.contains("fixed port"), "{e}");
+        let e = err("listen: [\"127.0.0.1:1055\"]\ntailnet: {mode: sidecar}\n");
+        assert!(e.contains("socks5"), "{e}");
+        assert!(parse_str("listen: [\"127.0.0.1:8100\"]\ntailnet: {mode: sidecar}\n").is_ok());
+        // The static provider never starts the sidecar.
+        assert!(
+            parse_str(
+                "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {provider: static, static: ids.yaml}\ntailnet: {mode: sidecar}\n"
+            )
+            .is_ok()
         );
-        assert!(duration_text::parse("5").is_err());
-        assert!(duration_text::parse("5y").is_err());
+    }
+
+    #[test]
+    fn tailnet_ranges() {
+        for ip in [
+            "100.64.0.1",
+            "100.127.255.254",
+            "fd7a:115c:a1e0::1",
+            "::ffff:100.100.1.1",
+        ] {
+            assert!(is_tailnet_ip(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "100.63.255.255",
+            "100.128.0.1",
+            "10.0.0.1",
+            "127.0.0.1",
+            "fd7a:115c:a1e1::1",
+        ] {
+            assert!(!is_tailnet_ip(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

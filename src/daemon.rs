@@ -16,9 +16,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use crate::audit::{self, AuditLog};
-use crate::config::{Config, IdentityProvider, Listen, TailnetMode, parse_listen};
+pub use crate::config::is_tailnet_ip;
+use crate::config::{Config, IdentityProvider, Listen, TailnetMode};
 use crate::gateway::{Caller, Gateway, Sessions, Upstream};
-use crate::identity::{StaticIdentities, normalize_ip};
+use crate::identity::StaticIdentities;
 use crate::policy::store::Store;
 use crate::server::{self, Identify, StaticProvider};
 use crate::tailnet::localapi::LocalApi;
@@ -28,20 +29,6 @@ use crate::tailnet::types::Status;
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 /// How often the policy directory is checked for changes.
 pub const POLICY_POLL: Duration = Duration::from_secs(1);
-
-/// Is `ip` a tailnet address (100.64.0.0/10 or fd7a:115c:a1e0::/48)?
-pub fn is_tailnet_ip(ip: IpAddr) -> bool {
-    match normalize_ip(ip) {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            o[0] == 100 && (o[1] & 0xC0) == 64
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
-        }
-    }
-}
 
 /// Refuses peers outside the tailnet before any WhoIs (explicit non-tailnet binds).
 struct TailnetPeersOnly(Arc<dyn Identify>);
@@ -127,76 +114,21 @@ pub async fn wait_running(
     }
 }
 
-/// Checks that the listen entries can work with `tailnet.mode`.
-///
-/// In `sidecar` mode tailscaled runs with userspace networking: its tailnet IPs are not local
-/// addresses (binding them fails with EADDRNOTAVAIL), and its netstack delivers inbound tailnet
-/// TCP for port P to `127.0.0.1:P`, where the proxymap WhoIs names the real peer. So the listen
-/// entry for port P is `127.0.0.1:P` (the node is then reached as `<hostname>.<tailnet>:P`).
-pub fn check_listen_for_mode(cfg: &Config) -> Result<(), String> {
-    if cfg.tailnet.mode != TailnetMode::Sidecar {
-        return Ok(());
-    }
-    let mut loopback_v4 = false;
-    for l in &cfg.listen {
-        match parse_listen(l)? {
-            Listen::Tailnet(port) => {
-                return Err(format!(
-                    "listen {l:?} cannot work with tailnet.mode: sidecar: the sidecar tailscaled runs in userspace-networking mode, so its tailnet IPs are not local addresses; listen on \"127.0.0.1:{port}\" instead (tailscaled forwards inbound tailnet TCP on port {port} to 127.0.0.1:{port})"
-                ));
-            }
-            Listen::Addr(a) if is_tailnet_ip(a.ip()) => {
-                return Err(format!(
-                    "listen {l:?} cannot work with tailnet.mode: sidecar: tailnet IPs are not local addresses in userspace-networking mode; listen on \"127.0.0.1:{}\" instead",
-                    a.port()
-                ));
-            }
-            Listen::Addr(a) if a.ip() == IpAddr::from([127, 0, 0, 1]) && a.port() != 0 => {
-                loopback_v4 = true;
-            }
-            Listen::Addr(_) => {}
-        }
-    }
-    if !loopback_v4 {
-        return Err(
-            "tailnet.mode: sidecar: tailnet peers arrive on 127.0.0.1:<port> (tailscaled's userspace netstack forwards them there); add a listen entry \"127.0.0.1:PORT\" with a fixed port".into(),
-        );
-    }
-    if let Some(s) = cfg.tailnet.socks5_addr()
-        && cfg
-            .listen
-            .iter()
-            .any(|l| matches!(parse_listen(l), Ok(Listen::Addr(a)) if a.port() == s.port()))
-    {
-        return Err(format!(
-            "tailnet.socks5 {s} uses the same port as a listen entry; pick another port"
-        ));
-    }
-    Ok(())
-}
-
-/// The addresses a listen list resolves to, given this node's tailnet IPs.
+/// The addresses the listen entries resolve to, given this node's tailnet IPs. (Which entries
+/// are allowed at all was checked with the config.)
 pub fn resolve_listen(cfg: &Config, tailnet_ips: &[IpAddr]) -> Result<Vec<SocketAddr>, String> {
     let mut out = Vec::new();
     for l in &cfg.listen {
-        match parse_listen(l)? {
+        match *l {
             Listen::Tailnet(port) => {
                 if tailnet_ips.is_empty() {
                     return Err(format!(
-                        "listen {l:?}: this node has no tailnet IPs (is tailscaled logged in?)"
+                        "listen {l}: this node has no tailnet IPs (is tailscaled logged in?)"
                     ));
                 }
                 out.extend(tailnet_ips.iter().map(|ip| SocketAddr::new(*ip, port)));
             }
-            Listen::Addr(a) => {
-                let ok = a.ip().is_loopback() || is_tailnet_ip(a.ip()) || cfg.allow_non_tailnet;
-                if !ok {
-                    return Err(format!(
-                        "listen {l:?} is neither loopback nor a tailnet address; set allow_non_tailnet: true to bind it (peers outside the tailnet are still refused)"
-                    ));
-                }
-                out.push(a);
-            }
+            Listen::Addr(a) => out.push(a),
         }
     }
     Ok(out)
@@ -302,7 +234,7 @@ pub fn build(
     }
     let mut upstreams = std::collections::BTreeMap::new();
     for (name, s) in &cfg.servers {
-        upstreams.insert(name.clone(), Upstream::from_config(name, s)?);
+        upstreams.insert(name.clone(), Upstream::from_config(name, s));
     }
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     if !node.dns_name.is_empty() {
@@ -425,9 +357,9 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
     let tailnet_ports: Vec<u16> = cfg
         .listen
         .iter()
-        .filter_map(|l| match parse_listen(l) {
-            Ok(Listen::Tailnet(p)) => Some(p),
-            _ => None,
+        .filter_map(|l| match l {
+            Listen::Tailnet(p) => Some(*p),
+            Listen::Addr(_) => None,
         })
         .collect();
     let follows = |a: &SocketAddr| tailnet_ports.contains(&a.port()) && is_tailnet_ip(a.ip());
@@ -589,7 +521,6 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
     if cfg.identity.provider == IdentityProvider::Tailscale
         && cfg.tailnet.mode == TailnetMode::Sidecar
     {
-        check_listen_for_mode(&cfg)?;
         let join = crate::tailnet::join::JoinSettings::from_config(&cfg.tailnet)?;
         let sc = crate::tailnet::sidecar::Sidecar::start(
             crate::tailnet::sidecar::SidecarSettings::from_config(&cfg.tailnet),
@@ -652,7 +583,7 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
             let node = NodeInfo::from_status(&status);
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
             if !status.tun && cfg.tailnet.mode == TailnetMode::Host {
-                if let Some(l) = cfg.listen.iter().find(|l| l.starts_with("tailnet:")) {
+                if let Some(l) = cfg.listen.iter().find(|l| matches!(l, Listen::Tailnet(_))) {
                     tracing::warn!(listen = %l, "tailscaled runs in userspace-networking mode: its tailnet IPs are not local addresses, so {l} cannot bind; listen on 127.0.0.1:PORT instead (inbound tailnet TCP is forwarded there)");
                 }
             }
@@ -706,33 +637,6 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tailnet_ranges() {
-        for ip in [
-            "100.64.0.1",
-            "100.127.255.254",
-            "fd7a:115c:a1e0::1",
-            "::ffff:100.100.1.1",
-        ] {
-            assert!(
-                is_tailnet_ip(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
-                "{ip}"
-            );
-        }
-        for ip in [
-            "100.63.255.255",
-            "100.128.0.1",
-            "10.0.0.1",
-            "127.0.0.1",
-            "fd7a:115c:a1e1::1",
-        ] {
-            assert!(
-                !is_tailnet_ip(ip.parse().unwrap_or(IpAddr::from([100, 64, 0, 1]))),
-                "{ip}"
-            );
-        }
-    }
-
     struct Counting(std::sync::atomic::AtomicUsize);
     impl Identify for Counting {
         fn identify(
@@ -777,59 +681,21 @@ mod tests {
     }
 
     #[test]
-    fn listen_rules() {
-        let cfg = |s: &str| {
-            Config::parse("t.yaml", s.as_bytes(), Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
-        };
-        let ips: Vec<IpAddr> = vec!["100.64.0.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))];
-        let c = cfg("listen: [\"tailnet:443\", \"127.0.0.1:8080\"]\n");
-        assert_eq!(resolve_listen(&c, &ips).unwrap_or_default().len(), 2);
+    fn listen_resolves_tailnet_entries_to_the_nodes_ips() {
+        let c = Config::parse(
+            "t.yaml",
+            b"listen: [\"tailnet:443\", \"127.0.0.1:8080\"]\n",
+            Path::new("/"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ips: Vec<IpAddr> = vec![IpAddr::from([100, 64, 0, 7])];
+        assert_eq!(
+            resolve_listen(&c, &ips).unwrap_or_default(),
+            vec![
+                SocketAddr::from(([100, 64, 0, 7], 443)),
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            ]
+        );
         assert!(resolve_listen(&c, &[]).is_err());
-        let c = cfg("listen: [\"0.0.0.0:443\"]\n");
-        assert!(
-            resolve_listen(&c, &ips)
-                .unwrap_err()
-                .contains("allow_non_tailnet")
-        );
-        let c = cfg("listen: [\"0.0.0.0:443\"]\nallow_non_tailnet: true\n");
-        assert!(resolve_listen(&c, &ips).is_ok());
-    }
-
-    #[test]
-    fn sidecar_listen_rules() {
-        let cfg = |s: &str| {
-            Config::parse("t.yaml", s.as_bytes(), Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
-        };
-        // Host mode: anything resolve_listen accepts.
-        assert!(check_listen_for_mode(&cfg("listen: [\"tailnet:443\"]\n")).is_ok());
-        let e = check_listen_for_mode(&cfg(
-            "listen: [\"tailnet:443\"]\ntailnet: {mode: sidecar}\n",
-        ))
-        .unwrap_err();
-        assert!(
-            e.contains("127.0.0.1:443") && e.contains("userspace"),
-            "{e}"
-        );
-        let e = check_listen_for_mode(&cfg(
-            "listen: [\"100.64.0.7:443\"]\ntailnet: {mode: sidecar}\n",
-        ))
-        .unwrap_err();
-        assert!(e.contains("127.0.0.1:443"), "{e}");
-        let e = check_listen_for_mode(&cfg(
-            "listen: [\"127.0.0.1:0\"]\ntailnet: {mode: sidecar}\n",
-        ))
-        .unwrap_err();
-        assert!(e.contains("fixed port"), "{e}");
-        let e = check_listen_for_mode(&cfg(
-            "listen: [\"127.0.0.1:1055\"]\ntailnet: {mode: sidecar}\n",
-        ))
-        .unwrap_err();
-        assert!(e.contains("socks5"), "{e}");
-        assert!(
-            check_listen_for_mode(&cfg(
-                "listen: [\"127.0.0.1:8100\"]\ntailnet: {mode: sidecar}\n"
-            ))
-            .is_ok()
-        );
     }
 }

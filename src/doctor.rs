@@ -78,8 +78,8 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
         }
     };
     let mut identity = match &args.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c.identity,
+        Some(path) => match crate::config::load_identity(path) {
+            Ok(identity) => identity,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
@@ -351,7 +351,10 @@ fn mode_check(cfg: &Config, s: &Status) -> Check {
             "TUN device: tailnet peers arrive on this node's tailnet IPs",
         );
     }
-    let tailnet_listen = cfg.listen.iter().any(|l| l.starts_with("tailnet:"));
+    let tailnet_listen = cfg
+        .listen
+        .iter()
+        .any(|l| matches!(l, crate::config::Listen::Tailnet(_)));
     let listen = if tailnet_listen {
         " `listen: [tailnet:PORT]` cannot bind in this mode (the tailnet IPs are not local \
          addresses): listen on 127.0.0.1:PORT instead."

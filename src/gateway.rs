@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, Server};
 use crate::identity::Identity;
 use crate::mcp::mapping::Target;
 use crate::policy::eval::{self, CheckOutput};
@@ -52,45 +52,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn from_config(name: &str, c: &ServerConfig) -> Result<Upstream, String> {
-        let mut headers = Vec::new();
-        for (k, v) in &c.headers {
-            headers.push((
-                k.clone(),
-                expand_env(v).map_err(|e| format!("servers.{name}.headers.{k}: {e}"))?,
-            ));
-        }
-        Ok(Upstream {
+    /// The upstream for a checked `servers.<name>` entry.
+    pub fn from_config(name: &str, c: &Server) -> Upstream {
+        Upstream {
             target: Target {
                 server: name.to_string(),
                 resource_kind: c.resource_kind.clone(),
                 scope: c.scope.clone(),
             },
-            url: reqwest::Url::parse(&c.url).map_err(|e| format!("servers.{name}.url: {e}"))?,
+            url: c.url.clone(),
             timeout: c.timeout,
-            headers,
+            headers: c.headers.clone(),
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
             max_stream: c.max_stream,
-        })
+        }
     }
-}
-
-/// `${NAME}` → the environment variable's value; a missing variable is an error.
-pub fn expand_env(v: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = v;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let end = after.find('}').ok_or("unclosed ${")?;
-        let name = &after[..end];
-        let val =
-            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
-        out.push_str(&val);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 /// The decision for a set of actions, with what the audit row needs.

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod doctor;
 pub mod gateway;
 pub mod identity;
+pub mod logging;
 pub mod mcp;
 pub mod metrics;
 pub mod policy;

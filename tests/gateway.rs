@@ -87,7 +87,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let upstreams = config
         .servers
         .iter()
-        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c).unwrap()))
+        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c)))
         .collect();
     let sink = Arc::new(MemorySink::default());
     let gw = Arc::new(Gateway {

@@ -174,8 +174,8 @@ fn db_path(s: &SourceArgs) -> Result<PathBuf, String> {
         return Ok(db.clone());
     }
     if let Some(cfg) = &s.config {
-        let c = crate::config::Config::load(cfg).map_err(|e| e.to_string())?;
-        return Ok(c.audit.sqlite);
+        let audit = crate::config::load_audit(cfg).map_err(|e| e.to_string())?;
+        return Ok(audit.sqlite);
     }
     Ok(PathBuf::from(DEFAULT_DB))
 }

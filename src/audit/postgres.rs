@@ -33,26 +33,6 @@ pub struct PgSettings {
     pub batch_rows: usize,
 }
 
-/// Replaces `${NAME}` with the environment variable NAME (missing: an error naming NAME).
-pub fn expand_env(s: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "unterminated ${ in the postgres URL".to_string())?;
-        let name = &after[..end];
-        let v =
-            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
-        out.push_str(&v);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 /// The URL with any password replaced by `***` (for logs and errors).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
@@ -74,11 +54,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 fn valid_schema(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
+    crate::config::valid_postgres_schema(s)
 }
 
 fn pg_err(e: &sqlx::Error) -> AuditError {
@@ -101,7 +77,8 @@ pub async fn connect_existing(pg: &PgSettings) -> Result<PgConnection, AuditErro
             pg.schema
         )));
     }
-    let url = expand_env(&pg.url).map_err(AuditError::Postgres)?;
+    let url = crate::config::expand_env(&pg.url)
+        .map_err(|e| AuditError::Postgres(format!("audit.postgres: {e}")))?;
     let opts = PgConnectOptions::from_str(&url)
         .map_err(|_| AuditError::Postgres(format!("bad URL {}", redact_url(&pg.url))))?
         .application_name("toolgate-audit")
@@ -572,14 +549,5 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
         assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
-    }
-
-    #[test]
-    fn env_expansion() {
-        // SAFETY-free: PATH is always set in test environments.
-        let path = std::env::var("PATH").unwrap();
-        assert_eq!(expand_env("a${PATH}b").unwrap(), format!("a{path}b"));
-        assert!(expand_env("${TOOLGATE_SURELY_UNSET_VAR}").is_err());
-        assert!(expand_env("${OPEN").is_err());
     }
 }
