@@ -226,6 +226,87 @@ fn cases(addr: SocketAddr) -> Vec<Case> {
             400,
             -32700,
         ),
+        // Key smuggling (issue 13 item 1): keys a case-insensitive decoder (Go's encoding/json
+        // folds ſ to s, K to k; Go 1.21+ also ı and İ to i) would take for another key, and
+        // keys outside the envelope or the method's params.
+        case(
+            "paramſ beside params (a second call for Go)",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_repositories","arguments":{}},"paramſ":{"name":"delete_repository","arguments":{}}}"#,
+            ),
+            400,
+            -32700,
+        ),
+        case(
+            "paramſ alone (an unknown envelope key)",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","paramſ":{"name":"delete_repository","arguments":{}}}"#,
+            ),
+            400,
+            -32600,
+        ),
+        case(
+            "an unknown envelope key beside a valid call",
+            p(&[], &call.replacen('{', r#"{"extra":{"name":"delete_repository"},"#, 1)),
+            400,
+            -32600,
+        ),
+        case(
+            "argumentſ beside arguments",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"example"},"argumentſ":{"owner":"victim"}}}"#,
+            ),
+            400,
+            -32700,
+        ),
+        case(
+            "argumentſ alone (a params key tools/call does not have)",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_repositories","argumentſ":{"query":"x"}}}"#,
+            ),
+            200,
+            -32602,
+        ),
+        case(
+            "an argument twin with the Kelvin sign",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_repositories","arguments":{"query":"x","kind":"a","\u212aind":"b"}}}"#,
+            ),
+            400,
+            -32700,
+        ),
+        case(
+            "a resources/read uri twin with a dotless i",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"repo://public","urı":"file:///etc/shadow"}}"#,
+            ),
+            400,
+            -32700,
+        ),
+        case(
+            "completion/complete with a params key no protocol revision defines",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"p"},"argument":{"name":"a","value":"b"},"arguments":{"name":"c"}}}"#,
+            ),
+            200,
+            -32602,
+        ),
+        case(
+            "an answer carrying METHOD and PARAMS",
+            p(
+                &[],
+                r#"{"jsonrpc":"2.0","id":"s1","result":{},"METHOD":"tools/call","PARAMS":{"name":"delete_repository"}}"#,
+            ),
+            400,
+            -32600,
+        ),
         // Malformed bytes (RPC-7).
         case(
             "#41 invalid UTF-8",

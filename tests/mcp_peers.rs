@@ -18,6 +18,9 @@
 //! (every response's decision id is a row, and every row is one of them); the upstream saw
 //! exactly the allowed calls.
 //!
+//! - key smuggling (issue 13): a Go MCP server on `encoding/json` (tests/peers/go), the real
+//!   case-insensitive decoder, behind toolgate (tests/peers/smuggling.rs).
+//!
 //! The peers are installed by `scripts/peers-mcp`. Without them each test prints a SKIP line,
 //! or fails when `TOOLGATE_REQUIRE_PEERS=1`.
 
@@ -30,6 +33,8 @@
 
 #[path = "peers/harness.rs"]
 mod harness;
+#[path = "peers/smuggling.rs"]
+mod smuggling;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -963,4 +968,16 @@ async fn typescript_sdk_client_and_server_everything_through_the_gateway() {
         ("deny", "denied")
     );
     gw.stop().await;
+}
+
+/// Issue 13 item 1: no smuggled tool, argument or request runs on a case-insensitive upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_keys_never_execute_on_a_go_upstream() {
+    smuggling::smuggled_keys_never_execute().await;
+}
+
+/// Issue 13 item 1: every rune pair Go's encoding/json folds shares toolgate's fold key.
+#[tokio::test]
+async fn go_encoding_json_folds_are_refused_as_ambiguous() {
+    smuggling::go_folds_are_covered().await;
 }

@@ -1,7 +1,9 @@
 //! The JSON-RPC envelope, parsed once and strictly (DESIGN.md §1 step 3, invariant I4).
 //!
 //! - one message per body (a batch is reported as such, for the caller to refuse);
-//! - invalid UTF-8, duplicate keys and case-variant keys (`name` and `NAME`) are refused;
+//! - invalid UTF-8, duplicate keys, and keys equal under case folding ([`fold_key`]: `name`
+//!   and `NAME`, `params` and `paramſ`) are refused at every depth;
+//! - a client's message carries only the envelope keys of its kind ([`check_envelope`]);
 //! - size and nesting depth are bounded;
 //! - what is forwarded is the canonical re-serialization of the parsed value (sorted keys,
 //!   no whitespace), never the raw bytes.
@@ -141,6 +143,57 @@ pub fn canonical_id(id: &Value) -> String {
     String::from_utf8(canonical(id)).unwrap_or_default()
 }
 
+/// The key by which two object keys are compared: keys with equal fold keys are refused as
+/// ambiguous (invariant I4), because a case-insensitive decoder upstream would take one for
+/// the other while policy saw the first.
+///
+/// Per character: Unicode *simple* case folding (CaseFolding.txt C+S, as JSON decoders that
+/// fold per code point do; `ſ` → `s`, Kelvin sign → `k`), applied to the simple uppercase of
+/// the simple lowercase. The inner mappings are Go's `encoding/json` rule since Go 1.21
+/// (`foldName`: `unicode.ToUpper(unicode.ToLower(r))`), which also merges `ı` and `İ` with
+/// `i`; Go up to 1.20 used `bytes.EqualFold` (simple-fold orbits). So every pair of keys that
+/// either Go rule or simple folding matches has one fold key (tests check this against the
+/// full Unicode range, and against the Go toolchain's own tables in tests/mcp_peers.rs).
+pub fn fold_key(key: &str) -> String {
+    if key.is_ascii() {
+        return key.to_ascii_lowercase();
+    }
+    let cm = icu_casemap::CaseMapper::new();
+    key.chars()
+        .map(|c| cm.simple_fold(cm.simple_uppercase(cm.simple_lowercase(c))))
+        .collect()
+}
+
+/// The keys a client's JSON-RPC message may carry, by kind: anything else could be read by
+/// an upstream as something policy never saw (a `paramſ` beside `params`, a `METHOD` in an
+/// answer), so it is refused.
+const REQUEST_KEYS: [&str; 4] = ["jsonrpc", "id", "method", "params"];
+const NOTIFICATION_KEYS: [&str; 3] = ["jsonrpc", "method", "params"];
+const RESPONSE_KEYS: [&str; 4] = ["jsonrpc", "id", "result", "error"];
+
+/// Refuses a client message with a key outside its kind's envelope (`-32600`).
+pub fn check_envelope(msg: &Message) -> Result<(), ParseError> {
+    let (allowed, kind): (&[&str], &str) = match msg.kind {
+        Kind::Request => (&REQUEST_KEYS, "request"),
+        Kind::Notification => (&NOTIFICATION_KEYS, "notification"),
+        Kind::Response => (&RESPONSE_KEYS, "response"),
+    };
+    let Some(obj) = msg.value.as_object() else {
+        return Err(ParseError::Invalid("the body must be a JSON object".into()));
+    };
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ParseError::Invalid(format!(
+            "unknown key {k:?} in a JSON-RPC {kind}; a {kind} has only {}",
+            allowed
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses one body into a JSON value, strictly.
 pub fn parse_value(body: &[u8], limits: Limits) -> Result<Value, ParseError> {
     if body.len() > limits.max_bytes {
@@ -258,8 +311,8 @@ pub fn result_body(id: Option<&Value>, result: Value) -> Vec<u8> {
     canonical(&Value::Object(m))
 }
 
-/// A serde seed that builds a `Value` while refusing duplicate and case-variant keys and
-/// bounding depth.
+/// A serde seed that builds a `Value` while refusing duplicate keys and keys with equal
+/// [`fold_key`]s, and bounding depth.
 struct Strict {
     depth: usize,
     max_depth: usize,
@@ -328,22 +381,24 @@ impl<'de> Visitor<'de> for Strict {
             )));
         }
         let mut out = Map::new();
-        let mut folded: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // Fold key → the key as sent, to name both in the refusal.
+        let mut folded: std::collections::HashMap<String, String> =
+            std::collections::HashMap::new();
         while let Some(key) = map.next_key::<String>()? {
-            let lower = key.to_lowercase();
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
-            if folded.contains(&lower) {
+            let fold = fold_key(&key);
+            if let Some(first) = folded.get(&fold) {
                 return Err(de::Error::custom(format!(
-                    "key {key:?} differs from another key only in case"
+                    "keys {first:?} and {key:?} are equal under case folding (ambiguous to case-insensitive decoders)"
                 )));
             }
             let v = map.next_value_seed(Strict {
                 depth: self.depth + 1,
                 max_depth: self.max_depth,
             })?;
-            folded.insert(lower);
+            folded.insert(fold, key.clone());
             out.insert(key, v);
         }
         Ok(Value::Object(out))
@@ -353,6 +408,7 @@ impl<'de> Visitor<'de> for Strict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     fn p(s: &str) -> Result<Message, ParseError> {
         parse(s.as_bytes(), Limits::default())
@@ -446,5 +502,130 @@ mod tests {
         );
         let again = parse(&m.canonical(), Limits::default()).unwrap();
         assert_eq!(again.canonical(), m.canonical());
+    }
+
+    #[test]
+    fn fold_key_merges_what_simple_folding_and_go_merge() {
+        let cm = icu_casemap::CaseMapper::new();
+        let key = |c: char| fold_key(&c.to_string());
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            // Coarser than simple case folding: a character and its fold share a key.
+            assert_eq!(key(c), key(cm.simple_fold(c)), "U+{:04X}", c as u32);
+            // Coarser than Go's foldName (Go 1.21+): ToUpper(ToLower(r)).
+            let go = cm.simple_uppercase(cm.simple_lowercase(c));
+            assert_eq!(key(c), key(go), "U+{:04X}", c as u32);
+        }
+        for (a, b) in [
+            ("params", "paramſ"),
+            ("arguments", "ARGUMENTſ"),
+            ("kind", "\u{212a}ind"),
+            ("uri", "urı"),
+            ("uri", "URİ"),
+            ("name", "NAME"),
+            ("σς", "ΣΣ"),
+        ] {
+            assert_eq!(fold_key(a), fold_key(b), "{a} {b}");
+        }
+        // Not case: different keys stay different.
+        for (a, b) in [
+            ("name", "nаme"),
+            ("ss", "ß"),
+            ("a_b", "ab"),
+            ("id", "i\u{307}d"),
+        ] {
+            assert_ne!(fold_key(a), fold_key(b), "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn the_envelope_holds_only_its_kinds_keys() {
+        let refused = [
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","paramſ":{"name":"delete_repository"}}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{},"extra":1}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized","id2":1}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized","Params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":"s1","result":{},"METHOD":"tools/call","PARAMS":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":"s1","error":{"code":1,"message":"m"},"method2":"x"}"#,
+        ];
+        for body in refused {
+            let m = p(body).unwrap();
+            let e = check_envelope(&m).unwrap_err();
+            assert_eq!(e.code(), code::INVALID_REQUEST, "{body}");
+            assert!(e.to_string().contains("unknown key"), "{body}: {e}");
+        }
+        for body in [
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"{"jsonrpc":"2.0","id":"s1","result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":"s1","error":{"code":1,"message":"m"}}"#,
+        ] {
+            check_envelope(&p(body).unwrap()).unwrap();
+        }
+    }
+
+    /// One spelling of `key` a case-insensitive decoder would take for it: each character
+    /// becomes itself, its other ASCII case, or a Unicode character that folds to it.
+    fn variant_of(key: &'static str) -> impl proptest::strategy::Strategy<Value = String> {
+        let per_char: Vec<proptest::strategy::BoxedStrategy<char>> = key
+            .chars()
+            .map(|c| {
+                let mut options = vec![c, c.to_ascii_uppercase(), c.to_ascii_lowercase()];
+                match c.to_ascii_lowercase() {
+                    's' => options.push('\u{17f}'),
+                    'k' => options.push('\u{212a}'),
+                    'i' => options.extend(['\u{131}', '\u{130}']),
+                    _ => {}
+                }
+                proptest::sample::select(options).boxed()
+            })
+            .collect();
+        per_char.prop_map(|cs| cs.into_iter().collect::<String>())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(512))]
+
+        /// Any spelling of a key that folds to it, beside the key, is refused wherever it is.
+        #[test]
+        fn case_variant_keys_are_refused_at_every_depth(
+            (key, variant) in proptest::prop_oneof![
+                variant_of("params").prop_map(|v| ("params", v)),
+                variant_of("method").prop_map(|v| ("method", v)),
+                variant_of("arguments").prop_map(|v| ("arguments", v)),
+                variant_of("name").prop_map(|v| ("name", v)),
+                variant_of("uri").prop_map(|v| ("uri", v)),
+                variant_of("visibility").prop_map(|v| ("visibility", v)),
+                variant_of("kind").prop_map(|v| ("kind", v)),
+            ],
+            depth in 0usize..4,
+        ) {
+            use proptest::prop_assert;
+            use proptest::prop_assert_eq;
+            let twin = |inner: String| -> String {
+                let mut s = format!(r#"{{"{key}":1,{}:{inner}}}"#, serde_json::to_string(&variant).unwrap());
+                for _ in 0..depth {
+                    s = format!(r#"{{"a":[{s}]}}"#);
+                }
+                s
+            };
+            let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","arguments":{}}}}}"#, twin("2".into()));
+            let outcome = p(&body);
+            if variant == key {
+                prop_assert!(outcome.unwrap_err().to_string().contains("duplicate"));
+            } else {
+                let e = outcome.unwrap_err();
+                prop_assert_eq!(e.code(), code::PARSE_ERROR);
+                prop_assert!(e.to_string().contains("case folding"), "{}", e);
+            }
+            // Alone at the top level, a variant of an envelope key is an unknown key.
+            if variant != key && (key == "params" || key == "method") {
+                let alone = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping",{}:{{}}}}"#, serde_json::to_string(&variant).unwrap());
+                let refused = match p(&alone) {
+                    Ok(m) => check_envelope(&m).is_err(),
+                    Err(_) => true,
+                };
+                prop_assert!(refused, "{}", alone);
+            }
+        }
     }
 }

@@ -35,8 +35,61 @@ pub struct Check {
     pub arguments: Option<Value>,
 }
 
+/// The `params` keys of the methods that act upstream: the union of what every protocol
+/// revision we speak defines for them (2025-03-26, 2025-06-18, 2025-11-25, 2026-07-28), plus
+/// `_meta`. Anything else could carry what policy never saw to an upstream that reads it
+/// (invariant I4): `task` is 2025-11-25's task augmentation, `inputResponses` and
+/// `requestState` are 2026-07-28's multi-round-trip retry, `context` is 2025-06-18's.
+pub fn params_allowed(method: &str) -> Option<&'static [&'static str]> {
+    match method {
+        "tools/call" => Some(&[
+            "name",
+            "arguments",
+            "task",
+            "inputResponses",
+            "requestState",
+            "_meta",
+        ]),
+        "prompts/get" => Some(&[
+            "name",
+            "arguments",
+            "inputResponses",
+            "requestState",
+            "_meta",
+        ]),
+        "resources/read" => Some(&["uri", "inputResponses", "requestState", "_meta"]),
+        "completion/complete" => Some(&["ref", "argument", "context", "_meta"]),
+        _ => None,
+    }
+}
+
+/// Refuses `params` keys outside the method's allowlist ([`params_allowed`]).
+fn check_params(msg: &Message) -> Result<(), String> {
+    let Some(allowed) = params_allowed(&msg.method) else {
+        return Ok(());
+    };
+    let params = match msg.value.get("params") {
+        None => return Ok(()),
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(format!("{} \"params\" must be an object", msg.method)),
+    };
+    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(format!(
+            "{} params may not carry {k:?}; its keys are {}",
+            msg.method,
+            allowed
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Maps a request or notification to its action. `Err` is an invalid-params message.
 pub fn check_for(msg: &Message) -> Result<Check, String> {
+    check_params(msg)?;
     let named = |key: &str, prefix: &str| -> Result<Check, String> {
         let name = msg
             .param_str(key)
@@ -231,5 +284,36 @@ mod tests {
         assert_eq!(r.attr["arguments"]["owner"], "x");
         assert_eq!(r.attr["annotations"]["readOnlyHint"], false);
         assert_eq!(r.attr["method"], "tools/call");
+    }
+
+    #[test]
+    fn acting_methods_carry_only_their_params() {
+        for body in [
+            // A fold-equal twin is the parser's refusal; alone, it is an unknown key here.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_issue","argumentſ":{"owner":"victim"}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_issue","Arguments":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_issue","tool":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p","task":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a://b","url":"file:///etc/shadow"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{},"argument":{},"arguments":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":[1]}"#,
+        ] {
+            let e = check_for(&msg(body)).unwrap_err();
+            assert!(
+                e.contains("may not carry") || e.contains("must be an object"),
+                "{body}: {e}"
+            );
+        }
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{},"task":{"ttl":1},"_meta":{"progressToken":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","inputResponses":{},"requestState":"s"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p","arguments":{"a":"b"},"_meta":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a://b","requestState":"s"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"p"},"argument":{"name":"a","value":"v"},"context":{"arguments":{}}}}"#,
+            // Methods without an allowlist keep their params as they are.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"cursor":"c","x":1}}"#,
+        ] {
+            check_for(&msg(body)).unwrap();
+        }
     }
 }

@@ -261,6 +261,20 @@ pub async fn post(
     row.method = msg.method.clone();
     // What was asked, for the refusals below too (digested or redacted per audit.arguments).
     row.arguments = msg.params().and_then(|p| p.get("arguments")).cloned();
+    // Only the envelope keys of its kind (I4): an extra `paramſ`, or a `METHOD` in an answer,
+    // would be read by a case-insensitive upstream as what policy never saw.
+    if let Err(e) = jsonrpc::check_envelope(&msg) {
+        row.outcome = "invalid".into();
+        return refuse(
+            &gw,
+            row,
+            StatusCode::BAD_REQUEST,
+            msg.id.as_ref(),
+            e.code(),
+            &e.to_string(),
+        )
+        .await;
+    }
     // An unknown or malformed protocol revision is refused (security.md RPC-10): we could not
     // know which header rules apply to it.
     if let Some(v) = headers.get(VERSION_HEADER) {

@@ -154,6 +154,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with `servers` (name → upstream URL) and extra `audit:` keys.
     pub async fn start(servers: &[(&str, String)], audit_extra: &str) -> Gateway {
+        let servers: Vec<(&str, String)> = servers
+            .iter()
+            .map(|(name, url)| (*name, format!("{{url: \"{url}\", timeout: 20s}}")))
+            .collect();
+        Gateway::start_configured(&servers, audit_extra).await
+    }
+
+    /// Starts the gateway with `servers` (name → its `servers.<name>` YAML flow mapping).
+    pub async fn start_configured(servers: &[(&str, String)], audit_extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("identities.yaml"), IDENTITIES).unwrap();
         let port = free_port();
@@ -162,8 +171,8 @@ impl Gateway {
              policies:\n  dir: {}\n  watch: false\nservers:\n",
             repo_root().join("tests/peers/policies").display()
         );
-        for (name, url) in servers {
-            cfg.push_str(&format!("  {name}: {{url: \"{url}\", timeout: 20s}}\n"));
+        for (name, server) in servers {
+            cfg.push_str(&format!("  {name}: {server}\n"));
         }
         cfg.push_str(&format!(
             "audit:\n  sqlite: audit.db\n  mode: sync\n  arguments: full\n{audit_extra}"

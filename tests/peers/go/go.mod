@@ -1,0 +1,3 @@
+module toolgate.test/gopeer
+
+go 1.19
