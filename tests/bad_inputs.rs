@@ -944,6 +944,18 @@ async fn bad_inputs_are_refused_audited_and_never_forwarded() {
             audited: true,
         },
         Case {
+            name: "an unknown Mcp-Session-Id on POST (never initialized here)",
+            from: ALICE,
+            request: json_post(
+                addr,
+                &[("Mcp-Session-Id", "made-up-session")],
+                allowed_call().as_bytes(),
+            ),
+            status: 404,
+            code: Some(-32600),
+            audited: true,
+        },
+        Case {
             name: "an unknown Mcp-Session-Id on GET",
             from: BOB,
             request: format!(

@@ -29,6 +29,8 @@ struct MemorySink {
     rows: Mutex<Vec<AuditRow>>,
     outcomes: Mutex<Vec<(String, String)>>,
     fail: AtomicBool,
+    /// Takes rows but never commits them (a full disk, a failing store): every commit fails.
+    fail_commit: AtomicBool,
     /// Reports a full queue through `saturated` (overload shedding).
     saturated: AtomicBool,
 }
@@ -39,6 +41,13 @@ impl AuditSink for MemorySink {
             return Err(AuditUnavailable("queue full".into()));
         }
         self.rows.lock().unwrap().push(row);
+        if self.fail_commit.load(Ordering::SeqCst) {
+            return Ok(Box::pin(async {
+                Err(AuditUnavailable(
+                    "disk full (database or disk is full)".into(),
+                ))
+            }));
+        }
         Ok(Box::pin(async { Ok(()) }))
     }
     fn saturated(&self) -> bool {
@@ -62,6 +71,8 @@ struct Harness {
     addr: SocketAddr,
     sink: Arc<MemorySink>,
     counters: Arc<sample::Counters>,
+    /// Every HTTP request the upstream received, whatever its method.
+    upstream_requests: Arc<std::sync::atomic::AtomicU64>,
     gw: Arc<Gateway>,
     _shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -73,9 +84,19 @@ async fn start() -> Harness {
 
 async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let counters = Arc::new(sample::Counters::default());
-    let up = sample::spawn("127.0.0.1:0".parse().unwrap(), counters.clone())
-        .await
-        .unwrap();
+    let upstream_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = upstream_requests.clone();
+    let app = sample::router(counters.clone()).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { next.run(req).await }
+        },
+    ));
+    let up_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = up_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(up_listener, app).await;
+    });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_text = format!(
         "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n  strict: {{url: \"http://{up}/mcp\", unknown_methods: deny}}\n{extra_servers}",
@@ -125,6 +146,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         addr,
         sink,
         counters,
+        upstream_requests,
         gw,
         _shutdown: tx,
     }
@@ -170,6 +192,21 @@ async fn rpc_with(
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
         decision,
     )
+}
+
+/// Opens a handshake-era session for `from` on `server`; returns its `Mcp-Session-Id`.
+async fn initialize(h: &Harness, from: &str, server: &str) -> String {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let r = client(from)
+        .post(format!("http://{}/mcp/{server}", h.addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(init.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.headers()["mcp-session-id"].to_str().unwrap().to_string()
 }
 
 fn call(tool: &str, args: Value) -> Value {
@@ -302,6 +339,166 @@ async fn a_full_audit_queue_answers_503_and_forwards_nothing() {
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some());
     assert_eq!(h.counters.tool_calls.load(Ordering::Relaxed), 0);
+}
+
+/// Sessions fail closed (issue 13 item 8): a session id this gateway never saw initialized
+/// (made up, or from before a restart) answers 404 and reaches nothing; a DELETE the upstream
+/// refuses leaves the session bound to its owner.
+#[tokio::test]
+async fn unknown_sessions_get_404_and_a_refused_delete_keeps_the_binding() {
+    let h = start().await;
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let before = h.upstream_requests.load(Ordering::SeqCst);
+    for sid in ["not-a-session", "00000000-0000-0000-0000-000000000000"] {
+        let (s, v, d) = rpc_with(
+            &h,
+            "127.0.0.2",
+            "github",
+            list.clone(),
+            &[("mcp-session-id", sid)],
+        )
+        .await;
+        assert_eq!(s, 404, "{v}");
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        let rows = h.sink.rows.lock().unwrap();
+        let row = rows.iter().find(|r| r.id == d).unwrap();
+        assert_eq!(
+            (row.effect, row.outcome.as_str()),
+            (Effect::Deny, "unknown_session")
+        );
+    }
+    assert_eq!(h.upstream_requests.load(Ordering::SeqCst), before);
+
+    let sid = initialize(&h, "127.0.0.2", "github").await;
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "github",
+        list.clone(),
+        &[("mcp-session-id", &sid)],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    // The sample upstream has no DELETE (405): the session lives on upstream, and stays alice's.
+    let r = client("127.0.0.2")
+        .delete(format!("http://{}/mcp/github", h.addr))
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.3",
+        "github",
+        list.clone(),
+        &[("mcp-session-id", &sid)],
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (403, json!(-31001)),
+        "bob takes over alice's session: {v}"
+    );
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "github",
+        list.clone(),
+        &[("mcp-session-id", &sid)],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    // After a restart (a new gateway, same upstream session ids), every session is unknown.
+    let again = start().await;
+    let (s, v, _) = rpc_with(
+        &again,
+        "127.0.0.2",
+        "github",
+        list,
+        &[("mcp-session-id", &sid)],
+    )
+    .await;
+    assert_eq!(s, 404, "{v}");
+}
+
+/// I2 for every message (issue 13 item 6): with a store that takes rows but cannot commit
+/// them (disk full), no request of any method, no notification, no answer to a server request
+/// and no session GET/DELETE reaches the upstream; each is answered 503 and may be retried.
+#[tokio::test]
+async fn a_failing_store_forwards_no_message_of_any_kind() {
+    let h = start().await;
+    // Before the fault: a session, and a sampling request delivered to alice.
+    let sid = initialize(&h, "127.0.0.2", "github").await;
+    let (s, v, _) = rpc(
+        &h,
+        "127.0.0.2",
+        "github",
+        call(
+            "search_repositories",
+            json!({"query": "x", "ask": ["sampling/createMessage"]}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let asked = sse_messages(&v)
+        .into_iter()
+        .find(|m| m["method"] == "sampling/createMessage")
+        .unwrap()["id"]
+        .clone();
+
+    h.sink.fail_commit.store(true, Ordering::SeqCst);
+    let before = h.upstream_requests.load(Ordering::SeqCst);
+    let answer = json!({"jsonrpc": "2.0", "id": asked, "result": {"role": "assistant", "content": {"type": "text", "text": "ok"}, "model": "m"}});
+    let messages = [
+        (
+            "completion/complete",
+            json!({"jsonrpc": "2.0", "id": 7, "method": "completion/complete", "params": {"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": "b"}}}),
+        ),
+        (
+            "a notification",
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        ),
+        ("an answer to a server request", answer.clone()),
+        (
+            "tools/list",
+            json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}),
+        ),
+        (
+            "tools/call",
+            call("search_repositories", json!({"query": "x"})),
+        ),
+    ];
+    for (what, body) in &messages {
+        let (s, v, _) = rpc(&h, "127.0.0.2", "github", body.clone()).await;
+        assert_eq!(s, 503, "{what}: {v}");
+        assert_eq!(v["error"]["code"], -31003, "{what}: {v}");
+    }
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let r = client("127.0.0.2")
+            .request(method.clone(), format!("http://{}/mcp/github", h.addr))
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &sid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 503, "{method}");
+    }
+    assert_eq!(
+        h.upstream_requests.load(Ordering::SeqCst),
+        before,
+        "a message reached the upstream without a committed row"
+    );
+    // Each was decided and handed to the store (which could not commit it).
+    let rows = h.sink.rows.lock().unwrap().len();
+    assert!(rows >= messages.len() + 2, "{rows} rows");
+
+    // The store recovers: the answer was not used up by the failed attempt.
+    h.sink.fail_commit.store(false, Ordering::SeqCst);
+    let (s, v, _) = rpc(&h, "127.0.0.2", "github", answer).await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(h.upstream_requests.load(Ordering::SeqCst), before + 1);
 }
 
 #[tokio::test]
@@ -536,12 +733,13 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
     assert_eq!(alice.last().unwrap()["result"]["isError"], false, "{v}");
     // bob (no developer role): sampling is withheld and refused to the server (on bob's
     // session); roots reach him.
+    let bob_session = initialize(&h, "127.0.0.3", "github").await;
     let (s, v, _) = rpc_with(
         &h,
         "127.0.0.3",
         "github",
         call("search_repositories", ask),
-        &[("mcp-session-id", "bob-session")],
+        &[("mcp-session-id", &bob_session)],
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -582,7 +780,7 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
                     .is_some_and(|m| m.contains("denied"))
         })
         .expect("the server is told its sampling request was denied");
-    assert_eq!(sessions[refusal].as_deref(), Some("bob-session"));
+    assert_eq!(sessions[refusal].as_deref(), Some(bob_session.as_str()));
     // Audited: each server request with its decision, each refused answer.
     let rows = h.sink.rows.lock().unwrap();
     let sampling: Vec<(String, Effect)> = rows

@@ -19,7 +19,8 @@
 //! exactly the allowed calls.
 //!
 //! - key smuggling (issue 13): a Go MCP server on `encoding/json` (tests/peers/go), the real
-//!   case-insensitive decoder, behind toolgate (tests/peers/smuggling.rs).
+//!   case-insensitive decoder, behind toolgate (tests/peers/go_upstream.rs); and, with the
+//!   same peer, that a full audit store forwards no message of any kind.
 //!
 //! The peers are installed by `scripts/peers-mcp`. Without them each test prints a SKIP line,
 //! or fails when `TOOLGATE_REQUIRE_PEERS=1`.
@@ -31,10 +32,10 @@
     reason = "test code"
 )]
 
+#[path = "peers/go_upstream.rs"]
+mod go_upstream;
 #[path = "peers/harness.rs"]
 mod harness;
-#[path = "peers/smuggling.rs"]
-mod smuggling;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -785,7 +786,32 @@ async fn typescript_sdk_client_and_server_everything_through_the_gateway() {
         ]
     );
 
-    let hijack_report = json!({"http": [{"decision": hijack_id}]});
+    // Alice's session ended upstream (her DELETE got a 2xx): toolgate forgot it, so the id
+    // answers 404 (issue 13 item 8), and nothing reaches the server.
+    let alice_session = alice["session_id"].as_str().unwrap().to_string();
+    let ended = harness::client_from(ALICE)
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &alice_session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(
+            json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": "after the end"}}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status().as_u16(), 404);
+    let ended_id = ended
+        .headers()
+        .get("toolgate-decision-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let hijack_report = json!({"http": [{"decision": hijack_id}, {"decision": ended_id}]});
     let mut expected = vec![
         want(
             ALICE,
@@ -926,6 +952,15 @@ async fn typescript_sdk_client_and_server_everything_through_the_gateway() {
             // Refused before any decision, but what was asked is still on record.
             json!({"message": "as bob"}),
         ),
+        want(
+            ALICE,
+            "tools/call",
+            "",
+            "deny",
+            "",
+            "unknown_session",
+            json!({"message": "after the end"}),
+        ),
         Want {
             principal: String::new(),
             method: String::new(),
@@ -973,11 +1008,17 @@ async fn typescript_sdk_client_and_server_everything_through_the_gateway() {
 /// Issue 13 item 1: no smuggled tool, argument or request runs on a case-insensitive upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggled_keys_never_execute_on_a_go_upstream() {
-    smuggling::smuggled_keys_never_execute().await;
+    go_upstream::smuggled_keys_never_execute().await;
 }
 
 /// Issue 13 item 1: every rune pair Go's encoding/json folds shares toolgate's fold key.
 #[tokio::test]
 async fn go_encoding_json_folds_are_refused_as_ambiguous() {
-    smuggling::go_folds_are_covered().await;
+    go_upstream::go_folds_are_covered().await;
+}
+
+/// Issue 13 item 6: with the real audit store full, no message of any kind is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_store_forwards_no_message_to_a_go_upstream() {
+    go_upstream::a_full_audit_store_forwards_nothing().await;
 }

@@ -329,9 +329,18 @@ pub async fn post(
     }
     // A session belongs to the identity that opened it, and is initialized once: a second
     // `initialize` would renegotiate capabilities (say, claim sampling) mid-session. The
-    // TypeScript SDK's server refuses it the same way ("Server already initialized").
+    // TypeScript SDK's server refuses it the same way ("Server already initialized"). A
+    // session this gateway never saw opened (made up, ended, or from before a restart) is
+    // unknown: 404, as the MCP transport says a server answers for one, so the client opens a
+    // new session; forwarding it would let any identity use a session no one bound.
     if let Some(sid) = header_str(&headers, SESSION_HEADER) {
         let refusal = match gw.sessions.check(sid, &caller.principal.id, &server) {
+            SessionCheck::Unknown => Some((
+                StatusCode::NOT_FOUND,
+                code::INVALID_REQUEST,
+                "unknown_session",
+                "unknown session: initialize a new one (send initialize without Mcp-Session-Id)",
+            )),
             SessionCheck::Foreign => Some((
                 StatusCode::FORBIDDEN,
                 code::UNIDENTIFIED,
@@ -344,7 +353,7 @@ pub async fn post(
                 "invalid",
                 "Invalid Request: this session is already initialized (send initialize without Mcp-Session-Id to open a new one)",
             )),
-            SessionCheck::Own | SessionCheck::Unknown => None,
+            SessionCheck::Own => None,
         };
         if let Some((status, code, outcome, why)) = refusal {
             row.outcome = outcome.into();
@@ -377,7 +386,14 @@ pub async fn post(
         }
         row.effect = Effect::Allow;
         row.reason = "a client's answer to a server request".into();
-        return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+        let r = forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+        if r.extensions().get::<NotForwarded>().is_some() {
+            // Not delivered (the audit store could not take its row): the request still waits
+            // for this answer, and the client may retry it.
+            gw.server_requests
+                .expect(&caller.principal.id, &server, &id);
+        }
+        return r;
     }
     if upstream.deny_unknown && !mapping::is_known_method(&msg.method) {
         row.outcome = "refused".into();
@@ -679,23 +695,16 @@ async fn exchange(
 ) -> Response {
     row.outcome = outcome::PENDING.into();
     let decision = row.id.clone();
-    let acts = matches!(
-        msg.method.as_str(),
-        "tools/call" | "prompts/get" | "resources/read"
-    );
-    // INVARIANT (I2): an allowed call that acts is forwarded only after its row is committed.
+    // INVARIANT (I2): nothing reaches the upstream before its decision row is committed:
+    // requests of every method, notifications, and answers to server requests alike (any of
+    // them can act upstream: a completion reads data, a notification cancels, an answer
+    // feeds a sampling result back).
     let commit = match gw.submit(row) {
         Ok(c) => c,
         Err(e) => return audit_unavailable(&decision, msg, &e.0),
     };
-    if acts {
-        if let Err(e) = commit.await {
-            return audit_unavailable(&decision, msg, &e.0);
-        }
-    } else {
-        tokio::spawn(async move {
-            let _ = commit.await;
-        });
+    if let Err(e) = commit.await {
+        return audit_unavailable(&decision, msg, &e.0);
     }
     let req = upstream_request(gw, upstream, reqwest::Method::POST, headers)
         .header("content-type", "application/json")
@@ -834,6 +843,10 @@ async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, 
     Ok(out)
 }
 
+/// Marks a response whose message never reached the upstream.
+#[derive(Debug, Clone, Copy)]
+struct NotForwarded;
+
 fn audit_unavailable(decision: &str, msg: &Message, why: &str) -> Response {
     let mut r = rpc_error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -845,6 +858,7 @@ fn audit_unavailable(decision: &str, msg: &Message, why: &str) -> Response {
     );
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.extensions_mut().insert(NotForwarded);
     r
 }
 
@@ -1261,13 +1275,14 @@ pub async fn session_request(
     match gw.sessions.check(&sid, &caller.principal.id, &server) {
         SessionCheck::Own => {}
         SessionCheck::Unknown => {
+            row.outcome = "unknown_session".into();
             return refuse(
                 &gw,
                 row,
                 StatusCode::NOT_FOUND,
                 None,
                 code::INVALID_REQUEST,
-                "unknown session",
+                "unknown session: initialize a new one",
             )
             .await;
         }
@@ -1288,7 +1303,13 @@ pub async fn session_request(
     row.reason = "the session's owner".into();
     row.outcome = "forwarded".into();
     let decision = row.id.clone();
-    if let Err(e) = gw.submit(row) {
+    // I2: a GET opens a stream for server requests, a DELETE ends upstream state; neither
+    // reaches the upstream before its row is committed.
+    let commit = match gw.submit(row) {
+        Ok(c) => c,
+        Err(e) => return audit_unavailable(&decision, &dummy(), &e.0),
+    };
+    if let Err(e) = commit.await {
         return audit_unavailable(&decision, &dummy(), &e.0);
     }
     let m = if method == Method::DELETE {
@@ -1312,10 +1333,12 @@ pub async fn session_request(
             );
         }
     };
-    if method == Method::DELETE {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    // Unbound only once the upstream ended the session: after a refused DELETE the session
+    // lives on upstream, and must stay its owner's.
+    if method == Method::DELETE && status.is_success() {
         gw.sessions.end(&sid);
     }
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut out_headers = HeaderMap::new();
     for name in ["content-type", SESSION_HEADER] {
         if let Some(v) = resp

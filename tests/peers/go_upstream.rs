@@ -1,12 +1,15 @@
-//! Key smuggling against a real case-insensitive decoder (issue 13, item 1; invariant I4).
+//! toolgate in front of a real case-insensitive decoder: tests/peers/go, an MCP server on Go's
+//! standard library, whose `encoding/json` matches object keys to struct fields
+//! case-insensitively with Unicode folding (`paramſ` fills `Params`, Kelvin sign `K` matches
+//! `k`) and lets the last matching key win. It logs every call, prompt, read, completion,
+//! notification and client answer it acts on, with what Go decoded.
 //!
-//! The upstream is tests/peers/go: an MCP server on Go's standard library, whose
-//! `encoding/json` matches object keys to struct fields case-insensitively with Unicode
-//! folding (`paramſ` fills `Params`, Kelvin sign `K` matches `k`) and lets the last matching
-//! key win. It logs every call it executes with the arguments it decoded. Each attack is first
-//! sent straight to a second instance of the peer, to show it is a real attack there (the Go
-//! server runs the smuggled tool or value); then through toolgate, where it must be refused
-//! with nothing executed. The allowed calls around them run exactly as authorized.
+//! - Key smuggling (issue 13, item 1; invariant I4): each attack is first sent straight to a
+//!   second instance of the peer, to show it is a real attack there (the Go server runs the
+//!   smuggled tool or value); then through toolgate, where it must be refused with nothing
+//!   executed. The allowed calls around them run exactly as authorized.
+//! - A full audit store (issue 13, item 6; invariant I2): with the real SQLite store at its
+//!   size cap, no message of any kind reaches the peer.
 //!
 //! Built by `scripts/peers-mcp go` (Debian `golang-go`, offline); without it the tests print a
 //! SKIP line, or fail when `TOOLGATE_REQUIRE_PEERS=1`.
@@ -492,6 +495,90 @@ pub async fn smuggled_keys_never_execute() {
     );
     eprintln!(
         "smuggling: {total} attacks ({real_attacks} ran the smuggled call on the bare Go server), all refused by toolgate, 0 executed"
+    );
+    gw.stop().await;
+}
+
+/// I2 for every message (issue 13 item 6), against the real SQLite store: once it is full
+/// (its size cap reached, as a full disk), a completion, a notification and an answer to a
+/// server request all get 503 and none reaches the Go peer; when space comes back, the same
+/// answer goes through.
+pub async fn a_full_audit_store_forwards_nothing() {
+    let Some(bin) = go_peer("a_full_audit_store_forwards_nothing") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let peer = GoPeer::start(&bin, dir.path(), "behind-toolgate").await;
+    let gw = Gateway::start_configured(
+        &[(
+            "go",
+            format!(
+                "{{url: \"{}\", timeout: 20s, resource_kind: go_mcp}}",
+                peer.url()
+            ),
+        )],
+        "",
+    )
+    .await;
+    // A server request delivered to alice, before the fault.
+    let (s, v, _) = send(&gw, &call(1, "ask_roots", json!({}))).await;
+    assert_eq!(s, 200, "{v}");
+    let asked = v
+        .as_array()
+        .and_then(|evs| evs.iter().find(|e| e["method"] == "roots/list"))
+        .unwrap_or_else(|| panic!("no roots/list request delivered: {v}"))["id"]
+        .clone();
+    assert_eq!(peer.executed().len(), 1);
+
+    // Fill the store to its cap.
+    gw.audit.set_max_db_bytes(Some(1)).unwrap();
+    let mut filled = false;
+    for i in 0..20_000 {
+        let mut r =
+            toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
+        r.reason = format!("filler {i} {}", "x".repeat(400));
+        if gw.audit.submit(r).unwrap().wait().await.is_err() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "the store never filled");
+
+    let answer = json!({"jsonrpc": "2.0", "id": asked, "result": {"roots": []}}).to_string();
+    let messages = [
+        ("completion/complete", json!({"jsonrpc": "2.0", "id": 2, "method": "completion/complete", "params": {"ref": {"type": "ref/prompt", "name": "summary"}, "argument": {"name": "a", "value": "b"}}}).to_string()),
+        ("a notification", json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string()),
+        ("an answer to a server request", answer.clone()),
+        ("tools/call", call(3, "get_issue", json!({"owner": "o"}))),
+    ];
+    for (what, body) in &messages {
+        let (s, v, _) = send(&gw, body).await;
+        assert_eq!(s, 503, "{what}: {v}");
+        assert_eq!(v["error"]["code"], -31003, "{what}: {v}");
+    }
+    assert_eq!(peer.executed().len(), 1, "{:?}", peer.executed());
+
+    // Space comes back: the answer (not used up by the failed attempt) goes through.
+    gw.audit.set_max_db_bytes(None).unwrap();
+    let mut delivered = false;
+    for _ in 0..50 {
+        let (s, _, _) = send(&gw, &answer).await;
+        if s == 202 {
+            delivered = true;
+            break;
+        }
+        assert_eq!(s, 503);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        delivered,
+        "the answer was not accepted after the store recovered"
+    );
+    let runs = peer.executed();
+    assert_eq!(
+        (runs.len(), runs[1]["kind"].clone()),
+        (2, json!("answer")),
+        "{runs:?}"
     );
     gw.stop().await;
 }
