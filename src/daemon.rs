@@ -267,6 +267,7 @@ pub fn build(
         whois: Default::default(),
         list_watchers: Default::default(),
         known_tools: Default::default(),
+        in_flight: Default::default(),
     });
     Ok(Built {
         gateway,

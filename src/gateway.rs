@@ -207,6 +207,38 @@ impl ServerRequests {
     }
 }
 
+/// Requests in flight on each session, by (server, session id, canonical JSON-RPC id). A
+/// second request with the id of one still in flight on the same session is refused: the
+/// upstream could not tell their answers apart, and one caller's stream could carry the
+/// other's answer.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    set: Mutex<std::collections::HashSet<(String, String, String)>>,
+}
+
+/// Bound on requests in flight across all sessions.
+pub const MAX_IN_FLIGHT: usize = 100_000;
+
+impl InFlight {
+    /// Registers `key`; `false` if it is in flight already or the table is full (fail closed).
+    pub fn begin(&self, key: &(String, String, String)) -> bool {
+        let Ok(mut s) = self.set.lock() else {
+            return false;
+        };
+        if s.len() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        s.insert(key.clone())
+    }
+
+    /// The request's answer has been delivered (or never will be).
+    pub fn end(&self, key: &(String, String, String)) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(key);
+        }
+    }
+}
+
 /// The shared state of a running gateway.
 pub struct Gateway {
     pub config: Config,
@@ -216,6 +248,8 @@ pub struct Gateway {
     pub sessions: Sessions,
     /// Server→client requests delivered to callers and not answered yet.
     pub server_requests: ServerRequests,
+    /// Client requests in flight per session (duplicate ids are refused).
+    pub in_flight: InFlight,
     /// Tool annotations seen in `tools/list`, for `R.attr.annotations` at call time.
     pub annotations: Mutex<HashMap<(String, String), Value>>,
     /// `Host` values this node answers to (invariant I7); empty means any (loopback dev only).

@@ -126,6 +126,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         whois: Default::default(),
         list_watchers: Default::default(),
         known_tools: Default::default(),
+        in_flight: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -421,6 +422,199 @@ async fn unknown_sessions_get_404_and_a_refused_delete_keeps_the_binding() {
     )
     .await;
     assert_eq!(s, 404, "{v}");
+}
+
+/// An upstream that misbehaves on its streams: a POST stream carries another request's answer
+/// (listing a hidden tool) before its own, and a second copy of its own; the GET stream
+/// replays an old `tools/list` answer, as after `Last-Event-ID`.
+async fn rogue_upstream() -> SocketAddr {
+    async fn post(body: axum::body::Bytes) -> axum::response::Response {
+        let m: Value = serde_json::from_slice(&body).unwrap();
+        let id = m["id"].clone();
+        match m["method"].as_str() {
+            Some("initialize") => axum::response::Response::builder()
+                .header("content-type", "application/json")
+                .header("mcp-session-id", "rogue-session")
+                .body(axum::body::Body::from(
+                    json!({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}}, "serverInfo": {"name": "rogue", "version": "1"}}}).to_string(),
+                ))
+                .unwrap(),
+            Some(_) if !id.is_null() => {
+                let events = [
+                    json!({"jsonrpc": "2.0", "id": 99, "result": {"tools": [{"name": "delete_repository"}]}}),
+                    json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}),
+                    json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "own answer"}]}}),
+                    json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "second copy"}]}}),
+                ];
+                let sse: String = events.iter().map(|e| format!("event: message\ndata: {e}\n\n")).collect();
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(axum::body::Body::from(sse))
+                    .unwrap()
+            }
+            _ => axum::response::Response::builder()
+                .status(202)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        }
+    }
+    async fn get() -> axum::response::Response {
+        let events = [
+            json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "delete_repository"}, {"name": "search_repositories"}]}}),
+            json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "still here"}}),
+        ];
+        let sse: String = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("id: {i}\nevent: message\ndata: {e}\n\n"))
+            .collect();
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from(sse))
+            .unwrap()
+    }
+    let app = axum::Router::new().route("/mcp", axum::routing::post(post).get(get));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// Streams deliver only their own answer (issue 13 item 9): a POST stream passes the
+/// response to its request once and drops other ids; the GET stream passes no response.
+#[tokio::test]
+async fn streams_deliver_only_their_own_answer() {
+    let rogue = rogue_upstream().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The end-to-end fixture policies: `echo` is allowed on every server.
+    let h = start_with(
+        &root.join("tests/peers/policies"),
+        &format!("  rogue: {{url: \"http://{rogue}/mcp\"}}\n"),
+    )
+    .await;
+    let sid = initialize(&h, "127.0.0.2", "rogue").await;
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "rogue",
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": "x"}}}),
+        &[("mcp-session-id", &sid)],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let got = sse_messages(&v);
+    assert_eq!(got.len(), 2, "{v}");
+    assert_eq!(got[0]["method"], "notifications/progress");
+    assert_eq!(got[1]["id"], 7);
+    assert_eq!(got[1]["result"]["content"][0]["text"], "own answer");
+
+    let r = client("127.0.0.2")
+        .get(format!("http://{}/mcp/rogue", h.addr))
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .header("last-event-id", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let got = sse_messages(&Value::String(r.text().await.unwrap()));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["method"], "notifications/message");
+}
+
+/// A request whose id is in flight on the same session is refused (issue 13 item 9), so two
+/// requests never receive each other's answers; other sessions, and the id once answered,
+/// are free.
+#[tokio::test]
+async fn a_duplicate_in_flight_id_on_a_session_is_refused() {
+    let h = start().await;
+    let alice = initialize(&h, "127.0.0.2", "github").await;
+    let bob = initialize(&h, "127.0.0.3", "github").await;
+    let slow = call(
+        "search_repositories",
+        json!({"query": "x", "delay_ms": 3000}),
+    );
+    let first = {
+        let (addr, sid, body) = (h.addr, alice.clone(), slow.clone());
+        tokio::spawn(async move {
+            client("127.0.0.2")
+                .post(format!("http://{addr}/mcp/github"))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-session-id", &sid)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    // The first call has reached the upstream (a signal, not a sleep).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.counters.started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first call never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let quick = call("search_repositories", json!({"query": "y"}));
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "github",
+        quick.clone(),
+        &[("mcp-session-id", &alice)],
+    )
+    .await;
+    assert_eq!((s, v["error"]["code"].clone()), (400, json!(-32600)), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
+        "{v}"
+    );
+    assert_eq!(
+        h.counters.started.load(Ordering::SeqCst),
+        1,
+        "the duplicate reached the upstream"
+    );
+    // The same id on another session, and another id on this one, are fine.
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.3",
+        "github",
+        quick.clone(),
+        &[("mcp-session-id", &bob)],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let mut other = quick.clone();
+    other["id"] = json!("1");
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "github",
+        other,
+        &[("mcp-session-id", &alice)],
+    )
+    .await;
+    assert_eq!(s, 200, "a string id \"1\" is not the number 1: {v}");
+    assert_eq!(first.await.unwrap(), 200);
+    // Answered: the id is free again.
+    let (s, v, _) = rpc_with(
+        &h,
+        "127.0.0.2",
+        "github",
+        quick,
+        &[("mcp-session-id", &alice)],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
 }
 
 /// I2 for every message (issue 13 item 6): with a store that takes rows but cannot commit

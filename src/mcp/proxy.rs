@@ -360,6 +360,35 @@ pub async fn post(
             return refuse(&gw, row, status, msg.id.as_ref(), code, why).await;
         }
     }
+    // One request per id in flight on a session (the upstream matches answers by id alone).
+    let mut in_flight = None;
+    if let (Some(sid), Kind::Request, Some(id)) = (
+        header_str(&headers, SESSION_HEADER),
+        msg.kind,
+        msg.id.as_ref(),
+    ) {
+        let key = (server.clone(), sid.to_string(), jsonrpc::canonical_id(id));
+        if !gw.in_flight.begin(&key) {
+            row.outcome = "invalid".into();
+            let why = format!(
+                "Invalid Request: request id {} is already in flight on this session; use another id",
+                key.2
+            );
+            return refuse(
+                &gw,
+                row,
+                StatusCode::BAD_REQUEST,
+                msg.id.as_ref(),
+                code::INVALID_REQUEST,
+                &why,
+            )
+            .await;
+        }
+        in_flight = Some(InFlightGuard {
+            gw: gw.clone(),
+            key,
+        });
+    }
     if msg.kind == Kind::Response {
         // A client's answer to a server request (sampling, elicitation, roots): forwarded only
         // when that request was delivered to this caller and is still unanswered.
@@ -436,9 +465,15 @@ pub async fn post(
         row.effect = Effect::Allow;
         row.rule = "list_filter".into();
         row.reason = "lists are filtered per caller".into();
-        return forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+        return forward(
+            &gw, &upstream, &headers, &msg, row, in_flight, started, &caller,
+        )
+        .await;
     }
-    authorize_and_forward(&gw, &upstream, &headers, msg, check, row, started, &caller).await
+    authorize_and_forward(
+        &gw, &upstream, &headers, msg, check, row, in_flight, started, &caller,
+    )
+    .await
 }
 
 fn check_mirrored_headers(h: &HeaderMap, msg: &Message) -> Result<(), String> {
@@ -479,6 +514,7 @@ async fn authorize_and_forward(
     msg: Message,
     check: Check,
     mut row: AuditRow,
+    in_flight: Option<InFlightGuard>,
     started: Instant,
     caller: &Arc<Caller>,
 ) -> Response {
@@ -505,7 +541,7 @@ async fn authorize_and_forward(
     let d = gw.decide(&caller.principal, resource, vec![check.action.clone()]);
     row = row.decided(&d, &check.action);
     if row.effect == Effect::Allow {
-        return forward(gw, upstream, headers, &msg, row, None, started, caller).await;
+        return forward(gw, upstream, headers, &msg, row, in_flight, started, caller).await;
     }
     row.outcome = "denied".into();
     let decision = row.id.clone();
@@ -625,6 +661,19 @@ fn upstream_request(
     req
 }
 
+/// A request registered in [`crate::gateway::InFlight`]; ends its registration when dropped
+/// (its answer delivered, its stream ended, or the caller gone).
+struct InFlightGuard {
+    gw: Arc<Gateway>,
+    key: (String, String, String),
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.gw.in_flight.end(&self.key);
+    }
+}
+
 /// Records how a forwarded call ended when the caller hangs up first. hyper drops a request's
 /// future when its connection closes; without this the call's row would stay `pending`.
 struct Hangup {
@@ -665,7 +714,7 @@ async fn forward(
     headers: &HeaderMap,
     msg: &Message,
     row: AuditRow,
-    _unused: Option<()>,
+    in_flight: Option<InFlightGuard>,
     started: Instant,
     caller: &Arc<Caller>,
 ) -> Response {
@@ -676,7 +725,10 @@ async fn forward(
         sent: false.into(),
         armed: true,
     };
-    let r = exchange(gw, upstream, headers, msg, row, &hangup, started, caller).await;
+    let r = exchange(
+        gw, upstream, headers, msg, row, &hangup, in_flight, started, caller,
+    )
+    .await;
     // Finished (not dropped at an await): `exchange` recorded the outcome itself.
     hangup.armed = false;
     r
@@ -690,6 +742,7 @@ async fn exchange(
     msg: &Message,
     mut row: AuditRow,
     hangup: &Hangup,
+    in_flight: Option<InFlightGuard>,
     started: Instant,
     caller: &Arc<Caller>,
 ) -> Response {
@@ -779,6 +832,7 @@ async fn exchange(
             started,
             caller.clone(),
             None,
+            in_flight,
         );
     }
     let body = match read_limited(resp, MAX_RESPONSE_BYTES).await {
@@ -969,6 +1023,7 @@ fn stream_sse(
     started: Instant,
     caller: Arc<Caller>,
     inject: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+    in_flight: Option<InFlightGuard>,
 ) -> Response {
     struct St {
         gw: Arc<Gateway>,
@@ -983,6 +1038,8 @@ fn stream_sse(
         done: bool,
         /// Events of our own (e.g. `notifications/tools/list_changed`) merged into the stream.
         inject: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+        /// The request's id stays taken on its session until its answer passed.
+        in_flight: Option<InFlightGuard>,
     }
     impl St {
         /// The stream ended on the upstream's side: nothing more to record when dropped.
@@ -1034,6 +1091,7 @@ fn stream_sse(
         answered: false,
         done: false,
         inject,
+        in_flight,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
@@ -1073,6 +1131,9 @@ fn stream_sse(
                         ) {
                             out.extend_from_slice(&b);
                         }
+                    }
+                    if st.answered {
+                        st.in_flight = None;
                     }
                     if !out.is_empty() {
                         return Some((Ok(Bytes::from(out)), st));
@@ -1139,7 +1200,11 @@ fn on_event(
         return None;
     };
     match m.kind {
-        Kind::Response if m.id == msg.id => {
+        // A stream delivers one response: the answer to its own request, once. The GET
+        // stream has no request (its message has no method) and delivers none: a response
+        // there (say, one replayed after `Last-Event-ID`) was never checked against this
+        // caller's request, nor filtered for it.
+        Kind::Response if !msg.method.is_empty() && !*answered && m.id == msg.id => {
             *answered = true;
             let mut v = m.value;
             filter_list(gw, &upstream.target.server, &msg.method, &mut v, caller);
@@ -1148,7 +1213,14 @@ fn on_event(
             Some(sse::Event { data, ..ev }.to_bytes())
         }
         Kind::Request | Kind::Notification => server_message(gw, upstream, caller, m, ev),
-        Kind::Response => Some(ev.to_bytes()),
+        Kind::Response => {
+            tracing::warn!(
+                decision,
+                id = ?m.id,
+                "dropped an upstream response that answers no pending request of this stream"
+            );
+            None
+        }
     }
 }
 
@@ -1352,7 +1424,7 @@ pub async fn session_request(
     let is_sse = header_str(&out_headers, "content-type")
         .is_some_and(|c| c.starts_with("text/event-stream"));
     if is_sse && status.is_success() {
-        // No request of ours is pending on this stream: a null id matches no response.
+        // No request of ours is pending on this stream, so it delivers no response at all.
         // Policy changes that alter this caller's tools are announced on it.
         let inject = gw.watch_tool_list(&caller.principal, &upstream.target.server);
         let mut r = stream_sse(
@@ -1365,6 +1437,7 @@ pub async fn session_request(
             started,
             caller,
             Some(inject),
+            None,
         );
         *r.status_mut() = status;
         return r;
