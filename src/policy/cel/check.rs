@@ -495,9 +495,32 @@ fn instrument(e: &mut IdedExpr) {
                 }
             }
         }
-        Expr::Select(s) => instrument(&mut s.operand),
+        Expr::Select(s) => {
+            instrument(&mut s.operand);
+            if s.test {
+                presence_test(e);
+            }
+        }
         Expr::Struct(_) | Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
     }
+}
+
+/// `has(x.f)` becomes `@has(x, "f")`, which tests presence as cel-go does in Cerbos: on a
+/// scalar (string, number, bool, null) it is `false`, not an error; on a list it is an error.
+fn presence_test(e: &mut IdedExpr) {
+    let id = e.id;
+    let Expr::Select(sel) = std::mem::take(&mut e.expr) else {
+        return;
+    };
+    let field = IdedExpr {
+        id,
+        expr: Expr::Literal(LiteralValue::String(sel.field.clone().into())),
+    };
+    e.expr = Expr::Call(CallExpr {
+        func_name: "@has".to_string(),
+        target: None,
+        args: vec![*sel.operand, field],
+    });
 }
 
 /// `a == b`, `a != b` and `a in b` compare lists and maps structurally through our own

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use cel::common::functions::Function;
 use cel::common::types::{
-    CelBool, CelInt, CelList, CelMap, CelMapKey, CelString, CelTimestamp, DYN_TYPE, INT_TYPE, Kind,
-    LIST_TYPE, MAP_TYPE, TIMESTAMP_TYPE,
+    CelBool, CelInt, CelList, CelMap, CelMapKey, CelOptional, CelString, CelTimestamp, DYN_TYPE,
+    INT_TYPE, Kind, LIST_TYPE, MAP_TYPE, TIMESTAMP_TYPE,
 };
 use cel::common::value::{CowVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
@@ -42,6 +42,7 @@ pub(super) fn register(env: &mut Env) -> Result<(), DeclarationError> {
         map_merge,
     )?;
     env.add_overload("@range", "@range", vec![INT_TYPE], range)?;
+    env.add_overload("@has", "@has", vec![DYN_TYPE, DYN_TYPE], has_field)?;
     env.add_overload("@eq", "@eq", vec![DYN_TYPE, DYN_TYPE], equal)?;
     env.add_overload("@ne", "@ne", vec![DYN_TYPE, DYN_TYPE], not_equal)?;
     env.add_overload("@in_any", "@in_any", vec![DYN_TYPE, DYN_TYPE], in_any)?;
@@ -89,6 +90,29 @@ pub(super) fn register(env: &mut Env) -> Result<(), DeclarationError> {
     super::regex::register(env)?;
     super::spiffe::register(env)?;
     Ok(())
+}
+
+/// `has(x.f)` as cel-go evaluates it in Cerbos 0.55 (established with the binary): present
+/// key → true, missing key → false, a scalar operand → false, a list operand → an error.
+fn has_field<'b, 'v>(args: Args<'b, 'v>) -> Ret<'b, 'v> {
+    let [left, field] = take(args)?;
+    let key: CelString = string(field.as_ref(), "has")?.into();
+    let mut target: &dyn Val = left.as_ref();
+    if let Some(opt) = target.downcast_ref::<CelOptional>() {
+        match opt.inner() {
+            Some(inner) => target = inner,
+            None => return Ok(CowVal::owned(CelBool::from(false))),
+        }
+    }
+    let present = match target.as_indexer() {
+        Some(indexer) => match indexer.get(&key) {
+            Ok(_) => true,
+            Err(ExecutionError::NoSuchKey(_)) => false,
+            Err(e) => return Err(e),
+        },
+        None => false,
+    };
+    Ok(CowVal::owned(CelBool::from(present)))
 }
 
 /// The arguments of an overload as an array (the interpreter checked the count).

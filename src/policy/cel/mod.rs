@@ -151,7 +151,9 @@ impl Expr {
         &self.inner.variables
     }
 
-    /// Evaluates a boolean condition. A non-boolean result is an error.
+    /// Evaluates a boolean condition. A non-boolean result is `false`, not an error: Cerbos
+    /// 0.55 reads it so in both evaluation modes (checked against the binary, see
+    /// docs/compatibility.md).
     pub fn eval_bool(&self, ctx: &EvalCtx<'_>) -> Result<bool, String> {
         let run = || {
             scope::reset_budget();
@@ -163,11 +165,11 @@ impl Expr {
             // smaller) stack frames, in debug builds too.
             match cel::Value::resolve(&self.inner.ast, &context) {
                 Ok(cel::Value::Bool(b)) => Ok(b),
-                Ok(other) => Err(not_a_bool(&value_type(other))),
-                Err(cel::ExecutionError::UnexpectedType { got, want })
+                Ok(_) => Ok(false),
+                Err(cel::ExecutionError::UnexpectedType { want, .. })
                     if want.contains("representable as") =>
                 {
-                    Err(not_a_bool(&got))
+                    Ok(false)
                 }
                 Err(e) => Err(scope::error_message(&e)),
             }
@@ -200,16 +202,6 @@ impl Expr {
         catch_unwind(AssertUnwindSafe(run))
             .unwrap_or_else(|_| Err("internal error while evaluating the expression".to_string()))
     }
-}
-
-fn not_a_bool(type_name: &str) -> String {
-    format!("condition evaluated to a {type_name}, not a bool")
-}
-
-/// The CEL type name of a value (`double`, `list`, ...).
-fn value_type(v: cel::Value) -> String {
-    let fallback = v.type_of().to_string();
-    Box::<dyn Val>::try_from(v).map_or(fallback, |v| v.get_type().name().to_string())
 }
 
 /// A policy's variables (imported and local, merged), in dependency order.
@@ -335,4 +327,7 @@ pub struct EvalCtx<'a> {
     pub constants: &'a Arc<Map<String, Value>>,
     pub variables: &'a Variables,
     pub effective_derived_roles: &'a [String],
+    /// Set when a derived role of this scope failed to evaluate under strict evaluation: then
+    /// `runtime.effectiveDerivedRoles` is an error, as in Cerbos's `strictEvaluation`.
+    pub derived_roles_error: Option<&'a str>,
 }

@@ -75,6 +75,9 @@ pub(super) struct Scope<'a> {
     globals: JMap<'a>,
     constants: JMap<'a>,
     derived_roles: StrList<'a>,
+    /// Strict evaluation: a derived role of this scope failed, so `runtime.effectiveDerivedRoles`
+    /// is an error (Cerbos's `strictEvaluation`).
+    derived_roles_error: Option<&'a str>,
     now: CelTimestamp,
     variables: &'a Variables,
     /// One slot per variable: its value (owned, so it outlives any borrow) or its error.
@@ -99,6 +102,7 @@ impl<'a> Scope<'a> {
             globals: JMap::new(req.globals),
             constants: JMap::new(ctx.constants),
             derived_roles: StrList::new(ctx.effective_derived_roles),
+            derived_roles_error: ctx.derived_roles_error,
             now: CelTimestamp::from(req.now.fixed_offset()),
             variables: ctx.variables,
             slots: (0..ctx.variables.len()).map(|_| Slot::default()).collect(),
@@ -222,9 +226,11 @@ impl VariableResolver for Scope<'_> {
             },
             "runtime" => match (path.next(), path.next()) {
                 (None, _) => Some(CowVal::owned(RuntimeView { scope: self })),
-                (Some("effectiveDerivedRoles" | "effective_derived_roles"), None) => {
-                    Some(CowVal::Borrowed(&self.derived_roles))
-                }
+                // With an error, `RuntimeView` (which the interpreter falls back to) reports it.
+                (Some("effectiveDerivedRoles" | "effective_derived_roles"), None) => self
+                    .derived_roles_error
+                    .is_none()
+                    .then_some(CowVal::Borrowed(&self.derived_roles)),
                 _ => None,
             },
             "G" | "globals" => attr_path(&self.globals, path),
@@ -333,7 +339,12 @@ impl Indexer for RuntimeView<'_, '_> {
     {
         match field_name(idx)? {
             "effectiveDerivedRoles" | "effective_derived_roles" => {
-                Ok(CowVal::Borrowed(&self.scope.derived_roles))
+                match self.scope.derived_roles_error {
+                    Some(e) => Err(internal_error(format!(
+                        "runtime.effectiveDerivedRoles is unknown: {e}"
+                    ))),
+                    None => Ok(CowVal::Borrowed(&self.scope.derived_roles)),
+                }
             }
             other => Err(no_such_key(other)),
         }
