@@ -108,7 +108,8 @@ struct TestArgs {
     /// Run only tests whose "suite/test" name matches this regex.
     #[arg(long, value_name = "REGEX")]
     run: Option<String>,
-    /// strict: a CEL error never allows (default). lenient: Cerbos's default handling, for compatibility runs.
+    /// strict: Cerbos's strictEvaluation, an evaluation error that reaches an action denies it
+    /// (default). lenient: Cerbos's default handling, for compatibility runs.
     #[arg(long, value_enum, default_value = "strict")]
     evaluation: EvalMode,
 }

@@ -146,6 +146,12 @@ pub struct PolicySet {
     pub hash: String,
     /// Every compiled policy, in key order (for listing and coverage).
     pub all: Vec<Arc<Policy>>,
+    /// (role, scope) → the parent roles its role policies there name, of every version (as in
+    /// Cerbos, parent roles belong to a scope, not to a policy version).
+    pub role_parents: HashMap<(String, String), Vec<String>>,
+    /// (version, scope) of every principal policy: whether any principal policy of a version
+    /// exists along a scope chain (Cerbos's `ScopedPrincipalExists`).
+    pub principal_versions: std::collections::BTreeSet<(String, String)>,
     /// Scopes that exist for the resource pass: of every resource and role policy.
     pub resource_scopes: std::collections::BTreeSet<String>,
     /// Scopes that exist for the principal pass: of every principal policy.
@@ -160,6 +166,8 @@ impl PolicySet {
             resources: HashMap::new(),
             principals: HashMap::new(),
             roles: HashMap::new(),
+            role_parents: HashMap::new(),
+            principal_versions: Default::default(),
             hash: hex(&Sha256::digest(b"")),
             all: Vec::new(),
             resource_scopes: Default::default(),
@@ -398,6 +406,21 @@ impl<'a> Compiler<'a> {
                     set.resource_scopes.insert(policy.scope.clone())
                 }
             };
+            if policy.kind == PolicyKind::Principal {
+                set.principal_versions
+                    .insert((version.clone(), policy.scope.clone()));
+            }
+            if policy.kind == PolicyKind::Role {
+                let parents = set
+                    .role_parents
+                    .entry((name.clone(), policy.scope.clone()))
+                    .or_default();
+                for parent in &policy.parent_roles {
+                    if !parents.contains(parent) {
+                        parents.push(parent.clone());
+                    }
+                }
+            }
             index
                 .entry((name, version))
                 .or_default()

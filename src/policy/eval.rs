@@ -171,10 +171,27 @@ enum Verdict {
         rule: String,
         role: Option<String>,
     },
+    /// Strict evaluation: an evaluation error reached the action, which is denied outright
+    /// (Cerbos's `strictEvaluation`). Names the policy and rule where the error happened.
+    Failed {
+        policy: Arc<Policy>,
+        rule: String,
+        role: Option<String>,
+        message: String,
+    },
 }
 
-/// Derived roles of one scope for one action: (action, [(definition, active)]).
-type DerivedForAction = (String, Vec<(Arc<DerivedRole>, bool)>);
+/// A derived role's state for one request at one scope.
+#[derive(Debug, Clone, PartialEq)]
+enum DerivedState {
+    Active,
+    Inactive,
+    /// Its condition raised an error (lenient evaluation reads this as inactive).
+    Failed(String),
+}
+
+/// Derived roles of one scope for one action: (action, [(definition, state)]).
+type DerivedForAction = (String, Vec<(Arc<DerivedRole>, DerivedState)>);
 
 /// One scope of the resource pass: its resource policy and the role policies there.
 struct Level {
@@ -182,7 +199,7 @@ struct Level {
     resource: Option<Arc<Policy>>,
     /// Role policies at this scope, by role name.
     role_policies: Vec<(String, Arc<Policy>)>,
-    /// Derived roles evaluated here for the current action: (definition, active).
+    /// Derived roles evaluated here for the current action.
     derived: Option<DerivedForAction>,
 }
 
@@ -191,12 +208,37 @@ impl Level {
         match &self.derived {
             Some((_, d)) => d
                 .iter()
-                .filter(|(_, a)| *a)
+                .filter(|(_, s)| *s == DerivedState::Active)
                 .map(|(dr, _)| dr.name.clone())
                 .collect(),
             None => Vec::new(),
         }
     }
+
+    /// The first derived role of this scope whose condition failed, as a message.
+    fn derived_failure(&self) -> Option<String> {
+        self.derived.as_ref().and_then(|(_, d)| {
+            d.iter().find_map(|(dr, s)| match s {
+                DerivedState::Failed(m) => Some(format!("derived role {}: {m}", dr.name)),
+                _ => None,
+            })
+        })
+    }
+
+    fn role_policy(&self, role: &str) -> Option<&Arc<Policy>> {
+        self.role_policies
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, p)| p)
+    }
+}
+
+/// What the derived roles of a scope give a condition: the active names, and under strict
+/// evaluation the failure that makes `runtime.effectiveDerivedRoles` an error.
+#[derive(Debug, Clone, Default)]
+struct DerivedView {
+    active: Vec<String>,
+    failure: Option<String>,
 }
 
 /// Cerbos's scope normalisation: empty → the default scope, then one leading `.` stripped.
@@ -235,7 +277,6 @@ struct Checker<'a> {
     params: &'a Params,
     request: Request<'a>,
     out: CheckOutput,
-    no_roles: Vec<String>,
 }
 
 /// Decides every action of `input` against `set`.
@@ -253,7 +294,6 @@ pub fn check(set: &PolicySet, input: &CheckInput, params: &Params) -> CheckOutpu
         params,
         request,
         out: CheckOutput::default(),
-        no_roles: Vec::new(),
     };
     c.run();
     c.out
@@ -282,21 +322,22 @@ impl<'a> Checker<'a> {
             .iter()
             .filter_map(|s| rules_of.and_then(|b| b.get(s)).cloned())
             .collect();
-        let named = self.set.principals.get(&(p.id.clone(), p_version.clone()));
-        let principal_key = Some(
-            match principal_scopes
-                .iter()
-                .any(|s| named.is_some_and(|b| b.contains_key(s)))
-            {
-                true => policy_key(
-                    PolicyKind::Principal,
-                    &p.id,
-                    &p_version,
-                    &principal_scopes[0],
-                ),
-                false => NO_MATCH.to_string(),
-            },
-        );
+        // Cerbos's `ScopedPrincipalExists`: a principal policy of the principal's version, of
+        // any principal, along the chain. It names the pass in `matchedPolicy`.
+        let principal_exists = principal_scopes.iter().any(|s| {
+            self.set
+                .principal_versions
+                .contains(&(p_version.clone(), s.clone()))
+        });
+        let principal_key = Some(match principal_exists {
+            true => policy_key(
+                PolicyKind::Principal,
+                &p.id,
+                &p_version,
+                &principal_scopes[0],
+            ),
+            false => NO_MATCH.to_string(),
+        });
 
         let resource_scopes = walk_scopes(&r_scope, &self.set.resource_scopes, lenient);
         let by_kind = self.set.resources.get(&(r.kind.clone(), r_version.clone()));
@@ -309,7 +350,22 @@ impl<'a> Checker<'a> {
                 derived: None,
             })
             .collect();
-        let resource_key = levels.iter().any(|l| l.resource.is_some()).then(|| {
+        // As in Cerbos, a role-policy rule naming this kind also makes a resource policy
+        // "exist" for `matchedPolicy` (its rows are resource rows in Cerbos's index).
+        let named_by_role_policy = || {
+            self.set.roles.iter().any(|((_, v), by_scope)| {
+                *v == r_version
+                    && resource_scopes.iter().any(|scope| {
+                        by_scope.get(scope).is_some_and(|rp| {
+                            rp.rules.iter().any(|rule| {
+                                rule.resource.as_ref().is_some_and(|g| g.matches(&r.kind))
+                            })
+                        })
+                    })
+            })
+        };
+        let resource_exists = levels.iter().any(|l| l.resource.is_some()) || named_by_role_policy();
+        let resource_key = resource_exists.then(|| {
             policy_key(
                 PolicyKind::Resource,
                 &r.kind,
@@ -325,7 +381,7 @@ impl<'a> Checker<'a> {
         let role_sets: Vec<(String, Vec<String>)> = p
             .roles
             .iter()
-            .map(|role| (role.clone(), self.role_set(role, &r_version, &r_scope)))
+            .map(|role| (role.clone(), self.role_set(role, &r_scope)))
             .collect();
         let all_roles: Vec<String> = {
             let mut v: Vec<String> = role_sets
@@ -378,10 +434,13 @@ impl<'a> Checker<'a> {
             }
             let mut reported = principal_key.clone();
             let mut verdict = Verdict::NoMatch;
-            if !principal_chain.is_empty() {
+            // As Cerbos: with no principal policy of the principal's version and no resource
+            // policy along the chains, nothing is evaluated (every action is NO_MATCH).
+            let anything = principal_exists || resource_exists;
+            if anything && !principal_chain.is_empty() {
                 verdict = self.walk_principal(action, &principal_chain);
             }
-            if matches!(verdict, Verdict::NoMatch) {
+            if anything && matches!(verdict, Verdict::NoMatch) {
                 reported = resource_key.clone();
                 verdict = self.resource_pass(action, &mut levels, &role_sets, &all_roles);
                 for level in &levels {
@@ -421,19 +480,15 @@ impl<'a> Checker<'a> {
         self.out.effective_derived_roles = effective;
     }
 
-    /// `{role} ∪ parentRoles(role)` through role policies at `scope`, recursively.
-    fn role_set(&self, role: &str, version: &str, scope: &str) -> Vec<String> {
+    /// `{role} ∪ parentRoles(role)` through role policies at `scope`, recursively. As in
+    /// Cerbos, parent roles belong to the scope, whatever the role policy's version.
+    fn role_set(&self, role: &str, scope: &str) -> Vec<String> {
         let mut out = vec![role.to_string()];
         let mut i = 0;
         while i < out.len() && out.len() < 64 {
-            let r = out[i].clone();
-            if let Some(rp) = self
-                .set
-                .roles
-                .get(&(r, version.to_string()))
-                .and_then(|b| b.get(scope))
-            {
-                for parent in &rp.parent_roles {
+            let key = (out[i].clone(), scope.to_string());
+            if let Some(parents) = self.set.role_parents.get(&key) {
+                for parent in parents {
                     if !out.contains(parent) {
                         out.push(parent.clone());
                     }
@@ -498,7 +553,7 @@ impl<'a> Checker<'a> {
         action: &'c str,
         constants: &'c Arc<Map<String, Value>>,
         variables: &'c Variables,
-        derived: &'c [String],
+        derived: &'c DerivedView,
     ) -> EvalCtx<'c> {
         EvalCtx {
             env: &self.set.env,
@@ -506,25 +561,32 @@ impl<'a> Checker<'a> {
             action,
             constants,
             variables,
-            effective_derived_roles: derived,
+            effective_derived_roles: &derived.active,
+            derived_roles_error: derived.failure.as_deref(),
         }
     }
 
-    /// Evaluates a condition; lenient CEL errors are recorded here and read as `false`.
+    fn lenient(&self) -> bool {
+        self.params.evaluation == Evaluation::Lenient
+    }
+
+    /// Evaluates a condition. Lenient: CEL errors are recorded here and read as `false`.
+    /// Strict: the first error met (in Cerbos's order) is returned and recorded.
     fn condition(
         &mut self,
         cond: &Cond,
-        ctx_parts: (&str, &Arc<Map<String, Value>>, &Variables, &[String]),
+        ctx_parts: (&str, &Arc<Map<String, Value>>, &Variables, &DerivedView),
         at: (&str, &str),
-    ) -> Result<bool, (String, String)> {
+    ) -> Result<bool, String> {
         let (action, constants, variables, derived) = ctx_parts;
-        let lenient = self.params.evaluation == Evaluation::Lenient;
+        let lenient = self.lenient();
         let mut absorbed = Vec::new();
         let held = {
             let ctx = self.ctx(action, constants, variables, derived);
             eval_cond(cond, &ctx, lenient, &mut absorbed)
         };
-        for (expression, message) in absorbed {
+        let failed = held.as_ref().err().cloned();
+        for (expression, message) in absorbed.into_iter().chain(failed) {
             self.out.evaluation_errors.push(EvalError {
                 action: action.to_string(),
                 policy: at.0.to_string(),
@@ -533,7 +595,7 @@ impl<'a> Checker<'a> {
                 message,
             });
         }
-        held
+        held.map_err(|(expression, message)| format!("`{expression}`: {message}"))
     }
 
     /// Derived roles of `level`'s policy for this action (once per scope and action).
@@ -546,40 +608,34 @@ impl<'a> Checker<'a> {
             return;
         };
         let mut out = Vec::new();
+        let lenient = self.lenient();
         for dr in &policy.derived_roles {
             let parent_ok = dr
                 .parent_roles
                 .iter()
                 .any(|g| all_roles.iter().any(|r| g.matches(r)));
-            let mut error = None;
-            let active = parent_ok
-                && match &dr.condition {
-                    None => true,
+            let state = if !parent_ok {
+                DerivedState::Inactive
+            } else {
+                match &dr.condition {
+                    None => DerivedState::Active,
                     Some(cond) => {
                         let at = format!("derived_roles.{}", dr.set);
-                        let no_roles = std::mem::take(&mut self.no_roles);
-                        let held = self.condition(
+                        let none = DerivedView::default();
+                        match self.condition(
                             cond,
-                            (action, &dr.constants, &dr.variables, &no_roles),
+                            (action, &dr.constants, &dr.variables, &none),
                             (&at, &dr.name),
-                        );
-                        self.no_roles = no_roles;
-                        match held {
-                            Ok(b) => b,
-                            Err((expression, message)) => {
-                                self.out.evaluation_errors.push(EvalError {
-                                    action: action.to_string(),
-                                    policy: at,
-                                    rule: dr.name.clone(),
-                                    expression,
-                                    message: message.clone(),
-                                });
-                                error = Some(message);
-                                false
-                            }
+                        ) {
+                            Ok(true) => DerivedState::Active,
+                            Ok(false) => DerivedState::Inactive,
+                            // Lenient (Cerbos's default): an erroring derived role is inactive.
+                            Err(_) if lenient => DerivedState::Inactive,
+                            Err(m) => DerivedState::Failed(m),
                         }
                     }
-                };
+                }
+            };
             let seen = self
                 .out
                 .trace
@@ -590,17 +646,21 @@ impl<'a> Checker<'a> {
                 self.out.trace.derived_roles.push(DerivedRoleStep {
                     name: dr.name.clone(),
                     scope: level.scope.clone(),
-                    active,
-                    error,
+                    active: state == DerivedState::Active,
+                    error: match &state {
+                        DerivedState::Failed(m) => Some(m.clone()),
+                        _ => None,
+                    },
                 });
             }
-            out.push((dr.clone(), active));
+            out.push((dr.clone(), state));
         }
         level.derived = Some((action.to_string(), out));
     }
 
     fn walk_principal(&mut self, action: &str, chain: &[Arc<Policy>]) -> Verdict {
         let kind = self.input.resource.kind.clone();
+        let none = DerivedView::default();
         for policy in chain {
             let mut has_allow: Option<String> = None;
             for rule in &policy.rules {
@@ -608,13 +668,21 @@ impl<'a> Checker<'a> {
                 if !resource_ok || !rule.actions.iter().any(|g| g.matches(action)) {
                     continue;
                 }
-                match self.apply_rule(action, "principal", None, policy, rule, &[]) {
+                match self.apply_rule(action, "principal", None, policy, rule, &none) {
                     RuleOutcome::Deny => {
                         return Verdict::Decided {
                             effect: Effect::Deny,
                             policy: policy.clone(),
                             rule: rule.name.clone(),
                             role: None,
+                        };
+                    }
+                    RuleOutcome::Failed(message) => {
+                        return Verdict::Failed {
+                            policy: policy.clone(),
+                            rule: rule.name.clone(),
+                            role: None,
+                            message,
                         };
                     }
                     RuleOutcome::Allow => {
@@ -640,7 +708,8 @@ impl<'a> Checker<'a> {
     }
 
     /// Per role: a DENY wins within the role; across roles the first ALLOW wins, else the
-    /// first DENY, else no match.
+    /// first DENY, else no match. Under strict evaluation an error that reaches the action
+    /// denies it outright: no later role is asked.
     fn resource_pass(
         &mut self,
         action: &str,
@@ -651,20 +720,137 @@ impl<'a> Checker<'a> {
         let mut effect = Verdict::NoMatch;
         for (role, role_set) in role_sets {
             let v = self.walk_role(action, role, role_set, levels, all_roles);
-            if matches!(
-                v,
+            match v {
                 Verdict::Decided {
                     effect: Effect::Allow,
                     ..
                 }
-            ) {
-                return v;
+                | Verdict::Failed { .. } => return v,
+                _ => {}
             }
             if matches!(effect, Verdict::NoMatch) {
                 effect = v;
             }
         }
         effect
+    }
+
+    /// Does the role pass meet anything at this level? Cerbos applies a custom role's
+    /// constraints at a scope only when its query there returns rows: a resource-policy rule
+    /// for one of the roles (directly, or through a derived role's parent roles), or a
+    /// role-policy rule of one of them naming this resource kind (`appendRolePolicyDenies`
+    /// runs after the query's early return on an empty result; established with the 0.55.0
+    /// binary, docs/compatibility.md).
+    fn level_has_rows(&self, level: &Level, role_set: &[String], kind: &str) -> bool {
+        let matches_set = |g: &super::glob::Glob| role_set.iter().any(|r| g.matches(r));
+        let resource_rows = level.resource.as_ref().is_some_and(|policy| {
+            policy.rules.iter().any(|rule| {
+                rule.roles.iter().any(matches_set)
+                    || rule.derived_roles.iter().any(|name| {
+                        policy
+                            .derived_roles
+                            .iter()
+                            .any(|dr| &dr.name == name && dr.parent_roles.iter().any(matches_set))
+                    })
+            })
+        });
+        resource_rows
+            || role_set.iter().any(|r| {
+                level.role_policy(r).is_some_and(|rp| {
+                    rp.rules
+                        .iter()
+                        .any(|rule| rule.resource.as_ref().is_some_and(|g| g.matches(kind)))
+                })
+            })
+    }
+
+    /// A custom role's constraint at one level (Cerbos's synthetic DENY rows of a role
+    /// policy): the action is denied unless a rule for this resource kind lists it, and every
+    /// conditional rule that lists it holds. A role policy naming no rule for the kind denies
+    /// every action. Returns the verdict when the constraint decides.
+    fn role_policy_check(
+        &mut self,
+        action: &str,
+        role: &str,
+        rp: &Arc<Policy>,
+        kind: &str,
+        derived: &DerivedView,
+    ) -> Option<Verdict> {
+        let matching: Vec<&Rule> = rp
+            .rules
+            .iter()
+            .filter(|rule| rule.resource.as_ref().is_some_and(|g| g.matches(kind)))
+            .filter(|rule| rule.actions.iter().any(|g| g.matches(action)))
+            .collect();
+        if matching.is_empty() {
+            self.out.trace.steps.push(Step {
+                action: action.to_string(),
+                pass: "resource",
+                role: Some(role.to_string()),
+                policy: rp.key.clone(),
+                scope: rp.scope.clone(),
+                rule: String::new(),
+                effect: Effect::Deny,
+                outcome: StepOutcome::RolePolicyDeny,
+                error: None,
+            });
+            return Some(Verdict::Decided {
+                effect: Effect::Deny,
+                policy: rp.clone(),
+                rule: String::new(),
+                role: Some(role.to_string()),
+            });
+        }
+        for rule in matching {
+            let src = format!("{}#{}", rp.key, rule.name);
+            let held = match &rule.condition {
+                None => Ok(true),
+                Some(cond) => self.condition(
+                    cond,
+                    (action, &rp.constants, &rp.variables, derived),
+                    (&rp.key, &rule.name),
+                ),
+            };
+            let (outcome, effect, error) = match &held {
+                Ok(true) => (StepOutcome::Activated, Effect::Allow, None),
+                Ok(false) => (StepOutcome::RolePolicyDeny, Effect::Deny, None),
+                Err(m) => (StepOutcome::Error, Effect::Deny, Some(m.clone())),
+            };
+            self.out.trace.steps.push(Step {
+                action: action.to_string(),
+                pass: "resource",
+                role: Some(role.to_string()),
+                policy: rp.key.clone(),
+                scope: rp.scope.clone(),
+                rule: rule.name.clone(),
+                effect,
+                outcome,
+                error,
+            });
+            match held {
+                Ok(true) => {
+                    self.output(action, rp, derived, &src, rule.output_activated.as_ref());
+                }
+                Ok(false) => {
+                    self.output(action, rp, derived, &src, rule.output_not_met.as_ref());
+                    return Some(Verdict::Decided {
+                        effect: Effect::Deny,
+                        policy: rp.clone(),
+                        rule: rule.name.clone(),
+                        role: Some(role.to_string()),
+                    });
+                }
+                Err(message) => {
+                    return Some(Verdict::Failed {
+                        policy: rp.clone(),
+                        rule: rule.name.clone(),
+                        role: Some(role.to_string()),
+                        message,
+                    });
+                }
+            }
+        }
+        None
     }
 
     fn walk_role(
@@ -676,65 +862,34 @@ impl<'a> Checker<'a> {
         all_roles: &[String],
     ) -> Verdict {
         let kind = self.input.resource.kind.clone();
+        let strict = !self.lenient();
         for level in levels.iter_mut() {
             self.derive_roles(level, action, all_roles);
-            let active = level.active_names();
-            // Role policies first: an action a custom role (or its parents) does not list
-            // for this resource is a DENY for this role.
-            let constraints: Vec<Arc<Policy>> = level
-                .role_policies
-                .iter()
-                .filter(|(r, _)| role_set.contains(r))
-                .map(|(_, rp)| rp.clone())
-                .collect();
-            let constrained = constraints.iter().any(|rp| {
-                rp.rules
+            let view = DerivedView {
+                active: level.active_names(),
+                failure: if strict {
+                    level.derived_failure()
+                } else {
+                    None
+                },
+            };
+            // Role policies first, in the role set's order: an action that a custom role (or
+            // a parent custom role) does not allow here is a DENY for this role.
+            if self.level_has_rows(level, role_set, &kind) {
+                let constraints: Vec<Arc<Policy>> = role_set
                     .iter()
-                    .any(|rule| rule.resource.as_ref().is_some_and(|g| g.matches(&kind)))
-            });
-            for rp in constraints {
-                // A custom role constrains the resource kinds that it or its parent custom
-                // roles name (Cerbos's synthetic DENY rows); other kinds are left alone.
-                if !constrained {
-                    continue;
-                }
-                let mut allowed = false;
-                for rule in &rp.rules {
-                    let resource_ok = rule.resource.as_ref().is_some_and(|g| g.matches(&kind));
-                    if !resource_ok || !rule.actions.iter().any(|g| g.matches(action)) {
-                        continue;
+                    .filter_map(|r| level.role_policy(r).cloned())
+                    .collect();
+                for rp in constraints {
+                    if let Some(v) = self.role_policy_check(action, role, &rp, &kind, &view) {
+                        return v;
                     }
-                    if let RuleOutcome::Allow =
-                        self.apply_rule(action, "resource", Some(role), &rp, rule, &active)
-                    {
-                        allowed = true;
-                        break;
-                    }
-                }
-                if !allowed {
-                    self.out.trace.steps.push(Step {
-                        action: action.to_string(),
-                        pass: "resource",
-                        role: Some(role.to_string()),
-                        policy: rp.key.clone(),
-                        scope: rp.scope.clone(),
-                        rule: String::new(),
-                        effect: Effect::Deny,
-                        outcome: StepOutcome::RolePolicyDeny,
-                        error: None,
-                    });
-                    return Verdict::Decided {
-                        effect: Effect::Deny,
-                        policy: rp.clone(),
-                        rule: String::new(),
-                        role: Some(role.to_string()),
-                    };
                 }
             }
             let Some(policy) = level.resource.clone() else {
                 continue;
             };
-            let derived: Vec<(Arc<DerivedRole>, bool)> = level
+            let derived: Vec<(Arc<DerivedRole>, DerivedState)> = level
                 .derived
                 .as_ref()
                 .map(|(_, d)| d.clone())
@@ -748,25 +903,73 @@ impl<'a> Checker<'a> {
                     .roles
                     .iter()
                     .any(|g| role_set.iter().any(|r| g.matches(r)));
-                let by_derived = rule.derived_roles.iter().any(|name| {
-                    derived.iter().any(|(dr, on)| {
-                        *on && &dr.name == name
+                // Cerbos visits a rule's role rows, then its derived-role rows (one per derived
+                // role whose parent roles this role set holds). We evaluate the rule once: an
+                // active derived role applies it, a failed one (strict) denies the action.
+                let mut outcome = RuleOutcome::Nothing;
+                let mut applied = false;
+                if by_role {
+                    outcome = self.apply_rule(action, "resource", Some(role), &policy, rule, &view);
+                    applied = true;
+                }
+                for name in &rule.derived_roles {
+                    if matches!(outcome, RuleOutcome::Deny | RuleOutcome::Failed(_)) {
+                        break;
+                    }
+                    let Some((dr, state)) = derived.iter().find(|(dr, _)| {
+                        &dr.name == name
                             && dr
                                 .parent_roles
                                 .iter()
                                 .any(|g| role_set.iter().any(|r| g.matches(r)))
-                    })
-                });
-                if !by_role && !by_derived {
-                    continue;
+                    }) else {
+                        continue;
+                    };
+                    match state {
+                        DerivedState::Failed(m) if strict => {
+                            let message = format!("derived role {}: {m}", dr.name);
+                            self.out.trace.steps.push(Step {
+                                action: action.to_string(),
+                                pass: "resource",
+                                role: Some(role.to_string()),
+                                policy: policy.key.clone(),
+                                scope: policy.scope.clone(),
+                                rule: rule.name.clone(),
+                                effect: Effect::Deny,
+                                outcome: StepOutcome::Error,
+                                error: Some(message.clone()),
+                            });
+                            outcome = RuleOutcome::Failed(message);
+                        }
+                        DerivedState::Active if !applied => {
+                            outcome = self.apply_rule(
+                                action,
+                                "resource",
+                                Some(role),
+                                &policy,
+                                rule,
+                                &view,
+                            );
+                            applied = true;
+                        }
+                        _ => {}
+                    }
                 }
-                match self.apply_rule(action, "resource", Some(role), &policy, rule, &active) {
+                match outcome {
                     RuleOutcome::Deny => {
                         return Verdict::Decided {
                             effect: Effect::Deny,
                             policy: policy.clone(),
                             rule: rule.name.clone(),
                             role: Some(role.to_string()),
+                        };
+                    }
+                    RuleOutcome::Failed(message) => {
+                        return Verdict::Failed {
+                            policy: policy.clone(),
+                            rule: rule.name.clone(),
+                            role: Some(role.to_string()),
+                            message,
                         };
                     }
                     RuleOutcome::Allow => {
@@ -820,7 +1023,7 @@ impl<'a> Checker<'a> {
         role: Option<&str>,
         policy: &Arc<Policy>,
         rule: &Rule,
-        derived: &[String],
+        derived: &DerivedView,
     ) -> RuleOutcome {
         let held = match &rule.condition {
             None => Ok(true),
@@ -855,21 +1058,20 @@ impl<'a> Checker<'a> {
                 self.output(action, policy, derived, &src, rule.output_not_met.as_ref());
                 (RuleOutcome::Nothing, StepOutcome::ConditionNotMet, None)
             }
-            Err((expression, message)) => {
-                self.out.evaluation_errors.push(EvalError {
-                    action: action.to_string(),
-                    policy: policy.key.clone(),
-                    rule: rule.name.clone(),
-                    expression,
-                    message: message.clone(),
-                });
-                self.output(action, policy, derived, &src, rule.output_not_met.as_ref());
-                // INVARIANT: in strict mode a CEL error never allows: the rule denies instead.
-                (RuleOutcome::Deny, StepOutcome::Error, Some(message))
+            Err(message) => {
+                // No output: Cerbos (strict) emits none for a rule whose condition failed.
+                // INVARIANT: a CEL error never allows. Strict evaluation (the default) denies
+                // the action outright, as Cerbos's `strictEvaluation` does; lenient evaluation
+                // never gets here (errors read as `false`).
+                (
+                    RuleOutcome::Failed(message.clone()),
+                    StepOutcome::Error,
+                    Some(message),
+                )
             }
         };
-        let effect = match (outcome, rule.effect) {
-            (RuleOutcome::Deny, _) => Effect::Deny,
+        let effect = match (&outcome, rule.effect) {
+            (RuleOutcome::Deny | RuleOutcome::Failed(_), _) => Effect::Deny,
             (_, e) => e,
         };
         self.out.trace.steps.push(Step {
@@ -892,7 +1094,7 @@ impl<'a> Checker<'a> {
         &mut self,
         action: &str,
         policy: &Arc<Policy>,
-        derived: &[String],
+        derived: &DerivedView,
         src: &str,
         expr: Option<&super::cel::Expr>,
     ) {
@@ -913,16 +1115,19 @@ impl<'a> Checker<'a> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum RuleOutcome {
     Allow,
     Deny,
     Nothing,
+    /// Strict evaluation: the condition raised this error.
+    Failed(String),
 }
 
 /// The action's result. `reported` is Cerbos's `matchedPolicy` for the pass that ran: the
 /// key of the requested (first existing) scope, even when an ancestor scope decided; the
 /// deciding scope goes to `matchedScope`, and the deciding policy and rule to the reason.
+/// A failure (strict evaluation) is reported by the policy and scope where it happened.
 fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResult {
     match verdict {
         Verdict::NoMatch => ActionResult {
@@ -933,6 +1138,28 @@ fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResul
             rule: String::new(),
             reason: "denied by default: no policy rule matched".to_string(),
         },
+        Verdict::Failed {
+            policy,
+            rule,
+            role,
+            message,
+        } => {
+            let mut reason = format!(
+                "denied: evaluation error in {}#{rule} (strict evaluation): {message}",
+                policy.key
+            );
+            if let Some(role) = role {
+                reason.push_str(&format!(" (role {role})"));
+            }
+            ActionResult {
+                action: action.to_string(),
+                effect: Effect::Deny,
+                policy: policy.key.clone(),
+                scope: policy.scope.clone(),
+                rule,
+                reason,
+            }
+        }
         Verdict::Decided {
             effect,
             policy,
@@ -946,6 +1173,11 @@ fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResul
             let by = if rule.is_empty() {
                 format!(
                     "{verb} by {} (the custom role does not list this action)",
+                    policy.key
+                )
+            } else if policy.kind == PolicyKind::Role {
+                format!(
+                    "{verb} by {}#{rule} (the custom role's condition does not hold)",
                     policy.key
                 )
             } else {
@@ -974,8 +1206,10 @@ fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResul
 
 /// Evaluates a condition tree.
 ///
-/// Strict: CEL's error absorption: `all` is false if any child is false, else an error if any
-/// child errs; `any` mirrors it; `none` is `!any`. The error names the failing expression.
+/// Strict (Cerbos's `strictEvaluation`): `all`, `any` and `none` visit their children in
+/// order and stop at the first child that decides them or raises an error; the error is
+/// returned with the failing expression. So `all(error, false)` is an error and
+/// `all(false, error)` is false, as in Cerbos.
 /// Lenient (Cerbos's default): an erroring expression reads as `false` and is reported
 /// through `absorbed`, so `none` over an error is true, as in Cerbos.
 pub fn eval_cond(
@@ -994,43 +1228,28 @@ pub fn eval_cond(
             Err(m) => Err((e.source().to_string(), m)),
         },
         Cond::All(children) => {
-            let mut first_err = None;
             for c in children {
-                match eval_cond(c, ctx, lenient, absorbed) {
-                    Ok(false) => return Ok(false),
-                    Ok(true) => {}
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                if !eval_cond(c, ctx, lenient, absorbed)? {
+                    return Ok(false);
                 }
             }
-            first_err.map_or(Ok(true), Err)
+            Ok(true)
         }
-        Cond::Any(children) | Cond::None(children) => {
-            let mut first_err = None;
-            let mut any = false;
+        Cond::Any(children) => {
             for c in children {
-                match eval_cond(c, ctx, lenient, absorbed) {
-                    Ok(true) => {
-                        any = true;
-                        break;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                if eval_cond(c, ctx, lenient, absorbed)? {
+                    return Ok(true);
                 }
             }
-            if !any {
-                if let Some(e) = first_err {
-                    return Err(e);
+            Ok(false)
+        }
+        Cond::None(children) => {
+            for c in children {
+                if eval_cond(c, ctx, lenient, absorbed)? {
+                    return Ok(false);
                 }
             }
-            Ok(if matches!(cond, Cond::None(_)) {
-                !any
-            } else {
-                any
-            })
+            Ok(true)
         }
     }
 }

@@ -47,7 +47,10 @@ pub struct Resource {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Evaluation {
-    /// A CEL error never allows: an erroring ALLOW rule does not allow, an erroring DENY rule denies.
+    /// Cerbos's `strictEvaluation`: an evaluation error that reaches an action (a rule's
+    /// condition, a derived role a rule uses, `runtime.effectiveDerivedRoles` after a derived
+    /// role failed, a role policy's condition) denies that action outright; no other role's
+    /// ALLOW can win. A CEL error never allows.
     #[default]
     Strict,
     /// Cerbos's default: an erroring condition is "not satisfied", whatever the rule's effect.
