@@ -55,14 +55,18 @@ fn render(out: &CheckOutput) -> Vec<String> {
     let mut lines = Vec::new();
     for d in &out.trace.derived_roles {
         lines.push(format!(
-            "derived {} {}",
+            "derived {} {}{}",
             d.name,
-            if d.active { "active" } else { "inactive" }
+            if d.active { "active" } else { "inactive" },
+            d.error
+                .as_ref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
         ));
     }
     for s in &out.trace.steps {
         lines.push(format!(
-            "{} {}{} {}#{} {:?}",
+            "{} {}{} {}#{} {:?}{}",
             s.action,
             s.pass,
             s.role
@@ -71,7 +75,11 @@ fn render(out: &CheckOutput) -> Vec<String> {
                 .unwrap_or_default(),
             s.policy,
             s.rule,
-            s.outcome
+            s.outcome,
+            s.error
+                .as_ref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
         ));
     }
     lines

@@ -105,6 +105,18 @@ fn differential_repo_policies() {
         &repo_root().join("policies"),
         &repo_hints(),
         0x5eed_0001,
+        Mode::Lenient,
+    );
+}
+
+#[test]
+fn differential_repo_policies_strict() {
+    run_set(
+        "repo-strict",
+        &repo_root().join("policies"),
+        &repo_hints(),
+        0x5eed_0003,
+        Mode::Strict,
     );
 }
 
@@ -141,7 +153,205 @@ fn differential_wider_policies() {
         &repo_root().join("tests/differential/policies"),
         &wider_hints(),
         0x5eed_0002,
+        Mode::Lenient,
     );
+}
+
+#[test]
+fn differential_wider_policies_strict() {
+    run_set(
+        "wider-strict",
+        &repo_root().join("tests/differential/policies"),
+        &wider_hints(),
+        0x5eed_0004,
+        Mode::Strict,
+    );
+}
+
+/// Issue repros: each directory under `tests/differential/repros/` holds policies and Cerbos
+/// test suites. In each mode, `toolgate`'s suite runner and `cerbos compile` (with
+/// `--strict-evaluation` for strict) must give every tested action the same result and effect,
+/// and every suite must pass in the modes it is written for: `*_lenient_test.yaml` in lenient
+/// only, `*_strict_test.yaml` in strict only, any other suite in both. Without the Cerbos
+/// binary (and `TOOLGATE_REQUIRE_PEERS` unset) only toolgate's side runs, against the
+/// expectations (which were established with the binary).
+#[test]
+fn differential_repros() {
+    let root = repo_root().join("tests/differential/repros");
+    let cerbos = find_cerbos();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("repros dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no repros under {}", root.display());
+    let mut problems = Vec::new();
+    for dir in &dirs {
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        for mode in [Mode::Lenient, Mode::Strict] {
+            let ours = repros::ours(dir, mode);
+            let ours_flat = repros::flatten(&ours);
+            assert!(!ours_flat.is_empty(), "{name}: no test results");
+            for (suite_file, passed) in repros::suite_outcomes(&ours) {
+                if repros::applies(&suite_file, mode) && !passed {
+                    problems.push(format!(
+                        "{name} [{mode:?}]: toolgate fails suite {suite_file}:\n{}",
+                        serde_json::to_string_pretty(&ours).unwrap_or_default()
+                    ));
+                }
+            }
+            let Some(bin) = &cerbos else { continue };
+            let theirs = repros::cerbos(bin, dir, mode);
+            for (suite_file, passed) in repros::suite_outcomes(&theirs) {
+                if repros::applies(&suite_file, mode) && !passed {
+                    problems.push(format!(
+                        "{name} [{mode:?}]: Cerbos {CERBOS_VERSION} fails suite {suite_file} (the repro's expectations are wrong)"
+                    ));
+                }
+            }
+            let theirs_flat = repros::flatten(&theirs);
+            let keys: BTreeSet<&String> = ours_flat.keys().chain(theirs_flat.keys()).collect();
+            for k in keys {
+                let (o, t) = (ours_flat.get(k), theirs_flat.get(k));
+                if o != t {
+                    problems.push(format!(
+                        "{name} [{mode:?}] {k}: toolgate {o:?}, Cerbos {t:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} repro problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+mod repros {
+    use super::Mode;
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::process::Command;
+    use toolgate::policy::input::Evaluation;
+    use toolgate::policy::suite;
+
+    /// Does a suite file state expectations for this mode?
+    pub fn applies(file: &str, mode: Mode) -> bool {
+        match mode {
+            Mode::Lenient => !file.ends_with("_strict_test.yaml"),
+            Mode::Strict => !file.ends_with("_lenient_test.yaml"),
+        }
+    }
+
+    /// toolgate's `TestResults` JSON for the suites under `dir`.
+    pub fn ours(dir: &Path, mode: Mode) -> Value {
+        let set = match toolgate::policy::store::load_dir(dir) {
+            Ok(set) => set,
+            Err(e) => panic!("toolgate failed to load {}: {e:#?}", dir.display()),
+        };
+        let opts = suite::Options {
+            evaluation: match mode {
+                Mode::Lenient => Evaluation::Lenient,
+                Mode::Strict => Evaluation::Strict,
+            },
+            run: None,
+        };
+        suite::run(dir, &set, &opts).results
+    }
+
+    /// `cerbos compile --output=json` (exit 0: passed, 4: tests failed).
+    pub fn cerbos(bin: &Path, dir: &Path, mode: Mode) -> Value {
+        let mut cmd = Command::new(bin);
+        cmd.args(["compile", "--no-color", "--output=json"]);
+        if mode == Mode::Strict {
+            cmd.arg("--strict-evaluation");
+        }
+        let out = cmd.arg(dir).output().expect("run cerbos compile");
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 4,
+            "cerbos compile {} exited {code}:\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("cerbos TestResults JSON")
+    }
+
+    /// (suite file, passed) for every suite.
+    pub fn suite_outcomes(results: &Value) -> Vec<(String, bool)> {
+        results["suites"]
+            .as_array()
+            .map(|suites| {
+                suites
+                    .iter()
+                    .map(|s| {
+                        (
+                            s["file"].as_str().unwrap_or_default().to_string(),
+                            s["summary"]["overallResult"] == "RESULT_PASSED",
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `file/suite/test/principal/resource/action` → `RESULT … EFFECT`; a suite-level error is
+    /// one entry `file/suite` → `ERROR`.
+    pub fn flatten(results: &Value) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let empty = Vec::new();
+        for s in results["suites"].as_array().unwrap_or(&empty) {
+            let sk = format!(
+                "{}/{}",
+                s["file"].as_str().unwrap_or_default(),
+                s["name"].as_str().unwrap_or_default()
+            );
+            if s.get("error").is_some_and(|e| !e.is_null()) {
+                out.insert(sk.clone(), "ERROR".to_string());
+            }
+            for t in s["testCases"].as_array().unwrap_or(&empty) {
+                for p in t["principals"].as_array().unwrap_or(&empty) {
+                    for r in p["resources"].as_array().unwrap_or(&empty) {
+                        for a in r["actions"].as_array().unwrap_or(&empty) {
+                            let d = &a["details"];
+                            let effect = d["success"]["effect"]
+                                .as_str()
+                                .or_else(|| d["failure"]["actual"].as_str())
+                                .unwrap_or("-");
+                            out.insert(
+                                format!(
+                                    "{sk}/{}/{}/{}/{}",
+                                    t["name"].as_str().unwrap_or_default(),
+                                    p["name"].as_str().unwrap_or_default(),
+                                    r["name"].as_str().unwrap_or_default(),
+                                    a["name"].as_str().unwrap_or_default()
+                                ),
+                                format!("{} {effect}", d["result"].as_str().unwrap_or("-")),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// How CEL errors are treated: Cerbos's default against `Evaluation::Lenient`, or Cerbos's
+/// `engine.strictEvaluation: true` against `Evaluation::Strict` (toolgate's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Lenient,
+    Strict,
 }
 
 /// Hand-picked attribute values for the wider set, so that conditions go both ways.
@@ -203,7 +413,7 @@ fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn run_set(set: &str, dir: &Path, hints: &Value, default_seed: u64) {
+fn run_set(set: &str, dir: &Path, hints: &Value, default_seed: u64, mode: Mode) {
     let Some(cerbos_bin) = find_cerbos() else {
         return;
     };
@@ -235,7 +445,7 @@ fn run_set(set: &str, dir: &Path, hints: &Value, default_seed: u64) {
     let seed = env_num("DIFF_SEED", default_seed);
     let n_requests: usize = env_num("DIFF_REQUESTS", 300);
     let mut rng = Rng::new(seed);
-    let server = CerbosServer::start(&cerbos_bin, dir);
+    let server = CerbosServer::start(&cerbos_bin, dir, mode == Mode::Strict);
 
     let started = Instant::now();
     let mut mismatches: Vec<Mismatch> = Vec::new();
@@ -257,7 +467,7 @@ fn run_set(set: &str, dir: &Path, hints: &Value, default_seed: u64) {
                 "result order"
             );
             let theirs = Answer::from_cerbos(result);
-            let ours = ours::check(&ours, &request["principal"], entry);
+            let ours = ours::check(&ours, &request["principal"], entry, mode);
             stats.record(&theirs);
             compare(
                 set,
@@ -331,7 +541,7 @@ fn find_cerbos() -> Option<PathBuf> {
 // ------------------------------------------------------------------------------------------
 
 mod ours {
-    use super::{Answer, OutputItem, globals};
+    use super::{Answer, Mode, OutputItem, globals};
     use serde_json::Value;
     use std::path::Path;
     use toolgate::policy::compile::PolicySet;
@@ -349,7 +559,7 @@ mod ours {
         }
     }
 
-    pub fn check(set: &PolicySet, principal: &Value, entry: &Value) -> Answer {
+    pub fn check(set: &PolicySet, principal: &Value, entry: &Value, mode: Mode) -> Answer {
         let input = CheckInput {
             principal: serde_json::from_value::<Principal>(principal.clone()).expect("principal"),
             resource: serde_json::from_value::<Resource>(entry["resource"].clone())
@@ -364,7 +574,10 @@ mod ours {
         };
         let params = Params {
             globals: std::sync::Arc::new(globals()),
-            evaluation: Evaluation::Lenient,
+            evaluation: match mode {
+                Mode::Lenient => Evaluation::Lenient,
+                Mode::Strict => Evaluation::Strict,
+            },
             default_policy_version: "default".to_string(),
             lenient_scope_search: false,
             ..Params::default()
@@ -1425,7 +1638,7 @@ fn free_port() -> u16 {
 }
 
 impl CerbosServer {
-    fn start(bin: &Path, policies: &Path) -> CerbosServer {
+    fn start(bin: &Path, policies: &Path, strict: bool) -> CerbosServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let (http, grpc) = loop {
             let (a, b) = (free_port(), free_port());
@@ -1442,7 +1655,7 @@ impl CerbosServer {
                 "requestLimits": {"maxActionsPerResource": 50, "maxResourcesPerRequest": 50}
             },
             "storage": {"driver": "disk", "disk": {"directory": policies, "watchForChanges": false}},
-            "engine": {"defaultPolicyVersion": "default", "lenientScopeSearch": false, "globals": globals()},
+            "engine": {"defaultPolicyVersion": "default", "lenientScopeSearch": false, "strictEvaluation": strict, "globals": globals()},
             "schema": {"enforcement": "none"},
             "audit": {"enabled": false},
             "telemetry": {"disabled": true}
