@@ -56,10 +56,16 @@ enum Command {
 enum PolicyCommand {
     /// Compile every policy under DIR; print every error with its file and YAML path.
     ///
-    /// Exit 0 when everything compiles, 3 on compile errors (as `cerbos compile`).
+    /// Exit 0 when everything compiles, 3 on compile errors (as `cerbos compile`). An empty
+    /// directory is a warning; with --config it is an error, as for `serve` (the unit's
+    /// ExecReload runs `policy check --config` before it signals a reload).
     Check {
         /// The policy directory (read recursively; hidden files, testdata/ and *_test.yaml skipped).
-        dir: PathBuf,
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        /// Check the policies.dir of this config file, as `serve` would load it.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Run the Cerbos test suites (*_test.yaml) under DIR.
     ///
@@ -148,7 +154,9 @@ pub fn main() -> ExitCode {
         Command::Demo { dir, keep_running } => demo(dir, keep_running),
         Command::Whois(args) => crate::doctor::whois_cmd(&args),
         Command::Doctor(args) => crate::doctor::doctor_cmd(&args),
-        Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir),
+        Command::Policy(PolicyCommand::Check { dir, config }) => {
+            policy_check(dir.as_deref(), config.as_deref())
+        }
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),
         Command::Audit(cmd) => crate::audit::cli::run(*cmd),
@@ -209,8 +217,37 @@ fn print_compile_errors(errors: &[crate::policy::compile::CompileError]) {
     eprintln!("{} error(s)", errors.len());
 }
 
-fn policy_check(dir: &std::path::Path) -> ExitCode {
-    match store::load_dir(dir) {
+fn policy_check(dir: Option<&std::path::Path>, config: Option<&std::path::Path>) -> ExitCode {
+    let (dir, as_serve) = match (dir, config) {
+        (Some(d), _) => (d.to_path_buf(), false),
+        (None, Some(c)) => match crate::config::load_policies(c) {
+            Ok(p) => (p.dir, true),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: policy check needs DIR or --config FILE");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match store::load_dir(&dir) {
+        Ok(set) if set.is_empty() => {
+            if as_serve {
+                eprintln!(
+                    "error: {} holds no policies: `toolgate serve` refuses to start (or reload) with none",
+                    dir.display()
+                );
+                return ExitCode::from(EXIT_COMPILE);
+            }
+            eprintln!(
+                "warning: {} holds no policies (*.yaml, *.yml, *.json outside testdata/ and *_test files); every request would be denied",
+                dir.display()
+            );
+            println!("ok: 0 policies compiled from {}", dir.display());
+            ExitCode::SUCCESS
+        }
         Ok(set) => {
             println!(
                 "ok: {} policies compiled from {} (snapshot {})",

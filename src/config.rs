@@ -916,6 +916,11 @@ pub fn load_audit(path: &Path) -> Result<AuditConfig, ConfigError> {
     load_section(path, |raw, cx, p| check_audit(raw.audit, cx, p))
 }
 
+/// Only the `policies:` section of a config file, checked (`toolgate policy check --config`).
+pub fn load_policies(path: &Path) -> Result<PoliciesConfig, ConfigError> {
+    load_section(path, |raw, cx, p| check_policies(raw.policies, cx, p))
+}
+
 /// Only the `identity:` section of a config file, checked (`toolgate whois --config`).
 pub fn load_identity(path: &Path) -> Result<IdentityConfig, ConfigError> {
     load_section(path, |raw, cx, p| check_identity(raw.identity, cx, p))

@@ -1,8 +1,10 @@
 //! `toolgate serve`: start-up, listeners, reloads, shutdown.
 //!
-//! Start-up order: policies (deny-all until they compile), the audit store (no audit, no
+//! Start-up order: policies (a missing or empty directory, or policies that do not compile,
+//! fail the start: a gateway denying every call is not running), the audit store (no audit, no
 //! start), the identity provider (tailscaled must be `Running`: we wait and say what to run),
-//! then one listener per address. `tailnet:PORT` binds exactly this node's tailnet IPs and is
+//! then one listener per address; then `READY=1` to systemd (`systemd.rs`), whose `STATUS=`
+//! line says what start-up is waiting for meanwhile. `tailnet:PORT` binds exactly this node's tailnet IPs and is
 //! re-bound when they change (learned from the IPN bus). SIGHUP and policy-file changes reload
 //! policies (a broken reload keeps the last good set). SIGTERM/SIGINT stop accepting, let
 //! in-flight calls finish within a deadline, flush the audit writer and exit 0.
@@ -94,6 +96,9 @@ pub async fn wait_running(
                         _ => "waiting".to_string(),
                     };
                     tracing::warn!(state = %state, "tailscaled is not running yet: {hint}");
+                    crate::systemd::status(&format!(
+                        "waiting for tailscaled: it is {state}; {hint}"
+                    ));
                     last = state;
                 }
             }
@@ -103,6 +108,9 @@ pub async fn wait_running(
                     tracing::warn!(
                         "tailscaled is not reachable ({msg}); is tailscaled running, and may this user read its socket?"
                     );
+                    crate::systemd::status(&format!(
+                        "waiting for tailscaled: not reachable ({msg}); is it running, and may this user read its socket?"
+                    ));
                     last = msg;
                 }
             }
@@ -112,6 +120,34 @@ pub async fn wait_running(
             _ = shutdown.changed() => return Err("shutdown requested".into()),
         }
     }
+}
+
+/// Waits until tailscaled reports tailnet addresses for this node (needed by `tailnet:PORT`).
+pub async fn wait_addresses(
+    api: &LocalApi,
+    mut status: Status,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Status, String> {
+    let mut said = false;
+    while status.tailscale_ips.is_empty() {
+        if !said {
+            tracing::warn!(
+                "tailscaled is Running but reports no tailnet addresses for this node yet; waiting"
+            );
+            crate::systemd::status(
+                "waiting for this node's tailnet addresses (tailscaled is Running but reports none yet)",
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return Err("shutdown requested".into()),
+        }
+        if let Ok(s) = api.status().await {
+            status = s;
+        }
+    }
+    Ok(status)
 }
 
 /// The addresses the listen entries resolve to, given this node's tailnet IPs. (Which entries
@@ -165,14 +201,36 @@ fn dir_fingerprint(dir: &Path) -> u64 {
 
 fn reload(gw: &Gateway, why: &str) {
     use std::sync::atomic::Ordering;
-    match gw.store.reload() {
+    crate::systemd::reloading(&format!("reloading policies ({why})"));
+    // An emptied directory (a deploy half done, a wrong mount) would compile to a set that
+    // denies every call: refuse it like a compile error and keep the last good set.
+    let emptied = matches!(
+        crate::policy::store::read_dir(gw.store.dir()),
+        Ok(contents) if contents.policies.is_empty()
+    );
+    let result = if emptied {
+        Err(vec![crate::policy::compile::CompileError {
+            file: gw.store.dir().display().to_string(),
+            path: "$".into(),
+            line: None,
+            message: "the directory holds no policies".into(),
+        }])
+    } else {
+        gw.store.reload()
+    };
+    match result {
         Ok(set) => {
             gw.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
             let told = gw.policies_changed();
             if told > 0 {
                 tracing::info!(streams = told, "sent notifications/tools/list_changed");
             }
-            tracing::info!(policies = set.len(), snapshot = %&set.hash[..12], "policies reloaded ({why})")
+            tracing::info!(policies = set.len(), snapshot = %&set.hash[..12], "policies reloaded ({why})");
+            crate::systemd::ready(&format!(
+                "serving; {} policies reloaded ({why}), snapshot {}",
+                set.len(),
+                &set.hash[..12]
+            ));
         }
         Err(errors) => {
             gw.metrics
@@ -185,8 +243,52 @@ fn reload(gw: &Gateway, why: &str) {
                 errors = errors.len(),
                 "policy reload failed ({why}); keeping the last good policies"
             );
+            let kept = gw.store.current();
+            crate::systemd::ready(&format!(
+                "serving the last good policies (snapshot {}): the reload ({why}) failed with {} error(s), see the journal",
+                &kept.hash[..12],
+                errors.len()
+            ));
         }
     }
+}
+
+/// Loads the policy directory for start-up. A missing or empty directory, or policies that do
+/// not compile, stop the start: a gateway that would deny every call is not "running".
+pub fn open_policies(dir: &Path) -> Result<Store, String> {
+    crate::systemd::status(&format!("loading policies from {}", dir.display()));
+    if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        return Err(format!(
+            "policies.dir {} {what}: put your policies there (start from the repository's policies/) or fix policies.dir in the config; toolgate does not start without policies, it would deny every call",
+            dir.display()
+        ));
+    }
+    let (store, res) = Store::open(dir);
+    if let Err(errors) = res {
+        for e in &errors {
+            tracing::error!("policy error: {e}");
+        }
+        return Err(format!(
+            "{} policy error(s) in {}: toolgate does not start with policies that do not compile (it would deny every call); `toolgate policy check {}` lists them",
+            errors.len(),
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let set = store.current();
+    if set.is_empty() {
+        return Err(format!(
+            "policies.dir {} holds no policies (*.yaml, *.yml or *.json outside testdata/ and *_test files): toolgate does not start without policies, it would deny every call",
+            dir.display()
+        ));
+    }
+    tracing::info!(policies = set.len(), dir = %dir.display(), snapshot = %&set.hash[..12], "policies loaded");
+    Ok(store)
 }
 
 /// Everything `serve` builds before it binds.
@@ -199,7 +301,8 @@ pub struct Built {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// Builds the gateway for `cfg`, with `identify` and the node's names.
+/// Builds the gateway for `cfg`, with `identify` and the node's names; loads the policies
+/// ([`open_policies`]).
 pub fn build(
     cfg: Config,
     identify: Arc<dyn Identify>,
@@ -207,19 +310,19 @@ pub fn build(
     listen: Vec<SocketAddr>,
     localapi: Option<LocalApi>,
 ) -> Result<Built, String> {
-    let (store, res) = Store::open(&cfg.policies.dir);
-    match res {
-        Ok(()) => {
-            let set = store.current();
-            tracing::info!(policies = set.len(), dir = %cfg.policies.dir.display(), snapshot = %&set.hash[..12], "policies loaded");
-        }
-        Err(errors) => {
-            for e in &errors {
-                tracing::error!("policy error: {e}");
-            }
-            tracing::error!("policies did not compile: every call is denied until they do");
-        }
-    }
+    let store = open_policies(&cfg.policies.dir)?;
+    build_with(cfg, store, identify, node, listen, localapi)
+}
+
+/// [`build`] with policies already loaded.
+pub fn build_with(
+    cfg: Config,
+    store: Store,
+    identify: Arc<dyn Identify>,
+    node: &NodeInfo,
+    listen: Vec<SocketAddr>,
+    localapi: Option<LocalApi>,
+) -> Result<Built, String> {
     let audit =
         AuditLog::open(audit::Settings::from_config(&cfg.audit)).map_err(|e| e.to_string())?;
     let proxy = cfg
@@ -418,6 +521,19 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
                 .await;
         });
     }
+    let set = built.gateway.store.current();
+    let addrs: Vec<String> = fixed
+        .iter()
+        .chain(&current)
+        .map(|a| a.to_string())
+        .collect();
+    crate::systemd::ready(&format!(
+        "serving on {}; {} policies (snapshot {})",
+        addrs.join(", "),
+        set.len(),
+        &set.hash[..12.min(set.hash.len())]
+    ));
+    drop(set);
     let mut stop = shutdown.clone();
     while let Some(api) = bus.take() {
         let mut watcher = tokio::select! {
@@ -495,6 +611,9 @@ pub fn stop_signals(stop: watch::Sender<bool>) -> Result<(), String> {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down: no new connections; waiting for in-flight calls");
+        crate::systemd::stopping(
+            "shutting down: waiting for in-flight calls, then flushing the audit store",
+        );
         let _ = stop.send(true);
     });
     Ok(())
@@ -516,6 +635,8 @@ pub fn reload_signal(gw: Arc<Gateway>) -> Result<(), String> {
 pub async fn serve(mut cfg: Config) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     stop_signals(stop_tx.clone())?;
+    // Policies first: a wrong policies.dir fails the start at once, before any wait.
+    let store = open_policies(&cfg.policies.dir)?;
     // `tailnet.mode: sidecar`: our own tailscaled, logged in through the LocalAPI; everything
     // below then talks to its socket. Kept alive (and stopped) with this function.
     let mut sidecar: Option<crate::tailnet::sidecar::Sidecar> = None;
@@ -523,6 +644,10 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
         && cfg.tailnet.mode == TailnetMode::Sidecar
     {
         let join = crate::tailnet::join::JoinSettings::from_config(&cfg.tailnet)?;
+        crate::systemd::status(&format!(
+            "starting the sidecar tailscaled ({})",
+            cfg.tailnet.tailscaled.display()
+        ));
         let sc = crate::tailnet::sidecar::Sidecar::start(
             crate::tailnet::sidecar::SidecarSettings::from_config(&cfg.tailnet),
         )
@@ -545,6 +670,10 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
                 let _ = early.send(true);
             });
         }
+        crate::systemd::status(&format!(
+            "waiting for the sidecar node {} to join the tailnet (see the log for a login URL)",
+            cfg.tailnet.hostname
+        ));
         if let Err(e) = crate::tailnet::join::ensure_joined(&api, &join, &mut stop_rx).await {
             if let Some(sc) = sidecar.take() {
                 sc.stop().await;
@@ -573,7 +702,11 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
         }
         IdentityProvider::Tailscale => {
             let api = LocalApi::unix(&cfg.identity.socket);
-            let status = match wait_running(&api, &mut stop_rx).await {
+            crate::systemd::status(&format!(
+                "waiting for tailscaled ({})",
+                cfg.identity.socket.display()
+            ));
+            let mut status = match wait_running(&api, &mut stop_rx).await {
                 Ok(s) => s,
                 Err(_) if *stop_rx.borrow() => {
                     tracing::info!("shut down while waiting for tailscaled");
@@ -581,6 +714,16 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
                 }
                 Err(e) => return Err(e),
             };
+            if cfg.listen.iter().any(|l| matches!(l, Listen::Tailnet(_))) {
+                status = match wait_addresses(&api, status, &mut stop_rx).await {
+                    Ok(s) => s,
+                    Err(_) if *stop_rx.borrow() => {
+                        tracing::info!("shut down while waiting for the node's addresses");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
+            }
             let node = NodeInfo::from_status(&status);
             tracing::info!(node = %node.dns_name, tailnet = %node.tailnet, ips = ?node.ips, version = %status.version, "tailscaled is running");
             if !status.tun && cfg.tailnet.mode == TailnetMode::Host {
@@ -605,7 +748,8 @@ pub async fn serve(mut cfg: Config) -> Result<(), String> {
             (resolver as Arc<dyn Identify>, node, listen)
         }
     };
-    let mut built = build(cfg, identify, &node, listen, localapi)?;
+    crate::systemd::status("opening the audit store and binding the listeners");
+    let mut built = build_with(cfg, store, identify, &node, listen, localapi)?;
     built.tls = tls;
     if let Some(w) = whois {
         built.gateway.set_whois(w);

@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod policy;
 pub mod sample;
 pub mod server;
+pub mod systemd;
 pub mod tailnet;

@@ -109,6 +109,8 @@ impl SidecarSettings {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.args())
             .env_remove("TS_AUTHKEY")
+            // tailscaled speaks sd_notify too: only toolgate reports readiness to systemd.
+            .env_remove(crate::systemd::NOTIFY_SOCKET)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))

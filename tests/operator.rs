@@ -1,0 +1,592 @@
+//! The operator's view of `toolgate` as a process: systemd readiness and status (a
+//! `NOTIFY_SOCKET` stub records every message), start-up refusals, `policy check --config`
+//! (the unit's ExecReload), durations on the command line, and log formats under journald.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+mod support;
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::fake_localapi::{FakeLocalApi, default_status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_toolgate");
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `NOTIFY_SOCKET` stand-in: a unix datagram socket that records every message.
+struct NotifyStub {
+    sock: UnixDatagram,
+    path: PathBuf,
+    seen: Vec<String>,
+}
+
+impl NotifyStub {
+    fn new(dir: &Path) -> NotifyStub {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifyStub {
+            sock,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads messages until one satisfies `want` (returned), or fails at the deadline.
+    fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                self.seen.push(msg.clone());
+                if want(&msg) {
+                    return msg;
+                }
+            }
+        }
+        panic!("no notification {what} within 30 s; saw {:#?}", self.seen);
+    }
+
+    /// Every message that arrives within `d` (for "nothing more came" checks).
+    fn drain_for(&mut self, d: Duration) -> Vec<String> {
+        let deadline = Instant::now() + d;
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                self.seen.push(msg.clone());
+                out.push(msg);
+            }
+        }
+        out
+    }
+}
+
+fn has_line(msg: &str, line: &str) -> bool {
+    msg.lines().any(|l| l == line)
+}
+
+fn status_of(msg: &str) -> Option<&str> {
+    msg.lines().find_map(|l| l.strip_prefix("STATUS="))
+}
+
+fn serve(cfg: &Path, notify: &Path) -> Guard {
+    Guard(
+        Command::new(BIN)
+            .args(["serve", "-c", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", notify)
+            .env("TOOLGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+fn wait_exit(guard: &mut Guard, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "toolgate did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(guard: &mut Guard) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = guard.0.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Item 1: READY=1 only once the listener accepts and policies are loaded; a reload says
+/// RELOADING=1 (with MONOTONIC_USEC) and READY=1 again, and a failed one says so in STATUS;
+/// SIGTERM says STOPPING=1.
+#[test]
+fn serve_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt
+        .block_on(toolgate::sample::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            Default::default(),
+        ))
+        .unwrap();
+    let port = free_port();
+    let cfg = toolgate::demo::write_files(dir.path(), port, upstream).unwrap();
+    let mut stub = NotifyStub::new(dir.path());
+    let mut child = serve(&cfg, &stub.path);
+
+    let first = stub.until("STATUS", |m| status_of(m).is_some());
+    assert!(
+        status_of(&first).unwrap().contains("loading policies"),
+        "{first}"
+    );
+    let ready = stub.until("READY=1", |m| has_line(m, "READY=1"));
+    // The listener is up when READY=1 arrives.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY=1 before the listener");
+    let status = status_of(&ready).unwrap();
+    assert!(
+        status.contains(&format!("127.0.0.1:{port}")) && status.contains("policies"),
+        "{status}"
+    );
+    assert!(
+        !stub.seen[..stub.seen.len() - 1]
+            .iter()
+            .any(|m| has_line(m, "READY=1")),
+        "READY=1 came once: {:#?}",
+        stub.seen
+    );
+
+    // A good reload.
+    signal(&child.0, "-HUP");
+    let reloading = stub.until("RELOADING=1", |m| has_line(m, "RELOADING=1"));
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{reloading}"
+    );
+    let again = stub.until("READY=1 after the reload", |m| has_line(m, "READY=1"));
+    assert!(status_of(&again).unwrap().contains("reloaded"), "{again}");
+
+    // A broken policy: the reload fails, the last good set stays, STATUS says so.
+    std::fs::write(
+        dir.path().join("policies/broken.yaml"),
+        "apiVersion: api.cerbos.dev/v1\nresourcePolicy: {resource: x, version: default, rules: [{actions: ['*'], effect: EFFECT_NOPE, roles: ['*']}]}\n",
+    )
+    .unwrap();
+    signal(&child.0, "-HUP");
+    let failed = stub.until("a failed-reload status", |m| {
+        status_of(m).is_some_and(|s| s.contains("failed"))
+    });
+    assert!(has_line(&failed, "READY=1"), "{failed}");
+    assert!(
+        status_of(&failed).unwrap().contains("last good"),
+        "{failed}"
+    );
+
+    signal(&child.0, "-TERM");
+    let stopping = stub.until("STOPPING=1", |m| has_line(m, "STOPPING=1"));
+    assert!(status_of(&stopping).is_some(), "{stopping}");
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+}
+
+/// Item 1: a missing or empty policy directory fails the start with a clear message, and
+/// READY=1 is never sent.
+#[test]
+fn serve_refuses_to_start_without_policies() {
+    for case in ["missing", "empty", "broken"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg =
+            toolgate::demo::write_files(dir.path(), port, "127.0.0.1:9".parse().unwrap()).unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::remove_dir_all(&policies).unwrap();
+        match case {
+            "missing" => {}
+            "empty" => {
+                std::fs::create_dir(&policies).unwrap();
+                std::fs::create_dir(policies.join("testdata")).unwrap();
+                std::fs::write(policies.join("a_test.yaml"), "name: x\n").unwrap();
+            }
+            _ => {
+                std::fs::create_dir(&policies).unwrap();
+                std::fs::write(policies.join("p.yaml"), "apiVersion: nope\n").unwrap();
+            }
+        }
+        let mut stub = NotifyStub::new(dir.path());
+        let mut child = serve(&cfg, &stub.path);
+        let status = wait_exit(&mut child, Duration::from_secs(30));
+        assert!(!status.success(), "{case}: started anyway");
+        let err = stderr_of(&mut child);
+        let want = match case {
+            "missing" => "does not exist",
+            "empty" => "holds no policies",
+            _ => "do not compile",
+        };
+        assert!(err.contains(want), "{case}: {err}");
+        assert!(err.contains("policies"), "{case}: {err}");
+        let seen = stub.drain_for(Duration::from_millis(300));
+        assert!(
+            !seen.iter().any(|m| has_line(m, "READY=1")),
+            "{case}: READY=1 sent: {seen:#?}"
+        );
+        // Nothing listens.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+}
+
+/// Item 1: while tailscaled is not Running, STATUS says so (with what to do) and READY=1 waits;
+/// once it is Running, READY=1 follows.
+#[test]
+fn serve_says_what_it_waits_for_before_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(FakeLocalApi::start());
+    let mut status = default_status();
+    status["BackendState"] = json!("NeedsLogin");
+    status["AuthURL"] = json!("https://login.example.com/a/123");
+    api.set_status(status);
+    let port = free_port();
+    let cfg =
+        toolgate::demo::write_files(dir.path(), port, "127.0.0.1:9".parse().unwrap()).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "identity:\n  provider: static\n  static: identities.yaml\n",
+        &format!("identity:\n  socket: {}\n", api.socket_path().display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut stub = NotifyStub::new(dir.path());
+    let mut child = serve(&cfg, &stub.path);
+    let waiting = stub.until("a NeedsLogin status", |m| {
+        status_of(m).is_some_and(|s| s.contains("NeedsLogin"))
+    });
+    let s = status_of(&waiting).unwrap();
+    assert!(
+        s.contains("waiting for tailscaled") && s.contains("https://login.example.com/a/123"),
+        "{s}"
+    );
+    let more = stub.drain_for(Duration::from_millis(1500));
+    assert!(
+        !more.iter().any(|m| has_line(m, "READY=1")),
+        "READY=1 while tailscaled needs a login: {more:#?}"
+    );
+    api.set_status(default_status());
+    stub.until("READY=1", |m| has_line(m, "READY=1"));
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("listening when ready");
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+
+    // Running but without addresses: `tailnet:PORT` cannot bind yet, so it waits and says so.
+    let mut status = default_status();
+    status["TailscaleIPs"] = json!([]);
+    status["Self"]["TailscaleIPs"] = json!([]);
+    api.set_status(status);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("\"127.0.0.1:{port}\""), "\"tailnet:4443\"");
+    std::fs::write(&cfg, text).unwrap();
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let mut stub = NotifyStub::new(&second);
+    let mut child = serve(&cfg, &stub.path);
+    stub.until("an addresses status", |m| {
+        status_of(m).is_some_and(|s| s.contains("tailnet addresses"))
+    });
+    let more = stub.drain_for(Duration::from_millis(1500));
+    assert!(!more.iter().any(|m| has_line(m, "READY=1")), "{more:#?}");
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    drop(api);
+}
+
+fn toolgate(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// Item 1 (ExecReload): `policy check --config` checks the directory `serve` would load and
+/// fails on what would fail a start; a bare DIR only warns when empty (item 7).
+#[test]
+fn policy_check_with_config_checks_what_serve_would_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toolgate::demo::write_files(dir.path(), 1, "127.0.0.1:9".parse().unwrap()).unwrap();
+    let c = cfg.to_str().unwrap();
+    let out = toolgate(&["policy", "check", "-c", c]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policies compiled"));
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = toolgate(&["policy", "check", empty.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("dir: policies", "dir: empty");
+    std::fs::write(&cfg, text).unwrap();
+    let out = toolgate(&["policy", "check", "--config", c]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no policies"));
+
+    let out = toolgate(&["policy", "check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = toolgate(&["policy", "check", "-c", "/nonexistent/toolgate.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Item 3: `--since`/`--until` take Go and Prometheus durations.
+#[test]
+fn audit_time_bounds_take_go_durations() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    drop(toolgate::audit::AuditLog::open(toolgate::audit::Settings::for_path(&db)).unwrap());
+    for since in ["1h30m", "1.5h", "90s", "250ms", "7d"] {
+        let out = toolgate(&[
+            "audit",
+            "query",
+            "--db",
+            db.to_str().unwrap(),
+            "--since",
+            since,
+            "--until",
+            "1ms",
+            "--format",
+            "jsonl",
+        ]);
+        assert!(out.status.success(), "--since {since}: {out:?}");
+    }
+    let out = toolgate(&[
+        "audit",
+        "query",
+        "--db",
+        db.to_str().unwrap(),
+        "--since",
+        "5y",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("5y"),
+        "{out:?}"
+    );
+}
+
+/// Item 5: under journald (JOURNAL_STREAM names stderr) logs are plain text without ANSI
+/// codes; on a pipe without it, JSON.
+#[test]
+fn logs_are_plain_text_under_journald() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toolgate::demo::write_files(dir.path(), 1, "127.0.0.1:9".parse().unwrap()).unwrap();
+    std::fs::remove_dir_all(dir.path().join("policies")).unwrap();
+    let run = |journal: bool| -> String {
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "-c", cfg.to_str().unwrap()])
+            .env_remove("TOOLGATE_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(writer);
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        let mut out = String::new();
+        reader.read_to_string(&mut out).unwrap();
+        assert!(!child.wait().unwrap().success());
+        out
+    };
+    let journal = run(true);
+    assert!(journal.contains("ERROR"), "{journal}");
+    assert!(
+        !journal.contains('\u{1b}'),
+        "ANSI codes in the journal: {journal:?}"
+    );
+    assert!(!journal.contains("{\"timestamp\""), "{journal}");
+    let piped = run(false);
+    assert!(piped.contains("{\"timestamp\""), "{piped}");
+}
+
+/// What the sandbox test needs; `None` when all is there, else what is missing and how to get it.
+fn sandbox_missing() -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        return Some("root (for unshare and setpriv)".into());
+    }
+    for tool in ["unshare", "setpriv", "systemd-analyze"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("{tool} (apt-get install -y util-linux systemd)"));
+        }
+    }
+    let seccomp = Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !seccomp {
+        return Some("python3-seccomp (apt-get install -y python3-seccomp)".into());
+    }
+    if std::env::var_os("TAILSCALED_BIN").is_none() {
+        return Some(
+            "tailscaled (export TAILSCALED_BIN=$(scripts/peers-tailscale tailscaled))".into(),
+        );
+    }
+    None
+}
+
+/// Links (or copies) `from` into `dir` so the unprivileged sandbox user can run it.
+fn place(from: &Path, dir: &Path, name: &str) -> PathBuf {
+    let to = dir.join(name);
+    if std::fs::hard_link(from, &to).is_err() {
+        std::fs::copy(from, &to).unwrap();
+    }
+    to
+}
+
+/// Item 2: sidecar mode inside (an approximation of) the unit's sandbox — an unprivileged user
+/// with no capabilities, the unit's system-call filter with EPERM, its address families, a
+/// read-only root — starts its tailscaled and gets as far as waiting for a login. Without
+/// AF_NETLINK, tailscaled cannot start (systemd/toolgate-sidecar.conf).
+#[test]
+fn sidecar_mode_runs_inside_the_units_sandbox() {
+    if let Some(missing) = sandbox_missing() {
+        if std::env::var("TOOLGATE_REQUIRE_PEERS").as_deref() == Ok("1") {
+            panic!("the sandbox test needs {missing}");
+        }
+        eprintln!("skipped: the sandbox test needs {missing}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let nobody = 65534;
+    std::os::unix::fs::chown(dir, Some(nobody), Some(nobody)).unwrap();
+    let tailscaled = place(
+        Path::new(&std::env::var_os("TAILSCALED_BIN").unwrap()),
+        dir,
+        "tailscaled",
+    );
+    let bin = place(Path::new(BIN), dir, "toolgate");
+    toolgate::demo::write_files(dir, 1, "127.0.0.1:9".parse().unwrap()).unwrap();
+    let port = free_port();
+    let socks = free_port();
+    let cfg = dir.join("sidecar.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: [\"127.0.0.1:{port}\"]\ntls: off\npolicies: {{dir: policies}}\naudit: {{sqlite: audit.db}}\ntailnet: {{mode: sidecar, tailscaled: {}, state_dir: ts, socks5: \"127.0.0.1:{socks}\"}}\n",
+            tailscaled.display()
+        ),
+    )
+    .unwrap();
+    let chown_all = |p: &Path| {
+        let _ = Command::new("chown")
+            .args(["-R", "65534:65534", p.to_str().unwrap()])
+            .status();
+    };
+    chown_all(dir);
+    let mut stub = NotifyStub::new(dir);
+    std::fs::set_permissions(
+        &stub.path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let sandbox = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sandbox-exec");
+    let dir_s = dir.to_str().unwrap();
+    let mut child = Guard(
+        Command::new(&sandbox)
+            .args(["--user", "nobody", "--rw", dir_s, "--"])
+            .arg(&bin)
+            .args(["serve", "-c", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &stub.path)
+            .env("TOOLGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    stub.until("the sidecar join status", |m| {
+        status_of(m).is_some_and(|s| s.contains("to join the tailnet"))
+    });
+    // tailscaled runs inside the sandbox and answers its LocalAPI (logged out: a login is due).
+    let api = toolgate::tailnet::localapi::LocalApi::unix(dir.join("ts/tailscaled.sock"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let state = loop {
+        match rt.block_on(api.status()) {
+            Ok(s) => break s.backend_state.as_str().to_string(),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "tailscaled never answered: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(
+        ["NeedsLogin", "NoState", "Starting"].contains(&state.as_str()),
+        "{state}"
+    );
+    signal(&child.0, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let err = stderr_of(&mut child);
+    assert!(status.success(), "{err}");
+    assert!(
+        !err.contains("exited; restarting"),
+        "tailscaled died in the sandbox: {err}"
+    );
+
+    // The evidence for AF_NETLINK: without it tailscaled exits at start.
+    let out = Command::new(&sandbox)
+        .args([
+            "--user",
+            "nobody",
+            "--rw",
+            dir_s,
+            "--families",
+            "AF_UNIX,AF_INET,AF_INET6",
+            "--",
+        ])
+        .arg(&tailscaled)
+        .args([
+            "--tun=userspace-networking",
+            &format!("--statedir={dir_s}/ts2"),
+            &format!("--socket={dir_s}/ts2.sock"),
+            "--no-logs-no-support",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("netlinkrib"), "{text}");
+}
