@@ -108,6 +108,15 @@ async fn tailnet_listeners_follow_the_nodes_addresses() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    // serve refuses to start without policies; one copied from the repository will do.
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/toolgate_metrics.yaml"
+        ),
+        dir.path().join("policies/toolgate_metrics.yaml"),
+    )
+    .unwrap();
     let cfg = dir.path().join("toolgate.yaml");
     std::fs::write(
         &cfg,

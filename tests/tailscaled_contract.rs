@@ -411,6 +411,15 @@ async fn serve_waits_clearly_while_tailscaled_needs_login() {
     let d = Daemon::start(&bin);
     let cfg = d.dir.path().join("toolgate.yaml");
     std::fs::create_dir_all(d.dir.path().join("policies")).unwrap();
+    // serve refuses to start without policies; one copied from the repository will do.
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/toolgate_metrics.yaml"
+        ),
+        d.dir.path().join("policies/toolgate_metrics.yaml"),
+    )
+    .unwrap();
     std::fs::write(
         &cfg,
         format!(
