@@ -7,6 +7,7 @@
 //! - [`compile`]: policy files → an indexed, immutable [`compile::PolicySet`].
 //! - [`eval`]: the Cerbos evaluation algorithm over a `PolicySet`, with an explain trace.
 //! - [`store`]: loading a policy directory and swapping snapshots atomically.
+//! - [`yaml_merge`]: YAML merge keys, applied with positions kept (used by [`parse`]).
 //!
 //! This module does no network I/O and knows nothing of tokio, HTTP or SQL.
 
@@ -19,3 +20,4 @@ pub mod model;
 pub mod parse;
 pub mod store;
 pub mod suite;
+pub mod yaml_merge;

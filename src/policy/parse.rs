@@ -2,10 +2,14 @@
 //! (`$.resourcePolicy.rules[0].effect`) and, when the parser knows it, the line and column.
 //!
 //! YAML goes through `yaml_serde` (YAML 1.2 scalars: `on`/`yes` stay strings; duplicate keys
-//! are errors); JSON through `serde_json`. Both are wrapped in `serde_path_to_error`.
+//! are errors); JSON through `serde_json`. Both are wrapped in `serde_path_to_error`. A YAML
+//! document with merge keys (`<<`, found by parsing, in any spelling) is merged first by
+//! [`yaml_merge`], which keeps every value's line and column for the errors.
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use super::yaml_merge;
 
 /// The largest policy or test file we read. Bigger files get a clear error, not an OOM.
 pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
@@ -82,11 +86,23 @@ pub fn document<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, Pars
             }
         });
     }
-    if has_merge_keys(text) {
-        // Merge keys (`<<: *anchor`) need the generic tree; positions are lost, paths are kept.
-        let value = yaml_value(text)?;
-        return serde_path_to_error::deserialize(value)
-            .map_err(|e| error(dollar(e.path()), e.inner().to_string()));
+    if let Some(tree) = merge_tree(text)? {
+        // Merge keys: deserialize the merged document, locate errors in the original.
+        let merged = yaml_merge::emit(&tree);
+        let de = yaml_serde::Deserializer::from_str(&merged);
+        return serde_path_to_error::deserialize(de).map_err(|e| {
+            let inner = e.inner();
+            let message = strip_position(&inner.to_string());
+            let steps = steps(e.path());
+            let field = unknown_field(&message);
+            let (line, column) = yaml_merge::locate(&tree, &steps, field.as_deref());
+            ParseError {
+                path: dollar(e.path()),
+                line: Some(line),
+                column: Some(column),
+                message,
+            }
+        });
     }
     let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -101,13 +117,50 @@ pub fn document<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, Pars
     })
 }
 
-fn has_merge_keys(text: &str) -> bool {
-    text.contains("<<:")
+/// The document with its merge keys applied, if it has any (found in the parsed YAML, in
+/// every spelling). A document the position-keeping parser cannot read is left to
+/// `yaml_serde`, which reports its own error.
+fn merge_tree(text: &str) -> Result<Option<yaml_merge::Node>, ParseError> {
+    let Ok(Some(tree)) = yaml_merge::parse(text) else {
+        return Ok(None);
+    };
+    if !yaml_merge::has_merge_keys(&tree) {
+        return Ok(None);
+    }
+    yaml_merge::merge(tree).map(Some).map_err(|e| ParseError {
+        path: "$".into(),
+        line: e.mark.map(|m| m.0),
+        column: e.mark.map(|m| m.1),
+        message: e.message,
+    })
+}
+
+fn steps(path: &serde_path_to_error::Path) -> Vec<yaml_merge::Step<'_>> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } => Some(yaml_merge::Step::Key(key)),
+            Segment::Seq { index } => Some(yaml_merge::Step::Index(*index)),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// The field named by serde's "unknown field `x`" message.
+fn unknown_field(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("unknown field `")?;
+    rest.split('`').next().map(str::to_string)
 }
 
 /// A YAML (or JSON, a subset) document as a JSON value, with merge keys applied.
 pub fn yaml_value(text: &str) -> Result<Value, ParseError> {
-    let mut v: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| {
+    if let Some(tree) = merge_tree(text)? {
+        let merged = yaml_merge::emit(&tree);
+        let v: yaml_serde::Value = yaml_serde::from_str(&merged)
+            .map_err(|e| error("$".into(), strip_position(&e.to_string())))?;
+        return serde_json::to_value(v).map_err(|e| error("$".into(), e.to_string()));
+    }
+    let v: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| {
         let loc = e.location();
         ParseError {
             path: "$".into(),
@@ -116,8 +169,6 @@ pub fn yaml_value(text: &str) -> Result<Value, ParseError> {
             message: strip_position(&e.to_string()),
         }
     })?;
-    v.apply_merge()
-        .map_err(|e| error("$".into(), e.to_string()))?;
     serde_json::to_value(v).map_err(|e| error("$".into(), e.to_string()))
 }
 
@@ -175,6 +226,50 @@ mod tests {
         assert!(err.is_some_and(|e| e.message.contains("limit")));
         assert!(document::<PolicyFile>("p.yaml", b"  \n").is_err());
         assert!(document::<PolicyFile>("p.yaml", &[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn merge_keys_in_any_spelling_keep_positions() {
+        // `<< :` (a space before the colon) merges; the merged constant is there.
+        let src = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: x\n  version: default\n  constants:\n    local: {<< : {blocked: mallory}}\n";
+        let p = document::<PolicyFile>("p.yaml", src.as_bytes());
+        let local = p
+            .ok()
+            .and_then(|p| p.resource_policy)
+            .and_then(|r| r.constants)
+            .map(|c| c.local)
+            .unwrap_or_default();
+        assert_eq!(local.get("blocked"), Some(&serde_json::json!("mallory")));
+        // An error inside a merged value points at the value where it was written.
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Item {
+            n: u32,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Doc {
+            base: serde_json::Value,
+            item: Item,
+        }
+        let src = "base: &b {n: x}\nitem:\n  << : *b\n";
+        let err = document::<Doc>("d.yaml", src.as_bytes()).err();
+        let err = err.map(|e| (e.path, e.line, e.column)).unwrap_or_default();
+        assert_eq!(err, ("$.item.n".to_string(), Some(1), Some(14)));
+        // An unknown field inside a merged mapping points at its key.
+        let src = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: x\n  version: default\n  rules:\n    - << : {actions: [a], effect: EFFECT_ALLOW}\n      roles: [r]\n      colour: red\n";
+        let err = document::<PolicyFile>("p.yaml", src.as_bytes()).err();
+        let err = err
+            .map(|e| (e.message, e.line, e.column))
+            .unwrap_or_default();
+        assert!(err.0.contains("colour"), "{err:?}");
+        assert_eq!((err.1, err.2), (Some(8), Some(7)), "{err:?}");
+        // A quoted "<<" is an ordinary key, as in Cerbos.
+        let v = yaml_value("a: {\"<<\": {b: 1}}\n").unwrap_or_default();
+        assert_eq!(v["a"]["<<"]["b"], 1);
+        // Cerbos rejects a sequence as a merge value, and so do we, with a position.
+        let err = yaml_value("x: &x {b: 1}\na:\n  <<: [*x]\n").err();
+        assert!(err.is_some_and(|e| e.line == Some(3) && e.message.contains("sequence")));
     }
 
     #[test]
