@@ -49,6 +49,9 @@ enum Command {
     /// Query, summarize and verify the audit trail.
     #[command(subcommand)]
     Audit(Box<crate::audit::cli::AuditCommand>),
+    /// Internal: runs between toolgate and a stdio MCP server (see `stdio/launch.rs`).
+    #[command(name = "__stdio-launch", hide = true)]
+    StdioLaunch(crate::stdio::launch::LaunchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),
         Command::Audit(cmd) => crate::audit::cli::run(*cmd),
+        Command::StdioLaunch(args) => crate::stdio::launch::run(&args),
     }
 }
 

@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod policy;
 pub mod sample;
 pub mod server;
+pub mod stdio;
 pub mod systemd;
 pub mod tailnet;
