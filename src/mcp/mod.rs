@@ -5,6 +5,7 @@
 //! stateless 2026-07-28 era (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers checked
 //! against the body; `server/discover`).
 
+pub mod aggregate;
 pub mod jsonrpc;
 pub mod mapping;
 pub mod proxy;
