@@ -63,6 +63,12 @@ pub struct RawConfig {
     /// How toolgate reaches the tailnet: the host's tailscaled, or its own (sidecar).
     #[serde(default)]
     pub tailnet: TailnetConfig,
+    /// Bounds and containment of stdio servers (`servers.<name>.command`).
+    #[serde(default)]
+    pub stdio: StdioConfig,
+    /// The aggregated endpoint `/mcp`.
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
 }
 
 /// The checked configuration the daemon runs with.
@@ -81,6 +87,8 @@ pub struct Config {
     pub log: Log,
     pub metrics: MetricsConfig,
     pub tailnet: TailnetConfig,
+    pub stdio: StdioConfig,
+    pub aggregate: AggregateConfig,
 }
 
 // ============================================================================================
@@ -398,11 +406,31 @@ impl Default for PoliciesConfig {
 // servers
 // ============================================================================================
 
-/// `servers.<name>` as written.
+/// `servers.<name>` as written: an HTTP upstream (`url`) or a stdio one (`command`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    pub url: String,
+    /// An MCP server reached over Streamable HTTP.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A stdio MCP server toolgate starts itself: argv (the program is looked up in the
+    /// child's `PATH`). One child per MCP session; stateless callers get one per identity.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The stdio child's extra environment; values may reference toolgate's own environment
+    /// as `${NAME}` (keep secrets out of the file). Only `PATH`, `HOME`, `LANG`, `LC_ALL`,
+    /// `LC_CTYPE`, `TZ`, `TMPDIR`, `USER` and `LOGNAME` are passed on otherwise.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The stdio child's working directory (relative to the config file's folder).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// A stdio child with no call and no open stream for this long is stopped (default 5m).
+    #[serde(default, with = "opt_duration_text")]
+    pub idle_timeout: Option<Duration>,
+    /// At most this many children of this stdio server at once (default 16); more: 503.
+    #[serde(default)]
+    pub max_children: Option<usize>,
     #[serde(default = "default_resource_kind")]
     pub resource_kind: String,
     #[serde(default)]
@@ -422,10 +450,47 @@ pub struct ServerConfig {
     pub max_stream: Duration,
 }
 
-/// `servers.<name>`, checked: the URL parsed, header values expanded from the environment.
+/// How toolgate reaches one upstream.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Streamable HTTP at this URL.
+    Http(reqwest::Url),
+    /// A child process toolgate starts.
+    Stdio(StdioCommand),
+}
+
+/// `servers.<name>.command` and its companions, checked.
+#[derive(Clone)]
+pub struct StdioCommand {
+    pub command: Vec<String>,
+    /// The `env` entries, `${NAME}` expanded (secrets: never logged, see `Debug`).
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub idle_timeout: Duration,
+    pub max_children: usize,
+}
+
+impl fmt::Debug for StdioCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("StdioCommand")
+            .field("command", &self.command)
+            .field("env (values withheld)", &env)
+            .field("cwd", &self.cwd)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_children", &self.max_children)
+            .finish()
+    }
+}
+
+/// `servers.<name>.max_children` bounds.
+pub const STDIO_MAX_CHILDREN: RangeInclusive<usize> = 1..=1024;
+
+/// `servers.<name>`, checked: the URL parsed (or the command checked), header and env values
+/// expanded from the environment.
 #[derive(Clone)]
 pub struct Server {
-    pub url: reqwest::Url,
+    pub transport: Transport,
     pub resource_kind: String,
     pub scope: String,
     pub timeout: Duration,
@@ -439,7 +504,7 @@ impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("Server")
-            .field("url", &self.url.as_str())
+            .field("transport", &self.transport)
             .field("resource_kind", &self.resource_kind)
             .field("scope", &self.scope)
             .field("timeout", &self.timeout)
@@ -447,6 +512,24 @@ impl fmt::Debug for Server {
             .field("unknown_methods", &self.unknown_methods)
             .field("max_stream", &self.max_stream)
             .finish()
+    }
+}
+
+impl Server {
+    /// The URL of an HTTP upstream.
+    pub fn url(&self) -> Option<&reqwest::Url> {
+        match &self.transport {
+            Transport::Http(u) => Some(u),
+            Transport::Stdio(_) => None,
+        }
+    }
+
+    /// The command of a stdio upstream.
+    pub fn stdio(&self) -> Option<&StdioCommand> {
+        match &self.transport {
+            Transport::Stdio(c) => Some(c),
+            Transport::Http(_) => None,
+        }
     }
 }
 
@@ -860,7 +943,9 @@ impl RawConfig {
         let listen = check_listen(&self.listen, self.allow_non_tailnet, &mut p);
         let identity = check_identity(self.identity, &cx, &mut p);
         let policies = check_policies(self.policies, &cx, &mut p);
+        let aggregate = check_aggregate(self.aggregate, &self.servers, &mut p);
         let servers = check_servers(self.servers, &cx, &mut p);
+        let stdio = check_stdio(self.stdio, &cx, &mut p);
         let audit = check_audit(self.audit, &cx, &mut p);
         let pdp = check_pdp(self.pdp, &mut p);
         let log = check_log(self.log, &mut p);
@@ -885,6 +970,8 @@ impl RawConfig {
             log,
             metrics,
             tailnet,
+            stdio,
+            aggregate,
         })
     }
 }
@@ -1024,23 +1111,7 @@ fn check_servers(
                 ),
             );
         }
-        let url = match reqwest::Url::parse(&s.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
-            Ok(_) => {
-                p.add(
-                    format_args!("{at}.url"),
-                    format_args!("{:?} is not an http(s) URL", s.url),
-                );
-                None
-            }
-            Err(e) => {
-                p.add(
-                    format_args!("{at}.url"),
-                    format_args!("{:?} is not an http(s) URL: {e}", s.url),
-                );
-                None
-            }
-        };
+        let transport = check_transport(&at, &s, cx, p);
         if s.timeout.is_zero() {
             p.add(format_args!("{at}.timeout"), "must be more than 0");
         }
@@ -1069,11 +1140,11 @@ fn check_servers(
                 Err(e) => p.add(&hat, e),
             }
         }
-        if let (Some(url), true) = (url, p.0.len() == before) {
+        if let (Some(transport), true) = (transport, p.0.len() == before) {
             out.insert(
                 name,
                 Server {
-                    url,
+                    transport,
                     resource_kind: s.resource_kind,
                     scope: s.scope,
                     timeout: s.timeout,
@@ -1085,6 +1156,238 @@ fn check_servers(
         }
     }
     out
+}
+
+/// `url` or `command` (exactly one), and the stdio keys only with `command`.
+fn check_transport(at: &str, s: &ServerConfig, cx: &Cx<'_>, p: &mut Problems) -> Option<Transport> {
+    let stdio_only = [
+        ("env", !s.env.is_empty()),
+        ("cwd", s.cwd.is_some()),
+        ("idle_timeout", s.idle_timeout.is_some()),
+        ("max_children", s.max_children.is_some()),
+    ];
+    match (&s.url, &s.command) {
+        (Some(_), Some(_)) => {
+            p.add(at, "give either url (HTTP) or command (stdio), not both");
+            None
+        }
+        (None, None) => {
+            p.add(
+                at,
+                "needs url (an HTTP MCP server) or command (a stdio one)",
+            );
+            None
+        }
+        (Some(url), None) => {
+            for (key, set) in stdio_only {
+                if set {
+                    p.add(
+                        format_args!("{at}.{key}"),
+                        "only for stdio servers (command)",
+                    );
+                }
+            }
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    Some(Transport::Http(u))
+                }
+                Ok(_) => {
+                    p.add(
+                        format_args!("{at}.url"),
+                        format_args!("{url:?} is not an http(s) URL"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.add(
+                        format_args!("{at}.url"),
+                        format_args!("{url:?} is not an http(s) URL: {e}"),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(command)) => {
+            let before = p.0.len();
+            if !s.headers.is_empty() {
+                p.add(
+                    format_args!("{at}.headers"),
+                    "only for HTTP servers (url); a stdio server takes env",
+                );
+            }
+            match command.first() {
+                None => p.add(format_args!("{at}.command"), "is empty"),
+                Some(prog) if prog.is_empty() => p.add(format_args!("{at}.command[0]"), "is empty"),
+                Some(_) => {}
+            }
+            if let Some(i) = command.iter().position(|a| a.contains('\0')) {
+                p.add(format_args!("{at}.command[{i}]"), "contains a NUL byte");
+            }
+            let mut env = Vec::new();
+            for (k, v) in &s.env {
+                let eat = format!("{at}.env.{k}");
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    p.add(&eat, "not a valid environment variable name");
+                    continue;
+                }
+                match expand_with(v, cx.env) {
+                    Ok(value) if value.contains('\0') => p.add(
+                        &eat,
+                        "the value (after ${NAME} expansion) contains a NUL byte",
+                    ),
+                    Ok(value) => env.push((k.clone(), value)),
+                    Err(e) => p.add(&eat, e),
+                }
+            }
+            let mut cwd = s.cwd.clone();
+            if let Some(d) = cwd.as_mut() {
+                cx.rebase(d);
+            }
+            let idle_timeout = s.idle_timeout.unwrap_or(crate::stdio::DEFAULT_IDLE_TIMEOUT);
+            if idle_timeout.is_zero() {
+                p.add(format_args!("{at}.idle_timeout"), "must be more than 0");
+            }
+            let max_children = s.max_children.unwrap_or(crate::stdio::DEFAULT_MAX_CHILDREN);
+            if !STDIO_MAX_CHILDREN.contains(&max_children) {
+                p.add(
+                    format_args!("{at}.max_children"),
+                    format_args!(
+                        "between {} and {}",
+                        STDIO_MAX_CHILDREN.start(),
+                        STDIO_MAX_CHILDREN.end()
+                    ),
+                );
+            }
+            (p.0.len() == before).then(|| {
+                Transport::Stdio(StdioCommand {
+                    command: command.clone(),
+                    env,
+                    cwd,
+                    idle_timeout,
+                    max_children,
+                })
+            })
+        }
+    }
+}
+
+// ============================================================================================
+// stdio and aggregate
+// ============================================================================================
+
+/// `stdio:`: what holds for every stdio server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdioConfig {
+    /// `auto` (default): a cgroup per child where toolgate may create cgroups (root, or
+    /// systemd `Delegate=yes`), else a process group; `cgroup` or `process_group` to insist.
+    #[serde(default)]
+    pub isolation: crate::stdio::Isolation,
+    /// All stdio children of this toolgate at most (default 64); more: 503.
+    #[serde(default = "default_stdio_max_children")]
+    pub max_children: usize,
+    /// How long a child gets to exit after its stdin closes, and again after SIGTERM.
+    #[serde(default = "default_stdio_grace", with = "duration_text")]
+    pub grace: Duration,
+    /// The longest line a child may write on stdout (default 8 MiB); longer: the child is
+    /// stopped.
+    #[serde(default = "default_stdio_max_line")]
+    pub max_line: usize,
+    /// The toolgate binary that runs as each child's launcher (`toolgate __stdio-launch`);
+    /// default: this very binary.
+    #[serde(default)]
+    pub launcher: Option<PathBuf>,
+}
+
+fn default_stdio_max_children() -> usize {
+    crate::stdio::DEFAULT_MAX_TOTAL
+}
+fn default_stdio_grace() -> Duration {
+    crate::stdio::DEFAULT_GRACE
+}
+fn default_stdio_max_line() -> usize {
+    crate::stdio::DEFAULT_MAX_LINE
+}
+
+impl Default for StdioConfig {
+    fn default() -> Self {
+        StdioConfig {
+            isolation: crate::stdio::Isolation::default(),
+            max_children: default_stdio_max_children(),
+            grace: default_stdio_grace(),
+            max_line: default_stdio_max_line(),
+            launcher: None,
+        }
+    }
+}
+
+/// `stdio.max_children` bounds.
+pub const STDIO_MAX_TOTAL: RangeInclusive<usize> = 1..=10_000;
+/// `stdio.max_line` bounds.
+pub const STDIO_MAX_LINE: RangeInclusive<usize> = 1024..=(256 * 1024 * 1024);
+
+fn check_stdio(mut c: StdioConfig, cx: &Cx<'_>, p: &mut Problems) -> StdioConfig {
+    if let Some(l) = c.launcher.as_mut() {
+        cx.rebase(l);
+    }
+    if !STDIO_MAX_TOTAL.contains(&c.max_children) {
+        p.add(
+            "$.stdio.max_children",
+            format_args!(
+                "between {} and {}",
+                STDIO_MAX_TOTAL.start(),
+                STDIO_MAX_TOTAL.end()
+            ),
+        );
+    }
+    if !STDIO_MAX_LINE.contains(&c.max_line) {
+        p.add(
+            "$.stdio.max_line",
+            format_args!(
+                "between {} and {}",
+                STDIO_MAX_LINE.start(),
+                STDIO_MAX_LINE.end()
+            ),
+        );
+    }
+    if c.grace > Duration::from_secs(60) {
+        p.add("$.stdio.grace", "at most 60s");
+    }
+    c
+}
+
+/// `aggregate:`: the endpoint `/mcp` over every server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Between a server's name and a tool's or prompt's (`github__create_issue`).
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+fn default_separator() -> String {
+    crate::mcp::aggregate::DEFAULT_SEPARATOR.to_string()
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        AggregateConfig {
+            separator: default_separator(),
+        }
+    }
+}
+
+fn check_aggregate(
+    c: AggregateConfig,
+    servers: &BTreeMap<String, ServerConfig>,
+    p: &mut Problems,
+) -> AggregateConfig {
+    if let Err(e) =
+        crate::mcp::aggregate::Naming::new(&c.separator, servers.keys().map(String::as_str))
+    {
+        p.add("$.aggregate.separator", e);
+    }
+    c
 }
 
 fn check_audit(mut a: AuditConfig, cx: &Cx<'_>, p: &mut Problems) -> AuditConfig {
@@ -1362,8 +1665,8 @@ pdp:
         );
         let gh = &c.servers["github"];
         assert_eq!(gh.timeout, DEFAULT_UPSTREAM_TIMEOUT);
-        assert_eq!(gh.url.as_str(), "http://127.0.0.1:9001/mcp");
-        assert_eq!(gh.url.port(), Some(9001));
+        assert_eq!(gh.url().unwrap().as_str(), "http://127.0.0.1:9001/mcp");
+        assert_eq!(gh.url().unwrap().port(), Some(9001));
     }
 
     #[test]

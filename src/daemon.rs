@@ -299,6 +299,8 @@ pub struct Built {
     pub listen: Vec<SocketAddr>,
     /// `tls: auto`: the LocalAPI certificate acceptor.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The stdio servers' children, stopped when `run` returns.
+    pub stdio: Option<crate::stdio::Pool>,
 }
 
 /// Builds the gateway for `cfg`, with `identify` and the node's names; loads the policies
@@ -335,9 +337,11 @@ pub fn build_with(
     if let Some(p) = &proxy {
         tracing::info!(socks5 = %p.socks5, suffix = ?p.magic_dns_suffix, "upstream calls to tailnet hosts go through tailscaled's SOCKS5 listener");
     }
+    let stdio = stdio_pool(&cfg)?;
     let mut upstreams = std::collections::BTreeMap::new();
     for (name, s) in &cfg.servers {
-        upstreams.insert(name.clone(), Upstream::from_config(name, s));
+        let up = Upstream::from_config(name, s, stdio.as_ref().map(|p| (p, &cfg.stdio)))?;
+        upstreams.insert(name.clone(), up);
     }
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     if !node.dns_name.is_empty() {
@@ -378,7 +382,27 @@ pub fn build_with(
         identify,
         listen,
         tls: None,
+        stdio,
     })
+}
+
+/// The supervisor of stdio servers, when any is configured.
+fn stdio_pool(cfg: &Config) -> Result<Option<crate::stdio::Pool>, String> {
+    if !cfg.servers.values().any(|s| s.stdio().is_some()) {
+        return Ok(None);
+    }
+    let launcher = match &cfg.stdio.launcher {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("stdio servers: cannot find toolgate's own binary: {e}"))?,
+    };
+    if !launcher.is_file() {
+        return Err(format!(
+            "stdio.launcher: {} is not a file",
+            launcher.display()
+        ));
+    }
+    crate::stdio::Pool::new(launcher, cfg.stdio.isolation, cfg.stdio.max_children).map(Some)
 }
 
 fn host_form(ip: IpAddr) -> String {
@@ -596,6 +620,11 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
         bus = Some(api);
     }
     while tasks.join_next().await.is_some() {}
+    if let Some(pool) = &built.stdio {
+        // Every stdio child goes with us: stdin closed, SIGTERM, SIGKILL (see stdio/launch.rs).
+        let within = built.gateway.config.stdio.grace * 3 + Duration::from_secs(3);
+        pool.shutdown(within).await;
+    }
     Ok(())
 }
 

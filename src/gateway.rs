@@ -40,8 +40,8 @@ pub struct Conn {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub target: Target,
-    /// Parsed once at start (not on every forwarded call).
-    pub url: reqwest::Url,
+    /// Streamable HTTP (the URL parsed once at start) or a stdio server's children.
+    pub transport: crate::mcp::transport::Transport,
     pub timeout: Duration,
     /// Resolved extra headers (values may come from the environment; never logged).
     pub headers: Vec<(String, String)>,
@@ -52,20 +52,57 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The upstream for a checked `servers.<name>` entry.
-    pub fn from_config(name: &str, c: &Server) -> Upstream {
-        Upstream {
+    /// The upstream for a checked `servers.<name>` entry; a stdio server's children are
+    /// started in `stdio` (needed only when the entry has a `command`).
+    pub fn from_config(
+        name: &str,
+        c: &Server,
+        stdio: Option<(&crate::stdio::Pool, &crate::config::StdioConfig)>,
+    ) -> Result<Upstream, String> {
+        use crate::mcp::transport::Transport;
+        let transport = match &c.transport {
+            crate::config::Transport::Http(url) => Transport::Http(url.clone()),
+            crate::config::Transport::Stdio(cmd) => {
+                let (pool, all) = stdio.ok_or_else(|| {
+                    format!("servers.{name}: a stdio server needs the stdio supervisor")
+                })?;
+                Transport::Stdio(pool.server(stdio_settings(name, c, cmd, all)))
+            }
+        };
+        Ok(Upstream {
             target: Target {
                 server: name.to_string(),
                 resource_kind: c.resource_kind.clone(),
                 scope: c.scope.clone(),
             },
-            url: c.url.clone(),
+            transport,
             timeout: c.timeout,
             headers: c.headers.clone(),
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
             max_stream: c.max_stream,
-        }
+        })
+    }
+}
+
+/// A stdio server's settings from its config entry and the `stdio:` section.
+fn stdio_settings(
+    name: &str,
+    c: &Server,
+    cmd: &crate::config::StdioCommand,
+    all: &crate::config::StdioConfig,
+) -> crate::stdio::Settings {
+    crate::stdio::Settings {
+        name: name.to_string(),
+        command: cmd.command.clone(),
+        env: crate::stdio::Settings::child_env(std::env::vars(), &cmd.env),
+        cwd: cmd.cwd.clone(),
+        max_children: cmd.max_children,
+        limits: crate::stdio::ChildLimits {
+            max_line: all.max_line,
+            call_timeout: c.timeout,
+            grace: all.grace,
+            idle_timeout: cmd.idle_timeout,
+        },
     }
 }
 

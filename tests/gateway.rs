@@ -108,7 +108,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let upstreams = config
         .servers
         .iter()
-        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c)))
+        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c, None).unwrap()))
         .collect();
     let sink = Arc::new(MemorySink::default());
     let gw = Arc::new(Gateway {

@@ -10,3 +10,4 @@ pub mod jsonrpc;
 pub mod mapping;
 pub mod proxy;
 pub mod sse;
+pub mod transport;

@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use super::jsonrpc::{self, Kind, Limits, Message, code};
 use super::mapping::{self, Check};
 use super::sse;
+use super::transport::{self, Failure};
 use crate::audit::record::outcome;
 use crate::gateway::{AuditRow, Caller, Conn, Gateway, SessionCheck, Upstream};
 use crate::policy::model::Effect;
@@ -625,42 +626,6 @@ async fn authorize_and_forward(
     }
 }
 
-/// Request headers passed to the upstream (everything else, identity headers included, is dropped).
-const FORWARDED_HEADERS: [&str; 6] = [
-    "accept",
-    "mcp-protocol-version",
-    SESSION_HEADER,
-    "mcp-method",
-    "mcp-name",
-    "last-event-id",
-];
-
-fn upstream_request(
-    gw: &Gateway,
-    upstream: &Upstream,
-    method: reqwest::Method,
-    headers: &HeaderMap,
-) -> reqwest::RequestBuilder {
-    let mut req = gw
-        .http
-        .request(method, upstream.url.clone())
-        .timeout(upstream.timeout);
-    for name in FORWARDED_HEADERS {
-        if let Some(v) = headers.get(name) {
-            req = req.header(name, v.as_bytes());
-        }
-    }
-    for (k, v) in headers.iter() {
-        if k.as_str().starts_with("mcp-param-") {
-            req = req.header(k.as_str(), v.as_bytes());
-        }
-    }
-    for (k, v) in &upstream.headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    req
-}
-
 /// A request registered in [`crate::gateway::InFlight`]; ends its registration when dropped
 /// (its answer delivered, its stream ended, or the caller gone).
 struct InFlightGuard {
@@ -759,36 +724,13 @@ async fn exchange(
     if let Err(e) = commit.await {
         return audit_unavailable(&decision, msg, &e.0);
     }
-    let req = upstream_request(gw, upstream, reqwest::Method::POST, headers)
-        .header("content-type", "application/json")
-        .body(msg.canonical());
     hangup.sent();
-    let resp = match req.send().await {
+    let reply = match transport::post(gw, upstream, headers, msg, &caller.principal.id).await {
         Ok(r) => r,
-        Err(e) => {
-            let what = if e.is_timeout() {
-                "timed out"
-            } else {
-                "unreachable"
-            };
-            return upstream_failed(
-                gw,
-                &decision,
-                msg,
-                started,
-                &format!("upstream {what}: {}", without_url(&e)),
-            );
-        }
+        Err(f) => return failed(gw, &decision, msg, started, f),
     };
-    let status = resp.status();
-    let mut out_headers = HeaderMap::new();
-    for name in ["content-type", SESSION_HEADER, VERSION_HEADER] {
-        if let Some(v) = resp.headers().get(name) {
-            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
-                out_headers.insert(name, v);
-            }
-        }
-    }
+    let status = reply.status;
+    let out_headers = reply.headers;
     if msg.method == "initialize" && status.is_success() {
         if let Some(sid) = header_str(&out_headers, SESSION_HEADER) {
             gw.sessions
@@ -799,8 +741,8 @@ async fn exchange(
         .unwrap_or("")
         .to_ascii_lowercase();
     if status.is_server_error() {
-        let body = resp.bytes().await.unwrap_or_default();
-        let snippet = String::from_utf8_lossy(&body[..body.len().min(200)]).to_string();
+        let body = read_limited(reply.body, 200).await.unwrap_or_default();
+        let snippet = String::from_utf8_lossy(&body).to_string();
         return upstream_failed(
             gw,
             &decision,
@@ -827,7 +769,7 @@ async fn exchange(
             with_session(upstream, headers),
             msg.clone(),
             decision,
-            resp,
+            reply.body,
             out_headers,
             started,
             caller.clone(),
@@ -835,7 +777,7 @@ async fn exchange(
             in_flight,
         );
     }
-    let body = match read_limited(resp, MAX_RESPONSE_BYTES).await {
+    let body = match read_limited(reply.body, MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
         Err(e) => return upstream_failed(gw, &decision, msg, started, &e),
     };
@@ -860,35 +802,11 @@ fn merge_headers(r: &mut Response, h: HeaderMap) {
     }
 }
 
-/// reqwest errors print the URL; upstream URLs may carry secrets, so say only what happened.
-fn without_url(e: &reqwest::Error) -> String {
-    let e = e.without_url_ref();
-    e.to_string()
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref(&self) -> String {
-        if self.is_timeout() {
-            "timeout".into()
-        } else if self.is_connect() {
-            "connection failed".into()
-        } else if self.is_body() || self.is_decode() {
-            "bad response body".into()
-        } else {
-            "request failed".into()
-        }
-    }
-}
-
-async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+/// Reads a body up to `limit` bytes (an error beyond it).
+async fn read_limited(mut body: transport::BodyStream, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("upstream body: {}", without_url(&e)))?;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
         if out.len() + chunk.len() > limit {
             return Err(format!("upstream response larger than {limit} bytes"));
         }
@@ -900,6 +818,30 @@ async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, 
 /// Marks a response whose message never reached the upstream.
 #[derive(Debug, Clone, Copy)]
 struct NotForwarded;
+
+/// Answers a transport failure; the decision row gets its outcome.
+fn failed(gw: &Gateway, decision: &str, msg: &Message, started: Instant, f: Failure) -> Response {
+    let (status, why) = match f {
+        Failure::Upstream(why) => return upstream_failed(gw, decision, msg, started, &why),
+        Failure::Full(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+        Failure::NoSession(why) => (StatusCode::NOT_FOUND, why),
+        Failure::Invalid(why) => (StatusCode::BAD_REQUEST, why),
+    };
+    gw.outcome(decision, outcome::NOT_FORWARDED, started.elapsed());
+    tracing::info!(decision, method = %msg.method, "not forwarded: {why}");
+    let code = if status == StatusCode::SERVICE_UNAVAILABLE {
+        code::UPSTREAM
+    } else {
+        code::INVALID_REQUEST
+    };
+    let mut r = rpc_error(status, decision, msg.id.as_ref(), code, &why, None);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r.extensions_mut().insert(NotForwarded);
+    r
+}
 
 fn audit_unavailable(decision: &str, msg: &Message, why: &str) -> Response {
     let mut r = rpc_error(
@@ -1018,7 +960,7 @@ fn stream_sse(
     upstream: Upstream,
     msg: Message,
     decision: String,
-    resp: reqwest::Response,
+    body: transport::BodyStream,
     headers: HeaderMap,
     started: Instant,
     caller: Arc<Caller>,
@@ -1033,7 +975,7 @@ fn stream_sse(
         started: Instant,
         caller: Arc<Caller>,
         parser: sse::Parser,
-        inner: futures_util::stream::BoxStream<'static, Result<Bytes, reqwest::Error>>,
+        inner: transport::BodyStream,
         answered: bool,
         done: bool,
         /// Events of our own (e.g. `notifications/tools/list_changed`) merged into the stream.
@@ -1087,7 +1029,7 @@ fn stream_sse(
         started,
         caller,
         parser: sse::Parser::new(MAX_SSE_EVENT),
-        inner: resp.bytes_stream().boxed(),
+        inner: body,
         answered: false,
         done: false,
         inject,
@@ -1139,7 +1081,7 @@ fn stream_sse(
                         return Some((Ok(Bytes::from(out)), st));
                     }
                 }
-                Some(Err(e)) => return st.fail(&format!("upstream stream: {}", without_url(&e))),
+                Some(Err(e)) => return st.fail(&format!("upstream stream: {e}")),
                 None => {
                     // A stream with no request pending (the GET stream) just ends; one that
                     // ends before answering our request gets a JSON-RPC error for it.
@@ -1287,19 +1229,7 @@ fn server_message(
         &format!("denied by policy: {}", m.method),
         None,
     );
-    let mut req = gw
-        .http
-        .post(upstream.url.clone())
-        .timeout(upstream.timeout)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream");
-    // The configured headers (upstream auth) and, on a session, the caller's session id.
-    for (k, v) in &upstream.headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    tokio::spawn(async move {
-        let _ = req.body(answer).send().await;
-    });
+    transport::answer(gw, upstream, &caller.principal.id, answer);
     None
 }
 
@@ -1384,28 +1314,11 @@ pub async fn session_request(
     if let Err(e) = commit.await {
         return audit_unavailable(&decision, &dummy(), &e.0);
     }
-    let m = if method == Method::DELETE {
-        reqwest::Method::DELETE
-    } else {
-        reqwest::Method::GET
-    };
-    let resp = match upstream_request(&gw, &upstream, m, &headers)
-        .timeout(upstream.max_stream)
-        .send()
-        .await
-    {
+    let reply = match transport::session(&gw, &upstream, &method, &headers).await {
         Ok(r) => r,
-        Err(e) => {
-            return upstream_failed(
-                &gw,
-                &decision,
-                &dummy(),
-                started,
-                &format!("upstream unreachable: {}", without_url(&e)),
-            );
-        }
+        Err(f) => return failed(&gw, &decision, &dummy(), started, f),
     };
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = reply.status;
     // Unbound only once the upstream ended the session: after a refused DELETE the session
     // lives on upstream, and must stay its owner's.
     if method == Method::DELETE && status.is_success() {
@@ -1413,12 +1326,8 @@ pub async fn session_request(
     }
     let mut out_headers = HeaderMap::new();
     for name in ["content-type", SESSION_HEADER] {
-        if let Some(v) = resp
-            .headers()
-            .get(name)
-            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-        {
-            out_headers.insert(name, v);
+        if let Some(v) = reply.headers.get(name) {
+            out_headers.insert(name, v.clone());
         }
     }
     let is_sse = header_str(&out_headers, "content-type")
@@ -1432,7 +1341,7 @@ pub async fn session_request(
             with_session(&upstream, &headers),
             dummy(),
             decision,
-            resp,
+            reply.body,
             out_headers,
             started,
             caller,
@@ -1442,7 +1351,7 @@ pub async fn session_request(
         *r.status_mut() = status;
         return r;
     }
-    let body = read_limited(resp, MAX_RESPONSE_BYTES)
+    let body = read_limited(reply.body, MAX_RESPONSE_BYTES)
         .await
         .unwrap_or_default();
     let mut r = respond(status, &decision, "application/json", body);

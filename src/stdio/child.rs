@@ -434,6 +434,14 @@ impl Child {
         }
     }
 
+    /// Is a stream of server messages open on this child?
+    pub fn listening(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|i| i.listener.as_ref().is_some_and(|l| !l.is_closed()))
+            .unwrap_or(false)
+    }
+
     /// Opens the session's stream of server messages (one at a time: a new one replaces the
     /// old). The backlog is delivered first.
     pub fn listen(

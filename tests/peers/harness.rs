@@ -163,23 +163,42 @@ impl Gateway {
 
     /// Starts the gateway with `servers` (name → its `servers.<name>` YAML flow mapping).
     pub async fn start_configured(servers: &[(&str, String)], audit_extra: &str) -> Gateway {
+        let mut yaml = String::new();
+        for (name, server) in servers {
+            yaml.push_str(&format!("  {name}: {server}\n"));
+        }
+        Gateway::start_with(
+            &repo_root().join("tests/peers/policies"),
+            &yaml,
+            &format!("audit:\n  sqlite: audit.db\n  mode: sync\n  arguments: full\n{audit_extra}"),
+        )
+        .await
+    }
+
+    /// Starts the gateway with policies from `policies`, `servers_yaml` (entries under
+    /// `servers:`, indented two spaces) and `extra` top-level YAML (which must hold `audit:`).
+    /// stdio children are launched by the built `toolgate` binary.
+    pub async fn start_with(policies: &Path, servers_yaml: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("identities.yaml"), IDENTITIES).unwrap();
         let port = free_port();
         let mut cfg = format!(
             "listen: [\"127.0.0.1:{port}\"]\ntls: off\nidentity:\n  provider: static\n  static: identities.yaml\n\
-             policies:\n  dir: {}\n  watch: false\nservers:\n",
-            repo_root().join("tests/peers/policies").display()
+             policies:\n  dir: {}\n  watch: false\nservers:\n{servers_yaml}",
+            policies.display()
         );
-        for (name, server) in servers {
-            cfg.push_str(&format!("  {name}: {server}\n"));
+        if !extra.contains("launcher:") {
+            if let Some(bin) = option_env!("CARGO_BIN_EXE_toolgate") {
+                if extra.contains("stdio:") {
+                    panic!("give stdio.launcher yourself when the extra YAML has a stdio: section");
+                }
+                cfg.push_str(&format!("stdio:\n  launcher: {bin}\n"));
+            }
         }
-        cfg.push_str(&format!(
-            "audit:\n  sqlite: audit.db\n  mode: sync\n  arguments: full\n{audit_extra}"
-        ));
+        cfg.push_str(extra);
         let path = dir.path().join("toolgate.yaml");
         std::fs::write(&path, &cfg).unwrap();
-        let config = Config::load(&path).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{cfg}"));
         let db = config.audit.sqlite.clone();
         let listen = daemon::resolve_listen(&config, &[]).unwrap();
         let identify = daemon::static_provider(&config, &listen).unwrap();

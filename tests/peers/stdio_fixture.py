@@ -15,6 +15,9 @@ MODE (comma-separated):
   pages        tools/list, prompts/list and resources/list answer 3 pages of 2 items each
   notify       after every call, send notifications/tools/list_changed
 
+The tool `ask` always sends a `sampling/createMessage` request to the client mid-call and
+answers with what came back (or the error).
+
 Only the standard library; nothing touches the network or the disk except PIDFILE.
 """
 
@@ -79,7 +82,7 @@ def answer(req):
         if kind == "tools":
             return {"tools": [
                 {"name": n, "inputSchema": {"type": "object"}}
-                for n in ("echo", "crash", "hang", "garbage", "get_sum")
+                for n in ("echo", "crash", "hang", "garbage", "get_sum", "ask", "secret")
             ]}
         return {kind: []}
     if method == "tools/call":
@@ -97,6 +100,24 @@ def answer(req):
             sys.stdout.write("this is not JSON-RPC\n")
             sys.stdout.flush()
             return None
+        if name == "ask":
+            # A server request in the middle of a call: the answer comes back on stdin.
+            send({"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage",
+                  "params": {"messages": [{"role": "user",
+                                           "content": {"type": "text", "text": "hi"}}],
+                             "maxTokens": 5}})
+            while True:
+                line = sys.stdin.readline()
+                if not line:
+                    os._exit(0)
+                m = json.loads(line)
+                if m.get("id") == "s1" and "method" not in m:
+                    break
+            if "error" in m:
+                text = "sampling refused: " + m["error"]["message"]
+            else:
+                text = "sampled: " + m["result"]["content"]["text"]
+            return {"content": [{"type": "text", "text": text}], "isError": False}
         if name == "get_sum":
             text = str(args.get("a", 0) + args.get("b", 0))
         else:
@@ -105,7 +126,10 @@ def answer(req):
     return {"__error__": {"code": -32601, "message": f"Method not found: {method}"}}
 
 
-for line in sys.stdin:
+while True:
+    line = sys.stdin.readline()
+    if not line:
+        break
     line = line.strip()
     if not line:
         continue
