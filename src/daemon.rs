@@ -375,6 +375,7 @@ pub fn build_with(
         list_watchers: Default::default(),
         known_tools: Default::default(),
         in_flight: Default::default(),
+        aggregate: Default::default(),
     });
     Ok(Built {
         gateway,

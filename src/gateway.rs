@@ -299,6 +299,8 @@ pub struct Gateway {
     pub whois: std::sync::OnceLock<Arc<crate::tailnet::whois::WhoisResolver>>,
     /// Open server→client streams to tell about tool-list changes.
     pub list_watchers: Mutex<Vec<ListWatcher>>,
+    /// Sessions of the aggregated endpoint `/mcp`.
+    pub aggregate: crate::mcp::multi::Sessions,
     /// Tool names seen in each server's `tools/list`.
     pub known_tools: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
 }

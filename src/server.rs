@@ -74,6 +74,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
                 .get(proxy::session_request)
                 .delete(proxy::session_request),
         )
+        .route(
+            "/mcp",
+            post(crate::mcp::multi::post)
+                .get(crate::mcp::multi::session_request)
+                .delete(crate::mcp::multi::session_request),
+        )
         .route("/metrics", get(metrics))
         .route("/api/audit", get(api_audit))
         .route("/healthz", get(healthz))

@@ -127,6 +127,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         list_watchers: Default::default(),
         known_tools: Default::default(),
         in_flight: Default::default(),
+        aggregate: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

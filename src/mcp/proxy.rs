@@ -37,7 +37,12 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The oldest protocol revision we speak (`MCP-Protocol-Version` values are `YYYY-MM-DD`).
 const OLDEST: &str = "2024-11-05";
 
-fn respond(status: StatusCode, decision: &str, content_type: &str, body: Vec<u8>) -> Response {
+pub(crate) fn respond(
+    status: StatusCode,
+    decision: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(content_type) {
@@ -49,7 +54,7 @@ fn respond(status: StatusCode, decision: &str, content_type: &str, body: Vec<u8>
     r
 }
 
-fn rpc_error(
+pub(crate) fn rpc_error(
     status: StatusCode,
     decision: &str,
     id: Option<&Value>,
@@ -66,7 +71,7 @@ fn rpc_error(
 }
 
 /// Audits a refusal (nothing forwarded) and answers it.
-async fn refuse(
+pub(crate) async fn refuse(
     gw: &Gateway,
     mut row: AuditRow,
     status: StatusCode,

@@ -129,6 +129,13 @@ impl std::fmt::Debug for Child {
     }
 }
 
+impl Drop for Child {
+    /// Nobody can reach this child any more: stop it now rather than at its idle timeout.
+    fn drop(&mut self) {
+        let _ = self.stop_tx.try_send(());
+    }
+}
+
 /// Counts a call or stream as activity for as long as it lives.
 #[derive(Debug)]
 pub struct Busy(Arc<Child>);
@@ -260,6 +267,11 @@ impl Child {
     pub async fn wait_exit(&self) {
         let mut rx = self.exited.clone();
         let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Says when the process has exited, even after this handle is gone.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<String>> {
+        self.exited.clone()
     }
 
     /// Idle: nothing in flight, no open stream, and no activity for `idle_timeout`.

@@ -140,7 +140,8 @@ struct PoolInner {
     running: AtomicUsize,
     seq: AtomicU64,
     spawner: OnceLock<Result<Spawner, String>>,
-    children: Mutex<Vec<Weak<Child>>>,
+    /// Every child started, with its exit (known even once the child itself is dropped).
+    children: Mutex<Vec<(Weak<Child>, tokio::sync::watch::Receiver<Option<String>>)>>,
 }
 
 /// Every stdio child of this toolgate.
@@ -226,16 +227,19 @@ impl Pool {
 
     /// Stops every child and waits (bounded) for them to exit; then removes the cgroups.
     pub async fn shutdown(&self, within: Duration) {
-        let children: Vec<Arc<Child>> = self
+        let children: Vec<_> = self
             .inner
             .children
             .lock()
-            .map(|c| c.iter().filter_map(Weak::upgrade).collect())
+            .map(|c| c.clone())
             .unwrap_or_default();
-        for c in &children {
+        for c in children.iter().filter_map(|(w, _)| w.upgrade()) {
             c.stop("toolgate is shutting down");
         }
-        let all = futures_util::future::join_all(children.iter().map(|c| c.wait_exit()));
+        let all =
+            futures_util::future::join_all(children.into_iter().map(|(_, mut rx)| async move {
+                let _ = rx.wait_for(Option::is_some).await;
+            }));
         if tokio::time::timeout(within, all).await.is_err() {
             tracing::warn!("some stdio servers did not exit in time");
         }
@@ -400,8 +404,8 @@ impl Server {
         })
         .map_err(spawn_err)?;
         if let Ok(mut c) = pool.children.lock() {
-            c.retain(|w| w.strong_count() > 0);
-            c.push(Arc::downgrade(&child));
+            c.retain(|(_, rx)| rx.borrow().is_none());
+            c.push((Arc::downgrade(&child), child.exit_watch()));
         }
         tracing::info!(child = %child.name, pid = child.pid(), "started stdio server");
         Ok(child)
@@ -472,6 +476,14 @@ impl Server {
             m.insert(principal.to_string(), child.clone());
         }
         Ok(child)
+    }
+
+    /// Sessions whose stream of server messages is open (for tests and metrics).
+    pub fn streams(&self) -> usize {
+        self.sessions
+            .lock()
+            .map(|m| m.values().filter(|c| c.listening()).count())
+            .unwrap_or(0)
     }
 
     /// Live sessions (for tests and metrics).

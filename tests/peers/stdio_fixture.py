@@ -85,6 +85,11 @@ def answer(req):
                 for n in ("echo", "crash", "hang", "garbage", "get_sum", "ask", "secret")
             ]}
         return {kind: []}
+    if method == "resources/read":
+        return {"contents": [{"uri": params.get("uri"), "text": f"{NAME} says hi"}]}
+    if method == "prompts/get":
+        return {"messages": [{"role": "user",
+                              "content": {"type": "text", "text": f"{NAME}: {params.get('name')}"}}]}
     if method == "tools/call":
         name = params.get("name")
         args = params.get("arguments") or {}
