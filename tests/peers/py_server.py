@@ -2,8 +2,10 @@
 with the handshake-era fallback) for toolgate's end-to-end tests.
 
     python py_server.py PORT [LOG]
+    python py_server.py stdio [LOG]
 
-Binds 127.0.0.1:PORT only. Every tool it executes is appended to LOG (one JSON line
+Binds 127.0.0.1:PORT only (or speaks MCP on stdin/stdout: `stdio`, behind toolgate as a stdio
+server). Every tool it executes is appended to LOG (one JSON line
 `{"name": .., "arguments": ..}`), so a test can compare what ran with the gateway's audit trail.
 Nothing here touches the real world.
 """
@@ -14,7 +16,8 @@ import sys
 
 from mcp.server.mcpserver import MCPServer
 
-PORT = int(sys.argv[1])
+STDIO = sys.argv[1] == "stdio"
+PORT = 0 if STDIO else int(sys.argv[1])
 LOG = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("TOOLGATE_PEER_LOG")
 
 app = MCPServer("toolgate-peer-python")
@@ -55,4 +58,7 @@ def read_env() -> str:
 
 
 if __name__ == "__main__":
-    app.run("streamable-http", host="127.0.0.1", port=PORT)
+    if STDIO:
+        app.run("stdio")
+    else:
+        app.run("streamable-http", host="127.0.0.1", port=PORT)
