@@ -10,7 +10,8 @@ MODE (comma-separated):
   garbage      write a line that is not JSON when a tool named `garbage` is called
   flood        write 20000 lines to stderr before answering each call
   fork         at start, leave two grandchildren running (`sleep`): one in our process group
-               and one in a new session (setsid); their pids go to PIDFILE with ours
+               and one in a new session (setsid); their pids go to PIDFILE with ours (to
+               PIDFILE/<our pid> when PIDFILE is a directory)
   ignore-term  ignore SIGTERM (only SIGKILL stops it)
   pages        tools/list, prompts/list and resources/list answer 3 pages of 2 items each
   notify       after every call, send notifications/tools/list_changed
@@ -38,7 +39,8 @@ if "fork" in MODES:
     same_group = subprocess.Popen(["sleep", "1000"])
     new_session = subprocess.Popen(["sleep", "1001"], start_new_session=True)
     if PIDFILE:
-        with open(PIDFILE, "w", encoding="utf-8") as f:
+        path = os.path.join(PIDFILE, str(os.getpid())) if os.path.isdir(PIDFILE) else PIDFILE
+        with open(path, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()} {same_group.pid} {new_session.pid}\n")
 
 
