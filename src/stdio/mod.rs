@@ -133,6 +133,9 @@ impl Spawner {
     }
 }
 
+/// Tells when a child's process has exited (`Some(how)`).
+type ExitWatch = tokio::sync::watch::Receiver<Option<String>>;
+
 struct PoolInner {
     launcher: PathBuf,
     cgroups: Option<cgroup::Base>,
@@ -141,7 +144,7 @@ struct PoolInner {
     seq: AtomicU64,
     spawner: OnceLock<Result<Spawner, String>>,
     /// Every child started, with its exit (known even once the child itself is dropped).
-    children: Mutex<Vec<(Weak<Child>, tokio::sync::watch::Receiver<Option<String>>)>>,
+    children: Mutex<Vec<(Weak<Child>, ExitWatch)>>,
 }
 
 /// Every stdio child of this toolgate.
