@@ -251,6 +251,41 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     }
     out.push(policy_check(&cfg.policies.dir));
     out.push(audit_check(&cfg.audit.sqlite));
+    out.extend(stdio_checks(cfg));
+    out
+}
+
+/// Every stdio server's command exists and is executable, as its child would look it up
+/// (the child's `PATH`, its `cwd`); and the launcher binary is there.
+fn stdio_checks(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (name, s) in &cfg.servers {
+        let Some(cmd) = s.stdio() else { continue };
+        let env = crate::stdio::Settings::child_env(std::env::vars(), &cmd.env);
+        match crate::stdio::resolve_program(&cmd.command, &env, cmd.cwd.as_deref()) {
+            Ok(p) => out.push(check(
+                Verdict::Ok,
+                "stdio",
+                format!("servers.{name}: {} is executable", p.display()),
+            )),
+            Err(e) => out.push(check(
+                Verdict::Fail,
+                "stdio",
+                format!("servers.{name}: {e}"),
+            )),
+        }
+    }
+    if !out.is_empty() {
+        if let Some(l) = &cfg.stdio.launcher {
+            if !l.is_file() {
+                out.push(check(
+                    Verdict::Fail,
+                    "stdio",
+                    format!("stdio.launcher {} is not a file", l.display()),
+                ));
+            }
+        }
+    }
     out
 }
 

@@ -410,3 +410,46 @@ async fn a_missing_program_fails_the_spawn_clearly() {
     };
     assert!(why.contains("exit status 127"), "{why}");
 }
+
+/// `toolgate doctor` checks every stdio command as its child would find it.
+#[tokio::test]
+async fn doctor_checks_each_stdio_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ids.yaml"), "{}\n").unwrap();
+    let text = format!(
+        "listen: [\"127.0.0.1:1\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\n\
+         policies: {{dir: {}}}\naudit: {{sqlite: audit.db}}\nservers:\n  good: {{command: [python3, x.py]}}\n\
+         \x20 missing: {{command: [no-such-mcp-server]}}\n  notexec: {{command: [\"{}\"]}}\n  web: {{url: \"http://127.0.0.1:9/mcp\"}}\n",
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers/stdio_policies")
+            .display(),
+        fixture().display()
+    );
+    let cfg = toolgate::config::Config::parse("t.yaml", text.as_bytes(), dir.path()).unwrap();
+    let checks = toolgate::doctor::run_checks(&cfg).await;
+    let stdio: Vec<String> = checks
+        .iter()
+        .filter(|c| c.what == "stdio")
+        .map(|c| format!("{} {}", c.verdict, c.detail))
+        .collect();
+    assert_eq!(stdio.len(), 3, "{stdio:?}");
+    assert!(
+        stdio
+            .iter()
+            .any(|l| l.starts_with("OK servers.good: ") && l.contains("python3")),
+        "{stdio:?}"
+    );
+    assert!(
+        stdio
+            .iter()
+            .any(|l| l
+                .starts_with("FAIL servers.missing: `no-such-mcp-server` is not an executable")),
+        "{stdio:?}"
+    );
+    assert!(
+        stdio
+            .iter()
+            .any(|l| l.starts_with("FAIL servers.notexec: ") && l.contains("not executable")),
+        "{stdio:?}"
+    );
+}

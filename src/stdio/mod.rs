@@ -495,9 +495,91 @@ impl Server {
     }
 }
 
+/// Where `command[0]` resolves for a child with environment `env` started in `cwd`: a path
+/// (with `/`) taken from `cwd`, or a name searched in the child's `PATH`. `Err` says why it
+/// cannot run: missing, not a file, not executable, no `PATH` entry has it.
+pub fn resolve_program(
+    command: &[String],
+    env: &[(String, String)],
+    cwd: Option<&std::path::Path>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = command.first().ok_or("the command is empty")?;
+    if let Some(dir) = cwd {
+        if !dir.is_dir() {
+            return Err(format!("cwd {} is not a directory", dir.display()));
+        }
+    }
+    let runnable = |p: &std::path::Path| -> Result<(), String> {
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{} is not a file", p.display()));
+        }
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err(format!("{} is not executable", p.display()));
+        }
+        Ok(())
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        let p = match cwd {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        };
+        runnable(&p)?;
+        return Ok(p);
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let p = std::path::Path::new(dir).join(program);
+        if runnable(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "`{program}` is not an executable in the child's PATH ({path})"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_resolve_by_path_or_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("server");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        let plain = dir.path().join("notes.txt");
+        std::fs::write(&plain, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let env = vec![(
+            "PATH".to_string(),
+            format!("/nonexistent:{}", dir.path().display()),
+        )];
+        assert_eq!(
+            resolve_program(&["server".into()], &env, None).unwrap(),
+            exe
+        );
+        assert_eq!(
+            resolve_program(&["./server".into()], &[], Some(dir.path())).unwrap(),
+            dir.path().join("./server")
+        );
+        let e = resolve_program(&["missing".into()], &env, None).unwrap_err();
+        assert!(e.contains("not an executable in the child's PATH"), "{e}");
+        let e = resolve_program(&[plain.display().to_string()], &env, None).unwrap_err();
+        assert!(e.contains("not executable"), "{e}");
+        let e =
+            resolve_program(&["server".into()], &env, Some(&dir.path().join("nope"))).unwrap_err();
+        assert!(e.contains("is not a directory"), "{e}");
+        assert!(resolve_program(&[], &env, None).is_err());
+    }
 
     #[test]
     fn the_child_environment_is_an_allowlist_plus_env() {
