@@ -448,6 +448,13 @@ pub struct ServerConfig {
     /// clients reconnect after it. Request/response calls are bounded by `timeout`.
     #[serde(default = "default_max_stream", with = "duration_text")]
     pub max_stream: Duration,
+    /// The largest client message, in bytes (default 1 MiB); larger bodies get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: usize,
+    /// The most JSON values in a client message (default 10,000): parsed, many small values
+    /// cost far more memory than their bytes.
+    #[serde(default = "default_max_nodes")]
+    pub max_nodes: usize,
 }
 
 /// How toolgate reaches one upstream.
@@ -498,6 +505,8 @@ pub struct Server {
     pub headers: Vec<(String, String)>,
     pub unknown_methods: UnknownMethods,
     pub max_stream: Duration,
+    pub max_body: usize,
+    pub max_nodes: usize,
 }
 
 impl fmt::Debug for Server {
@@ -511,6 +520,8 @@ impl fmt::Debug for Server {
             .field("headers (values withheld)", &headers)
             .field("unknown_methods", &self.unknown_methods)
             .field("max_stream", &self.max_stream)
+            .field("max_body", &self.max_body)
+            .field("max_nodes", &self.max_nodes)
             .finish()
     }
 }
@@ -543,6 +554,16 @@ pub const MAX_SERVER_NAME: usize = 64;
 
 fn default_max_stream() -> Duration {
     DEFAULT_MAX_STREAM
+}
+/// `servers.<name>.max_body` bounds: at least a small call, at most 64 MiB.
+pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=64 * 1024 * 1024;
+/// `servers.<name>.max_nodes` bounds.
+pub const MAX_NODES_RANGE: std::ops::RangeInclusive<usize> = 16..=1_000_000;
+fn default_max_body() -> usize {
+    crate::mcp::jsonrpc::DEFAULT_MAX_BYTES
+}
+fn default_max_nodes() -> usize {
+    crate::mcp::jsonrpc::DEFAULT_MAX_NODES
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -1118,6 +1139,26 @@ fn check_servers(
         if s.max_stream.is_zero() {
             p.add(format_args!("{at}.max_stream"), "must be more than 0");
         }
+        if !MAX_BODY_RANGE.contains(&s.max_body) {
+            p.add(
+                format_args!("{at}.max_body"),
+                format_args!(
+                    "between {} and {} bytes",
+                    MAX_BODY_RANGE.start(),
+                    MAX_BODY_RANGE.end()
+                ),
+            );
+        }
+        if !MAX_NODES_RANGE.contains(&s.max_nodes) {
+            p.add(
+                format_args!("{at}.max_nodes"),
+                format_args!(
+                    "between {} and {}",
+                    MAX_NODES_RANGE.start(),
+                    MAX_NODES_RANGE.end()
+                ),
+            );
+        }
         let mut headers = Vec::new();
         for (k, v) in &s.headers {
             let hat = format!("{at}.headers.{k}");
@@ -1151,6 +1192,8 @@ fn check_servers(
                     headers,
                     unknown_methods: s.unknown_methods,
                     max_stream: s.max_stream,
+                    max_body: s.max_body,
+                    max_nodes: s.max_nodes,
                 },
             );
         }

@@ -49,6 +49,10 @@ pub struct Upstream {
     pub deny_unknown: bool,
     /// Bound on a server→client stream.
     pub max_stream: Duration,
+    /// Bound on a client message's bytes.
+    pub max_body: usize,
+    /// Bound on a client message's JSON values.
+    pub max_nodes: usize,
 }
 
 impl Upstream {
@@ -80,6 +84,8 @@ impl Upstream {
             headers: c.headers.clone(),
             deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
             max_stream: c.max_stream,
+            max_body: c.max_body,
+            max_nodes: c.max_nodes,
         })
     }
 }

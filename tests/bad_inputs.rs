@@ -38,6 +38,17 @@ fn call_named(name: &str) -> String {
     json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": {"query": "x"}}}).to_string()
 }
 
+/// An allowed call whose body is exactly `bytes` long (one long string argument).
+fn sized_call(bytes: usize) -> String {
+    let empty = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_repositories", "arguments": {"query": ""}}}).to_string();
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_repositories", "arguments": {"query": "x".repeat(bytes - empty.len())}}}).to_string()
+}
+
+/// An allowed call with 9 + `n` JSON values: the envelope's 8 and an array of `n` numbers.
+fn values_call(n: usize) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_repositories", "arguments": {"query": "x", "pages": vec![1; n]}}}).to_string()
+}
+
 /// What a case must produce.
 struct Case {
     name: &'static str,
@@ -355,6 +366,21 @@ fn cases(addr: SocketAddr) -> Vec<Case> {
                 r.extend_from_slice(b);
                 r
             },
+            413,
+            -32600,
+        ),
+        // Memory per request (issue 13 item 4): the default body limit is 1 MiB, and the
+        // number of JSON values is bounded (their parsed form costs far more than their bytes).
+        case("body of 1 MiB + 1 byte (the default limit)", p(&[], &sized_call(1024 * 1024 + 1)), 413, -32600),
+        case(
+            "#39 a 100,000-element array (over the 10,000 value limit)",
+            p(&[], &values_call(100_000)),
+            413,
+            -32600,
+        ),
+        case(
+            "10,001 JSON values (one over the limit)",
+            p(&[], &values_call(10_001 - 9)),
             413,
             -32600,
         ),
@@ -1025,6 +1051,27 @@ async fn bad_inputs_are_refused_audited_and_never_forwarded() {
         (row.effect.as_str(), row.outcome.as_str()),
         ("allow", "forwarded")
     );
+    // At the limits exactly: accepted and run.
+    for (what, body) in [
+        ("a body of exactly 1 MiB", sized_call(1024 * 1024)),
+        ("exactly 10,000 JSON values", values_call(10_000 - 9)),
+    ] {
+        let r = raw(
+            ALICE,
+            addr,
+            &json_post(addr, &[], body.as_bytes()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+        );
+        assert_eq!(r.json()["result"]["isError"], false, "{what}");
+    }
     let health = harness::client_from(ALICE)
         .get(format!("{}/healthz", gw.base()))
         .send()

@@ -42,14 +42,43 @@ pub const MAX_ID_BYTES: usize = 128;
 pub struct Limits {
     pub max_bytes: usize,
     pub max_depth: usize,
+    /// JSON values in the whole message (objects, arrays and scalars each count one): the
+    /// parsed form of many small values costs far more memory than their bytes.
+    pub max_nodes: usize,
 }
+
+/// A client message's default byte limit (`servers.<name>.max_body`).
+pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
+/// A client message's default JSON value limit (`servers.<name>.max_nodes`).
+pub const DEFAULT_MAX_NODES: usize = 10_000;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_bytes: 4 * 1024 * 1024,
+            max_bytes: DEFAULT_MAX_BYTES,
             max_depth: 64,
+            max_nodes: DEFAULT_MAX_NODES,
         }
+    }
+}
+
+/// What a parsed value holds, for the memory it costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Size {
+    /// JSON values (each object, array and scalar).
+    pub nodes: usize,
+    /// Of which objects (a parsed object costs a map node of several hundred bytes).
+    pub objects: usize,
+}
+
+impl Size {
+    /// A generous estimate of the heap a parsed value of `bytes` JSON text takes: its strings
+    /// (at most the text), a `Value` per node, a map node per object (serde_json's ordered map
+    /// allocates a whole B-tree leaf, ~640 bytes, even for one key).
+    pub fn parsed_bytes(&self, bytes: usize) -> usize {
+        bytes
+            .saturating_add(self.nodes.saturating_mul(48))
+            .saturating_add(self.objects.saturating_mul(704))
     }
 }
 
@@ -58,6 +87,10 @@ impl Default for Limits {
 pub enum ParseError {
     TooLarge {
         size: usize,
+        limit: usize,
+    },
+    /// More JSON values than the limit.
+    TooManyValues {
         limit: usize,
     },
     NotUtf8,
@@ -83,6 +116,12 @@ impl fmt::Display for ParseError {
         match self {
             ParseError::TooLarge { size, limit } => {
                 write!(f, "body is {size} bytes; the limit is {limit}")
+            }
+            ParseError::TooManyValues { limit } => {
+                write!(
+                    f,
+                    "body has more than {limit} JSON values; the limit is {limit}"
+                )
             }
             ParseError::NotUtf8 => f.write_str("body is not valid UTF-8"),
             ParseError::Json(e) => write!(f, "invalid JSON: {e}"),
@@ -196,6 +235,11 @@ pub fn check_envelope(msg: &Message) -> Result<(), ParseError> {
 
 /// Parses one body into a JSON value, strictly.
 pub fn parse_value(body: &[u8], limits: Limits) -> Result<Value, ParseError> {
+    parse_value_sized(body, limits).map(|(v, _)| v)
+}
+
+/// [`parse_value`], also saying how many values and objects the value holds.
+pub fn parse_value_sized(body: &[u8], limits: Limits) -> Result<(Value, Size), ParseError> {
     if body.len() > limits.max_bytes {
         return Err(ParseError::TooLarge {
             size: body.len(),
@@ -204,20 +248,45 @@ pub fn parse_value(body: &[u8], limits: Limits) -> Result<Value, ParseError> {
     }
     let text = std::str::from_utf8(body).map_err(|_| ParseError::NotUtf8)?;
     let mut de = serde_json::Deserializer::from_str(text);
+    let count = Count {
+        nodes: std::cell::Cell::new(0),
+        objects: std::cell::Cell::new(0),
+        max_nodes: limits.max_nodes,
+    };
     let value = Strict {
         depth: 0,
         max_depth: limits.max_depth,
+        count: &count,
     }
     .deserialize(&mut de)
-    .map_err(|e| ParseError::Json(e.to_string()))?;
+    .map_err(|e| {
+        if count.nodes.get() > limits.max_nodes {
+            ParseError::TooManyValues {
+                limit: limits.max_nodes,
+            }
+        } else {
+            ParseError::Json(e.to_string())
+        }
+    })?;
     de.end().map_err(|e| ParseError::Json(e.to_string()))?;
-    Ok(value)
+    Ok((
+        value,
+        Size {
+            nodes: count.nodes.get(),
+            objects: count.objects.get(),
+        },
+    ))
 }
 
 /// Parses one body into one JSON-RPC message. An array is `ParseError::Batch`.
 pub fn parse(body: &[u8], limits: Limits) -> Result<Message, ParseError> {
-    let value = parse_value(body, limits)?;
-    message(value)
+    parse_sized(body, limits).map(|(m, _)| m)
+}
+
+/// [`parse`], also saying how many values and objects the message holds.
+pub fn parse_sized(body: &[u8], limits: Limits) -> Result<(Message, Size), ParseError> {
+    let (value, size) = parse_value_sized(body, limits)?;
+    Ok((message(value)?, size))
 }
 
 /// Classifies a parsed value as a JSON-RPC 2.0 message.
@@ -311,21 +380,37 @@ pub fn result_body(id: Option<&Value>, result: Value) -> Vec<u8> {
     canonical(&Value::Object(m))
 }
 
-/// A serde seed that builds a `Value` while refusing duplicate keys and keys with equal
-/// [`fold_key`]s, and bounding depth.
-struct Strict {
-    depth: usize,
-    max_depth: usize,
+/// Values seen so far in one parse, against the limit.
+struct Count {
+    nodes: std::cell::Cell<usize>,
+    objects: std::cell::Cell<usize>,
+    max_nodes: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for Strict {
+/// A serde seed that builds a `Value` while refusing duplicate keys and keys with equal
+/// [`fold_key`]s, and bounding depth and the number of values.
+struct Strict<'c> {
+    depth: usize,
+    max_depth: usize,
+    count: &'c Count,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
     type Value = Value;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        let n = self.count.nodes.get() + 1;
+        self.count.nodes.set(n);
+        if n > self.count.max_nodes {
+            return Err(de::Error::custom(format!(
+                "more than {} JSON values",
+                self.count.max_nodes
+            )));
+        }
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Strict {
+impl<'de> Visitor<'de> for Strict<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -368,6 +453,7 @@ impl<'de> Visitor<'de> for Strict {
         while let Some(v) = seq.next_element_seed(Strict {
             depth: self.depth + 1,
             max_depth: self.max_depth,
+            count: self.count,
         })? {
             out.push(v);
         }
@@ -380,6 +466,7 @@ impl<'de> Visitor<'de> for Strict {
                 self.max_depth
             )));
         }
+        self.count.objects.set(self.count.objects.get() + 1);
         let mut out = Map::new();
         // Fold key → the key as sent, to name both in the refusal.
         let mut folded: std::collections::HashMap<String, String> =
@@ -397,6 +484,7 @@ impl<'de> Visitor<'de> for Strict {
             let v = map.next_value_seed(Strict {
                 depth: self.depth + 1,
                 max_depth: self.max_depth,
+                count: self.count,
             })?;
             folded.insert(fold, key.clone());
             out.insert(key, v);
@@ -486,7 +574,8 @@ mod tests {
                 big.as_bytes(),
                 Limits {
                     max_bytes: 50,
-                    max_depth: 8
+                    max_depth: 8,
+                    max_nodes: 100,
                 }
             ),
             Err(ParseError::TooLarge { .. })
@@ -627,5 +716,46 @@ mod tests {
                 prop_assert!(refused, "{}", alone);
             }
         }
+    }
+
+    #[test]
+    fn the_number_of_values_is_bounded_and_counted() {
+        let limits = Limits {
+            max_nodes: 10,
+            ..Limits::default()
+        };
+        // 1 envelope + jsonrpc + id + method + params + name + arguments + items = 8 values,
+        // then 2 per `{"a":1}`.
+        let body = |n: usize| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{"items":[{}]}}}}}}"#,
+                vec![r#"{"a":1}"#; n].join(",")
+            )
+        };
+        let (_, size) = parse_sized(body(0).as_bytes(), limits).unwrap();
+        assert_eq!(
+            size,
+            Size {
+                nodes: 8,
+                objects: 3
+            }
+        );
+        let (_, size) = parse_sized(body(1).as_bytes(), limits).unwrap();
+        assert_eq!(
+            size,
+            Size {
+                nodes: 10,
+                objects: 4
+            }
+        );
+        assert_eq!(
+            parse(body(2).as_bytes(), limits).unwrap_err(),
+            ParseError::TooManyValues { limit: 10 }
+        );
+        assert_eq!(
+            ParseError::TooManyValues { limit: 10 }.code(),
+            code::INVALID_REQUEST
+        );
+        assert!(size.parsed_bytes(100) > 100 + 4 * 640);
     }
 }

@@ -32,6 +32,8 @@ const MODERN: &str = "2026-07-28";
 /// The largest JSON response we inspect (lists, call results).
 const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_SSE_EVENT: usize = 8 * 1024 * 1024;
+/// The most JSON values in one upstream answer we parse (lists, results).
+const MAX_RESPONSE_NODES: usize = 2_000_000;
 /// The whole request body must arrive within this time (slow-body attacks; invariant I5).
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The oldest protocol revision we speak (`MCP-Protocol-Version` values are `YYYY-MM-DD`).
@@ -202,7 +204,11 @@ pub async fn post(
         )
         .await;
     }
-    let limits = Limits::default();
+    let limits = Limits {
+        max_bytes: upstream.max_body,
+        max_nodes: upstream.max_nodes,
+        ..Limits::default()
+    };
     // A declared length over the limit is refused before anything is read (HTTP-2).
     if let Some(len) = header_str(&headers, "content-length").and_then(|v| v.parse::<u64>().ok()) {
         if len > limits.max_bytes as u64 {
@@ -249,19 +255,19 @@ pub async fn post(
             .await;
         }
     };
-    let msg = match jsonrpc::parse(&bytes, limits) {
+    let parsed = jsonrpc::parse_sized(&bytes, limits);
+    // The raw bytes are not needed past here: what is checked and forwarded is the parsed value.
+    drop(bytes);
+    let (msg, _size) = match parsed {
         Ok(m) => m,
         Err(e) => {
             row.outcome = "invalid".into();
-            return refuse(
-                &gw,
-                row,
-                StatusCode::BAD_REQUEST,
-                None,
-                e.code(),
-                &e.to_string(),
-            )
-            .await;
+            let status = match e {
+                jsonrpc::ParseError::TooLarge { .. }
+                | jsonrpc::ParseError::TooManyValues { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return refuse(&gw, row, status, None, e.code(), &e.to_string()).await;
         }
     };
     row.method = msg.method.clone();
@@ -895,6 +901,7 @@ fn inspect_response(
         Limits {
             max_bytes: MAX_RESPONSE_BYTES,
             max_depth: 128,
+            max_nodes: MAX_RESPONSE_NODES,
         },
     )
     .map_err(|e| format!("upstream sent a bad response: {e}"))?;
@@ -1130,6 +1137,7 @@ fn on_event(
         Limits {
             max_bytes: MAX_SSE_EVENT,
             max_depth: 128,
+            max_nodes: MAX_RESPONSE_NODES,
         },
     ) else {
         // What we cannot parse we cannot filter or audit: it is dropped, never passed on.
