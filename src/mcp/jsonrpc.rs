@@ -62,6 +62,9 @@ impl Default for Limits {
     }
 }
 
+/// The most JSON values in one upstream answer we parse (lists, results).
+pub const MAX_UPSTREAM_NODES: usize = 2_000_000;
+
 /// What a parsed value holds, for the memory it costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Size {

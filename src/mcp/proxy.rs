@@ -32,8 +32,6 @@ const MODERN: &str = "2026-07-28";
 /// The largest JSON response we inspect (lists, call results).
 const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_SSE_EVENT: usize = 8 * 1024 * 1024;
-/// The most JSON values in one upstream answer we parse (lists, results).
-const MAX_RESPONSE_NODES: usize = 2_000_000;
 /// The whole request body must arrive within this time (slow-body attacks; invariant I5).
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The oldest protocol revision we speak (`MCP-Protocol-Version` values are `YYYY-MM-DD`).
@@ -901,7 +899,7 @@ fn inspect_response(
         Limits {
             max_bytes: MAX_RESPONSE_BYTES,
             max_depth: 128,
-            max_nodes: MAX_RESPONSE_NODES,
+            max_nodes: jsonrpc::MAX_UPSTREAM_NODES,
         },
     )
     .map_err(|e| format!("upstream sent a bad response: {e}"))?;
@@ -1137,7 +1135,7 @@ fn on_event(
         Limits {
             max_bytes: MAX_SSE_EVENT,
             max_depth: 128,
-            max_nodes: MAX_RESPONSE_NODES,
+            max_nodes: jsonrpc::MAX_UPSTREAM_NODES,
         },
     ) else {
         // What we cannot parse we cannot filter or audit: it is dropped, never passed on.

@@ -484,6 +484,7 @@ impl Child {
             Limits {
                 max_bytes: self.limits.max_line,
                 max_depth: 128,
+                max_nodes: jsonrpc::MAX_UPSTREAM_NODES,
             },
         )
         .map_err(|e| format!("wrote a line that is not strict JSON on stdout ({e})"))?;
