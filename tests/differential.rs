@@ -172,7 +172,8 @@ fn differential_wider_policies_strict() {
 /// test suites. In each mode, `toolgate`'s suite runner and `cerbos compile` (with
 /// `--strict-evaluation` for strict) must give every tested action the same result and effect,
 /// and every suite must pass in the modes it is written for: `*_lenient_test.yaml` in lenient
-/// only, `*_strict_test.yaml` in strict only, any other suite in both. Without the Cerbos
+/// only, `*_strict_test.yaml` in strict only, any other suite in both; a `*_error_test.yaml`
+/// suite must be errored (a bad suite or fixture) by both. Without the Cerbos
 /// binary (and `TOOLGATE_REQUIRE_PEERS` unset) only toolgate's side runs, against the
 /// expectations (which were established with the binary).
 #[test]
@@ -198,6 +199,17 @@ fn differential_repros() {
             let ours_flat = repros::flatten(&ours);
             assert!(!ours_flat.is_empty(), "{name}: no test results");
             for (suite_file, passed) in repros::suite_outcomes(&ours) {
+                if suite_file.ends_with("_error_test.yaml") {
+                    let errored = repros::flatten(&ours)
+                        .iter()
+                        .any(|(k, v)| k.starts_with(&format!("{suite_file}/")) && v == "ERROR");
+                    if !errored {
+                        problems.push(format!(
+                            "{name} [{mode:?}]: toolgate does not reject suite {suite_file}"
+                        ));
+                    }
+                    continue;
+                }
                 if repros::applies(&suite_file, mode) && !passed {
                     problems.push(format!(
                         "{name} [{mode:?}]: toolgate fails suite {suite_file}:\n{}",
@@ -208,6 +220,9 @@ fn differential_repros() {
             let Some(bin) = &cerbos else { continue };
             let theirs = repros::cerbos(bin, dir, mode);
             for (suite_file, passed) in repros::suite_outcomes(&theirs) {
+                if suite_file.ends_with("_error_test.yaml") {
+                    continue;
+                }
                 if repros::applies(&suite_file, mode) && !passed {
                     problems.push(format!(
                         "{name} [{mode:?}]: Cerbos {CERBOS_VERSION} fails suite {suite_file} (the repro's expectations are wrong)"

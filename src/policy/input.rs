@@ -104,6 +104,7 @@ pub struct CheckInput {
     pub principal: Principal,
     pub resource: Resource,
     pub actions: Vec<String>,
-    /// Decoded auxiliary data as CEL sees it under `request.auxData` (`{"jwt": {claims}}`), or null.
+    /// Decoded auxiliary data as CEL sees it under `request.auxData` (`{"jwt": {claims}}` or
+    /// `{"jwts": {name: {"claims": {..}}}}`), or null. Absent `jwt`/`jwts` read as empty maps.
     pub aux_data: Value,
 }

@@ -313,7 +313,7 @@ impl<'a> Ordering<'a> {
 pub struct Request<'a> {
     pub principal: &'a Principal,
     pub resource: &'a Resource,
-    /// `{"jwt": {...claims}}` or null.
+    /// `{"jwt": {...claims}}`, `{"jwts": {name: {"claims": {...}}}}` or null.
     pub aux_data: &'a Value,
     pub now: chrono::DateTime<chrono::Utc>,
     pub globals: &'a Map<String, Value>,

@@ -413,8 +413,11 @@ impl<'a> AuxView<'a> {
     fn full(&self) -> &CelMap<'a> {
         self.full.get_or_init(|| {
             let mut map = map_of(self.src).into_inner();
-            map.entry(CelMapKey::String(CelString::from("jwt")))
-                .or_insert_with(|| Box::new(CelMap::default()));
+            // As in Cerbos, `jwt` and `jwts` are empty maps when absent, never errors.
+            for key in ["jwt", "jwts"] {
+                map.entry(CelMapKey::String(CelString::from(key)))
+                    .or_insert_with(|| Box::new(CelMap::default()));
+            }
             CelMap::from(map)
         })
     }

@@ -132,21 +132,58 @@ pub(super) struct ExpectedOutput {
     pub val: Value,
 }
 
-/// `cerbos.engine.v1.AuxData`, holding already-decoded JWT claims.
+/// `cerbos.engine.v1.AuxData`, holding already-decoded JWT claims: one token (`jwt`) or named
+/// tokens (`jwts`), never both.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuxData {
     #[serde(default)]
-    pub jwt: Map<String, Value>,
+    pub jwt: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub jwts: Option<BTreeMap<String, NamedJwt>>,
+}
+
+/// One named token of `jwts`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NamedJwt {
+    #[serde(default)]
+    pub claims: Map<String, Value>,
 }
 
 impl AuxData {
     /// As CEL sees it under `request.auxData`.
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
-        m.insert("jwt".into(), Value::Object(self.jwt.clone()));
+        if let Some(jwt) = &self.jwt {
+            m.insert("jwt".into(), Value::Object(jwt.clone()));
+        }
+        if let Some(jwts) = &self.jwts {
+            let named = jwts
+                .iter()
+                .map(|(k, t)| {
+                    let mut c = Map::new();
+                    c.insert("claims".into(), Value::Object(t.claims.clone()));
+                    (k.clone(), Value::Object(c))
+                })
+                .collect();
+            m.insert("jwts".into(), Value::Object(named));
+        }
         Value::Object(m)
     }
+}
+
+/// Cerbos's check: `jwt` and `jwts` are mutually exclusive.
+pub(super) fn check_aux_data(path: &str, aux: &BTreeMap<String, AuxData>) -> Check {
+    for (k, a) in aux {
+        if a.jwt.is_some() && a.jwts.is_some() {
+            return fail(
+                &format!("{path}.{k}"),
+                "only one of the jwt or jwts fields may be set",
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `cerbos.policy.v1.TestFixtureGroup.Principals`.
@@ -282,6 +319,7 @@ pub(super) fn check_suite(s: &SuiteDef) -> Check {
             true,
         )?;
     }
+    check_aux_data("$.auxData", &s.aux_data)?;
     if let Some(o) = &s.options {
         check_options("$.options", o)?;
     }

@@ -101,6 +101,8 @@ fn load_fixture(root: &Path, dir: &Path) -> Result<Option<Fixture>, String> {
     {
         let doc: model::AuxDataFixture =
             read_doc(root, &p).map_err(|e| format!("failed to load aux data: {e}"))?;
+        model::check_aux_data("$.auxData", &doc.aux_data)
+            .map_err(|e| format!("failed to load aux data: {}: {e}", rel(root, &p)))?;
         f.aux_data = doc.aux_data;
     }
     Ok(Some(f))
