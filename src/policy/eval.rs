@@ -149,6 +149,11 @@ pub struct CheckOutput {
     pub validation_errors: Vec<ValidationError>,
     pub evaluation_errors: Vec<EvalError>,
     pub trace: Trace,
+    /// Whether deciding read the clock: a condition or output called `now()`, or a visited
+    /// policy has a variable that does (Cerbos evaluates a policy's variables eagerly).
+    /// Test suites without `options.now` report such checks as errored, as Cerbos does.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub used_now: bool,
 }
 
 impl CheckOutput {
@@ -287,6 +292,7 @@ pub fn check(set: &PolicySet, input: &CheckInput, params: &Params) -> CheckOutpu
         aux_data: &input.aux_data,
         now: params.now,
         globals: &params.globals,
+        clock_read: Default::default(),
     };
     let mut c = Checker {
         set,
@@ -296,6 +302,10 @@ pub fn check(set: &PolicySet, input: &CheckInput, params: &Params) -> CheckOutpu
         out: CheckOutput::default(),
     };
     c.run();
+    c.out.used_now |= c
+        .request
+        .clock_read
+        .load(std::sync::atomic::Ordering::Relaxed);
     c.out
 }
 
@@ -614,6 +624,9 @@ impl<'a> Checker<'a> {
                 .parent_roles
                 .iter()
                 .any(|g| all_roles.iter().any(|r| g.matches(r)));
+            if parent_ok {
+                self.out.used_now |= dr.variables.use_now();
+            }
             let state = if !parent_ok {
                 DerivedState::Inactive
             } else {
@@ -668,6 +681,7 @@ impl<'a> Checker<'a> {
                 if !resource_ok || !rule.actions.iter().any(|g| g.matches(action)) {
                     continue;
                 }
+                self.out.used_now |= policy.variables.use_now();
                 match self.apply_rule(action, "principal", None, policy, rule, &none) {
                     RuleOutcome::Deny => {
                         return Verdict::Decided {
@@ -903,6 +917,19 @@ impl<'a> Checker<'a> {
                     .roles
                     .iter()
                     .any(|g| role_set.iter().any(|r| g.matches(r)));
+                let visited = by_role
+                    || rule.derived_roles.iter().any(|name| {
+                        derived.iter().any(|(dr, _)| {
+                            &dr.name == name
+                                && dr
+                                    .parent_roles
+                                    .iter()
+                                    .any(|g| role_set.iter().any(|r| g.matches(r)))
+                        })
+                    });
+                if visited {
+                    self.out.used_now |= policy.variables.use_now();
+                }
                 // Cerbos visits a rule's role rows, then its derived-role rows (one per derived
                 // role whose parent roles this role set holds). We evaluate the rule once: an
                 // active derived role applies it, a failed one (strict) denies the action.

@@ -18,6 +18,8 @@ pub(super) struct Compiled {
     pub ast: IdedExpr,
     pub variables: Vec<String>,
     pub depth: usize,
+    /// Whether the expression reads the clock (`now()`, `timeSince`).
+    pub uses_now: bool,
 }
 
 /// Identifiers an expression may start from (besides comprehension variables and type names).
@@ -90,12 +92,14 @@ pub(super) fn compile(env: &Arc<cel::Env>, src: &str) -> Result<Compiled, String
     };
     checker.expr(&ast)?;
     let variables = checker.variables;
+    let uses_now = mentions(&ast, super::macros::NOW);
     instrument(&mut ast);
     let depth = depth(&ast);
     Ok(Compiled {
         ast,
         variables,
         depth,
+        uses_now,
     })
 }
 
@@ -418,6 +422,16 @@ pub(super) fn depth(root: &IdedExpr) -> usize {
         for_each_child(e, |c| stack.push((c, d + 1)));
     }
     deepest
+}
+
+/// Does the tree mention the identifier `name` anywhere?
+fn mentions(e: &IdedExpr, name: &str) -> bool {
+    if matches!(&e.expr, Expr::Ident(n) if n == name) {
+        return true;
+    }
+    let mut found = false;
+    for_each_child(e, |c| found = found || mentions(c, name));
+    found
 }
 
 fn for_each_child<'e>(e: &'e IdedExpr, mut f: impl FnMut(&'e IdedExpr)) {

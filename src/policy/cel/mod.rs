@@ -110,6 +110,7 @@ impl CelEnv {
                 ast: compiled.ast,
                 variables: compiled.variables,
                 depth: compiled.depth,
+                uses_now: compiled.uses_now,
             }),
         })
     }
@@ -133,6 +134,7 @@ struct ExprInner {
     ast: cel::IdedExpr,
     variables: Vec<String>,
     depth: usize,
+    uses_now: bool,
 }
 
 impl std::fmt::Debug for Expr {
@@ -144,6 +146,11 @@ impl std::fmt::Debug for Expr {
 impl Expr {
     pub fn source(&self) -> &str {
         &self.inner.source
+    }
+
+    /// Whether the expression reads the clock (`now()`, `timeSince`), wherever it stands.
+    pub fn uses_now(&self) -> bool {
+        self.inner.uses_now
     }
 
     /// Variable names (`V.x`, `variables.x`) this expression reads.
@@ -260,6 +267,11 @@ impl Variables {
     fn len(&self) -> usize {
         self.defs.len()
     }
+
+    /// Whether any definition reads the clock (Cerbos evaluates a policy's variables eagerly).
+    pub fn use_now(&self) -> bool {
+        self.defs.iter().any(|(_, e)| e.uses_now())
+    }
 }
 
 /// Depth-first topological ordering of variable definitions.
@@ -317,6 +329,8 @@ pub struct Request<'a> {
     pub aux_data: &'a Value,
     pub now: chrono::DateTime<chrono::Utc>,
     pub globals: &'a Map<String, Value>,
+    /// Set when an evaluation read `now()` (test suites without `options.now` report it).
+    pub clock_read: std::sync::atomic::AtomicBool,
 }
 
 /// The context of one policy's evaluation for one action.

@@ -79,6 +79,7 @@ pub(super) struct Scope<'a> {
     /// is an error (Cerbos's `strictEvaluation`).
     derived_roles_error: Option<&'a str>,
     now: CelTimestamp,
+    clock_read: &'a std::sync::atomic::AtomicBool,
     variables: &'a Variables,
     /// One slot per variable: its value (owned, so it outlives any borrow) or its error.
     slots: Vec<Slot>,
@@ -104,6 +105,7 @@ impl<'a> Scope<'a> {
             derived_roles: StrList::new(ctx.effective_derived_roles),
             derived_roles_error: ctx.derived_roles_error,
             now: CelTimestamp::from(req.now.fixed_offset()),
+            clock_read: &req.clock_read,
             variables: ctx.variables,
             slots: (0..ctx.variables.len()).map(|_| Slot::default()).collect(),
         }
@@ -241,7 +243,10 @@ impl VariableResolver for Scope<'_> {
                 (Some(var), None) => self.variable(var).ok().map(CowVal::Borrowed),
                 _ => None,
             },
-            super::macros::NOW => Some(CowVal::Borrowed(&self.now)),
+            super::macros::NOW => {
+                self.clock_read.store(true, Ordering::Relaxed);
+                Some(CowVal::Borrowed(&self.now))
+            }
             _ => None,
         }
     }

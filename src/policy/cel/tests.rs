@@ -81,6 +81,7 @@ fn eval_vars(src: &str, vars: &Variables) -> Result<Value, String> {
         aux_data: &f.aux,
         now: f.now,
         globals: &f.globals,
+        clock_read: Default::default(),
     };
     let ctx = EvalCtx {
         env: &env,
@@ -778,6 +779,7 @@ fn evaluation_errors() {
             aux_data: &f.aux,
             now: f.now,
             globals: &f.globals,
+            clock_read: Default::default(),
         };
         e.eval_bool(&EvalCtx {
             env: &env,
@@ -1047,6 +1049,7 @@ fn timing() {
         aux_data: &f.aux,
         now: f.now,
         globals: &f.globals,
+        clock_read: Default::default(),
     };
     let ctx = EvalCtx {
         env: &env,
@@ -1099,6 +1102,7 @@ fn failed_derived_roles_make_runtime_an_error() {
         aux_data: &f.aux,
         now: f.now,
         globals: &f.globals,
+        clock_read: Default::default(),
     };
     let ctx = EvalCtx {
         env: &env,

@@ -20,6 +20,10 @@ use crate::policy::input::{
 use crate::policy::model::Effect;
 use crate::policy::{parse, store};
 
+/// Cerbos's error for a check that read the clock in a test without `options.now`.
+pub const NOW_NOT_SET: &str =
+    "a policy used a time-based condition, but `now` was not provided in the test options";
+
 /// Cerbos's skip reason for a test excluded by `--run`.
 pub const SKIP_REASON_NAME: &str = "Test name did not match the provided pattern";
 
@@ -622,8 +626,22 @@ pub(super) fn run_suite(
         };
         let out = eval::check(ctx.set, &input, &params(ctx, options));
         cov.record(&out);
+        // As Cerbos 0.55 (established with `cerbos compile`): a check whose evaluation read
+        // the clock, in a test that does not fix `now`, errors for every action of that
+        // principal and resource, since its result would depend on when the suite runs.
+        let clock_unset = options.and_then(|o| o.now.as_ref()).is_none();
         for a in actions {
-            let outcome = judge(a, &test.expected, &out);
+            let outcome = if clock_unset && out.used_now {
+                ActionOutcome {
+                    name: a.clone(),
+                    result: Outcome::Errored,
+                    detail: Detail::Error(NOW_NOT_SET.to_string()),
+                    reason: String::new(),
+                    eval_errors: Vec::new(),
+                }
+            } else {
+                judge(a, &test.expected, &out)
+            };
             result.add(&table.name, test.principal_key, test.resource_key, outcome);
         }
     }
