@@ -435,6 +435,30 @@ async fn every_fault_denies_within_the_bound_and_recovers() {
     );
 }
 
+/// Issue 13 item 10: a WhoIs answer over 1 MiB is refused with a reason that says so (it
+/// was read whole, up to the 32 MiB `status` cap, before); one just under the cap is used.
+#[tokio::test]
+async fn an_oversized_whois_answer_denies_with_a_clear_reason() {
+    let f = FakeLocalApi::start().await;
+    let mut big = alice("100.64.0.1");
+    big["Padding"] = json!("x".repeat(10 * 1024 * 1024));
+    f.add_identity("100.64.0.1", big);
+    let mut near = alice("100.64.0.2");
+    near["Padding"] = json!("y".repeat(1024 * 1024 - 4096));
+    f.add_identity("100.64.0.2", near);
+    let mut s = settings();
+    s.tailnet = Some(TAILNET_NAME.into());
+    let r = WhoisResolver::new(f.client(), s);
+    let e = r.resolve(sa("100.64.0.1:1")).await.unwrap_err();
+    assert!(e.contains("WhoIs answer is too large"), "{e}");
+    assert!(e.contains("exceeds 1048576 bytes"), "{e}");
+    assert_eq!(r.snapshot().err_decode, 1);
+    let ok = r.resolve(sa("100.64.0.2:1")).await.unwrap();
+    assert_eq!(ok.principal.id, "alice@example.com");
+    // The client stays usable after the refused (unread) body.
+    assert!(r.resolve(sa("100.64.0.2:2")).await.is_ok());
+}
+
 #[tokio::test]
 async fn a_netmap_change_on_the_bus_flushes_the_cache() {
     let f = FakeLocalApi::start().await;

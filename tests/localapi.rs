@@ -1066,4 +1066,25 @@ async fn defaults_are_documented_values() {
     );
     assert_eq!(cfg.timeout, Duration::from_secs(5));
     assert_eq!(cfg.whois_timeout, Duration::from_secs(2));
+    assert_eq!(cfg.max_whois_body_bytes, 1024 * 1024);
+    assert_eq!(cfg.max_body_bytes, 32 * 1024 * 1024);
+}
+
+/// Issue 13 item 10: WhoIs bodies are capped at 1 MiB, `status` keeps its larger cap.
+#[tokio::test]
+async fn whois_bodies_are_capped_at_one_mib_and_status_is_not() {
+    let fake = FakeLocalApi::start().await;
+    let mut big = alice();
+    big["Padding"] = json!("x".repeat(1024 * 1024 + 1));
+    fake.add_identity("100.64.0.1", big);
+    let c = fake.client();
+    let e = c.whois("100.64.0.1:1".parse().unwrap()).await.unwrap_err();
+    assert!(
+        matches!(&e, LocalApiError::Decode { endpoint, detail } if endpoint == "whois" && detail.contains("exceeds 1048576 bytes")),
+        "{e}"
+    );
+    let mut status = fake_localapi::default_status();
+    status["Padding"] = json!("s".repeat(2 * 1024 * 1024));
+    fake.set_status(status);
+    assert!(c.status().await.is_ok(), "status keeps the 32 MiB cap");
 }

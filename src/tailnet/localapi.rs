@@ -46,6 +46,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_WHOIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default cap on a response body (and on one line of the IPN bus).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default cap on a WhoIs answer. A real one is a few KiB (one node, one user profile, the
+/// CapMap); WhoIs runs per connection, so a larger answer only costs memory on the
+/// request path and is refused.
+pub const DEFAULT_MAX_WHOIS_BODY_BYTES: usize = 1024 * 1024;
 /// Default number of idle keep-alive connections kept.
 pub const DEFAULT_MAX_IDLE_CONNECTIONS: usize = 4;
 
@@ -99,6 +103,8 @@ pub struct LocalApiConfig {
     pub whois_timeout: Duration,
     /// Largest response body accepted (also the longest IPN-bus line).
     pub max_body_bytes: usize,
+    /// Largest WhoIs answer accepted (smaller than `max_body_bytes`: it is read per connection).
+    pub max_whois_body_bytes: usize,
     /// Idle keep-alive connections kept for reuse.
     pub max_idle_connections: usize,
 }
@@ -120,6 +126,7 @@ impl LocalApiConfig {
             timeout: DEFAULT_TIMEOUT,
             whois_timeout: DEFAULT_WHOIS_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_whois_body_bytes: DEFAULT_MAX_WHOIS_BODY_BYTES,
             max_idle_connections: DEFAULT_MAX_IDLE_CONNECTIONS,
         }
     }
@@ -446,8 +453,11 @@ impl LocalApi {
             pq.push_str("&proto=");
             pq.push_str(p.as_str());
         }
-        self.get_json("whois", &pq, self.inner.config.whois_timeout)
-            .await
+        let limit = self.inner.config.max_whois_body_bytes;
+        let body = self
+            .call("whois", &pq, self.inner.config.whois_timeout, limit)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| LocalApiError::decode("whois", e))
     }
 
     /// `GET /localapi/v0/cert/<domain>?type=pair[&min_validity=…]`: the node's TLS key and
@@ -464,7 +474,14 @@ impl LocalApi {
             pq.push_str("&min_validity=");
             pq.push_str(&go_duration(d));
         }
-        let body = self.call(&endpoint, &pq, self.inner.config.timeout).await?;
+        let body = self
+            .call(
+                &endpoint,
+                &pq,
+                self.inner.config.timeout,
+                self.inner.config.max_body_bytes,
+            )
+            .await?;
         let text = std::str::from_utf8(&body)
             .map_err(|e| LocalApiError::decode(&endpoint, format!("PEM is not UTF-8: {e}")))?;
         CertPair::split(text).map_err(|e| LocalApiError::decode(&endpoint, e))
@@ -473,8 +490,13 @@ impl LocalApi {
     /// A raw `GET` of `path_and_query` (e.g. `/localapi/v0/prefs`); the 200 body as bytes.
     pub async fn get(&self, path_and_query: &str) -> Result<Bytes, LocalApiError> {
         let endpoint = endpoint_of(path_and_query);
-        self.call(&endpoint, path_and_query, self.inner.config.timeout)
-            .await
+        self.call(
+            &endpoint,
+            path_and_query,
+            self.inner.config.timeout,
+            self.inner.config.max_body_bytes,
+        )
+        .await
     }
 
     /// A `POST` of `body` (JSON when not empty) to `path_and_query` on a fresh connection (never
@@ -585,19 +607,27 @@ impl LocalApi {
         pq: &str,
         timeout: Duration,
     ) -> Result<T, LocalApiError> {
-        let body = self.call(endpoint, pq, timeout).await?;
+        let body = self
+            .call(endpoint, pq, timeout, self.inner.config.max_body_bytes)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| LocalApiError::decode(endpoint, e))
     }
 
-    /// One bounded GET: the 200 body, or the typed error.
+    /// One bounded GET (in time and in body bytes): the 200 body, or the typed error.
     async fn call(
         &self,
         endpoint: &str,
         pq: &str,
         timeout: Duration,
+        max_body: usize,
     ) -> Result<Bytes, LocalApiError> {
         let start = Instant::now();
-        let result = match tokio::time::timeout(timeout, self.call_unbounded(endpoint, pq)).await {
+        let result = match tokio::time::timeout(
+            timeout,
+            self.call_unbounded(endpoint, pq, max_body),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(LocalApiError::Timeout {
                 endpoint: endpoint.to_owned(),
@@ -613,11 +643,16 @@ impl LocalApi {
         result
     }
 
-    async fn call_unbounded(&self, endpoint: &str, pq: &str) -> Result<Bytes, LocalApiError> {
+    async fn call_unbounded(
+        &self,
+        endpoint: &str,
+        pq: &str,
+        max_body: usize,
+    ) -> Result<Bytes, LocalApiError> {
         let (resp, sender) = self.send(endpoint, pq).await?;
         let status = resp.status();
-        let body =
-            read_limited(endpoint, resp.into_body(), self.inner.config.max_body_bytes).await?;
+        // An over-long body is not read to its end, so this connection is dropped, not pooled.
+        let body = read_limited(endpoint, resp.into_body(), max_body).await?;
         // The body is read to the end, so the connection is idle again and reusable.
         self.checkin(sender);
         if status != StatusCode::OK {

@@ -726,6 +726,10 @@ impl WhoisResolver {
                 "tailscaled did not answer the WhoIs within {} ms",
                 timeout.as_millis()
             ),
+            LocalApiError::Decode { detail, .. } if detail.contains("body exceeds") => format!(
+                "tailscaled's WhoIs answer is too large ({detail}; the cap is \
+                 localapi max_whois_body_bytes), refused unread"
+            ),
             LocalApiError::Decode { detail, .. } => {
                 format!("tailscaled's WhoIs answer does not decode ({detail})")
             }
