@@ -6,6 +6,7 @@
 //! - [`cli`]: the `toolgate` command line.
 
 pub mod audit;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;

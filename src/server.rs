@@ -184,16 +184,7 @@ async fn api_audit(
     let Some(caller) = conn.caller.clone() else {
         return forbidden("no verified tailnet identity");
     };
-    let pairs: Vec<(String, String)> = query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect();
+    let pairs = query_pairs(query.as_deref().unwrap_or(""));
     let filter = match crate::audit::query::Filter::from_pairs(pairs) {
         Ok(f) => f,
         Err(e) => {
@@ -268,30 +259,13 @@ async fn api_audit(
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `application/x-www-form-urlencoded` query pairs, decoded by the WHATWG URL standard's
+/// parser (the `url` crate's): `+` is a space, `%XX` a byte, and a `%` not followed by two hex
+/// digits stays literal (`%+A` is `%`, ` `, `A`, never a byte made from `+A`).
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 /// The router of the optional loopback metrics listener (`metrics.listen`): no identity.
@@ -741,5 +715,21 @@ mod tests {
         assert!(!host_allowed(&allowed, "evil.example.com"));
         assert!(!host_allowed(&allowed, "toolgate.example.ts.net.evil.com"));
         assert!(!host_allowed(&allowed, ""));
+    }
+
+    #[test]
+    fn query_strings_decode_by_the_form_rules() {
+        let pairs = query_pairs("principal=a%+Ab&node=x%41y&server=a+b&tool=%zz&&effect=%2");
+        assert_eq!(
+            pairs,
+            [
+                // `%+A` is not an escape: `from_str_radix("+A", 16)` made it a newline before.
+                ("principal".to_string(), "a% Ab".to_string()),
+                ("node".into(), "xAy".into()),
+                ("server".into(), "a b".into()),
+                ("tool".into(), "%zz".into()),
+                ("effect".into(), "%2".into()),
+            ]
+        );
     }
 }

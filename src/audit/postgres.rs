@@ -151,6 +151,11 @@ async fn migrate_locked(conn: &mut PgConnection, schema: &str) -> Result<usize, 
 }
 
 /// The shipped columns: the chain's columns plus the store id.
+/// Reconnect delays of the shipper: 200 ms doubling to 10 s, each jittered so that a fleet of
+/// gateways does not reconnect to one PostgreSQL in lockstep.
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
 const PG_INSERT_COLS: &str = "seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash, tags_text, store_id";
 
 /// Inserts rows idempotently (by id) in one transaction; returns rows newly inserted.
@@ -442,7 +447,7 @@ impl Shipper {
         let store = store_id(&sqlite).unwrap_or_default();
         let mut shipped = self.shared.shipped_seq.load(Ordering::Relaxed);
         let mut pg: Option<PgConnection> = None;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = crate::backoff::Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
         let mut logged = false;
         let mut unreported = false;
         while !self.shared.stop.load(Ordering::SeqCst) {
@@ -482,8 +487,7 @@ impl Shipper {
                     Ok(c) => pg = Some(c),
                     Err(e) => {
                         self.fail("connecting", &e, &mut logged);
-                        self.pause(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        self.pause(backoff.next_delay()).await;
                         continue;
                     }
                 }
@@ -505,7 +509,7 @@ impl Shipper {
                         tracing::info!("audit shipper: shipping again");
                     }
                     logged = false;
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                     unreported = !(self.report)(shipped);
                     tracing::trace!(
                         rows = rows.len(),
@@ -516,8 +520,7 @@ impl Shipper {
                 Ok(Err(e)) => {
                     pg = None;
                     self.fail("shipping", &e, &mut logged);
-                    self.pause(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.pause(backoff.next_delay()).await;
                 }
                 Err(_) => {
                     pg = None;
@@ -526,8 +529,7 @@ impl Shipper {
                         &AuditError::Postgres("timed out".into()),
                         &mut logged,
                     );
-                    self.pause(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.pause(backoff.next_delay()).await;
                 }
             }
         }

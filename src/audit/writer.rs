@@ -192,121 +192,122 @@ impl Metrics {
     /// Prometheus text exposition of the audit metrics.
     pub fn prometheus(&self) -> String {
         let b = |x: bool| u64::from(x);
-        let lines: [(&str, &str, &str, String); 17] = [
+        use crate::metrics::{Exposition, Kind};
+        let lines: [(&str, Kind, &str, String); 18] = [
             (
                 "toolgate_audit_healthy",
-                "gauge",
+                Kind::Gauge,
                 "1 when audit writes succeed, 0 while they fail (allowed calls get 503)",
                 b(self.healthy).to_string(),
             ),
             (
                 "toolgate_audit_submitted_total",
-                "counter",
+                Kind::Counter,
                 "Rows handed to the audit writer",
                 self.submitted.to_string(),
             ),
             (
                 "toolgate_audit_committed_rows_total",
-                "counter",
+                Kind::Counter,
                 "Rows committed",
                 self.committed_rows.to_string(),
             ),
             (
                 "toolgate_audit_commits_total",
-                "counter",
+                Kind::Counter,
                 "Audit transactions committed",
                 self.commits.to_string(),
             ),
             (
                 "toolgate_audit_failed_rows_total",
-                "counter",
+                Kind::Counter,
                 "Rows whose transaction failed (their callers got errors)",
                 self.failed_rows.to_string(),
             ),
             (
                 "toolgate_audit_rejected_queue_full_total",
-                "counter",
+                Kind::Counter,
                 "Submissions refused because the queue was full",
                 self.rejected_queue_full.to_string(),
             ),
             (
                 "toolgate_audit_write_errors_total",
-                "counter",
+                Kind::Counter,
                 "Failed audit transactions",
                 self.write_errors.to_string(),
             ),
             (
                 "toolgate_audit_async_rows_lost_total",
-                "counter",
+                Kind::Counter,
                 "async mode: acknowledged rows that failed to commit",
                 self.async_rows_lost.to_string(),
             ),
             (
                 "toolgate_audit_queue_depth",
-                "gauge",
+                Kind::Gauge,
                 "Rows waiting for the writer",
                 self.queue_depth.to_string(),
             ),
             (
                 "toolgate_audit_queue_capacity",
-                "gauge",
+                Kind::Gauge,
                 "Queue bound",
                 self.queue_capacity.to_string(),
             ),
             (
                 "toolgate_audit_pruned_rows_total",
-                "counter",
+                Kind::Counter,
                 "Rows removed by retention",
                 self.pruned_rows.to_string(),
             ),
             (
                 "toolgate_audit_head_seq",
-                "gauge",
+                Kind::Gauge,
                 "Chain position of the last committed row",
                 self.head_seq.to_string(),
             ),
             (
                 "toolgate_audit_commit_seconds_total",
-                "counter",
+                Kind::Counter,
                 "Time spent in audit transactions",
                 format!("{:.6}", self.commit_time_us as f64 / 1e6),
             ),
             (
                 "toolgate_audit_ship_healthy",
-                "gauge",
+                Kind::Gauge,
                 "1 when the Postgres shipper is keeping up (or not configured)",
                 b(self.ship_healthy).to_string(),
             ),
             (
                 "toolgate_audit_shipped_rows_total",
-                "counter",
+                Kind::Counter,
                 "Rows shipped to Postgres",
                 self.shipped_rows.to_string(),
             ),
             (
                 "toolgate_audit_ship_lag_rows",
-                "gauge",
+                Kind::Gauge,
                 "Committed rows not yet in Postgres",
                 self.ship_lag_rows.to_string(),
             ),
             (
                 "toolgate_audit_ship_lag_seconds",
-                "gauge",
+                Kind::Gauge,
                 "Age of the oldest row not yet in Postgres",
                 format!("{:.3}", self.ship_lag_ms as f64 / 1e3),
             ),
+            (
+                "toolgate_audit_ship_errors_total",
+                Kind::Counter,
+                "Failed attempts to ship to Postgres",
+                self.ship_errors.to_string(),
+            ),
         ];
-        let mut s = String::new();
+        let mut e = Exposition::new();
         for (name, kind, help, value) in lines {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
+            e.single(name, kind, help, value);
         }
-        s.push_str(&format!(
-            "# HELP toolgate_audit_ship_errors_total Failed attempts to ship to Postgres\n# TYPE toolgate_audit_ship_errors_total counter\ntoolgate_audit_ship_errors_total {}\n",
-            self.ship_errors
-        ));
-        s
+        e.finish()
     }
 }
 

@@ -3,6 +3,11 @@
 //! Only what MCP uses is kept: `id`, `event`, `data` (joined with `\n`), `retry`. Comments and
 //! unknown fields are dropped. Lines may end in `\n`, `\r\n` or `\r`. An event larger than the
 //! limit is an error (a bounded stream, invariant I5).
+//!
+//! Each byte is looked at once while searching for line ends: the parser remembers how far it
+//! has scanned the unfinished line, so an event that arrives in many chunks costs time linear in
+//! its size (rescanning from the start on every chunk made one 8 MiB event in 4 KiB chunks take
+//! seconds).
 
 use bytes::{Bytes, BytesMut};
 
@@ -54,6 +59,10 @@ pub struct Parser {
     has_fields: bool,
     data_lines: usize,
     max_event: usize,
+    /// How much of `buf` holds no line end (scanned already; the next search starts here).
+    scanned: usize,
+    /// Bytes examined in line-end searches, over the parser's life (the linear-work test).
+    examined: u64,
 }
 
 impl Parser {
@@ -64,6 +73,30 @@ impl Parser {
             has_fields: false,
             data_lines: 0,
             max_event,
+            scanned: 0,
+            examined: 0,
+        }
+    }
+
+    /// Bytes examined so far while searching for line ends.
+    pub fn examined(&self) -> u64 {
+        self.examined
+    }
+
+    /// The next line end at or after `scanned`, remembering how far the search got.
+    fn next_line_end(&mut self) -> Option<usize> {
+        let from = self.scanned.min(self.buf.len());
+        let found = self.buf[from..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r');
+        let looked = found.map_or(self.buf.len() - from, |i| i + 1);
+        self.examined += looked as u64;
+        match found {
+            Some(i) => Some(from + i),
+            None => {
+                self.scanned = self.buf.len();
+                None
+            }
         }
     }
 
@@ -71,11 +104,14 @@ impl Parser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Event>, String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(end) = self.buf.iter().position(|&b| b == b'\n' || b == b'\r') {
-            // A lone `\r` at the very end may be half of `\r\n`: wait for more bytes.
+        while let Some(end) = self.next_line_end() {
+            // A lone `\r` at the very end may be half of `\r\n`: wait for more bytes (and
+            // look at it again then).
             if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
+                self.scanned = end;
                 break;
             }
+            self.scanned = 0;
             let line = self.buf.split_to(end);
             let skip = if self.buf[0] == b'\r' && self.buf.get(1) == Some(&b'\n') {
                 2
@@ -171,5 +207,29 @@ mod tests {
         };
         let mut p = Parser::new(1024);
         assert_eq!(p.feed(&ev.to_bytes()).unwrap(), vec![ev]);
+    }
+
+    /// One 8 MiB event in 4 KiB chunks: every byte is examined about once while looking for
+    /// line ends (the old parser rescanned the whole buffer per chunk: ~1 GiB examined here).
+    #[test]
+    fn a_large_event_in_small_chunks_is_scanned_once() {
+        const SIZE: usize = 8 << 20;
+        let mut wire = Vec::with_capacity(SIZE + 16);
+        wire.extend_from_slice(b"data: ");
+        wire.resize(SIZE, b'x');
+        wire.extend_from_slice(b"\r\n\r\n");
+        let mut p = Parser::new(SIZE + 16);
+        let mut got = Vec::new();
+        for chunk in wire.chunks(4096) {
+            got.extend(p.feed(chunk).unwrap());
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data.len(), SIZE - 6);
+        let examined = p.examined();
+        assert!(
+            examined <= wire.len() as u64 + 16,
+            "{examined} bytes examined for a {} byte stream",
+            wire.len()
+        );
     }
 }

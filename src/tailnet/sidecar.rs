@@ -6,7 +6,7 @@
 //! own `--statedir` and `--socket`, a loopback `--socks5-server` for dialing tailnet upstreams,
 //! and `--no-logs-no-support` (plus `TS_NO_LOGS_NO_SUPPORT=true`) unless `tailnet.logs: true`.
 //! Its output goes to `<state_dir>/tailscaled.log`. If it exits, it is restarted after a
-//! backoff (0.5 s doubling to 30 s; reset after a minute of uptime). On shutdown it gets
+//! backoff (0.5 s doubling to 30 s, each delay jittered; reset after a minute of uptime). On shutdown it gets
 //! SIGTERM by pid, then SIGKILL after a grace period; the child is also `kill_on_drop`, so it
 //! never outlives toolgate's runtime.
 
@@ -293,17 +293,17 @@ async fn supervise(
     pid: Arc<AtomicU32>,
     starts: Arc<AtomicU64>,
 ) {
-    let mut backoff = settings.backoff_min;
+    let mut backoff = crate::backoff::Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut started = Instant::now();
     loop {
         tokio::select! {
             status = child.wait() => {
                 pid.store(0, Ordering::Relaxed);
                 if started.elapsed() >= BACKOFF_RESET_AFTER {
-                    backoff = settings.backoff_min;
+                    backoff.reset();
                 }
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                tracing::error!(%status, restart_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "the sidecar tailscaled exited; restarting it");
+                tracing::error!(%status, restart_within_ms = u64::try_from(backoff.step().as_millis()).unwrap_or(u64::MAX), "the sidecar tailscaled exited; restarting it");
             }
             _ = async { let _ = stop.wait_for(|s| *s).await; } => {
                 terminate(&mut child).await;
@@ -313,10 +313,9 @@ async fn supervise(
         }
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            backoff = (backoff * 2).min(settings.backoff_max);
             match spawn(&settings) {
                 Ok(c) => {
                     child = c;

@@ -317,90 +317,88 @@ impl WhoisMetrics {
 impl WhoisMetricsSnapshot {
     /// Prometheus text exposition lines (`toolgate_whois_*`), for `/metrics`.
     pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP toolgate_whois_{name} {help}");
-            let _ = writeln!(s, "# TYPE toolgate_whois_{name} {kind}");
-            let _ = writeln!(s, "toolgate_whois_{name} {v}");
+        use crate::metrics::{Exposition, Kind};
+        let mut e = Exposition::new();
+        let mut put = |name: &str, kind: Kind, help: &str, v: u64| {
+            e.single(&format!("toolgate_whois_{name}"), kind, help, v);
         };
         put(
             "lookups_total",
-            "counter",
+            Kind::Counter,
             "Identity lookups (one per connection).",
             self.lookups,
         );
         put(
             "cache_hits_total",
-            "counter",
+            Kind::Counter,
             "Lookups answered from the WhoIs cache.",
             self.cache_hits,
         );
         put(
             "cache_misses_total",
-            "counter",
+            Kind::Counter,
             "Non-loopback lookups that asked tailscaled.",
             self.cache_misses,
         );
         put(
             "loopback_lookups_total",
-            "counter",
+            Kind::Counter,
             "Loopback lookups (never cached).",
             self.loopback_lookups,
         );
         put(
             "localapi_calls_total",
-            "counter",
+            Kind::Counter,
             "WhoIs calls sent to tailscaled.",
             self.localapi_calls,
         );
         put(
             "loopback_retries_total",
-            "counter",
+            Kind::Counter,
             "Loopback 404s retried once.",
             self.loopback_retries,
         );
         put(
             "identified_total",
-            "counter",
+            Kind::Counter,
             "Lookups that produced an identity.",
             self.identified,
         );
         put(
             "denied_total",
-            "counter",
+            Kind::Counter,
             "Lookups that produced no identity.",
             self.denied,
         );
         put(
             "cache_flushes_total",
-            "counter",
+            Kind::Counter,
             "WhoIs cache flushes.",
             self.cache_flushes,
         );
         put(
             "in_flight",
-            "gauge",
+            Kind::Gauge,
             "WhoIs calls in flight.",
             self.in_flight,
         );
         put(
             "in_flight_loopback",
-            "gauge",
+            Kind::Gauge,
             "Loopback WhoIs calls in flight.",
             self.in_flight_loopback,
         );
         put(
             "cache_entries",
-            "gauge",
+            Kind::Gauge,
             "Peer IPs in the WhoIs cache.",
             self.cache_entries,
         );
-        let _ = writeln!(
-            s,
-            "# HELP toolgate_whois_errors_total Failed lookups by kind."
+        e.family(
+            "toolgate_whois_errors_total",
+            Kind::Counter,
+            "Failed lookups by kind.",
         );
-        let _ = writeln!(s, "# TYPE toolgate_whois_errors_total counter");
         for (kind, v) in [
             ("not_found", self.not_found),
             ("access_denied", self.err_access_denied),
@@ -412,9 +410,9 @@ impl WhoisMetricsSnapshot {
             ("invalid_identity", self.err_invalid_identity),
             ("deadline", self.deadline_exceeded),
         ] {
-            let _ = writeln!(s, "toolgate_whois_errors_total{{kind=\"{kind}\"}} {v}");
+            e.sample("toolgate_whois_errors_total", &[("kind", kind)], v);
         }
-        s
+        e.finish()
     }
 }
 
