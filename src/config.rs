@@ -615,7 +615,8 @@ pub struct AuditConfig {
     pub batch_rows: usize,
     /// The longest a row waits for more rows to share its transaction (async mode; sync mode
     /// commits as soon as the queue is empty).
-    #[serde(default = "default_batch_ms")]
+    /// Milliseconds, or a duration (`5ms`, `0.5s`).
+    #[serde(default = "default_batch_ms", with = "duration_text::millis")]
     pub batch_ms: u64,
     /// Rows waiting for the writer at most; beyond it submissions fail (503 + Retry-After).
     #[serde(default = "default_audit_queue")]
@@ -1850,6 +1851,15 @@ pdp:
         assert_eq!(c.servers["gh"].timeout, Duration::from_secs(90));
         assert_eq!(c.servers["gh"].max_stream, Duration::from_secs(5400));
         assert_eq!(c.audit.retention, Some(Duration::from_secs(90 * 86_400)));
+        // `batch_ms`: the key's unit as a number, or any duration.
+        for (text, ms) in [("5", 5), ("5ms", 5), ("0.5s", 500), ("1s", 1000)] {
+            let c = parse_str(&format!("audit: {{batch_ms: {text}}}\n")).unwrap();
+            assert_eq!(c.audit.batch_ms, ms, "{text}");
+        }
+        let e = parse_str("audit: {batch_ms: 5y}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("$.audit.batch_ms") && e.contains("5y"), "{e}");
         let e = parse_str("servers: {gh: {url: \"http://h/\", timeout: 0s}}\n")
             .unwrap_err()
             .to_string();

@@ -82,6 +82,30 @@ pub mod optional {
     }
 }
 
+/// Serde: a millisecond count written as a number (`batch_ms: 5`, the key's unit) or as a
+/// duration (`batch_ms: 5ms`, `batch_ms: 0.5s`), for keys whose name carries the unit.
+pub mod millis {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Millis {
+        Count(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Millis::deserialize(d)? {
+            Millis::Count(n) => Ok(n),
+            Millis::Text(s) => {
+                let d = super::parse(&s).map_err(serde::de::Error::custom)?;
+                u64::try_from(d.as_millis())
+                    .map_err(|_| serde::de::Error::custom(format!("duration {s:?} is too large")))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
