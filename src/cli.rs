@@ -10,11 +10,16 @@ use crate::policy::{eval, store, suite};
 
 /// toolgate: authorize every AI-agent tool call by tailnet identity and Cerbos-compatible policy.
 #[derive(Debug, Parser)]
-#[command(name = "toolgate", version, about, long_about = None)]
+#[command(name = "toolgate", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// `toolgate --help`'s footer: the exit codes of [`exit`].
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (serve stopped on an error, a doctor FAIL, an \
+unreadable audit store, a broken audit chain); 2 usage error; 3 policies do not compile (or none where \
+serve needs them); 4 policy tests failed; 5 config file missing or invalid.";
 
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant, reason = "parsed once per process")]
@@ -183,7 +188,7 @@ fn serve(config: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     init_logs(cfg.log.format, cfg.log.level.as_deref());
@@ -210,9 +215,26 @@ fn demo(dir: Option<PathBuf>, keep_running: bool) -> ExitCode {
     }
 }
 
-const EXIT_COMPILE: u8 = 3;
-const EXIT_TESTS: u8 = 4;
-const EXIT_USAGE: u8 = 2;
+/// Exit codes, the same for every command (README, "Exit codes"). Runtime failures never
+/// share clap's 2, so a script can tell "I called it wrong" from "it ran and failed".
+pub mod exit {
+    /// A runtime failure: the daemon stopped on an error, doctor found a FAIL, the audit store
+    /// could not be read, `audit verify` found a break, whois found no identity.
+    pub const FAILURE: u8 = 1;
+    /// A usage error: unknown flag, missing or malformed argument (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// Policies do not compile (as `cerbos compile`), or the policy directory is empty where
+    /// `serve` needs policies.
+    pub const COMPILE: u8 = 3;
+    /// Policy tests failed (as `cerbos compile`).
+    pub const TESTS: u8 = 4;
+    /// The config file is missing, unreadable or invalid.
+    pub const CONFIG: u8 = 5;
+}
+
+use exit::{
+    COMPILE as EXIT_COMPILE, CONFIG as EXIT_CONFIG, TESTS as EXIT_TESTS, USAGE as EXIT_USAGE,
+};
 
 fn print_compile_errors(errors: &[crate::policy::compile::CompileError]) {
     for e in errors {
@@ -228,7 +250,7 @@ fn policy_check(dir: Option<&std::path::Path>, config: Option<&std::path::Path>)
             Ok(p) => (p.dir, true),
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(EXIT_CONFIG);
             }
         },
         (None, None) => {

@@ -213,6 +213,7 @@ fn reload(gw: &Gateway, why: &str) {
             file: gw.store.dir().display().to_string(),
             path: "$".into(),
             line: None,
+            column: None,
             message: "the directory holds no policies".into(),
         }])
     } else {

@@ -68,13 +68,13 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// `toolgate whois ADDR`: prints the principal (JSON) the address maps to; exit 1 when it
-/// maps to none (the reason on stderr), 2 on usage errors.
+/// maps to none (the reason on stderr), 2 on usage errors, 5 on config errors.
 pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
     let addr = match parse_addr(&args.addr) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(crate::cli::exit::USAGE);
         }
     };
     let mut identity = match &args.config {
@@ -82,7 +82,7 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
             Ok(identity) => identity,
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return ExitCode::from(crate::cli::exit::CONFIG);
             }
         },
         None => IdentityConfig::default(),
@@ -170,7 +170,7 @@ pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
         Ok(x) => x,
         Err(c) => {
             println!("{c}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(crate::cli::exit::CONFIG);
         }
     };
     let checks = match runtime() {

@@ -352,7 +352,110 @@ fn policy_check_with_config_checks_what_serve_would_load() {
     let out = toolgate(&["policy", "check"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = toolgate(&["policy", "check", "-c", "/nonexistent/toolgate.yaml"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "a config error is not a usage error: {out:?}"
+    );
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Item 6: errors say where (file:line:column, the YAML path once, the audit command and its
+/// database), and runtime failures never exit with clap's 2.
+#[test]
+fn errors_name_where_and_exit_codes_tell_failures_from_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    let policy = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: mcp_server\n  version: default\n  rules:\n    - actions: [\"x\"]\n      effect: EFFECT_ALLOW\n      roles: [r]\n      condition:\n        match:\n          expr: request.resource.attr.a ==\n";
+    std::fs::write(p.join("bad.yaml"), policy).unwrap();
+    let out = toolgate(&["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        stderr(&out).contains(
+            "bad.yaml:11:17: $.resourcePolicy.rules[0].condition.match.expr: invalid CEL"
+        ),
+        "the CEL error points at its expression: {}",
+        stderr(&out)
+    );
+    let unknown = policy.replace(
+        "      condition:\n        match:\n          expr: request.resource.attr.a ==\n",
+        "      colour: red\n",
+    );
+    std::fs::write(p.join("bad.yaml"), unknown).unwrap();
+    let out = toolgate(&["policy", "check", p.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad.yaml:9:7: $.resourcePolicy.rules[0].colour: unknown field"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("rules[0]").count(),
+        1,
+        "the path is printed once: {err}"
+    );
+
+    // --coverage: file:line:column per uncovered rule.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let out = toolgate(&["policy", "test", repo.to_str().unwrap(), "--coverage"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let gaps: Vec<&str> = text.lines().filter(|l| l.contains("never")).collect();
+    assert!(!gaps.is_empty(), "{text}");
+    for g in gaps {
+        let loc = g.trim().split(": ").next().unwrap_or("");
+        let parts: Vec<&str> = loc.split(':').collect();
+        assert!(
+            parts.len() == 3
+                && parts[1].parse::<usize>().is_ok()
+                && parts[2].parse::<usize>().is_ok(),
+            "no file:line:column in {g:?}"
+        );
+    }
+
+    // audit: the command and the database, said once; a missing store is a runtime failure.
+    let db = dir.path().join("missing.db");
+    let out = toolgate(&["audit", "query", "--db", db.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "error: audit query ({}): no such audit database",
+            db.display()
+        )
+    );
+    let out = toolgate(&["audit", "stats", "--db", db.to_str().unwrap()]);
+    assert!(
+        stderr(&out).starts_with(&format!("error: audit stats ({})", db.display())),
+        "{out:?}"
+    );
+    let out = toolgate(&["audit", "query", "--since", "5y"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed flag is a usage error: {out:?}"
+    );
+    assert!(
+        stderr(&out).starts_with("error: audit query: --since"),
+        "{out:?}"
+    );
+
+    // A config that cannot be read: 5, for serve, doctor, whois and audit alike.
+    for args in [
+        &["serve", "-c", "/nonexistent/toolgate.yaml"][..],
+        &["doctor", "-c", "/nonexistent/toolgate.yaml"],
+        &["whois", "100.64.0.1", "-c", "/nonexistent/toolgate.yaml"],
+        &["audit", "query", "--config", "/nonexistent/toolgate.yaml"],
+    ] {
+        let out = toolgate(args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {out:?}");
+    }
+    let help = toolgate(&["--help"]);
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("Exit codes: 0 success; 1 runtime failure")
+    );
 }
 
 /// Item 3: `--since`/`--until` take Go and Prometheus durations.

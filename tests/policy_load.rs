@@ -132,20 +132,23 @@ fn semantic_errors_are_collected_with_paths() {
     });
     assert!(
         text.contains(
-            "a.yaml: $.resourcePolicy.rules[0]: rule 'rule-001' does not specify any roles"
+            "a.yaml:6:7: $.resourcePolicy.rules[0]: rule 'rule-001' does not specify any roles"
         ),
         "{text}"
     );
     assert!(
         text.contains(
-            "b.yaml: $.resourcePolicy.rules[0].condition.match.expr: invalid CEL expression"
+            "b.yaml:11:17: $.resourcePolicy.rules[0].condition.match.expr: invalid CEL expression"
         ),
         "{text}"
     );
-    assert!(text.contains("c.yaml: $.resourcePolicy.resource"), "{text}");
+    assert!(
+        text.contains("c.yaml:3:13: $.resourcePolicy.resource"),
+        "{text}"
+    );
     assert!(
         text.contains(
-            "d.yaml: $.resourcePolicy.importDerivedRoles[0]: derived roles \"missing\" not found"
+            "d.yaml:5:24: $.resourcePolicy.importDerivedRoles[0]: derived roles \"missing\" not found"
         ),
         "{text}"
     );

@@ -16,8 +16,7 @@ use super::record::{CONTRACT_KEYS, Row, outcome};
 use super::{AuditError, chain};
 
 const DEFAULT_DB: &str = "/var/lib/toolgate/audit.db";
-const EXIT_BROKEN: u8 = 1;
-const EXIT_USAGE: u8 = 2;
+use crate::cli::exit::{CONFIG as EXIT_CONFIG, FAILURE as EXIT_BROKEN, USAGE as EXIT_USAGE};
 /// Rows the table format shows when no --limit is given.
 const TABLE_DEFAULT_LIMIT: usize = 100;
 /// Existing rows --follow prints first when no --limit is given.
@@ -153,19 +152,69 @@ pub struct VerifyArgs {
     pub source: SourceArgs,
 }
 
-/// Runs one `toolgate audit` command.
+/// Runs one `toolgate audit` command. Every error names the command and the store it read:
+/// `error: audit query (/var/lib/toolgate/audit.db): ...`. Malformed flags exit 2, a bad
+/// config 5, anything that fails while reading the store 1.
 pub fn run(cmd: AuditCommand) -> ExitCode {
-    let r = match cmd {
-        AuditCommand::Query(a) => run_query(&a),
-        AuditCommand::Stats(a) => run_stats(&a),
-        AuditCommand::Verify(a) => run_verify(&a),
+    let (name, source, filter) = match &cmd {
+        AuditCommand::Query(a) => ("audit query", &a.source, Some(&a.filter)),
+        AuditCommand::Stats(a) => ("audit stats", &a.source, Some(&a.filter)),
+        AuditCommand::Verify(a) => ("audit verify", &a.source, None),
+    };
+    if let Some(Err(e)) = filter.map(filter_from_args) {
+        eprintln!("error: {name}: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Some(e) = misuse(&cmd) {
+        eprintln!("error: {name}: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let store = match &source.postgres {
+        Some(_) => format!("PostgreSQL schema {}", source.postgres_schema),
+        None => match db_path(source) {
+            Ok(p) => p.display().to_string(),
+            Err(e) => {
+                eprintln!("error: {name}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let r = match &cmd {
+        AuditCommand::Query(a) => run_query(a),
+        AuditCommand::Stats(a) => run_stats(a),
+        AuditCommand::Verify(a) => run_verify(a),
     };
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_USAGE)
+            eprintln!("error: {name} ({store}): {}", said_once(&e, &store));
+            ExitCode::from(EXIT_BROKEN)
         }
+    }
+}
+
+/// The error without the prefixes the line already carries (`audit query: `, the path).
+fn said_once<'a>(e: &'a str, store: &str) -> &'a str {
+    let e = e.strip_prefix("audit query: ").unwrap_or(e);
+    let e = e.strip_prefix("audit store ").unwrap_or(e);
+    e.strip_prefix(store)
+        .and_then(|r| r.strip_prefix(": "))
+        .unwrap_or(e)
+}
+
+/// Flags that do not go together.
+fn misuse(cmd: &AuditCommand) -> Option<&'static str> {
+    match cmd {
+        AuditCommand::Query(a) if a.follow && a.format == Some(QueryFormat::Json) => {
+            Some("--follow prints one row at a time: use --format jsonl, csv or table")
+        }
+        AuditCommand::Query(a) if a.follow && a.source.postgres.is_some() => {
+            Some("--follow reads the local store; it does not work with --postgres")
+        }
+        AuditCommand::Stats(a) if a.source.postgres.is_some() => {
+            Some("stats reads the local store; use `audit query --postgres` for the fleet")
+        }
+        _ => None,
     }
 }
 

@@ -34,14 +34,63 @@ pub struct CompileError {
     /// `$`-rooted YAML path, e.g. `$.resourcePolicy.rules[0].condition.match.expr`.
     pub path: String,
     pub line: Option<usize>,
+    pub column: Option<usize>,
     pub message: String,
 }
 
 impl std::fmt::Display for CompileError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{l}: {}: {}", self.file, self.path, self.message),
-            None => write!(f, "{}: {}: {}", self.file, self.path, self.message),
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => {
+                write!(f, "{}:{l}:{c}: {}: {}", self.file, self.path, self.message)
+            }
+            (Some(l), None) => write!(f, "{}:{l}: {}: {}", self.file, self.path, self.message),
+            _ => write!(f, "{}: {}: {}", self.file, self.path, self.message),
+        }
+    }
+}
+
+/// Splits a `$`-rooted path (`$.resourcePolicy.rules[0].condition.match.expr`) into steps.
+/// Keys are split at dots and brackets, so a key that itself holds one is found only up to it
+/// (the error then points at the deepest node found, still in the right place).
+pub(crate) fn path_steps(path: &str) -> Vec<super::yaml_merge::Step<'_>> {
+    use super::yaml_merge::Step;
+    let mut steps = Vec::new();
+    let rest = path.strip_prefix('$').unwrap_or(path);
+    for part in rest.split('.').filter(|p| !p.is_empty()) {
+        let mut pieces = part.split('[');
+        if let Some(key) = pieces.next().filter(|k| !k.is_empty()) {
+            steps.push(Step::Key(key));
+        }
+        for idx in pieces {
+            match idx.trim_end_matches(']').parse() {
+                Ok(i) => steps.push(Step::Index(i)),
+                Err(_) => return steps,
+            }
+        }
+    }
+    steps
+}
+
+/// Gives errors found after parsing (CEL, references, names) the line and column of the node
+/// their path names, so every error reads `file:line:column`.
+fn locate_errors(errors: &mut [CompileError], files: &[SourceFile]) {
+    let mut trees: BTreeMap<&str, Option<super::yaml_merge::Node>> = BTreeMap::new();
+    for e in errors.iter_mut().filter(|e| e.line.is_none()) {
+        let Some(f) = files.iter().find(|f| f.name == e.file) else {
+            continue;
+        };
+        let tree = trees.entry(f.name.as_str()).or_insert_with(|| {
+            std::str::from_utf8(&f.bytes)
+                .ok()
+                .and_then(|t| super::yaml_merge::parse(t).ok().flatten())
+        });
+        if let Some(tree) = tree {
+            let (line, column) = super::yaml_merge::locate(tree, &path_steps(&e.path), None);
+            if line > 0 {
+                e.line = Some(line);
+                e.column = Some(column);
+            }
         }
     }
 }
@@ -283,6 +332,7 @@ fn err(file: &str, path: impl Into<String>, message: impl Into<String>) -> Compi
         file: file.to_string(),
         path: path.into(),
         line: None,
+        column: None,
         message: message.into(),
     }
 }
@@ -352,6 +402,7 @@ impl<'a> Compiler<'a> {
                     file: f.name.clone(),
                     path: e.path,
                     line: e.line,
+                    column: e.column,
                     message: e.message,
                 }),
             }
@@ -432,6 +483,7 @@ impl<'a> Compiler<'a> {
             self.errors
                 .sort_by(|a, b| (&a.file, &a.path).cmp(&(&b.file, &b.path)));
             self.errors.dedup();
+            locate_errors(&mut self.errors, files);
             return Err(self.errors);
         }
         set.all.sort_by(|a, b| a.key.cmp(&b.key));

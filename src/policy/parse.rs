@@ -92,7 +92,7 @@ pub fn document<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, Pars
         let de = yaml_serde::Deserializer::from_str(&merged);
         return serde_path_to_error::deserialize(de).map_err(|e| {
             let inner = e.inner();
-            let message = strip_position(&inner.to_string());
+            let message = strip_path(&strip_position(&inner.to_string()), &dollar(e.path()));
             let steps = steps(e.path());
             let field = unknown_field(&message);
             let (line, column) = yaml_merge::locate(&tree, &steps, field.as_deref());
@@ -108,13 +108,31 @@ pub fn document<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, Pars
     serde_path_to_error::deserialize(de).map_err(|e| {
         let inner = e.inner();
         let loc = inner.location();
+        let path = dollar(e.path());
         ParseError {
-            path: dollar(e.path()),
+            message: strip_path(&strip_position(&inner.to_string()), &path),
+            path,
             line: loc.as_ref().map(|l| l.line()),
             column: loc.as_ref().map(|l| l.column()),
-            message: strip_position(&inner.to_string()),
         }
     })
+}
+
+/// yaml_serde starts its messages with the path of the node (`resourcePolicy.rules[1]: ...`);
+/// we print our own `$`-rooted path in front, so theirs goes: the path is said once.
+fn strip_path(message: &str, path: &str) -> String {
+    if let Some((head, rest)) = message.split_once(": ") {
+        let ours = path.strip_prefix("$.").unwrap_or(path);
+        let head_is_path = !head.is_empty()
+            && !head.contains(' ')
+            && (ours == head
+                || ours.starts_with(&format!("{head}."))
+                || ours.starts_with(&format!("{head}[")));
+        if head_is_path {
+            return rest.to_string();
+        }
+    }
+    message.to_string()
 }
 
 /// The document with its merge keys applied, if it has any (found in the parsed YAML, in
@@ -193,6 +211,8 @@ mod tests {
         assert!(err.contains("$.resourcePolicy.rules[0]"), "{err}");
         assert!(err.contains("colour"), "{err}");
         assert!(err.contains("line 9"), "{err}");
+        // The path is said once: yaml_serde's own `resourcePolicy.rules[0]: ` prefix goes.
+        assert_eq!(err.matches("rules[0]").count(), 1, "{err}");
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> CompileError {
         file: path.display().to_string(),
         path: "$".into(),
         line: None,
+        column: None,
         message: e.to_string(),
     }
 }

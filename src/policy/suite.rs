@@ -98,10 +98,12 @@ pub fn run(dir: &Path, set: &PolicySet, opts: &Options) -> Report {
             ));
         }
     }
+    let mut coverage = collector.finish();
+    coverage.locate(|file| std::fs::read_to_string(dir.join(file)).ok());
     Report {
         results: tree.to_json(),
         passed: tree.passed(),
         tree,
-        coverage: collector.finish(),
+        coverage,
     }
 }

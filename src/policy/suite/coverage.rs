@@ -123,6 +123,8 @@ impl<'a> Collector<'a> {
                             kind: GapKind::Action,
                             rule: rule.name.clone(),
                             path,
+                            line: None,
+                            column: None,
                             missing: None,
                             action: Some(g.as_str().to_string()),
                         });
@@ -220,6 +222,11 @@ pub struct Gap {
     pub rule: String,
     /// YAML path in the policy file.
     pub path: String,
+    /// Line and column of that path in the file, when the file could be read again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
     /// Condition gaps: `"true"`, `"false"` or `"true and false"` (it only raised errors).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing: Option<String>,
@@ -256,6 +263,8 @@ impl PolicyCoverage {
                 kind: GapKind::Rule,
                 rule: name.to_string(),
                 path: path.to_string(),
+                line: None,
+                column: None,
                 missing: None,
                 action: None,
             });
@@ -274,6 +283,8 @@ impl PolicyCoverage {
                     kind: GapKind::Condition,
                     rule: name.to_string(),
                     path: format!("{path}.condition"),
+                    line: None,
+                    column: None,
                     missing: Some(m.to_string()),
                     action: None,
                 });
@@ -298,6 +309,28 @@ pub struct Coverage {
 }
 
 impl Coverage {
+    /// Gives every gap the line and column of its path, given each policy file's text.
+    pub fn locate(&mut self, text_of: impl Fn(&str) -> Option<String>) {
+        for p in &mut self.policies {
+            if p.uncovered.is_empty() {
+                continue;
+            }
+            let Some(tree) =
+                text_of(&p.file).and_then(|t| crate::policy::yaml_merge::parse(&t).ok().flatten())
+            else {
+                continue;
+            };
+            for g in &mut p.uncovered {
+                let steps = crate::policy::compile::path_steps(&g.path);
+                let (line, column) = crate::policy::yaml_merge::locate(&tree, &steps, None);
+                if line > 0 {
+                    g.line = Some(line);
+                    g.column = Some(column);
+                }
+            }
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
@@ -334,7 +367,14 @@ impl Coverage {
                         g.rule
                     ),
                 };
-                let _ = writeln!(s, "          {}:{}: {what}", p.file, g.path);
+                match (g.line, g.column) {
+                    (Some(l), Some(c)) => {
+                        let _ = writeln!(s, "          {}:{l}:{c}: {}: {what}", p.file, g.path);
+                    }
+                    _ => {
+                        let _ = writeln!(s, "          {}: {}: {what}", p.file, g.path);
+                    }
+                }
             }
         }
         s

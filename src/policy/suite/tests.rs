@@ -786,7 +786,7 @@ fn coverage_lists_untested_rules_conditions_and_actions() {
     assert!(c.percent > 0.0 && c.percent < 100.0);
     let text = r.coverage_text();
     assert!(
-        text.contains("album.yaml:$.resourcePolicy.rules[5]: rule untested never reached"),
+        text.contains("album.yaml:49:7: $.resourcePolicy.rules[5]: rule untested never reached"),
         "{text}"
     );
     assert!(
