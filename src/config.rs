@@ -312,6 +312,9 @@ pub struct IdentityConfig {
     /// The bound on one WhoIs call.
     #[serde(default = "default_whois_timeout", with = "duration_text")]
     pub whois_timeout: Duration,
+    /// An open connection re-resolves its caller after this (and on every netmap change).
+    #[serde(default = "default_max_age", with = "duration_text")]
+    pub max_age: Duration,
     /// Opt-in listeners that take identity from `tailscale serve` headers (loopback/unix only).
     #[serde(default)]
     pub serve_listen: Vec<String>,
@@ -321,6 +324,8 @@ pub struct IdentityConfig {
 pub const DEFAULT_WHOIS_TTL: Duration = Duration::from_secs(30);
 /// `identity.whois_timeout` default.
 pub const DEFAULT_WHOIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// `identity.max_age` default: how long an open connection keeps its resolved caller.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
 /// `identity.whois_timeout` at most: a caller waits this long for its first byte.
 pub const MAX_WHOIS_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -336,6 +341,9 @@ fn default_whois_ttl() -> Duration {
 fn default_whois_timeout() -> Duration {
     DEFAULT_WHOIS_TIMEOUT
 }
+fn default_max_age() -> Duration {
+    DEFAULT_MAX_AGE
+}
 
 impl Default for IdentityConfig {
     fn default() -> Self {
@@ -347,6 +355,7 @@ impl Default for IdentityConfig {
             role_mappings: RoleMappings::default(),
             whois_ttl: default_whois_ttl(),
             whois_timeout: default_whois_timeout(),
+            max_age: default_max_age(),
             serve_listen: Vec::new(),
         }
     }
@@ -1095,6 +1104,13 @@ fn check_identity(mut c: IdentityConfig, cx: &Cx<'_>, p: &mut Problems) -> Ident
         p.add(
             "$.identity.whois_timeout",
             format_args!("between 1ms and {}s", MAX_WHOIS_TIMEOUT.as_secs()),
+        );
+    }
+    if c.max_age.is_zero() {
+        p.add(
+            "$.identity.max_age",
+            "must be positive (the default is 60s); it bounds how long a revoked grant keeps \
+             working on an open connection",
         );
     }
     if c.capability.is_empty() {
@@ -1848,6 +1864,13 @@ pdp:
         .unwrap();
         assert_eq!(c.identity.whois_ttl, Duration::from_secs(90));
         assert_eq!(c.identity.whois_timeout, Duration::from_millis(1500));
+        assert_eq!(c.identity.max_age, Duration::from_secs(60), "the default");
+        let aged = parse_str("identity: {max_age: 5m}\n").unwrap();
+        assert_eq!(aged.identity.max_age, Duration::from_secs(300));
+        let e = parse_str("identity: {max_age: 0s}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("$.identity.max_age"), "{e}");
         assert_eq!(c.servers["gh"].timeout, Duration::from_secs(90));
         assert_eq!(c.servers["gh"].max_stream, Duration::from_secs(5400));
         assert_eq!(c.audit.retention, Some(Duration::from_secs(90 * 86_400)));

@@ -46,6 +46,10 @@ impl Identify for TailnetPeersOnly {
             Box::pin(async move { Err(format!("peer {} is outside the tailnet", peer.ip())) })
         }
     }
+
+    fn generation(&self) -> u64 {
+        self.0.generation()
+    }
 }
 
 /// What the node learned from tailscaled.
@@ -452,11 +456,17 @@ async fn spawn_listeners(
         } else {
             Arc::new(TailnetPeersOnly(built.identify.clone()))
         };
-        tasks.spawn(server::serve_listener(
+        let limits = server::ConnLimits {
+            identity_max_age: built.gateway.config.identity.max_age,
+            ..Default::default()
+        };
+        tasks.spawn(server::serve_listener_with(
             listener,
             app.clone(),
             identify,
             built.tls.clone(),
+            limits,
+            Arc::new(server::ConnStats::default()),
             stop.clone(),
         ));
     }

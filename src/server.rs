@@ -1,12 +1,25 @@
 //! The composition root of `toolgate serve`: listeners, per-connection identity, the router.
 //!
-//! Identity is resolved once per connection, at accept (DESIGN.md §1 step 2), and rides in
-//! every request's extensions as a [`Conn`]. Before any route runs, `Host` and `Origin` are
-//! checked against this node's names (invariant I7).
+//! Identity is resolved per connection, at accept (DESIGN.md §1 step 2), and again before a
+//! request once the resolver's generation changed (a netmap or tag change) or the identity is
+//! older than `identity.max_age`; it rides in every request's extensions as a [`Conn`]. Before
+//! any route runs, `Host` and `Origin` are checked against this node's names (invariant I7).
+//!
+//! Connections are bounded before and after identity (invariant I5; [`ConnLimits`]): every
+//! connection must finish its TLS handshake and send enough bytes to tell HTTP/1 from HTTP/2
+//! within a first-byte deadline; connections whose WhoIs is still pending, and connections that
+//! have no identity, each have a small cap of their own (over it they are closed at once); an
+//! identified caller has a per-identity cap keyed on its WhoIs identity, never on the address
+//! (in userspace mode every peer arrives from 127.0.0.1). A connection with no identity gets
+//! its 403 and is then closed, and lives at most `unidentified_deadline` in all.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -17,8 +30,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -34,12 +48,87 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// A connection that sends no complete request header within this time is closed (slowloris).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections that have been accepted and are waiting for their WhoIs answer, at most.
+pub const MAX_PENDING_IDENTITY: usize = 1024;
+/// Connections with no identity (waiting to be told 403), at most.
+pub const MAX_UNIDENTIFIED: usize = 64;
+/// Connections of one identity (WhoIs node, else principal), at most.
+pub const MAX_PER_IDENTITY: usize = 256;
+/// A connection that has not finished its TLS handshake and sent enough bytes to tell HTTP/1
+/// from HTTP/2 within this time is closed.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no identity is closed after this, whatever it is doing.
+pub const UNIDENTIFIED_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bounds on one listener's connections (invariant I5). [`ConnLimits::default`] holds
+/// the constants above.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Connections served at once, all kinds; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Connections whose WhoIs is in flight; over it a new connection is closed at once.
+    pub max_pending_identity: usize,
+    /// Connections with no identity; over it such a connection is closed at once.
+    pub max_unidentified: usize,
+    /// Connections of one identity; over it a new one of that identity is closed at once.
+    pub max_per_identity: usize,
+    /// TLS handshake plus the first bytes of HTTP (protocol detection).
+    pub first_byte_timeout: Duration,
+    /// Request head (HTTP/1; hyper's header read timeout, also between kept-alive requests).
+    pub header_timeout: Duration,
+    /// Whole lifetime of a connection with no identity.
+    pub unidentified_deadline: Duration,
+    /// `identity.max_age`: re-resolve the caller of an open connection after this.
+    pub identity_max_age: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: MAX_CONNECTIONS,
+            max_pending_identity: MAX_PENDING_IDENTITY,
+            max_unidentified: MAX_UNIDENTIFIED,
+            max_per_identity: MAX_PER_IDENTITY,
+            first_byte_timeout: FIRST_BYTE_TIMEOUT,
+            header_timeout: HEADER_TIMEOUT,
+            unidentified_deadline: UNIDENTIFIED_DEADLINE,
+            identity_max_age: crate::config::DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+/// Counters of a listener's admission decisions (for tests and logs).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Closed at once: too many connections waiting for their WhoIs.
+    pub refused_pending: AtomicU64,
+    /// Closed at once: too many connections with no identity.
+    pub refused_unidentified: AtomicU64,
+    /// Closed at once: the identity already has `max_per_identity` connections.
+    pub refused_per_identity: AtomicU64,
+    /// Closed: no TLS handshake or no HTTP bytes within `first_byte_timeout`.
+    pub first_byte_timeouts: AtomicU64,
+    /// Closed: a connection with no identity outlived `unidentified_deadline`.
+    pub unidentified_deadlines: AtomicU64,
+    /// Callers re-resolved on an open connection (generation change or `max_age`).
+    pub re_resolved: AtomicU64,
+}
+
 /// Turns a peer address into a caller, or says why not.
 pub trait Identify: Send + Sync + 'static {
     fn identify(
         &self,
         peer: SocketAddr,
     ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>>;
+
+    /// A number that changes whenever identities may have changed (a new netmap, a tag
+    /// change): an open connection re-resolves its caller when it differs from the one seen
+    /// at its last resolution. Providers whose answers never change return a constant.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// The static provider (dev, tests, the demo): source IP → identity fixture.
@@ -356,12 +445,7 @@ fn forbidden(msg: &str) -> Response {
     r
 }
 
-/// Serves one listener until `shutdown` turns true; waits for open connections to finish.
-///
-/// Identity is resolved once per connection from the TCP peer, before anything else (and
-/// before the TLS handshake when `tls` is given: [`crate::tailnet::tls::acceptor`]). Every
-/// request then carries that [`Conn`]; `Tailscale-*` headers sent by the client are removed
-/// before routing (headers never create identity on this listener, invariant I1).
+/// Serves one listener until `shutdown` turns true, with the default [`ConnLimits`].
 pub async fn serve_listener(
     listener: TcpListener,
     app: Router,
@@ -369,50 +453,180 @@ pub async fn serve_listener(
     tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) {
+    serve_listener_with(
+        listener,
+        app,
+        identify,
+        tls,
+        ConnLimits::default(),
+        Arc::new(ConnStats::default()),
+        shutdown,
+    )
+    .await;
+}
+
+/// Serves one listener until `shutdown` turns true; waits for open connections to finish.
+///
+/// Identity is resolved per connection from the TCP peer, before anything else (and before
+/// the TLS handshake when `tls` is given: [`crate::tailnet::tls::acceptor`]), then again
+/// before a request when the resolver's generation changed or `limits.identity_max_age`
+/// passed. Every request carries the current [`Conn`]; `Tailscale-*` headers sent by the
+/// client are removed before routing (headers never create identity on this listener,
+/// invariant I1). `limits` bounds connections before and after identity (module header).
+pub async fn serve_listener_with(
+    listener: TcpListener,
+    app: Router,
+    identify: Arc<dyn Identify>,
+    tls: Option<TlsAcceptor>,
+    limits: ConnLimits,
+    stats: Arc<ConnStats>,
+    shutdown: watch::Receiver<bool>,
+) {
     let conn_shutdown = shutdown.clone();
+    let admission = Arc::new(Admission::new(&limits, stats));
+    let max_connections = limits.max_connections;
+    let limits = Arc::new(limits);
     accept_loop(
         listener,
         shutdown,
+        max_connections,
         move |stream: TcpStream, peer, permit| {
             let app = app.clone();
             let identify = identify.clone();
             let tls = tls.clone();
             let shutdown = conn_shutdown.clone();
+            let admission = admission.clone();
+            let limits = limits.clone();
             async move {
                 let _permit = permit;
+                admission.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
-                let conn = match identify.identify(peer).await {
-                    Ok(caller) => Conn {
-                        peer,
-                        caller: Some(Arc::new(caller)),
-                        unidentified: None,
-                    },
+                // Waiting for WhoIs: a small cap, over it closed at once (the lookup itself
+                // is bounded in time and concurrency by the resolver).
+                let Ok(pending) = admission.pending.clone().try_acquire_owned() else {
+                    admission.stats.refused_pending.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "closed: too many connections waiting for identity");
+                    return;
+                };
+                let generation = identify.generation();
+                let resolved = identify.identify(peer).await;
+                drop(pending);
+                let (conn, slot) = match resolved {
+                    Ok(caller) => {
+                        let key = identity_key(&caller);
+                        let Some(slot) = admission.enter(&key) else {
+                            admission
+                                .stats
+                                .refused_per_identity
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                %peer,
+                                identity = %key,
+                                limit = limits.max_per_identity,
+                                "closed: this identity has too many open connections"
+                            );
+                            return;
+                        };
+                        let conn = Conn {
+                            peer,
+                            caller: Some(Arc::new(caller)),
+                            unidentified: None,
+                        };
+                        (
+                            conn,
+                            Slot {
+                                _identity: Some(slot),
+                                _unidentified: None,
+                            },
+                        )
+                    }
                     Err(why) => {
+                        let Ok(permit) = admission.unidentified.clone().try_acquire_owned() else {
+                            admission
+                                .stats
+                                .refused_unidentified
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "closed: too many connections with no identity: {why}");
+                            return;
+                        };
                         tracing::info!(%peer, "unidentified connection: {why}");
-                        Conn {
+                        let conn = Conn {
                             peer,
                             caller: None,
                             unidentified: Some(why),
-                        }
+                        };
+                        (
+                            conn,
+                            Slot {
+                                _identity: None,
+                                _unidentified: Some(permit),
+                            },
+                        )
                     }
                 };
-                let source = RequestIdentity::Fixed(conn);
-                match tls {
-                    None => serve_io(stream, peer, source, app, shutdown).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                serve_io(tls_stream, peer, source, app, shutdown).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                let unidentified = slot._unidentified.is_some();
+                let source = RequestIdentity::Tailnet(Arc::new(TailnetIdentity {
+                    identify,
+                    peer,
+                    max_age: limits.identity_max_age,
+                    stats: admission.stats.clone(),
+                    current: tokio::sync::Mutex::new(Resolved {
+                        conn,
+                        at: Instant::now(),
+                        generation,
+                    }),
+                    close: Notify::new(),
+                }));
+                let serve = async {
+                    // One deadline for the TLS handshake and the first HTTP bytes together.
+                    let deadline = tokio::time::Instant::now() + limits.first_byte_timeout;
+                    let served = match tls {
+                        None => {
+                            detect_and_serve(stream, deadline, peer, source, app, &limits, shutdown)
+                                .await
                         }
+                        Some(acceptor) => {
+                            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                                Ok(Ok(tls_stream)) => {
+                                    detect_and_serve(
+                                        tls_stream, deadline, peer, source, app, &limits, shutdown,
+                                    )
+                                    .await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    Ok(())
+                                }
+                                Err(_) => Err(FirstByteTimeout),
+                            }
+                        }
+                    };
+                    if served.is_err() {
+                        admission
+                            .stats
+                            .first_byte_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            %peer,
+                            "closed: no TLS handshake or HTTP bytes within the first-byte timeout"
+                        );
                     }
+                };
+                if unidentified {
+                    if tokio::time::timeout(limits.unidentified_deadline, serve)
+                        .await
+                        .is_err()
+                    {
+                        admission
+                            .stats
+                            .unidentified_deadlines
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "closed: a connection with no identity outlived its deadline");
+                    }
+                } else {
+                    serve.await;
                 }
+                drop(slot);
             }
         },
     )
@@ -539,6 +753,7 @@ pub async fn serve_headers_listener(
     accept_loop(
         listener,
         shutdown,
+        MAX_CONNECTIONS,
         move |stream: TcpStream, peer, permit| {
             let app = app.clone();
             let source = RequestIdentity::Serve {
@@ -549,7 +764,7 @@ pub async fn serve_headers_listener(
             async move {
                 let _permit = permit;
                 let _ = stream.set_nodelay(true);
-                serve_io(stream, peer, source, app, shutdown).await;
+                serve_io(stream, peer, source, app, &ConnLimits::default(), shutdown).await;
             }
         },
     )
@@ -569,6 +784,7 @@ pub async fn serve_headers_unix_listener(
     accept_loop(
         listener,
         shutdown,
+        MAX_CONNECTIONS,
         move |stream: UnixStream, peer, permit| {
             let app = app.clone();
             let source = RequestIdentity::Serve {
@@ -578,7 +794,7 @@ pub async fn serve_headers_unix_listener(
             let shutdown = conn_shutdown.clone();
             async move {
                 let _permit = permit;
-                serve_io(stream, peer, source, app, shutdown).await;
+                serve_io(stream, peer, source, app, &ConnLimits::default(), shutdown).await;
             }
         },
     )
@@ -587,13 +803,239 @@ pub async fn serve_headers_unix_listener(
 
 /// How a connection's requests get their [`Conn`].
 enum RequestIdentity {
-    /// Resolved once at accept (tailnet listeners).
-    Fixed(Conn),
+    /// From the TCP peer's WhoIs, re-resolved when stale (tailnet listeners).
+    Tailnet(Arc<TailnetIdentity>),
     /// From each request's `tailscale serve` headers (serve listeners only).
     Serve {
         provider: Arc<ServeHeaderProvider>,
         tcp: bool,
     },
+}
+
+/// A tailnet connection's caller, as last resolved.
+struct TailnetIdentity {
+    identify: Arc<dyn Identify>,
+    peer: SocketAddr,
+    max_age: Duration,
+    stats: Arc<ConnStats>,
+    /// Held across a re-resolution, so concurrent HTTP/2 streams resolve once.
+    current: tokio::sync::Mutex<Resolved>,
+    /// Signalled once a request was answered with no identity: the connection closes.
+    close: Notify,
+}
+
+struct Resolved {
+    conn: Conn,
+    at: Instant,
+    generation: u64,
+}
+
+impl TailnetIdentity {
+    /// The caller for the next request: the last answer while it is fresh (same resolver
+    /// generation, younger than `max_age`), else a new resolution through the resolver
+    /// (whose cache a netmap change already flushed). A failed re-resolution leaves the
+    /// connection with no identity.
+    async fn conn(&self) -> Conn {
+        let mut cur = self.current.lock().await;
+        let generation = self.identify.generation();
+        if generation == cur.generation && cur.at.elapsed() < self.max_age {
+            return cur.conn.clone();
+        }
+        self.stats.re_resolved.fetch_add(1, Ordering::Relaxed);
+        let conn = match self.identify.identify(self.peer).await {
+            Ok(caller) => Conn {
+                peer: self.peer,
+                caller: Some(Arc::new(caller)),
+                unidentified: None,
+            },
+            Err(why) => {
+                tracing::info!(peer = %self.peer, "connection lost its identity: {why}");
+                Conn {
+                    peer: self.peer,
+                    caller: None,
+                    unidentified: Some(why),
+                }
+            }
+        };
+        *cur = Resolved {
+            conn: conn.clone(),
+            at: Instant::now(),
+            generation,
+        };
+        conn
+    }
+}
+
+/// What a connection holds while it is served (given back on drop).
+struct Slot {
+    _identity: Option<IdentitySlot>,
+    _unidentified: Option<OwnedSemaphorePermit>,
+}
+
+/// Per-listener admission state: the pending and no-identity caps, per-identity counts.
+struct Admission {
+    pending: Arc<Semaphore>,
+    unidentified: Arc<Semaphore>,
+    per_identity: Arc<Mutex<HashMap<String, usize>>>,
+    max_per_identity: usize,
+    stats: Arc<ConnStats>,
+}
+
+impl Admission {
+    fn new(limits: &ConnLimits, stats: Arc<ConnStats>) -> Admission {
+        Admission {
+            pending: Arc::new(Semaphore::new(limits.max_pending_identity)),
+            unidentified: Arc::new(Semaphore::new(limits.max_unidentified)),
+            per_identity: Arc::new(Mutex::new(HashMap::new())),
+            max_per_identity: limits.max_per_identity,
+            stats,
+        }
+    }
+
+    /// One more connection of `key`, unless it already has `max_per_identity`.
+    fn enter(&self, key: &str) -> Option<IdentitySlot> {
+        let mut map = self
+            .per_identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key.to_owned()).or_insert(0);
+        if *n >= self.max_per_identity {
+            return None;
+        }
+        *n += 1;
+        Some(IdentitySlot {
+            map: self.per_identity.clone(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+/// One identity's connection count, given back on drop.
+struct IdentitySlot {
+    map: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The key of the per-identity cap: the WhoIs node (its stable id), else the principal.
+/// Never the address: in userspace mode every peer arrives from 127.0.0.1.
+fn identity_key(caller: &Caller) -> String {
+    if caller.identity.node_id.is_empty() {
+        format!("principal:{}", caller.principal.id)
+    } else {
+        format!("node:{}", caller.identity.node_id)
+    }
+}
+
+/// No TLS handshake, or not enough HTTP bytes to pick the protocol, before the deadline.
+struct FirstByteTimeout;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes tell HTTP/1 from HTTP/2 (they leave the HTTP/2 preface, or are all
+/// of it), bounded by `deadline` (hyper's own detection has no timeout), then serves the
+/// connection with those bytes put back in front. A peer that closes first is just dropped.
+async fn detect_and_serve<I>(
+    mut io: I,
+    deadline: tokio::time::Instant,
+    peer: SocketAddr,
+    source: RequestIdentity,
+    app: Router,
+    limits: &ConnLimits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), FirstByteTimeout>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let read = async {
+        let mut buf = Vec::with_capacity(H2_PREFACE.len());
+        loop {
+            let mut chunk = [0u8; 24];
+            let want = H2_PREFACE.len() - buf.len();
+            let n = io.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&buf) {
+                return Ok(Some(buf));
+            }
+        }
+    };
+    let prefix = match tokio::time::timeout_at(deadline, read).await {
+        Err(_) => return Err(FirstByteTimeout),
+        Ok(Err(_)) | Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(prefix))) => prefix,
+    };
+    let io = Prefixed {
+        prefix: bytes::Bytes::from(prefix),
+        io,
+    };
+    serve_io(io, peer, source, app, limits, shutdown).await;
+    Ok(())
+}
+
+/// An IO whose first reads return `prefix` (bytes already read for protocol detection).
+struct Prefixed<I> {
+    prefix: bytes::Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// A listener the accept loop can take connections from.
@@ -620,15 +1062,19 @@ impl Accept for UnixListener {
     }
 }
 
-/// Accepts until `shutdown` (at most [`MAX_CONNECTIONS`] at once), handing each connection
+/// Accepts until `shutdown` (at most `max_connections` at once), handing each connection
 /// to `handle`; then waits for every connection task to finish.
-async fn accept_loop<L, F, Fut>(listener: L, mut shutdown: watch::Receiver<bool>, handle: F)
-where
+async fn accept_loop<L, F, Fut>(
+    listener: L,
+    mut shutdown: watch::Receiver<bool>,
+    max_connections: usize,
+    handle: F,
+) where
     L: Accept,
     F: Fn(L::Io, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -652,47 +1098,75 @@ where
     while tasks.join_next().await.is_some() {}
 }
 
-/// Serves HTTP/1 and HTTP/2 on one connection until it ends or `shutdown` (graceful).
+/// Serves HTTP/1 and HTTP/2 on one connection until it ends or `shutdown` (graceful). A
+/// request answered with no identity ends the connection once the answer is out.
 async fn serve_io<I>(
     io: I,
     peer: SocketAddr,
     source: RequestIdentity,
     app: Router,
+    limits: &ConnLimits,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let tailnet = match &source {
+        RequestIdentity::Tailnet(t) => Some(t.clone()),
+        RequestIdentity::Serve { .. } => None,
+    };
+    let source = Arc::new(source);
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let conn = match &source {
-                RequestIdentity::Fixed(conn) => conn.clone(),
-                RequestIdentity::Serve { provider, tcp } => {
-                    provider.conn(peer, *tcp, req.headers())
+            let source = source.clone();
+            let app = app.clone();
+            async move {
+                let conn = match &*source {
+                    RequestIdentity::Tailnet(t) => t.conn().await,
+                    RequestIdentity::Serve { provider, tcp } => {
+                        provider.conn(peer, *tcp, req.headers())
+                    }
+                };
+                let unidentified = conn.caller.is_none();
+                // Invariant I1: client-sent Tailscale-* headers never reach a route.
+                strip_tailscale_headers(req.headers_mut());
+                req.extensions_mut().insert(conn);
+                let resp = app.oneshot(req.map(Body::new)).await;
+                if unidentified {
+                    if let RequestIdentity::Tailnet(t) = &*source {
+                        t.close.notify_one();
+                    }
                 }
-            };
-            // Invariant I1: client-sent Tailscale-* headers never reach a route.
-            strip_tailscale_headers(req.headers_mut());
-            req.extensions_mut().insert(conn);
-            app.clone().oneshot(req.map(Body::new))
+                resp
+            }
         });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .timer(hyper_util::rt::TokioTimer::new());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
+    let closed = async {
+        match &tailnet {
+            Some(t) => t.close.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(closed);
     tokio::select! {
         r = served.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            return;
         }
-        _ = shutdown.changed() => {
-            served.as_mut().graceful_shutdown();
-            let _ = served.await;
+        _ = shutdown.changed() => {}
+        _ = closed.as_mut() => {
+            tracing::debug!(%peer, "closing after answering a request with no identity");
         }
     }
+    served.as_mut().graceful_shutdown();
+    let _ = served.await;
 }
 
 #[cfg(test)]

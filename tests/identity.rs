@@ -435,20 +435,24 @@ async fn every_fault_denies_within_the_bound_and_recovers() {
     );
 }
 
-/// Issue 13 item 10: a WhoIs answer over 1 MiB is refused with a reason that says so (it
+/// Issue 13 item 10: a WhoIs answer over 1 MiB (here 2 MiB) is refused with a reason that says so (it
 /// was read whole, up to the 32 MiB `status` cap, before); one just under the cap is used.
 #[tokio::test]
 async fn an_oversized_whois_answer_denies_with_a_clear_reason() {
     let f = FakeLocalApi::start().await;
     let mut big = alice("100.64.0.1");
-    big["Padding"] = json!("x".repeat(10 * 1024 * 1024));
+    big["Padding"] = json!("x".repeat(2 * 1024 * 1024));
     f.add_identity("100.64.0.1", big);
     let mut near = alice("100.64.0.2");
     near["Padding"] = json!("y".repeat(1024 * 1024 - 4096));
     f.add_identity("100.64.0.2", near);
     let mut s = settings();
     s.tailnet = Some(TAILNET_NAME.into());
-    let r = WhoisResolver::new(f.client(), s);
+    // Generous bounds: the fake builds megabytes of indented JSON, slowly on a loaded machine.
+    s.timeout = Duration::from_secs(20);
+    let mut cfg = f.config();
+    cfg.whois_timeout = Duration::from_secs(20);
+    let r = WhoisResolver::new(LocalApi::new(cfg), s);
     let e = r.resolve(sa("100.64.0.1:1")).await.unwrap_err();
     assert!(e.contains("WhoIs answer is too large"), "{e}");
     assert!(e.contains("exceeds 1048576 bytes"), "{e}");
@@ -1252,4 +1256,534 @@ async fn doctor_reports_every_check() {
     assert_eq!(get(&checks, "identity").verdict, Verdict::Fail);
     assert_eq!(get(&checks, "policies").verdict, Verdict::Fail);
     assert_eq!(get(&checks, "audit").verdict, Verdict::Fail);
+}
+
+// --- connection bounds before and after identity (issue 13 item 2) --------------------------
+
+/// A socket on 127.0.0.1 whose exact `ip:port` the fake maps to `who` (userspace mode: every
+/// peer arrives from loopback, only the port tells them apart).
+fn mapped_socket(f: &FakeLocalApi, who: Value) -> tokio::net::TcpSocket {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(sa("127.0.0.1:0")).unwrap();
+    f.add_identity(&sock.local_addr().unwrap().to_string(), who);
+    sock
+}
+
+fn bob(at: &str) -> Value {
+    user_whois(at, "bob-laptop", "bob@example.com", "Bob", json!(null))
+}
+
+/// Starts `serve_listener_with` on 127.0.0.1 (a backlog of 4096).
+async fn limited_server(
+    r: Arc<WhoisResolver>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: server::ConnLimits,
+) -> (SocketAddr, Arc<server::ConnStats>, watch::Sender<bool>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(sa("127.0.0.1:0")).unwrap();
+    let listener = socket.listen(4096).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(server::ConnStats::default());
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(server::serve_listener_with(
+        listener,
+        echo_app(),
+        r,
+        tls,
+        limits,
+        stats.clone(),
+        shutdown,
+    ));
+    (addr, stats, stop)
+}
+
+/// True once the server closed `s` (EOF or reset), polling up to `within`.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// One identified request on a fresh connection (TLS when `tls`), bounded by 1 s.
+async fn identified_call(f: &FakeLocalApi, addr: SocketAddr, tls: bool) -> Result<Value, String> {
+    let sock = mapped_socket(f, alice("100.64.0.1"));
+    let call = async {
+        let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
+        let mut sender = if tls {
+            let connector = tokio_rustls::TlsConnector::from(client_config(None));
+            let name = rustls::pki_types::ServerName::try_from("toolgate.example.ts.net").unwrap();
+            let s = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        } else {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        };
+        let req = hyper::Request::get("/whoami")
+            .header("host", "toolgate")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(1), call)
+        .await
+        .map_err(|_| "no answer within 1 s".to_owned())?
+}
+
+/// Issue 13 item 2: thousands of idle and slow connections (0 bytes, 1 byte, a stalled TLS
+/// ClientHello) from a peer with no identity (unmapped 127.0.0.1 ports, as a local process in
+/// userspace mode) do not lock out an identified caller, who also arrives from 127.0.0.1.
+/// Before: every one of them held one of the 4,096 connection slots for good.
+async fn flood_then_call(tls: bool) {
+    let f = FakeLocalApi::start().await;
+    let acceptor = if tls {
+        Some(
+            tls::acceptor(&f.client(), TlsSettings::default())
+                .await
+                .unwrap()
+                .0,
+        )
+    } else {
+        None
+    };
+    let mut s = settings();
+    s.tailnet = Some(TAILNET_NAME.into());
+    s.timeout = Duration::from_secs(2);
+    let r = WhoisResolver::new(f.client(), s);
+    let (addr, stats, _stop) = limited_server(r, acceptor, server::ConnLimits::default()).await;
+    let flood = 4200.min(open_file_limit().saturating_sub(1000) / 2);
+    assert!(
+        flood > 4096 || open_file_limit() < 9400,
+        "fd limit too small"
+    );
+    let mut held = Vec::with_capacity(flood);
+    for i in 0..flood {
+        let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        match i % 3 {
+            0 => {}
+            // One byte of an HTTP/2 preface, or of a TLS ClientHello (record type 0x16).
+            1 => {
+                let _ = c.write_all(if tls { b"\x16" } else { b"P" }).await;
+            }
+            _ => {
+                let _ = c
+                    .write_all(if tls {
+                        b"\x16\x03\x01\x02\x00"
+                    } else {
+                        b"GET / HT"
+                    })
+                    .await;
+            }
+        }
+        held.push(c);
+    }
+    let started = Instant::now();
+    let mut last = String::new();
+    let mut answered = None;
+    while started.elapsed() < Duration::from_secs(20) {
+        match identified_call(&f, addr, tls).await {
+            Ok(v) => {
+                answered = Some(v);
+                break;
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "tls={tls}: {} flood connections held; identified caller answered after {took:?}; \
+         refused: pending {}, unidentified {}",
+        held.len(),
+        stats
+            .refused_pending
+            .load(std::sync::atomic::Ordering::Relaxed),
+        stats
+            .refused_unidentified
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let v = answered.unwrap_or_else(|| panic!("the identified caller was locked out: {last}"));
+    assert_eq!(v["principal"], "alice@example.com");
+    assert!(
+        stats
+            .refused_unidentified
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + stats
+                .refused_pending
+                .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the caps were reached"
+    );
+    // The held connections with no identity are all closed by the server in time.
+    let mut still_open = 0;
+    for c in held.iter_mut().step_by(97) {
+        if !closed_by_server(c, Duration::from_secs(15)).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "connections with no identity are closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unidentified_flood_cannot_lock_out_an_identified_caller() {
+    flood_then_call(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unidentified_flood_cannot_lock_out_an_identified_caller_over_tls() {
+    flood_then_call(true).await;
+}
+
+/// Issue 13 item 2: an identified caller's own idle or slow connections are closed by the
+/// first-byte deadline (TLS handshake and protocol detection) and the header timeout;
+/// a connection with no identity is answered once and then closed; the per-identity cap is
+/// keyed on the WhoIs identity, so one caller's connections never crowd out another's, though
+/// both arrive from 127.0.0.1.
+#[tokio::test]
+async fn first_byte_deadline_close_after_no_identity_and_the_per_identity_cap() {
+    use tokio::io::AsyncWriteExt;
+    let f = FakeLocalApi::start().await;
+    let (acceptor, _certs) = tls::acceptor(&f.client(), TlsSettings::default())
+        .await
+        .unwrap();
+    let mut s = settings();
+    s.tailnet = Some(TAILNET_NAME.into());
+    let r = WhoisResolver::new(f.client(), s);
+    let limits = server::ConnLimits {
+        first_byte_timeout: Duration::from_millis(300),
+        header_timeout: Duration::from_millis(300),
+        max_per_identity: 3,
+        ..Default::default()
+    };
+    let (addr, stats, _stop) = limited_server(r.clone(), None, limits.clone()).await;
+    let (tls_addr, tls_stats, _stop2) = limited_server(r, Some(acceptor), limits).await;
+
+    // Identified, yet silent, or one byte, or half a request head: closed.
+    for (what, bytes) in [
+        ("0 bytes", &b""[..]),
+        ("1 byte of the HTTP/2 preface", b"P"),
+        ("half an HTTP/1 request head", b"GET /whoami HTTP/1.1\r\nHo"),
+    ] {
+        let mut c = mapped_socket(&f, alice("100.64.0.1"))
+            .connect(addr)
+            .await
+            .unwrap();
+        c.write_all(bytes).await.unwrap();
+        assert!(
+            closed_by_server(&mut c, Duration::from_secs(5)).await,
+            "{what}: not closed"
+        );
+    }
+    assert!(
+        stats
+            .first_byte_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    // TLS: no ClientHello, or a partial one.
+    for bytes in [&b""[..], b"\x16\x03\x01"] {
+        let mut c = mapped_socket(&f, alice("100.64.0.1"))
+            .connect(tls_addr)
+            .await
+            .unwrap();
+        c.write_all(bytes).await.unwrap();
+        assert!(closed_by_server(&mut c, Duration::from_secs(5)).await);
+    }
+    // A handshake, then silence.
+    let tcp = mapped_socket(&f, alice("100.64.0.1"))
+        .connect(tls_addr)
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(None));
+    let name = rustls::pki_types::ServerName::try_from("toolgate.example.ts.net").unwrap();
+    let mut quiet = connector.connect(name, tcp).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut quiet, &mut buf),
+    )
+    .await
+    .expect("closed after the handshake");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(
+        tls_stats
+            .first_byte_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+
+    // No identity: one answer, then the connection is closed.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut sender = http1(tcp).await;
+    let v = get_json(&mut sender, "/whoami", &[]).await;
+    assert!(
+        v["unidentified"]
+            .as_str()
+            .unwrap()
+            .contains("no tailnet identity"),
+        "{v}"
+    );
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        sender.ready().await?;
+        sender
+            .send_request(
+                hyper::Request::get("/whoami")
+                    .header("host", "toolgate")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+    })
+    .await
+    .unwrap();
+    assert!(
+        again.is_err(),
+        "a second request on a connection with no identity"
+    );
+
+    // The per-identity cap: alice's fourth connection is closed at once, bob is served.
+    let mut alices = Vec::new();
+    for _ in 0..3 {
+        let tcp = mapped_socket(&f, alice("100.64.0.1"))
+            .connect(addr)
+            .await
+            .unwrap();
+        let mut sender = http1(tcp).await;
+        assert_eq!(
+            get_json(&mut sender, "/whoami", &[]).await["principal"],
+            "alice@example.com"
+        );
+        alices.push(sender);
+    }
+    let mut fourth = mapped_socket(&f, alice("100.64.0.1"))
+        .connect(addr)
+        .await
+        .unwrap();
+    fourth
+        .write_all(b"GET /whoami HTTP/1.1\r\nhost: toolgate\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut fourth, Duration::from_secs(5)).await);
+    assert_eq!(
+        stats
+            .refused_per_identity
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let mut b = http1(
+        mapped_socket(&f, bob("100.64.0.2"))
+            .connect(addr)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        get_json(&mut b, "/whoami", &[]).await["principal"],
+        "bob@example.com"
+    );
+    // One of alice's closes: she may open another.
+    drop(alices.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        let tcp = mapped_socket(&f, alice("100.64.0.1"))
+            .connect(addr)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        if sender.ready().await.is_ok() {
+            if let Ok(resp) = sender
+                .send_request(
+                    hyper::Request::get("/whoami")
+                        .header("host", "toolgate")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+            {
+                again = Some(resp.status());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(again, Some(hyper::StatusCode::OK));
+}
+
+// --- identity re-resolved on open connections (issue 13 item 3) -----------------------------
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+async fn whoami_h2(sender: &mut H2Sender) -> Value {
+    sender.ready().await.unwrap();
+    let resp = sender
+        .send_request(
+            hyper::Request::get("http://toolgate/whoami")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Issue 13 item 3: a caller whose grant is removed, and whose node tailscaled then reports in
+/// a new netmap, loses the grant on the connection it keeps open: the next request on that
+/// same connection (HTTP/1.1 keep-alive, and an HTTP/2 stream) is resolved again. Without a
+/// netmap change, `identity.max_age` bounds how long the old answer is used. Before: identity
+/// was resolved once per connection, for as long as the connection stayed busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_stops_working_on_an_open_connection() {
+    let f = FakeLocalApi::start().await;
+    let mut s = settings();
+    s.tailnet = Some(TAILNET_NAME.into());
+    let r = WhoisResolver::new(f.client(), s);
+    let _watch = r.spawn_netmap_watch();
+    wait_for(|| f.bus_watchers() == 1).await;
+    let (addr, stats, _stop) = limited_server(r.clone(), None, server::ConnLimits::default()).await;
+
+    // Two connections of alice (userspace mode: 127.0.0.1, told apart by port), one HTTP/1.1
+    // kept alive, one HTTP/2.
+    let s1 = mapped_socket(&f, alice("100.64.0.1"));
+    let k1 = s1.local_addr().unwrap().to_string();
+    let mut h1 = http1(s1.connect(addr).await.unwrap()).await;
+    let s2 = mapped_socket(&f, alice("100.64.0.1"));
+    let k2 = s2.local_addr().unwrap().to_string();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s2.connect(addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let v = get_json(&mut h1, "/whoami", &[]).await;
+    assert_eq!(v["roles"], json!(["user", "developer"]));
+    assert_eq!(
+        whoami_h2(&mut h2).await["roles"],
+        json!(["user", "developer"])
+    );
+    // Nothing changed: the connections do not ask again.
+    let calls = f.calls("whois");
+    get_json(&mut h1, "/whoami", &[]).await;
+    whoami_h2(&mut h2).await;
+    assert_eq!(f.calls("whois"), calls);
+
+    // The grant is removed; tailscaled delivers the new netmap.
+    let revoked = user_whois(
+        "100.64.0.1",
+        "alice-laptop",
+        "alice@example.com",
+        "Alice Example",
+        json!(null),
+    );
+    f.add_identity(&k1, revoked.clone());
+    f.add_identity(&k2, revoked);
+    let flushes = r.snapshot().cache_flushes;
+    f.push_notify(&json!({"NetMap": {"SelfNode": {}}}));
+    wait_for(|| r.snapshot().cache_flushes > flushes).await;
+    let v = get_json(&mut h1, "/whoami", &[]).await;
+    assert_eq!(v["roles"], json!(["user"]), "HTTP/1.1 keep-alive: {v}");
+    let v = whoami_h2(&mut h2).await;
+    assert_eq!(v["roles"], json!(["user"]), "HTTP/2: {v}");
+    assert_eq!(
+        stats.re_resolved.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // The node leaves the tailnet: the next request has no identity, and the connection
+    // closes after that answer.
+    f.remove_identity(&k1);
+    let flushes = r.snapshot().cache_flushes;
+    f.push_notify(&json!({"NetMap": {"SelfNode": {}}}));
+    wait_for(|| r.snapshot().cache_flushes > flushes).await;
+    let v = get_json(&mut h1, "/whoami", &[]).await;
+    assert!(v["principal"].is_null(), "{v}");
+    assert!(
+        v["unidentified"]
+            .as_str()
+            .unwrap()
+            .contains("no tailnet identity"),
+        "{v}"
+    );
+    let gone = tokio::time::timeout(Duration::from_secs(5), h1.ready())
+        .await
+        .unwrap();
+    assert!(gone.is_err(), "the connection is closed after the answer");
+}
+
+#[tokio::test]
+async fn identity_max_age_bounds_an_answer_without_a_netmap_change() {
+    let f = FakeLocalApi::start().await;
+    let mut s = settings();
+    s.tailnet = Some(TAILNET_NAME.into());
+    let r = WhoisResolver::new(f.client(), s);
+    let limits = server::ConnLimits {
+        identity_max_age: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let (addr, _stats, _stop) = limited_server(r, None, limits).await;
+    let sock = mapped_socket(&f, alice("100.64.0.1"));
+    let key = sock.local_addr().unwrap().to_string();
+    let mut h1 = http1(sock.connect(addr).await.unwrap()).await;
+    assert_eq!(
+        get_json(&mut h1, "/whoami", &[]).await["roles"],
+        json!(["user", "developer"])
+    );
+    // No netmap notification at all (a missed one, or none sent).
+    f.add_identity(
+        &key,
+        user_whois(
+            "100.64.0.1",
+            "alice-laptop",
+            "alice@example.com",
+            "A",
+            json!(null),
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = get_json(&mut h1, "/whoami", &[]).await;
+        if v["roles"] == json!(["user"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {v} after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

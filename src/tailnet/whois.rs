@@ -642,31 +642,18 @@ impl WhoisResolver {
         );
     }
 
-    /// The uncached path: a slot, the WhoIs (a loopback 404 retried once), the mapping.
+    /// The uncached path: the WhoIs in a slot (a loopback 404 retried once, in a new slot:
+    /// the pause holds none, so a flood of unmapped local connections does not multiply its
+    /// cost by the pause), the mapping.
     async fn lookup(&self, peer: SocketAddr, loopback: bool) -> Result<Arc<Caller>, String> {
-        let _loopback_permit = if loopback {
-            Some(
-                self.loopback
-                    .acquire()
-                    .await
-                    .map_err(|_| "identity lookups are shut down".to_owned())?,
-            )
-        } else {
-            None
-        };
-        let _permit = self
-            .all
-            .acquire()
-            .await
-            .map_err(|_| "identity lookups are shut down".to_owned())?;
-        let mut answer = self.call(peer, loopback).await;
+        let mut answer = self.call_in_slot(peer, loopback).await?;
         if loopback && matches!(&answer, Err(e) if e.is_not_found()) {
             // The proxymap entry may land just after netstack dialed us (tailscale#1616).
             self.metrics
                 .loopback_retries
                 .fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.settings.loopback_retry_delay).await;
-            answer = self.call(peer, loopback).await;
+            answer = self.call_in_slot(peer, loopback).await?;
         }
         let who = answer.map_err(|e| self.explain(peer, &e))?;
         let tailnet = self.tailnet_name().await?;
@@ -684,6 +671,30 @@ impl WhoisResolver {
             identity,
             principal,
         }))
+    }
+
+    /// One WhoIs holding a concurrency slot (and a loopback slot for loopback peers).
+    async fn call_in_slot(
+        &self,
+        peer: SocketAddr,
+        loopback: bool,
+    ) -> Result<Result<WhoIs, LocalApiError>, String> {
+        let _loopback_permit = if loopback {
+            Some(
+                self.loopback
+                    .acquire()
+                    .await
+                    .map_err(|_| "identity lookups are shut down".to_owned())?,
+            )
+        } else {
+            None
+        };
+        let _permit = self
+            .all
+            .acquire()
+            .await
+            .map_err(|_| "identity lookups are shut down".to_owned())?;
+        Ok(self.call(peer, loopback).await)
     }
 
     async fn call(&self, peer: SocketAddr, loopback: bool) -> Result<WhoIs, LocalApiError> {
@@ -881,6 +892,11 @@ impl Identify for WhoisResolver {
         peer: SocketAddr,
     ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>> {
         Box::pin(async move { self.resolve(peer).await.map(|c| Caller::clone(&c)) })
+    }
+
+    /// Bumped by every flush (a new netmap, a state change, the bus reconnecting).
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 }
 
