@@ -1802,6 +1802,42 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The policy snapshot `/readyz` reports (the first 12 hex digits of the live set's hash).
+async fn readyz_snapshot(base: &str) -> Option<String> {
+    let text = reqwest::get(format!("{base}/readyz"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("policy_snapshot")?.as_str().map(str::to_string)
+}
+
+/// Polls the reload counters until the daemon has counted `want` reloads (ok + failed), or
+/// `within` passes. More than `want` is an error too: a reload nobody asked for.
+async fn wait_reloads(mport: u16, want: u64, within: Duration) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        let ok = metric(mport, "toolgate_policy_reloads_total").await;
+        let failed = metric(mport, "toolgate_policy_reload_failures_total").await;
+        let got = ok.unwrap_or(0.0) + failed.unwrap_or(0.0);
+        if got == want as f64 {
+            return Ok(());
+        }
+        if got > want as f64 {
+            return Err(format!("{got} reloads counted after {want} SIGHUPs"));
+        }
+        if t.elapsed() > within {
+            return Err(format!(
+                "{got} reloads counted {:.1} s after SIGHUP #{want}",
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn stage_storm(rep: &Report, secs: u64) {
     const S: &str = "P reload storm";
     println!("\n== P: policy reload storm, {secs} s, SIGHUP after every write, 16 canary agents");
@@ -1849,11 +1885,25 @@ async fn stage_storm(rep: &Report, secs: u64) {
             .await
         }
     });
+    // SIGHUP is a level, not a queue: signals that arrive while the reload task is busy or not
+    // yet scheduled are delivered as one (POSIX signals are not queued, and tokio's `recv`
+    // reports "at least one since the last poll"), so one reload then picks up several
+    // writes at once. That coalescing is by design; what must hold is that every reload the
+    // daemon makes is counted and that the last write always goes live. So each step waits,
+    // against a deadline, until the daemon has counted the reload for this write, and then
+    // checks what is live on /readyz: a valid write's snapshot is new, a broken write's leaves
+    // the last good one. The counters then equal the steps exactly, independent of timing.
+    let base = gw.base();
+    let mut live = readyz_snapshot(&base).await;
+    let mut seen = 0u64; // reloads the daemon has counted (ok + failed)
+    let mut lapses: Vec<String> = Vec::new();
     let t = Instant::now();
     let (mut invalid, mut valid, mut k) = (0u64, 0u64, 0usize);
     let step = Duration::from_millis(75);
-    while t.elapsed() < Duration::from_secs(secs) {
+    let observe = Duration::from_secs(10);
+    while t.elapsed() < Duration::from_secs(secs) && lapses.is_empty() {
         // valid
+        let t_step = Instant::now();
         let _ = std::fs::remove_file(pol.join("zz_broken.yaml"));
         std::fs::write(
             pol.join("mcp_server.yaml"),
@@ -1862,8 +1912,21 @@ async fn stage_storm(rep: &Report, secs: u64) {
         .unwrap();
         gw.signal("HUP");
         valid += 1;
-        tokio::time::sleep(step).await;
+        seen += 1;
+        if let Err(e) = wait_reloads(mport, seen, observe).await {
+            lapses.push(format!("valid rev {k}: {e}"));
+            break;
+        }
+        let now = readyz_snapshot(&base).await;
+        if now.is_none() || now == live {
+            lapses.push(format!(
+                "valid rev {k}: snapshot {now:?} still the previous {live:?}"
+            ));
+        }
+        live = now;
+        tokio::time::sleep(step.saturating_sub(t_step.elapsed())).await;
         // broken
+        let t_step = Instant::now();
         let (name, body) = &broken[k % broken.len()];
         if name.starts_with("half-written") {
             std::fs::write(pol.join("mcp_server.yaml"), &original[..original.len() / 2]).unwrap();
@@ -1872,13 +1935,32 @@ async fn stage_storm(rep: &Report, secs: u64) {
         }
         gw.signal("HUP");
         invalid += 1;
-        tokio::time::sleep(step).await;
+        seen += 1;
+        if let Err(e) = wait_reloads(mport, seen, observe).await {
+            lapses.push(format!("broken {name}: {e}"));
+            break;
+        }
+        let now = readyz_snapshot(&base).await;
+        if now != live {
+            lapses.push(format!(
+                "broken {name}: snapshot {now:?} replaced the last good {live:?}"
+            ));
+        }
+        tokio::time::sleep(step.saturating_sub(t_step.elapsed())).await;
         k += 1;
     }
     let _ = std::fs::remove_file(pol.join("zz_broken.yaml"));
     std::fs::write(pol.join("mcp_server.yaml"), &original).unwrap();
     gw.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    seen += 1;
+    if let Err(e) = wait_reloads(mport, seen, observe).await {
+        lapses.push(format!("final restore: {e}"));
+    } else {
+        let now = readyz_snapshot(&base).await;
+        if now.is_none() || now == live {
+            lapses.push(format!("final restore: snapshot {now:?} still {live:?}"));
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     let st = load.await.unwrap();
     let failures = metric(mport, "toolgate_policy_reload_failures_total").await;
@@ -1923,13 +2005,24 @@ async fn stage_storm(rep: &Report, secs: u64) {
     );
     rep.check(
         S,
-        "policy_reload_failures_total = invalid steps",
+        "reload counters = steps (failures = invalid, reloads = valid + restore)",
         format!(
             "{failures:?} vs {invalid} (reloads_total {reloads:?} vs {} valid)",
             valid + 1
         ),
         "equal",
-        failures == Some(invalid as f64),
+        failures == Some(invalid as f64) && reloads == Some((valid + 1) as f64),
+    );
+    rep.check(
+        S,
+        "each write observed (counted, live snapshot right)",
+        if lapses.is_empty() {
+            format!("{} of {}", valid + invalid + 1, valid + invalid + 1)
+        } else {
+            lapses.join("; ")
+        },
+        "all",
+        lapses.is_empty(),
     );
     rep.check(
         S,
