@@ -67,6 +67,36 @@ struct Check {
     value: String,
     target: String,
     pass: Option<bool>,
+    kind: Kind,
+}
+
+/// What a check proves, which decides whether CI may retry it (issue 20.1).
+///
+/// A correctness check (lost or unaudited calls, a denied canary allowed, executions that are
+/// not forwarded allow rows, a crash, a wrong answer) fails CI in any attempt. A timing check
+/// (a p99, a rate, a recovery bound) measures a shared 2-core VM that also runs the load
+/// generator, so `.ci/run` reruns the stages whose only misses are timing ones, once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Correctness,
+    Timing,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Correctness => "correctness",
+            Kind::Timing => "timing",
+        }
+    }
+}
+
+/// The verdict of a whole run (the process exit code is derived from it).
+enum Verdict {
+    Pass,
+    /// Only timing checks missed, in these stages (their letters, for `--only`).
+    TimingOnly(Vec<String>),
+    Correctness,
 }
 
 #[derive(Default)]
@@ -81,45 +111,98 @@ impl Report {
         target: &str,
         pass: Option<bool>,
     ) {
+        self.add_kind(scenario, metric, value, target, pass, Kind::Correctness);
+    }
+    fn add_kind(
+        &self,
+        scenario: &'static str,
+        metric: &str,
+        value: String,
+        target: &str,
+        pass: Option<bool>,
+        kind: Kind,
+    ) {
         let mark = match pass {
             Some(true) => "ok  ",
             Some(false) => "MISS",
             None => "    ",
         };
-        println!("  [{mark}] {scenario} {metric}: {value}  (target {target})");
+        let k = if pass.is_some() { kind.label() } else { "info" };
+        println!("  [{mark}] ({k}) {scenario} {metric}: {value}  (target {target})");
         self.0.lock().unwrap().push(Check {
             scenario,
             metric: metric.to_string(),
             value,
             target: target.to_string(),
             pass,
+            kind,
         });
     }
+    /// A correctness check: never retried.
     fn check(&self, scenario: &'static str, metric: &str, value: String, target: &str, pass: bool) {
-        self.add(scenario, metric, value, target, Some(pass));
+        self.add_kind(
+            scenario,
+            metric,
+            value,
+            target,
+            Some(pass),
+            Kind::Correctness,
+        );
+    }
+    /// A timing figure (latency, rate, recovery time) that CI may retry once.
+    fn timing(
+        &self,
+        scenario: &'static str,
+        metric: &str,
+        value: String,
+        target: &str,
+        pass: bool,
+    ) {
+        self.add_kind(scenario, metric, value, target, Some(pass), Kind::Timing);
     }
     fn info(&self, scenario: &'static str, metric: &str, value: String) {
         self.add(scenario, metric, value, "-", None);
     }
-    fn print_table(&self) -> bool {
+    fn print_table(&self) -> Verdict {
         let rows = self.0.lock().unwrap();
-        println!("\n| stage | metric | value | target | result |\n|---|---|---|---|---|");
-        let mut ok = true;
+        println!(
+            "\n| stage | metric | value | target | kind | result |\n|---|---|---|---|---|---|"
+        );
+        let (mut correctness, mut timing) = (false, Vec::<String>::new());
         for c in rows.iter() {
             let r = match c.pass {
                 Some(true) => "pass",
                 Some(false) => {
-                    ok = false;
+                    match c.kind {
+                        Kind::Correctness => correctness = true,
+                        Kind::Timing => {
+                            let stage = c.scenario.chars().take(1).collect::<String>();
+                            if !timing.contains(&stage) {
+                                timing.push(stage);
+                            }
+                        }
+                    }
                     "**MISS**"
                 }
                 None => "info",
             };
+            let kind = if c.pass.is_some() {
+                c.kind.label()
+            } else {
+                "-"
+            };
             println!(
-                "| {} | {} | {} | {} | {} |",
-                c.scenario, c.metric, c.value, c.target, r
+                "| {} | {} | {} | {} | {kind} | {r} |",
+                c.scenario, c.metric, c.value, c.target
             );
         }
-        ok
+        if correctness {
+            Verdict::Correctness
+        } else if timing.is_empty() {
+            Verdict::Pass
+        } else {
+            Verdict::TimingOnly(timing)
+        }
     }
 }
 
@@ -860,7 +943,7 @@ async fn stage_load(rep: &Report, secs: u64) {
     let fds_after = gw.fds();
     let graceful = gw.stop();
     let rate = st.answered() as f64 / elapsed;
-    rep.check(
+    rep.timing(
         S,
         "decisions/s",
         format!("{rate:.0} ({} answers in {elapsed:.1} s)", st.answered()),
@@ -879,14 +962,14 @@ async fn stage_load(rep: &Report, secs: u64) {
         "-",
         None,
     );
-    rep.check(
+    rep.timing(
         S,
         "latency p99",
         format!("{p99:.2} ms"),
         "<= 50 ms",
         p99 <= 50.0,
     );
-    rep.check(
+    rep.timing(
         S,
         "latency max",
         format!("{max:.1} ms"),
@@ -1020,7 +1103,7 @@ async fn stage_overload(rep: &Report, secs: u64) {
     gw.stop();
     let n503 = st.lat_503_us.len();
     rep.info(S, "answers", st.status_text());
-    rep.check(
+    rep.timing(
         S,
         "503 answered (audit queue full) p99 / max",
         format!(
@@ -1038,7 +1121,7 @@ async fn stage_overload(rep: &Report, secs: u64) {
         "0",
         st.retry_after_missing == 0,
     );
-    rep.check(
+    rep.timing(
         S,
         "admitted p99",
         format!(
@@ -1197,7 +1280,7 @@ async fn stage_kill(rep: &Report, cycles: u64) {
         "0 / 0",
         integrity_bad == 0 && verify_bad == 0 && integrity(&db) == "ok" && audit_verify(&db).0,
     );
-    rep.check(
+    rep.timing(
         S,
         "restart to ready (worst)",
         format!("{worst_ready:?}"),
@@ -1355,7 +1438,7 @@ async fn stage_localapi(rep: &Report) {
             "0 / 0",
             allowed == 0 && ran == 0,
         );
-        rep.check(
+        rep.timing(
             S,
             &format!("{name}: deny latency (worst)"),
             format!("{worst:?}"),
@@ -1363,6 +1446,13 @@ async fn stage_localapi(rep: &Report) {
             worst <= Duration::from_millis(1100),
         );
         rep.check(
+            S,
+            &format!("{name}: allows again after recovery (within 5 s)"),
+            format!("{recovered:?}"),
+            "yes",
+            recovered.is_some(),
+        );
+        rep.timing(
             S,
             &format!("{name}: first allow after recovery"),
             format!("{recovered:?}"),
@@ -1520,10 +1610,17 @@ async fn stage_upstream(rep: &Report) {
         }
         rep.check(
             S,
-            &format!("{mode}: JSON-RPC error answers, worst time"),
-            format!("{errors}/{n}, {worst:.2?} (HTTP {statuses:?})"),
-            "all, <= 2.2 s",
-            errors == n && worst <= Duration::from_millis(2200),
+            &format!("{mode}: JSON-RPC error answers"),
+            format!("{errors}/{n} (HTTP {statuses:?})"),
+            "all",
+            errors == n,
+        );
+        rep.timing(
+            S,
+            &format!("{mode}: worst error answer time"),
+            format!("{worst:.2?}"),
+            "<= 2.2 s",
+            worst <= Duration::from_millis(2200),
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -1565,7 +1662,7 @@ async fn stage_upstream(rep: &Report) {
         bad.is_empty() && ids.len() == 15,
     );
     let (b99, d99) = (pct(&base.lat_us, 99.0), pct(&during.lat_us, 99.0));
-    rep.check(
+    rep.timing(
         S,
         "healthy upstream p99 baseline → during faults",
         format!(
@@ -1695,7 +1792,7 @@ async fn stage_disk(rep: &Report) {
         .map(|r| r.status().as_u16())
         .unwrap_or(0);
     rep.info(S, "answers while filling", st.status_text());
-    rep.check(
+    rep.timing(
         S,
         "503 latency p99 once full",
         format!(
@@ -1753,6 +1850,13 @@ async fn stage_disk(rep: &Report) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     rep.check(
+        S,
+        "allows again after the cap is lifted (within 10 s, no restart)",
+        format!("{recovered:?}"),
+        "yes",
+        recovered.is_some(),
+    );
+    rep.timing(
         S,
         "first allow after the cap is lifted",
         format!("{recovered:?}"),
@@ -2127,10 +2231,17 @@ async fn stage_http_abuse(rep: &Report) {
     let cl_status = parse_response(&buf[..n]).map(|r| r.0).unwrap_or(0);
     rep.check(
         S,
-        "10 MiB Content-Length body",
-        format!("HTTP {cl_status} in {cl_time:.2?}"),
-        "413 in <= 50 ms",
-        cl_status == 413 && cl_time <= Duration::from_millis(50),
+        "10 MiB Content-Length body refused",
+        format!("HTTP {cl_status}"),
+        "413",
+        cl_status == 413,
+    );
+    rep.timing(
+        S,
+        "10 MiB Content-Length body, time to 413",
+        format!("{cl_time:.2?}"),
+        "<= 50 ms",
+        cl_time <= Duration::from_millis(50),
     );
     // Chunked over the 4 MiB cap: 413 once crossed.
     let mut s = connect_from(agent_ip(2), addr).await.unwrap();
@@ -2187,13 +2298,17 @@ async fn stage_http_abuse(rep: &Report) {
     let worst = closes.last().copied().unwrap_or_default();
     rep.check(
         S,
+        "slowloris connections closed",
+        format!("{} closed, {never} not closed/connected", closes.len()),
+        "all",
+        never == 0,
+    );
+    rep.timing(
+        S,
         "slowloris connections closed, worst time",
-        format!(
-            "{} closed, {never} not closed/connected, worst {worst:.1?}",
-            closes.len()
-        ),
-        "all, <= 11 s",
-        never == 0 && worst <= Duration::from_secs(11),
+        format!("{worst:.1?}"),
+        "<= 11 s",
+        worst <= Duration::from_secs(11),
     );
     rep.check(
         S,
@@ -2205,7 +2320,7 @@ async fn stage_http_abuse(rep: &Report) {
     stop.store(true, Ordering::Relaxed);
     let during = legit.await.unwrap();
     let (b99, d99) = (pct(&base.lat_us, 99.0), pct(&during.lat_us, 99.0));
-    rep.check(
+    rep.timing(
         S,
         "legitimate p99 baseline → during attack",
         format!("{b99:.2} → {d99:.2} ms"),
@@ -2486,21 +2601,21 @@ async fn bench(rep: &Report) {
         "toolgate",
         format!("{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms", g.0, g.1, g.2),
     );
-    rep.check(
+    rep.timing(
         S,
         "p50 toolgate/nginx",
         format!("{:.2}×", g.1 / n.1),
         "<= 1.3×",
         g.1 / n.1 <= 1.3,
     );
-    rep.check(
+    rep.timing(
         S,
         "p99 toolgate/nginx",
         format!("{:.2}×", g.2 / n.2),
         "<= 2×",
         g.2 / n.2 <= 2.0,
     );
-    rep.check(
+    rep.timing(
         S,
         "throughput toolgate/nginx",
         format!("{:.2}×", g.0 / n.0),
@@ -2633,13 +2748,29 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let ok = rep.print_table();
-    println!(
-        "\n{} in {:.0} s",
-        if ok { "PASS" } else { "FAIL (see MISS rows)" },
-        t.elapsed().as_secs_f64()
-    );
+    // Exit codes: 0 pass; 1 a correctness check missed (CI fails, no retry); 3 only timing
+    // checks missed (CI reruns those stages once; the stages' letters are printed and, with
+    // LOAD_SUITE_TIMING_MISSES=FILE, written there).
+    let (summary, code) = match rep.print_table() {
+        Verdict::Pass => ("PASS".to_string(), 0),
+        Verdict::Correctness => (
+            "FAIL: a correctness check missed (see the MISS rows of kind correctness); never retried"
+                .to_string(),
+            1,
+        ),
+        Verdict::TimingOnly(stages) => {
+            let list = stages.join(",");
+            if let Some(f) = std::env::var_os("LOAD_SUITE_TIMING_MISSES") {
+                let _ = std::fs::write(f, &list);
+            }
+            (
+                format!("FAIL (timing only): timing figures missed in stages {list}; every correctness check passed"),
+                3,
+            )
+        }
+    };
+    println!("\n{summary} in {:.0} s", t.elapsed().as_secs_f64());
     let _ = std::io::stdout().flush();
     rt.shutdown_timeout(Duration::from_secs(1));
-    std::process::exit(if ok { 0 } else { 1 });
+    std::process::exit(code);
 }
