@@ -1,9 +1,10 @@
-//! The fleet sink against the real PostgreSQL at 127.0.0.1:5432 (database `test`, trust auth):
+//! The fleet sink against the real PostgreSQL at 127.0.0.1:5432, or `TOOLGATE_PG_ADDR` (database
+//! `test`, trust auth):
 //! rows ship in order; an outage (a TCP proxy in this test cuts every connection and refuses
 //! new ones) and a restart during it lose nothing; a rewound watermark re-ships without
 //! duplicates (exactly once in effect); two gateways share one schema; fleet query and verify.
-//! Each run uses its own schema and drops it. Skips with a message only when nothing listens
-//! on 5432 (fails instead when TOOLGATE_REQUIRE_PEERS=1).
+//! Each run uses its own schema and drops it. Skips with a SKIPPED line only when nothing
+//! listens there (fails instead when TOOLGATE_REQUIRE_PEERS=1).
 
 #![allow(
     clippy::unwrap_used,
@@ -11,6 +12,8 @@
     clippy::panic,
     reason = "test code"
 )]
+
+mod support;
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -27,10 +30,17 @@ use toolgate::audit::query::Filter;
 use toolgate::audit::{AuditLog, Effect, Kind, Record, Settings};
 use toolgate::config::Durability;
 
-const PG: &str = "127.0.0.1:5432";
+/// The PostgreSQL address: `TOOLGATE_PG_ADDR` (`scripts/test` sets it when it starts a private
+/// cluster), else 127.0.0.1:5432.
+fn pg() -> String {
+    std::env::var("TOOLGATE_PG_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:5432".to_string())
+}
 
 fn pg_reachable() -> bool {
-    let addr: SocketAddr = PG.parse().unwrap();
+    let addr: SocketAddr = pg().parse().unwrap();
     TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
 }
 
@@ -65,7 +75,7 @@ impl Proxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(PG) else {
+                let Ok(server) = TcpStream::connect(pg()) else {
                     continue;
                 };
                 let mut g = c.lock().unwrap();
@@ -191,10 +201,12 @@ fn sqlite_ids(db: &Path) -> (String, BTreeSet<String>, i64) {
 #[test]
 fn shipper_is_exactly_once_in_effect_across_an_outage_and_restarts() {
     if !pg_reachable() {
-        if std::env::var("TOOLGATE_REQUIRE_PEERS").is_ok_and(|v| v == "1") {
-            panic!("PostgreSQL at {PG} is not reachable and TOOLGATE_REQUIRE_PEERS=1");
-        }
-        eprintln!("SKIP shipper test: no PostgreSQL listening at {PG}");
+        support::peers::missing(
+            "shipper_is_exactly_once_in_effect_across_an_outage_and_restarts",
+            "PostgreSQL",
+            &format!("nothing listens at {} (TOOLGATE_PG_ADDR)", pg()),
+            "scripts/test starts a private cluster from Debian's postgresql (apt-get install postgresql)",
+        );
         return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -211,7 +223,7 @@ fn shipper_is_exactly_once_in_effect_across_an_outage_and_restarts() {
         nanos % 1_000_000_000
     );
     let direct = PgSettings {
-        url: format!("postgres://postgres@{PG}/test"),
+        url: format!("postgres://postgres@{}/test", pg()),
         schema: schema.clone(),
         batch_rows: 100,
     };
@@ -287,7 +299,7 @@ fn run(rt: &tokio::runtime::Runtime, schema: &str, direct: &PgSettings) {
     let log_b = AuditLog::open(settings(
         &b_db,
         "gw-b",
-        &format!("postgres://postgres@{PG}/test"),
+        &format!("postgres://postgres@{}/test", pg()),
         schema,
     ))
     .unwrap();

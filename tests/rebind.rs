@@ -3,7 +3,8 @@
 //! loopback carries the tailnet addresses; the fake LocalAPI (a unix socket, reachable across
 //! namespaces) reports the node's IPs and announces a new netmap.
 //!
-//! Needs root and `ip netns` (CI runs as root); otherwise it prints SKIP.
+//! Needs root and `ip netns` (CI runs as root); otherwise it prints SKIPPED, or fails when
+//! `TOOLGATE_REQUIRE_PEERS=1`.
 
 #![allow(
     clippy::unwrap_used,
@@ -75,8 +76,14 @@ fn wait_for(ns: &str, want: &str, gone: Option<&str>) {
 async fn tailnet_listeners_follow_the_nodes_addresses() {
     let ns = format!("tgrebind{}", std::process::id());
     if !ip(&["netns", "add", &ns]) {
-        println!(
-            "SKIP tailnet_listeners_follow_the_nodes_addresses: cannot create a network namespace (needs root and iproute2)"
+        support::peers::missing(
+            "tailnet_listeners_follow_the_nodes_addresses",
+            "a network namespace (root and iproute2)",
+            &format!(
+                "`ip netns add {ns}` failed (running as root: {})",
+                support::peers::is_root()
+            ),
+            "run as root; apt-get install iproute2",
         );
         return;
     }

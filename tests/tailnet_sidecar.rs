@@ -14,6 +14,8 @@
     reason = "test code"
 )]
 
+mod support;
+
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -231,11 +233,18 @@ async fn a_rejected_key_is_retried_with_backoff_and_shutdown_ends_the_wait() {
     assert!(r.is_err());
 }
 
-fn tailscaled_bin() -> Option<PathBuf> {
+/// The real tailscaled, or `None` after a SKIPPED line (a failure under
+/// `TOOLGATE_REQUIRE_PEERS=1`).
+fn tailscaled_bin(test: &str) -> Option<PathBuf> {
     match std::env::var_os("TAILSCALED_BIN") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!("SKIP: TAILSCALED_BIN not set (scripts/test sets it)");
+        Some(p) if !p.is_empty() && std::path::Path::new(&p).is_file() => Some(PathBuf::from(p)),
+        other => {
+            support::peers::missing(
+                test,
+                "tailscaled",
+                &format!("TAILSCALED_BIN is {other:?}, not a file (scripts/test sets it)"),
+                "scripts/peers-tailscale tailscaled (then TAILSCALED_BIN=that path)",
+            );
             None
         }
     }
@@ -258,7 +267,10 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn the_real_tailscaled_is_supervised_restarted_and_stopped() {
-    let Some(bin) = tailscaled_bin() else { return };
+    let Some(bin) = tailscaled_bin("the_real_tailscaled_is_supervised_restarted_and_stopped")
+    else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let socks = format!("127.0.0.1:{}", free_port());
     let cfg = TailnetConfig {

@@ -4,7 +4,8 @@
 //!
 //! The binary: `$TAILSCALED_BIN`, else `${TOOLGATE_PEERS:-$HOME/.cache/toolgate-peers}/
 //! tailscale-1.96.4/tailscaled` (install it with `scripts/peers-tailscale`). Without it every
-//! test prints a SKIP line and passes.
+//! test prints a SKIPPED line and passes, or fails when `TOOLGATE_REQUIRE_PEERS=1` (CI); a
+//! tailscaled of another version fails under the switch too (the contract is pinned).
 //!
 //! The daemon ALWAYS runs with `--no-logs-no-support` (and `TS_NO_LOGS_NO_SUPPORT=true`):
 //! without it tailscaled tries to reach log.tailscale.com and public DERP servers. Nothing here
@@ -16,6 +17,8 @@
     reason = "test code"
 )]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,28 +28,31 @@ use toolgate::tailnet::localapi::{LocalApi, LocalApiError, WhoIsProto};
 use toolgate::tailnet::types::{BackendState, Prefs, WatchMask};
 
 const WANT_VERSION: &str = "1.96.4";
+const INSTALL: &str = "scripts/peers-tailscale tailscaled (then TAILSCALED_BIN=that path)";
 
-/// The tailscaled binary, or `None` (after printing a SKIP line) when it is not installed.
+/// The tailscaled binary, or `None` when it is not installed (after a SKIPPED line; a failure
+/// under `TOOLGATE_REQUIRE_PEERS=1`).
 fn tailscaled_bin(test: &str) -> Option<PathBuf> {
     let path = match std::env::var_os("TAILSCALED_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("TOOLGATE_PEERS")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/toolgate-peers"))
-                })?;
-            cache.join(format!("tailscale-{WANT_VERSION}/tailscaled"))
-        }
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => std::env::var_os("TOOLGATE_PEERS")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/toolgate-peers"))
+            })
+            .map(|cache| cache.join(format!("tailscale-{WANT_VERSION}/tailscaled"))),
     };
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!(
-            "SKIP {test}: no tailscaled at {} (set TAILSCALED_BIN or run scripts/peers-tailscale)",
-            path.display()
-        );
-        None
+    match path {
+        Some(path) if path.is_file() => Some(path),
+        other => {
+            support::peers::missing(
+                test,
+                "tailscaled",
+                &format!("no tailscaled at {other:?} (TAILSCALED_BIN)"),
+                INSTALL,
+            );
+            None
+        }
     }
 }
 
@@ -67,9 +73,12 @@ impl Daemon {
             .unwrap_or("")
             .to_owned();
         if first != WANT_VERSION {
-            println!(
-                "WARNING: {} --version says {first:?}, the contract is pinned to {WANT_VERSION}",
-                bin.display()
+            support::peers::version_mismatch(
+                &bin.display().to_string(),
+                "tailscaled",
+                &first,
+                WANT_VERSION,
+                INSTALL,
             );
         }
         let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,11 @@
 //! Shared helpers for the integration tests (`mod support;` in each test crate).
 //!
 //! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
+//! - [`peers`]: the `TOOLGATE_REQUIRE_PEERS` switch: a missing peer skips loudly or fails.
 #![allow(
     dead_code,
     reason = "each test binary uses a different part of the support code"
 )]
 
 pub mod fake_localapi;
+pub mod peers;
