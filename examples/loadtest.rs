@@ -1920,14 +1920,14 @@ async fn readyz_snapshot(base: &str) -> Option<String> {
 
 /// Polls the reload counters until the daemon has counted `want` reloads (ok + failed), or
 /// `within` passes. More than `want` is an error too: a reload nobody asked for.
-async fn wait_reloads(mport: u16, want: u64, within: Duration) -> Result<(), String> {
+async fn wait_reloads(mport: u16, want: u64, within: Duration) -> Result<Duration, String> {
     let t = Instant::now();
     loop {
         let ok = metric(mport, "toolgate_policy_reloads_total").await;
         let failed = metric(mport, "toolgate_policy_reload_failures_total").await;
         let got = ok.unwrap_or(0.0) + failed.unwrap_or(0.0);
         if got == want as f64 {
-            return Ok(());
+            return Ok(t.elapsed());
         }
         if got > want as f64 {
             return Err(format!("{got} reloads counted after {want} SIGHUPs"));
@@ -2001,6 +2001,7 @@ async fn stage_storm(rep: &Report, secs: u64) {
     let mut live = readyz_snapshot(&base).await;
     let mut seen = 0u64; // reloads the daemon has counted (ok + failed)
     let mut lapses: Vec<String> = Vec::new();
+    let mut slowest = Duration::ZERO; // SIGHUP to the reload counted
     let t = Instant::now();
     let (mut invalid, mut valid, mut k) = (0u64, 0u64, 0usize);
     let step = Duration::from_millis(75);
@@ -2017,7 +2018,10 @@ async fn stage_storm(rep: &Report, secs: u64) {
         gw.signal("HUP");
         valid += 1;
         seen += 1;
-        if let Err(e) = wait_reloads(mport, seen, observe).await {
+        if let Err(e) = wait_reloads(mport, seen, observe)
+            .await
+            .map(|d| slowest = slowest.max(d))
+        {
             lapses.push(format!("valid rev {k}: {e}"));
             break;
         }
@@ -2040,7 +2044,10 @@ async fn stage_storm(rep: &Report, secs: u64) {
         gw.signal("HUP");
         invalid += 1;
         seen += 1;
-        if let Err(e) = wait_reloads(mport, seen, observe).await {
+        if let Err(e) = wait_reloads(mport, seen, observe)
+            .await
+            .map(|d| slowest = slowest.max(d))
+        {
             lapses.push(format!("broken {name}: {e}"));
             break;
         }
@@ -2057,7 +2064,10 @@ async fn stage_storm(rep: &Report, secs: u64) {
     std::fs::write(pol.join("mcp_server.yaml"), &original).unwrap();
     gw.signal("HUP");
     seen += 1;
-    if let Err(e) = wait_reloads(mport, seen, observe).await {
+    if let Err(e) = wait_reloads(mport, seen, observe)
+        .await
+        .map(|d| slowest = slowest.max(d))
+    {
         lapses.push(format!("final restore: {e}"));
     } else {
         let now = readyz_snapshot(&base).await;
@@ -2076,7 +2086,7 @@ async fn stage_storm(rep: &Report, secs: u64) {
         S,
         "reloads written",
         format!(
-            "{} ({valid} valid, {invalid} invalid) in {:.1} s; {} canary calls",
+            "{} ({valid} valid, {invalid} invalid) in {:.1} s; {} canary calls; slowest SIGHUP to reload counted {slowest:.0?}",
             valid + invalid,
             t.elapsed().as_secs_f64(),
             st.answered()
