@@ -743,15 +743,47 @@ pub fn valid_postgres_schema(s: &str) -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PdpConfig {
+    /// Serve the Cerbos-compatible API (`/api/check/resources`, ...) on the listeners.
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Who may assert principals: `role:NAME` or `tag:NAME` of the caller's own principal.
     #[serde(default = "default_pdp_callers")]
     pub callers: Vec<String>,
+    /// Other identified callers may check for themselves only (their WhoIs principal replaces
+    /// the body's); without it they get 403 `PERMISSION_DENIED`.
+    #[serde(default)]
+    pub self_only: bool,
     #[serde(default)]
     pub request_limits: RequestLimits,
+    /// Key sets for `auxData.jwt` (Cerbos's `auxData.jwt.keySets`): `{id, local: {file}}` or
+    /// `{id, local: {data: <base64 JWKS>}}`.
     #[serde(default)]
-    pub jwt_keysets: Vec<Value>,
+    pub jwt_keysets: Vec<JwtKeySetConfig>,
+    /// The key sets, read when the daemon is built ([`crate::pdp::jwt::KeySets::load`]).
+    #[serde(skip)]
+    pub keysets: std::sync::Arc<crate::pdp::jwt::KeySets>,
+}
+
+/// One `pdp.jwt_keysets` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeySetConfig {
+    pub id: String,
+    #[serde(default)]
+    pub local: Option<LocalKeySet>,
+    /// Cerbos's remote (fetched) key sets: refused, toolgate fetches nothing at run time.
+    #[serde(default)]
+    pub remote: Option<Value>,
+}
+
+/// A key set on disk (`file`, a JWK set or one JWK) or inline (`data`, base64 of the same).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalKeySet {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub data: Option<String>,
 }
 
 fn default_pdp_callers() -> Vec<String> {
@@ -763,14 +795,18 @@ impl Default for PdpConfig {
         PdpConfig {
             enabled: true,
             callers: default_pdp_callers(),
+            self_only: false,
             request_limits: RequestLimits::default(),
             jwt_keysets: Vec::new(),
+            keysets: Default::default(),
         }
     }
 }
 
 /// `pdp.request_limits.*` default (Cerbos's).
 pub const DEFAULT_PDP_REQUEST_LIMIT: usize = 50;
+/// `pdp.request_limits.*` at most.
+pub const MAX_PDP_REQUEST_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -978,7 +1014,7 @@ impl RawConfig {
         let servers = check_servers(self.servers, &cx, &mut p);
         let stdio = check_stdio(self.stdio, &cx, &mut p);
         let audit = check_audit(self.audit, &cx, &mut p);
-        let pdp = check_pdp(self.pdp, &mut p);
+        let pdp = check_pdp(self.pdp, &cx, &mut p);
         let log = check_log(self.log, &mut p);
         let metrics = check_metrics(self.metrics, &mut p);
         let tailnet = check_tailnet(self.tailnet, &cx, &mut p);
@@ -1500,13 +1536,56 @@ fn check_audit(mut a: AuditConfig, cx: &Cx<'_>, p: &mut Problems) -> AuditConfig
     a
 }
 
-fn check_pdp(c: PdpConfig, p: &mut Problems) -> PdpConfig {
+fn check_pdp(mut c: PdpConfig, cx: &Cx, p: &mut Problems) -> PdpConfig {
     for (i, caller) in c.callers.iter().enumerate() {
         if !(caller.starts_with("role:") || caller.starts_with("tag:")) {
             p.add(
                 format_args!("$.pdp.callers[{i}]"),
                 format_args!("{caller:?} must be role:NAME or tag:NAME"),
             );
+        }
+    }
+    let l = &c.request_limits;
+    for (name, v) in [
+        ("max_actions_per_resource", l.max_actions_per_resource),
+        ("max_resources_per_request", l.max_resources_per_request),
+    ] {
+        if !(1..=MAX_PDP_REQUEST_LIMIT).contains(&v) {
+            p.add(
+                format_args!("$.pdp.request_limits.{name}"),
+                format_args!("{v} is out of range 1..={MAX_PDP_REQUEST_LIMIT}"),
+            );
+        }
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, k) in c.jwt_keysets.iter_mut().enumerate() {
+        let at = format!("$.pdp.jwt_keysets[{i}]");
+        if k.id.is_empty() {
+            p.add(format_args!("{at}.id"), "a key set needs an id");
+        } else if !ids.insert(k.id.clone()) {
+            p.add(
+                format_args!("{at}.id"),
+                format_args!("{:?} is used twice", k.id),
+            );
+        }
+        if k.remote.is_some() {
+            p.add(
+                format_args!("{at}.remote"),
+                "remote key sets are not supported (toolgate fetches nothing at run time); \
+                 save the JWKS to a file and use local.file",
+            );
+            continue;
+        }
+        match &mut k.local {
+            Some(LocalKeySet {
+                file: Some(f),
+                data: None,
+            }) => cx.rebase(f),
+            Some(LocalKeySet {
+                file: None,
+                data: Some(_),
+            }) => {}
+            _ => p.add(at, "needs local.file or local.data (exactly one)"),
         }
     }
     c

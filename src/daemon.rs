@@ -323,13 +323,14 @@ pub fn build(
 
 /// [`build`] with policies already loaded.
 pub fn build_with(
-    cfg: Config,
+    mut cfg: Config,
     store: Store,
     identify: Arc<dyn Identify>,
     node: &NodeInfo,
     listen: Vec<SocketAddr>,
     localapi: Option<LocalApi>,
 ) -> Result<Built, String> {
+    cfg.pdp.keysets = Arc::new(crate::pdp::jwt::KeySets::load(&cfg.pdp.jwt_keysets)?);
     let audit =
         AuditLog::open(audit::Settings::from_config(&cfg.audit)).map_err(|e| e.to_string())?;
     let proxy = cfg

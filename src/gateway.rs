@@ -566,6 +566,9 @@ pub struct AuditRow {
     /// `mcp`, `check`, `hook` or `identity`.
     pub kind: &'static str,
     pub caller: Option<Arc<Caller>>,
+    /// The principal the decision was made for, when the caller asserted one (check API);
+    /// `None`: the caller's own principal.
+    pub principal: Option<String>,
     pub ip: String,
     pub server: String,
     pub method: String,
@@ -590,6 +593,7 @@ impl AuditRow {
             id: crate::audit::record::new_id(),
             kind,
             caller: conn.caller.clone(),
+            principal: None,
             ip: match &conn.caller {
                 Some(c) if !c.identity.ip.is_empty() => c.identity.ip.clone(),
                 _ => crate::identity::normalize_ip(conn.peer.ip()).to_string(),
@@ -734,6 +738,9 @@ impl AuditRow {
             rec.node = c.identity.node.clone();
             rec.node_id = c.identity.node_id.clone();
             rec.tags = c.identity.tags.clone();
+        }
+        if let Some(p) = self.principal {
+            rec.principal = p;
         }
         rec.ip = self.ip;
         rec.server = self.server;

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;
+pub mod pdp;
 pub mod policy;
 pub mod sample;
 pub mod server;

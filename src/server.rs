@@ -173,7 +173,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/audit", get(api_audit))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/_cerbos/health", get(cerbos_health))
+        .merge(crate::pdp::http::routes())
         .layer(middleware::from_fn_with_state(gw.clone(), host_guard))
         .with_state(gw)
 }
@@ -365,13 +365,6 @@ pub fn metrics_router(gw: Arc<Gateway>) -> Router {
             get(|State(gw): State<Arc<Gateway>>| async move { metrics_text(&gw) }),
         )
         .with_state(gw)
-}
-
-async fn cerbos_health() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        "{\"status\":\"SERVING\"}",
-    )
 }
 
 /// Invariant I7: a `Host` that is not this node, or a foreign `Origin`, is refused first.

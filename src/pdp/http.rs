@@ -1,0 +1,410 @@
+//! The HTTP adapter of the decision API: identity and access first, then the body (bounded,
+//! parsed, validated, limited, tokens verified), then one evaluation per resource against one
+//! policy snapshot, one audit row, and the answer. No answer leaves before its audit row is
+//! accepted (and, with `audit.mode: sync`, committed): a full or failed audit store answers
+//! 503 `UNAVAILABLE`, never an unaudited decision.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::{Map, json};
+
+use super::access::{Access, access};
+use super::request::{self, CheckRequest};
+use super::response::{self, CheckResponse};
+use super::status::{Status, code};
+use crate::gateway::{AuditRow, Caller, Conn, Gateway};
+use crate::policy::eval::{self, CheckOutput};
+use crate::policy::input::CheckInput;
+use crate::policy::model::Effect;
+
+/// Bound on a request body: gRPC's default maximum message, which Cerbos enforces.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// The routes of the decision API (merged into the daemon's router).
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/api/check/resources", post(check).fallback(not_allowed))
+        .route("/api/plan/resources", post(plan).fallback(not_allowed))
+        .route("/api/server_info", get(server_info).fallback(not_allowed))
+        .route("/_cerbos/health", get(health).fallback(not_allowed))
+}
+
+/// A `google.rpc.Status` answer.
+pub fn error(s: &Status) -> Response {
+    let mut r = Response::new(Body::from(s.to_json()));
+    *r.status_mut() = StatusCode::from_u16(s.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_ok(body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn not_allowed() -> Response {
+    error(&Status::new(code::UNIMPLEMENTED, "Method Not Allowed"))
+}
+
+fn disabled() -> Response {
+    error(&Status::new(
+        code::NOT_FOUND,
+        "the Cerbos-compatible API is disabled on this gateway (pdp.enabled: false)",
+    ))
+}
+
+/// `GET /_cerbos/health[?service=...]`: any caller; Cerbos's answer for its check service.
+async fn health(State(gw): State<Arc<Gateway>>, RawQuery(q): RawQuery) -> Response {
+    let service = query_param(q.as_deref(), "service").unwrap_or_default();
+    if !service.is_empty() && service != "cerbos.svc.v1.CerbosService" {
+        return error(&Status::new(code::NOT_FOUND, "unknown service"));
+    }
+    if !gw.config.pdp.enabled || gw.store.current().is_empty() {
+        let mut r = json_ok("{\"status\":\"NOT_SERVING\"}".into());
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    }
+    json_ok("{\"status\":\"SERVING\"}".into())
+}
+
+/// `GET /api/server_info`: toolgate's own version (identified callers only).
+async fn server_info(State(gw): State<Arc<Gateway>>, Extension(conn): Extension<Conn>) -> Response {
+    if !gw.config.pdp.enabled {
+        return disabled();
+    }
+    if conn.caller.is_none() {
+        return error(&unidentified(&conn));
+    }
+    json_ok(
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "commit": option_env!("TOOLGATE_COMMIT").unwrap_or(""),
+            "buildDate": option_env!("TOOLGATE_BUILD_DATE").unwrap_or(""),
+        })
+        .to_string(),
+    )
+}
+
+fn unidentified(conn: &Conn) -> Status {
+    Status::new(
+        code::PERMISSION_DENIED,
+        format!(
+            "no verified tailnet identity for this caller ({})",
+            conn.unidentified.as_deref().unwrap_or("unknown peer")
+        ),
+    )
+}
+
+/// The first value of `name` in a query string (no percent-decoding needed for our values).
+fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
+    q?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn explain_requested(q: Option<&str>) -> bool {
+    matches!(query_param(q, "explain"), Some("true" | "1" | ""))
+}
+
+/// The caller and what it may do, or the refusal (audited).
+fn admit(gw: &Gateway, conn: &Conn, method: &str) -> Result<(Arc<Caller>, Access), Status> {
+    let Some(caller) = conn.caller.clone() else {
+        let s = unidentified(conn);
+        refuse(gw, conn, method, &s.message);
+        return Err(s);
+    };
+    let pdp = &gw.config.pdp;
+    match access(&pdp.callers, pdp.self_only, &caller) {
+        Access::Denied => {
+            let why = format!(
+                "{} may not ask for decisions: it holds none of pdp.callers ({})",
+                caller.principal.id,
+                pdp.callers.join(", ")
+            );
+            refuse(gw, conn, method, &why);
+            Err(Status::new(code::PERMISSION_DENIED, why))
+        }
+        a => Ok((caller, a)),
+    }
+}
+
+/// Audits a refused request (no decision was made).
+fn refuse(gw: &Gateway, conn: &Conn, method: &str, why: &str) {
+    let mut row = AuditRow::new("check", conn);
+    row.method = method.to_string();
+    row.outcome = "refused".into();
+    row.reason = format!("forbidden: {why}");
+    row.policy_hash = gw.store.current().hash.clone();
+    let _ = gw.submit(row);
+}
+
+async fn read_body(body: Body) -> Result<bytes::Bytes, Status> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        Status::new(
+            code::RESOURCE_EXHAUSTED,
+            format!("request body larger than max ({MAX_BODY} bytes)"),
+        )
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `POST /api/check/resources`.
+async fn check(
+    State(gw): State<Arc<Gateway>>,
+    Extension(conn): Extension<Conn>,
+    RawQuery(q): RawQuery,
+    req: Request,
+) -> Response {
+    const METHOD: &str = "POST /api/check/resources";
+    if !gw.config.pdp.enabled {
+        return disabled();
+    }
+    let (caller, access) = match admit(&gw, &conn, METHOD) {
+        Ok(x) => x,
+        Err(s) => return error(&s),
+    };
+    let explain = explain_requested(q.as_deref());
+    if explain && access != Access::Assert {
+        return error(&Status::new(
+            code::PERMISSION_DENIED,
+            "explain=true is for the callers listed in pdp.callers",
+        ));
+    }
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(s) => return error(&s),
+    };
+    let started = Instant::now();
+    let mut r: CheckRequest = match request::parse_check(&body) {
+        Ok(r) => r,
+        Err(s) => return error(&s),
+    };
+    if access == Access::SelfOnly {
+        // The body's principal is ignored: the caller asks about itself.
+        r.principal = Some(request::Principal::from_input(&caller.principal));
+    }
+    let limits = &gw.config.pdp.request_limits;
+    if let Err(s) = request::validate_check(
+        &r,
+        limits.max_resources_per_request,
+        limits.max_actions_per_resource,
+    ) {
+        return error(&s);
+    }
+    let aux = match gw
+        .config
+        .pdp
+        .keysets
+        .decode(r.aux_data.as_ref(), now_secs())
+    {
+        Ok(a) => a,
+        Err(s) => return error(&s),
+    };
+    let Some(principal) = r.principal.take() else {
+        return error(&Status::invalid(
+            "validation error: principal: value is required",
+        ));
+    };
+    let set = gw.store.current();
+    let params = gw.params();
+    let mut input = CheckInput {
+        principal: principal.into_input(),
+        aux_data: aux,
+        ..Default::default()
+    };
+    let mut outputs: Vec<CheckOutput> = Vec::with_capacity(r.resources.len());
+    let mut resources: Vec<request::Resource> = Vec::with_capacity(r.resources.len());
+    for e in r.resources.iter_mut() {
+        let mut res = e.resource.take().unwrap_or_default();
+        input.resource = crate::policy::input::Resource {
+            kind: res.kind.clone(),
+            id: res.id.clone(),
+            attr: std::mem::take(&mut res.attr),
+            policy_version: res.policy_version.clone(),
+            scope: res.scope.clone(),
+        };
+        input.actions = std::mem::take(&mut e.actions);
+        outputs.push(eval::check(&set, &input, &params));
+        resources.push(res);
+    }
+    let elapsed = started.elapsed();
+    gw.metrics.decision_latency.observe(elapsed);
+
+    let mut row = audit_row(
+        &conn,
+        &caller,
+        &input.principal.id,
+        &resources,
+        &outputs,
+        access,
+    );
+    row.policy_hash = set.hash.clone();
+    row.latency_us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+    let call_id = row.id.clone();
+    let commit = match gw.submit(row) {
+        Ok(c) => c,
+        Err(e) => return error(&Status::new(code::UNAVAILABLE, e.to_string())),
+    };
+    if let Err(e) = commit.await {
+        return error(&Status::new(code::UNAVAILABLE, e.to_string()));
+    }
+    let results = resources
+        .iter()
+        .zip(outputs.iter())
+        .map(|(res, out)| response::result(res, out, r.include_meta, explain))
+        .collect();
+    let resp = CheckResponse {
+        request_id: &r.request_id,
+        results,
+        cerbos_call_id: &call_id,
+    };
+    match serde_json::to_string(&resp) {
+        Ok(s) => json_ok(s),
+        Err(e) => error(&Status::new(code::INTERNAL, e.to_string())),
+    }
+}
+
+/// Longest `reason` text of a check row; the full per-action detail is in `explain`.
+const MAX_REASON: usize = 2048;
+
+/// One audit row per request: the caller (identity fields), the principal it asserted, and
+/// every resource × action with its effect and deciding policy (in `explain.results`). The
+/// row's effect is `deny` if any action was denied.
+fn audit_row(
+    conn: &Conn,
+    caller: &Caller,
+    principal: &str,
+    resources: &[request::Resource],
+    outputs: &[CheckOutput],
+    access: Access,
+) -> AuditRow {
+    let mut row = AuditRow::new("check", conn);
+    row.method = "POST /api/check/resources".into();
+    row.principal = Some(principal.to_string());
+    row.outcome = "answered".into();
+    let mut effect = Effect::Allow;
+    let mut results = Vec::with_capacity(resources.len());
+    let mut reason = format!(
+        "caller {} ({}) asked for {principal}:",
+        caller.principal.id,
+        match access {
+            Access::Assert => "pdp.callers",
+            _ => "self_only",
+        }
+    );
+    let mut first_deny: Option<(&str, &str, &str)> = None;
+    let mut all_actions = Vec::new();
+    for (res, out) in resources.iter().zip(outputs) {
+        let mut actions = Map::new();
+        for a in &out.actions {
+            let e = match a.effect {
+                Effect::Allow => "allow",
+                Effect::Deny => {
+                    effect = Effect::Deny;
+                    if first_deny.is_none() {
+                        first_deny = Some((&a.policy, &a.rule, &a.action));
+                    }
+                    "deny"
+                }
+            };
+            if reason.len() < MAX_REASON {
+                reason.push_str(&format!(" {}/{} {}={e};", res.kind, res.id, a.action));
+            }
+            all_actions.push(a.action.as_str());
+            actions.insert(
+                a.action.clone(),
+                json!({"effect": e, "policy": a.policy, "rule": a.rule}),
+            );
+        }
+        results.push(json!({"kind": res.kind, "id": res.id, "actions": actions}));
+    }
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    row.effect = effect;
+    if let Some((policy, rule, _)) = first_deny {
+        row.policy = policy.to_string();
+        row.rule = rule.to_string();
+    } else if let Some(a) = outputs.first().and_then(|o| o.actions.first()) {
+        row.policy = a.policy.clone();
+        row.rule = a.rule.clone();
+    }
+    if let [one] = resources {
+        row.tool = format!("{}/{}", one.kind, one.id);
+    }
+    row.action = all_actions.join(",");
+    if row.action.len() > MAX_REASON {
+        row.action.truncate(
+            (0..=MAX_REASON)
+                .rev()
+                .find(|&i| row.action.is_char_boundary(i))
+                .unwrap_or(0),
+        );
+    }
+    row.reason = reason;
+    row.explain = Some(json!({
+        "caller": caller.principal.id,
+        "principal": principal,
+        "results": results,
+    }));
+    row
+}
+
+/// `POST /api/plan/resources`.
+async fn plan(
+    State(gw): State<Arc<Gateway>>,
+    Extension(conn): Extension<Conn>,
+    req: Request,
+) -> Response {
+    const METHOD: &str = "POST /api/plan/resources";
+    if !gw.config.pdp.enabled {
+        return disabled();
+    }
+    if let Err(s) = admit(&gw, &conn, METHOD) {
+        return error(&s);
+    }
+    let _ = req;
+    error(&Status::new(
+        code::UNIMPLEMENTED,
+        "query planning is not available yet",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("a=1&service=x"), "service"), Some("x"));
+        assert!(explain_requested(Some("explain=true")));
+        assert!(!explain_requested(Some("explain=false")));
+        assert!(!explain_requested(None));
+    }
+}
