@@ -3,6 +3,11 @@
 //! node on 127.0.0.2–4), the built-in sample MCP upstream, the shipped example policies
 //! (embedded in the binary) and a fresh audit database; a scripted agent session per identity
 //! prints each decision as it happens, then the audit table.
+//!
+//! The demo checks its own verdicts: each scripted call names what it expects (allowed,
+//! hidden, argument deny), and the run fails (`toolgate demo` exits non-zero) when a decision,
+//! the error's shape, the call's audit row, a caller's tool list, the unknown machine's
+//! refusal, the upstream's execution count or the audit chain differs from the script.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -105,7 +110,97 @@ pub fn write_files(dir: &Path, port: u16, upstream: SocketAddr) -> Result<PathBu
 struct Agent {
     who: &'static str,
     ip: &'static str,
+    /// The principal its audit rows carry.
+    principal: &'static str,
+    /// What `tools/list` on the github server shows it.
+    sees: &'static [&'static str],
     calls: Vec<(&'static str, &'static str, Value, &'static str)>,
+}
+
+/// What the script expects of one call, from the words its note starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Forwarded: a result without `isError`; the row is `allow` / `forwarded`.
+    Allowed,
+    /// Not visible to the caller: JSON-RPC error -32602 `Unknown tool: NAME`; `deny` / `denied`.
+    Hidden,
+    /// Visible but refused for its arguments: a result with `isError: true`; `deny` / `denied`.
+    ArgumentDeny,
+}
+
+impl Expect {
+    fn of(note: &str) -> Option<Expect> {
+        if note.starts_with("allowed") {
+            Some(Expect::Allowed)
+        } else if note.starts_with("hidden") {
+            Some(Expect::Hidden)
+        } else if note.starts_with("argument deny") {
+            Some(Expect::ArgumentDeny)
+        } else {
+            None
+        }
+    }
+}
+
+/// Compares one scripted call's answer and its audit row (`row`, found by the decision id the
+/// answer carried) with what the script expects. Returns what differs (empty: as scripted).
+fn check_call(
+    expect: Expect,
+    tool: &str,
+    principal: &str,
+    answer: (u16, &str, &Value),
+    row: Option<&crate::audit::Row>,
+) -> Vec<String> {
+    let (status, id, v) = answer;
+    let mut out = Vec::new();
+    if status != 200 {
+        out.push(format!("HTTP {status}, want 200"));
+    }
+    let error = v.get("error");
+    let is_error = v["result"]["isError"] == json!(true);
+    match expect {
+        Expect::Allowed => {
+            if error.is_some() || is_error || v.get("result").is_none() {
+                out.push(format!("want a result without isError, got {v}"));
+            }
+        }
+        Expect::Hidden => {
+            let want = format!("Unknown tool: {tool}");
+            if error.map(|e| (&e["code"], e["message"].as_str()))
+                != Some((&json!(-32602), Some(want.as_str())))
+            {
+                out.push(format!("want JSON-RPC error -32602 {want:?}, got {v}"));
+            }
+        }
+        Expect::ArgumentDeny => {
+            if error.is_some() || !is_error {
+                out.push(format!("want a result with isError: true, got {v}"));
+            }
+        }
+    }
+    let (effect, outcome) = match expect {
+        Expect::Allowed => ("allow", "forwarded"),
+        Expect::Hidden | Expect::ArgumentDeny => ("deny", "denied"),
+    };
+    match row {
+        _ if id.is_empty() => out.push("no toolgate-decision-id header".to_string()),
+        None => out.push(format!("no audit row for decision {id}")),
+        Some(r) => {
+            if (
+                r.effect.as_str(),
+                r.outcome.as_str(),
+                r.tool.as_str(),
+                r.principal.as_str(),
+            ) != (effect, outcome, tool, principal)
+            {
+                out.push(format!(
+                    "audit row {id}: {} / {} / {} / {}, want {effect} / {outcome} / {tool} / {principal}",
+                    r.effect, r.outcome, r.tool, r.principal
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn script() -> Vec<Agent> {
@@ -113,6 +208,13 @@ fn script() -> Vec<Agent> {
         Agent {
             who: "alice (developer)",
             ip: "127.0.0.2",
+            principal: "alice@example.com",
+            sees: &[
+                "search_repositories",
+                "get_issue",
+                "create_issue",
+                "read_file",
+            ],
             calls: vec![
                 (
                     "github",
@@ -137,6 +239,8 @@ fn script() -> Vec<Agent> {
         Agent {
             who: "bob (user)",
             ip: "127.0.0.3",
+            principal: "bob@example.com",
+            sees: &["search_repositories", "get_issue", "read_file"],
             calls: vec![
                 (
                     "files",
@@ -161,6 +265,8 @@ fn script() -> Vec<Agent> {
         Agent {
             who: "ci-runner (tag:ci)",
             ip: "127.0.0.4",
+            principal: "ci-runner.example.ts.net",
+            sees: &["search_repositories", "get_issue"],
             calls: vec![
                 (
                     "github",
@@ -274,6 +380,10 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // What differs from the script; checked once the audit rows are committed.
+    let mut mismatches: Vec<String> = Vec::new();
+    let mut answers = Vec::new();
+    let mut allowed = 0u64;
     for agent in script() {
         let ip: IpAddr = agent.ip.parse().map_err(|_| "bad demo ip".to_string())?;
         let client = reqwest::Client::builder()
@@ -295,6 +405,12 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
             .as_array()
             .map(|t| t.iter().filter_map(|x| x["name"].as_str()).collect())
             .unwrap_or_default();
+        if names != agent.sees {
+            mismatches.push(format!(
+                "{}: tools/list shows {names:?}, the script expects {:?}",
+                agent.who, agent.sees
+            ));
+        }
         println!(
             "   tools/list (github)             → sees {}",
             if names.is_empty() {
@@ -305,12 +421,18 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
         );
         for (i, (server, tool, args, expect)) in agent.calls.iter().enumerate() {
             let body = json!({"jsonrpc": "2.0", "id": i + 2, "method": "tools/call", "params": {"name": tool, "arguments": args}});
-            let (_, id, v) = rpc(&client, &base, server, body).await?;
+            let (status, id, v) = rpc(&client, &base, server, body).await?;
             println!(
                 "   {:<32} → {}   [{expect}; decision {id}]",
                 format!("{server}: {tool}"),
                 verdict(&v)
             );
+            let want = Expect::of(expect)
+                .ok_or_else(|| format!("the demo script's note {expect:?} names no expectation"))?;
+            if want == Expect::Allowed {
+                allowed += 1;
+            }
+            answers.push((agent.who, *tool, agent.principal, want, status, id, v));
         }
         println!();
     }
@@ -330,16 +452,49 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
         "   tools/list                      → HTTP {s} {}\n",
         v["error"]["message"].as_str().unwrap_or("")
     );
+    if s != 403 {
+        mismatches.push(format!(
+            "the unknown machine's tools/list answered HTTP {s}, want 403"
+        ));
+    }
     audit.flush().await.map_err(|e| e.to_string())?;
-    println!(
-        "The sample upstream executed {} tool call(s); every one has a committed audit row.\n",
-        counters
-            .tool_calls
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
-    println!("Audit trail ({}):", db.display());
+    let executed = counters
+        .tool_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
     let rows = crate::audit::query::query(&db, &crate::audit::query::Filter::default())
         .map_err(|e| e.to_string())?;
+    for (who, tool, principal, want, status, id, v) in &answers {
+        let row = rows.iter().find(|r| &r.id == id);
+        for m in check_call(*want, tool, principal, (*status, id, v), row) {
+            mismatches.push(format!("{who}: {tool}: {m}"));
+        }
+    }
+    if executed != allowed {
+        mismatches.push(format!(
+            "the sample upstream executed {executed} tool call(s), the script allows {allowed}"
+        ));
+    }
+    let forwarded = rows
+        .iter()
+        .filter(|r| r.method == "tools/call" && r.outcome == "forwarded")
+        .count() as u64;
+    if forwarded != executed {
+        mismatches.push(format!(
+            "{forwarded} forwarded tools/call rows for {executed} upstream executions"
+        ));
+    }
+    match crate::audit::query::Reader::open(&db).and_then(|r| r.verify()) {
+        Ok(report) if report.broken.is_none() => {}
+        Ok(report) => mismatches.push(format!("audit verify: chain broken: {:?}", report.broken)),
+        Err(e) => mismatches.push(format!("audit verify: {e}")),
+    }
+    if mismatches.is_empty() {
+        println!(
+            "The sample upstream executed {executed} tool call(s); every one has a committed audit row,\n\
+             and every decision, error and audit row is the one the script expects.\n"
+        );
+    }
+    println!("Audit trail ({}):", db.display());
     print!("{}", crate::audit::cli::table_text(&rows));
     println!(
         "\nQuery it again:\n  toolgate audit query --db {}\n  toolgate audit query --db {} --effect deny --format jsonl\n  toolgate audit verify --db {}",
@@ -359,5 +514,144 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
     let _ = stop_tx.send(true);
     let _ = server.await;
     audit.flush().await.map_err(|e| e.to_string())?;
+    if !mismatches.is_empty() {
+        for m in &mismatches {
+            eprintln!("demo: NOT AS SCRIPTED: {m}");
+        }
+        return Err(format!(
+            "{} result(s) differ from the script (see above)",
+            mismatches.len()
+        ));
+    }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(effect: &str, outcome: &str, tool: &str) -> crate::audit::Row {
+        crate::audit::Row {
+            id: "d1".into(),
+            effect: effect.into(),
+            outcome: outcome.into(),
+            tool: tool.into(),
+            principal: "alice@example.com".into(),
+            ..Default::default()
+        }
+    }
+
+    fn check(expect: Expect, v: &Value, r: Option<&crate::audit::Row>) -> Vec<String> {
+        check_call(
+            expect,
+            "create_issue",
+            "alice@example.com",
+            (200, "d1", v),
+            r,
+        )
+    }
+
+    #[test]
+    fn every_note_in_the_script_names_an_expectation() {
+        for agent in script() {
+            for (_, _, _, note) in agent.calls {
+                assert!(Expect::of(note).is_some(), "{note}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_as_scripted_passes() {
+        let ok = json!({"result": {"content": []}});
+        assert!(
+            check(
+                Expect::Allowed,
+                &ok,
+                Some(&row("allow", "forwarded", "create_issue"))
+            )
+            .is_empty()
+        );
+        let hidden = json!({"error": {"code": -32602, "message": "Unknown tool: create_issue"}});
+        assert!(
+            check(
+                Expect::Hidden,
+                &hidden,
+                Some(&row("deny", "denied", "create_issue"))
+            )
+            .is_empty()
+        );
+        let arg = json!({"result": {"isError": true, "content": []}});
+        assert!(
+            check(
+                Expect::ArgumentDeny,
+                &arg,
+                Some(&row("deny", "denied", "create_issue"))
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_wrong_decision_error_shape_or_audit_row_is_a_mismatch() {
+        let denied = json!({"result": {"isError": true, "content": []}});
+        let allowed_row = row("allow", "forwarded", "create_issue");
+        // The decision differs.
+        assert_eq!(check(Expect::Allowed, &denied, Some(&allowed_row)).len(), 1);
+        // The error's shape differs: an isError result where -32602 is scripted, another code.
+        let wrong_code =
+            json!({"error": {"code": -32600, "message": "Unknown tool: create_issue"}});
+        assert_eq!(
+            check(
+                Expect::Hidden,
+                &denied,
+                Some(&row("deny", "denied", "create_issue"))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            check(
+                Expect::Hidden,
+                &wrong_code,
+                Some(&row("deny", "denied", "create_issue"))
+            )
+            .len(),
+            1
+        );
+        // The audit row differs or is missing.
+        let ok = json!({"result": {"content": []}});
+        assert_eq!(
+            check(
+                Expect::Allowed,
+                &ok,
+                Some(&row("allow", "pending", "create_issue"))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(check(Expect::Allowed, &ok, None).len(), 1);
+        assert_eq!(
+            check_call(
+                Expect::Allowed,
+                "create_issue",
+                "alice@example.com",
+                (200, "", &ok),
+                None
+            )
+            .len(),
+            1
+        );
+        // The status differs.
+        assert_eq!(
+            check_call(
+                Expect::Allowed,
+                "create_issue",
+                "alice@example.com",
+                (502, "d1", &ok),
+                Some(&allowed_row)
+            )
+            .len(),
+            1
+        );
+    }
 }
