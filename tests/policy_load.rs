@@ -194,6 +194,38 @@ fn bad_globs_variables_and_duplicates() {
     );
 }
 
+/// Forms Cerbos 0.55's `cerbos compile` refuses and toolgate loaded (found by
+/// tests/policy_property.rs): two rules for one resource in a principal policy, and a merge key
+/// whose alias names an anchor defined inside the same mapping.
+#[test]
+fn forms_cerbos_refuses_are_refused() {
+    let pp = "apiVersion: api.cerbos.dev/v1\nprincipalPolicy:\n  principal: mallory\n  version: default\n  rules:\n    - resource: doc\n      actions: [{action: view, effect: EFFECT_DENY}]\n    - resource: note\n      actions: [{action: view, effect: EFFECT_DENY}]\n    - resource: doc\n      actions: [{action: edit, effect: EFFECT_ALLOW}]\n";
+    assert_error(
+        &[("p.yaml", pp)],
+        "p.yaml",
+        "$.principalPolicy.rules[2].resource",
+        "duplicate resource \"doc\" at rule #3: previous definition in rule #1",
+    );
+    let same_mapping = rule("").replace(
+        "  rules:\n",
+        "  constants:\n    local:\n      shared: &a {blocked: mallory}\n      <<: *a\n  rules:\n",
+    );
+    let errors = load_errors(&[("a.yaml", &same_mapping)]);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.file == "a.yaml" && e.line == Some(8) && e.message.contains("same mapping")),
+        "{errors:#?}"
+    );
+    // The anchor elsewhere in the document: both load it.
+    let elsewhere = rule("").replace(
+        "  rules:\n",
+        "  constants:\n    local:\n      shared: &a {blocked: mallory}\n  variables:\n    local:\n      <<: *a\n  rules:\n",
+    );
+    let errors = load_errors(&[("a.yaml", &elsewhere.replace("mallory", "'\"mallory\"'"))]);
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
 #[test]
 fn ambiguous_derived_roles() {
     let set = |name: &str| {

@@ -1136,6 +1136,19 @@ impl<'a> Compiler<'a> {
         let mut rules = Vec::new();
         for (i, r) in pp.rules.iter().enumerate() {
             let rpath = format!("{root}.rules[{i}]");
+            // As Cerbos 0.55: one rule per resource in a principal policy.
+            if let Some(first) = pp.rules[..i].iter().position(|o| o.resource == r.resource) {
+                self.errors.push(err(
+                    file,
+                    format!("{rpath}.resource"),
+                    format!(
+                        "duplicate resource {:?} at rule #{}: previous definition in rule #{}",
+                        r.resource,
+                        i + 1,
+                        first + 1
+                    ),
+                ));
+            }
             let resource = match Glob::new(&r.resource) {
                 Ok(g) if !r.resource.is_empty() => Some(g),
                 Ok(_) => {

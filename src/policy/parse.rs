@@ -137,20 +137,24 @@ fn strip_path(message: &str, path: &str) -> String {
 
 /// The document with its merge keys applied, if it has any (found in the parsed YAML, in
 /// every spelling). A document the position-keeping parser cannot read is left to
-/// `yaml_serde`, which reports its own error.
+/// `yaml_serde`, which reports its own error, unless it is one that Cerbos refuses and
+/// `yaml_serde` would accept.
 fn merge_tree(text: &str) -> Result<Option<yaml_merge::Node>, ParseError> {
-    let Ok(Some(tree)) = yaml_merge::parse(text) else {
-        return Ok(None);
-    };
-    if !yaml_merge::has_merge_keys(&tree) {
-        return Ok(None);
-    }
-    yaml_merge::merge(tree).map(Some).map_err(|e| ParseError {
+    let into = |e: yaml_merge::Error| ParseError {
         path: "$".into(),
         line: e.mark.map(|m| m.0),
         column: e.mark.map(|m| m.1),
         message: e.message,
-    })
+    };
+    let tree = match yaml_merge::parse(text) {
+        Ok(Some(tree)) => tree,
+        Err(e) if e.refused => return Err(into(e)),
+        Ok(None) | Err(_) => return Ok(None),
+    };
+    if !yaml_merge::has_merge_keys(&tree) {
+        return Ok(None);
+    }
+    yaml_merge::merge(tree).map(Some).map_err(into)
 }
 
 fn steps(path: &serde_path_to_error::Path) -> Vec<yaml_merge::Step<'_>> {

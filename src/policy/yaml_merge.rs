@@ -43,12 +43,16 @@ pub enum Kind {
 pub struct Error {
     pub mark: Option<Mark>,
     pub message: String,
+    /// A document other YAML readers accept but Cerbos refuses: the caller must not fall back
+    /// to another reader.
+    pub refused: bool,
 }
 
 fn error(mark: Mark, message: impl Into<String>) -> Error {
     Error {
         mark: Some(mark),
         message: message.into(),
+        refused: false,
     }
 }
 
@@ -65,6 +69,8 @@ fn tag_text(tag: &Tag) -> String {
 /// A container being built.
 struct Frame {
     mark: Mark,
+    /// How many nodes had been read when it opened.
+    opened: usize,
     anchor: usize,
     tag: Option<String>,
     map: bool,
@@ -87,7 +93,9 @@ fn size(node: &Node) -> usize {
 /// Parses one YAML document into a tree (aliases expanded). `Ok(None)` for an empty input.
 pub fn parse(text: &str) -> Result<Option<Node>, Error> {
     let mut stack: Vec<Frame> = Vec::new();
-    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    // anchor id → (node, its size, how many nodes had been read when it was defined)
+    let mut anchors: HashMap<usize, (Node, usize, usize)> = HashMap::new();
+    let mut read = 0usize;
     let mut root: Option<Node> = None;
     let mut documents = 0usize;
     let mut nodes = 0usize;
@@ -99,6 +107,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, Error> {
             )
         })?;
         let mark = (span.start.line(), span.start.col() + 1);
+        read += 1;
         let is_map = matches!(event, Event::MappingStart(..));
         let (node, anchor) = match event {
             Event::DocumentStart(_) => {
@@ -111,6 +120,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, Error> {
             Event::MappingStart(anchor, tag) | Event::SequenceStart(anchor, tag) => {
                 stack.push(Frame {
                     mark,
+                    opened: read,
                     anchor,
                     tag: tag.map(|t| tag_text(&t)),
                     map: is_map,
@@ -159,9 +169,25 @@ pub fn parse(text: &str) -> Result<Option<Node>, Error> {
                 anchor,
             ),
             Event::Alias(id) => {
-                let Some((node, n)) = anchors.get(&id) else {
+                let Some((node, n, defined)) = anchors.get(&id) else {
                     return Err(error(mark, "an alias names an unknown anchor"));
                 };
+                // Cerbos 0.55 resolves a merge key's alias only to an anchor defined outside
+                // the mapping that holds the key ("unknown anchor" otherwise); so do we.
+                if let Some(parent) = stack.last()
+                    && parent.map
+                    && parent.items.len() % 2 == 1
+                    && parent.items.last().is_some_and(is_merge_key)
+                    && *defined > parent.opened
+                {
+                    return Err(Error {
+                        refused: true,
+                        ..error(
+                            mark,
+                            "a merge key's alias names an anchor defined inside the same mapping; Cerbos 0.55 rejects this (\"unknown anchor\"): define the anchor outside the mapping",
+                        )
+                    });
+                }
                 nodes += n;
                 if nodes > MAX_NODES {
                     return Err(error(
@@ -176,7 +202,7 @@ pub fn parse(text: &str) -> Result<Option<Node>, Error> {
         nodes += 1;
         if anchor != 0 {
             let n = size(&node);
-            anchors.insert(anchor, (node.clone(), n));
+            anchors.insert(anchor, (node.clone(), n, read));
         }
         match stack.last_mut() {
             Some(parent) => parent.items.push(node),
@@ -433,6 +459,32 @@ mod tests {
         assert!(e.is_some_and(|e| e.message.contains("duplicate") && e.mark == Some((1, 23))));
         let e = merged("a: 1\n---\nb: 2\n").err();
         assert!(e.is_some_and(|e| e.message.contains("one YAML document")));
+    }
+
+    #[test]
+    fn a_merge_alias_to_an_anchor_inside_the_same_mapping_is_refused() {
+        // As Cerbos 0.55 ("unknown anchor"), at the alias.
+        for src in [
+            "a:\n  x: &s {b: 1}\n  <<: *s\n",
+            "a:\n  x: {y: &s {b: 1}}\n  << : *s\n",
+        ] {
+            let e = merged(src).err();
+            assert!(
+                e.as_ref().is_some_and(
+                    |e| e.message.contains("same mapping") && e.mark.is_some_and(|m| m.0 == 3)
+                ),
+                "{src}: {e:?}"
+            );
+        }
+        // An anchor outside the mapping, or an alias that is not a merge source, is fine.
+        assert_eq!(
+            merged("a:\n  x: &s {b: 1}\nc:\n  <<: *s\n").as_deref(),
+            Ok("{a: {x: {b: 1}}, c: {b: 1}}")
+        );
+        assert_eq!(
+            merged("a:\n  x: &s {b: 1}\n  y: {<<: *s}\n").as_deref(),
+            Ok("{a: {x: {b: 1}, y: {b: 1}}}")
+        );
     }
 
     #[test]
