@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
+mod support;
+use support::cerbos::{CERBOS_VERSION, find_cerbos};
+use support::rng::Rng;
+
 // ------------------------------------------------------------------------------------------
 // Deliberate differences. Every entry must say why toolgate differs on purpose and match only
 // the mismatches it explains. Keep this empty unless a difference is justified and documented.
@@ -97,8 +101,6 @@ fn output_entries(answer: &Value) -> Vec<Value> {
 // ------------------------------------------------------------------------------------------
 // The two policy sets.
 // ------------------------------------------------------------------------------------------
-
-const CERBOS_VERSION: &str = "0.55.0";
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -266,10 +268,9 @@ fn differential_repros() {
 
 mod repros {
     use super::Mode;
+    use crate::support::cerbos;
     use serde_json::Value;
-    use std::collections::BTreeMap;
     use std::path::Path;
-    use std::process::Command;
     use toolgate::policy::input::Evaluation;
     use toolgate::policy::suite;
 
@@ -299,81 +300,15 @@ mod repros {
 
     /// `cerbos compile --output=json` (exit 0: passed, 4: tests failed).
     pub fn cerbos(bin: &Path, dir: &Path, mode: Mode) -> Value {
-        let mut cmd = Command::new(bin);
-        cmd.args(["compile", "--no-color", "--output=json"]);
-        if mode == Mode::Strict {
-            cmd.arg("--strict-evaluation");
-        }
-        let out = cmd.arg(dir).output().expect("run cerbos compile");
-        let code = out.status.code().unwrap_or(-1);
-        assert!(
-            code == 0 || code == 4,
-            "cerbos compile {} exited {code}:\n{}{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("cerbos TestResults JSON")
-    }
-
-    /// (suite file, passed) for every suite.
-    pub fn suite_outcomes(results: &Value) -> Vec<(String, bool)> {
-        results["suites"]
-            .as_array()
-            .map(|suites| {
-                suites
-                    .iter()
-                    .map(|s| {
-                        (
-                            s["file"].as_str().unwrap_or_default().to_string(),
-                            s["summary"]["overallResult"] == "RESULT_PASSED",
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// `file/suite/test/principal/resource/action` → `RESULT … EFFECT`; a suite-level error is
-    /// one entry `file/suite` → `ERROR`.
-    pub fn flatten(results: &Value) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        let empty = Vec::new();
-        for s in results["suites"].as_array().unwrap_or(&empty) {
-            let sk = format!(
-                "{}/{}",
-                s["file"].as_str().unwrap_or_default(),
-                s["name"].as_str().unwrap_or_default()
-            );
-            if s.get("error").is_some_and(|e| !e.is_null()) {
-                out.insert(sk.clone(), "ERROR".to_string());
-            }
-            for t in s["testCases"].as_array().unwrap_or(&empty) {
-                for p in t["principals"].as_array().unwrap_or(&empty) {
-                    for r in p["resources"].as_array().unwrap_or(&empty) {
-                        for a in r["actions"].as_array().unwrap_or(&empty) {
-                            let d = &a["details"];
-                            let effect = d["success"]["effect"]
-                                .as_str()
-                                .or_else(|| d["failure"]["actual"].as_str())
-                                .unwrap_or("-");
-                            out.insert(
-                                format!(
-                                    "{sk}/{}/{}/{}/{}",
-                                    t["name"].as_str().unwrap_or_default(),
-                                    p["name"].as_str().unwrap_or_default(),
-                                    r["name"].as_str().unwrap_or_default(),
-                                    a["name"].as_str().unwrap_or_default()
-                                ),
-                                format!("{} {effect}", d["result"].as_str().unwrap_or("-")),
-                            );
-                        }
-                    }
-                }
+        match cerbos::compile(bin, dir, mode == Mode::Strict) {
+            cerbos::Compiled::Results(v) => v,
+            cerbos::Compiled::Rejected(code, text) => {
+                panic!("cerbos compile {} exited {code}:\n{text}", dir.display())
             }
         }
-        out
     }
+
+    pub use cerbos::{flatten, suite_outcomes};
 }
 
 /// How CEL errors are treated: Cerbos's default against `Evaluation::Lenient`, or Cerbos's
@@ -534,36 +469,6 @@ fn run_set(set: &str, dir: &Path, hints: &Value, default_seed: u64, mode: Mode) 
         unexplained.len(),
         path.display()
     );
-}
-
-fn find_cerbos() -> Option<PathBuf> {
-    let required = std::env::var("TOOLGATE_REQUIRE_PEERS").is_ok_and(|v| v == "1");
-    if let Some(p) = std::env::var_os("CERBOS_BIN").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "CERBOS_BIN={} does not exist", p.display());
-        return Some(p);
-    }
-    let cache = std::env::var_os("TOOLGATE_PEERS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/toolgate-peers"))
-        });
-    if let Some(cache) = cache {
-        let p = cache
-            .join(format!("cerbos-{CERBOS_VERSION}"))
-            .join("node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    assert!(
-        !required,
-        "TOOLGATE_REQUIRE_PEERS=1 but no Cerbos binary: set CERBOS_BIN or run scripts/peers cerbos"
-    );
-    println!(
-        "SKIP differential: Cerbos {CERBOS_VERSION} not found (set CERBOS_BIN, or run `scripts/peers cerbos`; scripts/test does both)"
-    );
-    None
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1117,42 +1022,6 @@ fn focus(answer: &Value, action: &str) -> Value {
 // ------------------------------------------------------------------------------------------
 // Request generation: a vocabulary harvested from the policy files, plus hints.
 // ------------------------------------------------------------------------------------------
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-    fn shuffle<T>(&mut self, xs: &mut [T]) {
-        for i in (1..xs.len()).rev() {
-            let j = self.below(i + 1);
-            xs.swap(i, j);
-        }
-    }
-}
 
 fn is_policy_file(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();

@@ -1,11 +1,15 @@
 //! Shared helpers for the integration tests (`mod support;` in each test crate).
 //!
+//! - [`cerbos`]: the real Cerbos binary (`cerbos compile`) and its `TestResults` JSON.
 //! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
 //! - [`peers`]: the `TOOLGATE_REQUIRE_PEERS` switch: a missing peer skips loudly or fails.
+//! - [`rng`]: a seeded generator for generated inputs.
 #![allow(
     dead_code,
     reason = "each test binary uses a different part of the support code"
 )]
 
+pub mod cerbos;
 pub mod fake_localapi;
 pub mod peers;
+pub mod rng;
