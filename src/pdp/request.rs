@@ -18,15 +18,15 @@ use crate::policy::input;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Principal {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub id: String,
-    #[serde(default, alias = "policy_version")]
+    #[serde(default, alias = "policy_version", deserialize_with = "nullable")]
     pub policy_version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub roles: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub attr: Map<String, Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub scope: String,
 }
 
@@ -56,15 +56,15 @@ impl Principal {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Resource {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub kind: String,
-    #[serde(default, alias = "policy_version")]
+    #[serde(default, alias = "policy_version", deserialize_with = "nullable")]
     pub policy_version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub attr: Map<String, Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub scope: String,
 }
 
@@ -72,9 +72,9 @@ pub struct Resource {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceEntry {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub actions: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub resource: Option<Resource>,
 }
 
@@ -82,9 +82,9 @@ pub struct ResourceEntry {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Jwt {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub token: String,
-    #[serde(default, alias = "key_set_id")]
+    #[serde(default, alias = "key_set_id", deserialize_with = "nullable")]
     pub key_set_id: String,
 }
 
@@ -92,9 +92,9 @@ pub struct Jwt {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuxData {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub jwt: Option<Jwt>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub jwts: Option<std::collections::BTreeMap<String, Jwt>>,
 }
 
@@ -102,18 +102,18 @@ pub struct AuxData {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CheckRequest {
-    #[serde(default, alias = "request_id")]
+    #[serde(default, alias = "request_id", deserialize_with = "nullable")]
     pub request_id: String,
-    #[serde(default, alias = "include_meta")]
+    #[serde(default, alias = "include_meta", deserialize_with = "nullable")]
     pub include_meta: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub principal: Option<Principal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub resources: Vec<ResourceEntry>,
-    #[serde(default, alias = "aux_data")]
+    #[serde(default, alias = "aux_data", deserialize_with = "nullable")]
     pub aux_data: Option<AuxData>,
     /// Copied into Cerbos's audit entries; accepted and ignored here.
-    #[serde(default, alias = "request_context")]
+    #[serde(default, alias = "request_context", deserialize_with = "nullable")]
     pub request_context: Option<Value>,
 }
 
@@ -121,13 +121,13 @@ pub struct CheckRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PlanResource {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub attr: Map<String, Value>,
-    #[serde(default, alias = "policy_version")]
+    #[serde(default, alias = "policy_version", deserialize_with = "nullable")]
     pub policy_version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub scope: String,
 }
 
@@ -135,23 +135,32 @@ pub struct PlanResource {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PlanRequest {
-    #[serde(default, alias = "request_id")]
+    #[serde(default, alias = "request_id", deserialize_with = "nullable")]
     pub request_id: String,
     /// Deprecated single action.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub action: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub actions: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub principal: Option<Principal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub resource: Option<PlanResource>,
-    #[serde(default, alias = "aux_data")]
+    #[serde(default, alias = "aux_data", deserialize_with = "nullable")]
     pub aux_data: Option<AuxData>,
-    #[serde(default, alias = "include_meta")]
+    #[serde(default, alias = "include_meta", deserialize_with = "nullable")]
     pub include_meta: bool,
-    #[serde(default, alias = "request_context")]
+    #[serde(default, alias = "request_context", deserialize_with = "nullable")]
     pub request_context: Option<Value>,
+}
+
+/// protojson reads `null` as the field's default (the Python SDK sends `"keySetId": null`).
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The body could not be read as the request message.

@@ -104,13 +104,13 @@ pub fn result<'a>(
         .map(|a| (a.action.as_str(), effect_name(a.effect)))
         .collect();
     let meta = include_meta.then(|| {
-        let mut roles: Vec<&str> = out
-            .effective_derived_roles
-            .iter()
-            .map(String::as_str)
-            .collect();
-        roles.sort_unstable();
-        roles.dedup();
+        // In the engine's order, which is Cerbos's (its SDKs keep it; Cerbos does not sort).
+        let mut roles: Vec<&str> = Vec::with_capacity(out.effective_derived_roles.len());
+        for r in &out.effective_derived_roles {
+            if !roles.contains(&r.as_str()) {
+                roles.push(r);
+            }
+        }
         Meta {
             actions: out
                 .actions
