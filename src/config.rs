@@ -69,6 +69,9 @@ pub struct RawConfig {
     /// The aggregated endpoint `/mcp`.
     #[serde(default)]
     pub aggregate: AggregateConfig,
+    /// Daemon-wide bounds.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// The checked configuration the daemon runs with.
@@ -89,6 +92,7 @@ pub struct Config {
     pub tailnet: TailnetConfig,
     pub stdio: StdioConfig,
     pub aggregate: AggregateConfig,
+    pub limits: LimitsConfig,
 }
 
 // ============================================================================================
@@ -1011,6 +1015,7 @@ impl RawConfig {
         let identity = check_identity(self.identity, &cx, &mut p);
         let policies = check_policies(self.policies, &cx, &mut p);
         let aggregate = check_aggregate(self.aggregate, &self.servers, &mut p);
+        let limits = check_limits(self.limits, &self.servers, &mut p);
         let servers = check_servers(self.servers, &cx, &mut p);
         let stdio = check_stdio(self.stdio, &cx, &mut p);
         let audit = check_audit(self.audit, &cx, &mut p);
@@ -1039,6 +1044,7 @@ impl RawConfig {
             tailnet,
             stdio,
             aggregate,
+            limits,
         })
     }
 }
@@ -1448,6 +1454,54 @@ fn check_stdio(mut c: StdioConfig, cx: &Cx<'_>, p: &mut Problems) -> StdioConfig
     }
     if c.grace > Duration::from_secs(60) {
         p.add("$.stdio.grace", "at most 60s");
+    }
+    c
+}
+
+/// `limits:`: bounds over the whole daemon (per-server bounds are under `servers.<name>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Bytes held at once for client MCP messages in flight, across every caller and server
+    /// (bodies being read, parsed values, forwarded copies). A call that does not fit is
+    /// answered 503 with `Retry-After: 1` before any policy decision; nothing is forwarded.
+    #[serde(default = "default_in_flight_bytes")]
+    pub in_flight_bytes: usize,
+}
+
+fn default_in_flight_bytes() -> usize {
+    crate::budget::DEFAULT_IN_FLIGHT_BYTES
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            in_flight_bytes: default_in_flight_bytes(),
+        }
+    }
+}
+
+/// `limits.in_flight_bytes` must hold the largest call of every server (else that server's
+/// largest calls could never run), and at most 64 GiB.
+fn check_limits(
+    c: LimitsConfig,
+    servers: &BTreeMap<String, ServerConfig>,
+    p: &mut Problems,
+) -> LimitsConfig {
+    for (name, s) in servers {
+        let need = crate::budget::largest_call(s.max_body, s.max_nodes);
+        if c.in_flight_bytes < need {
+            p.add(
+                "$.limits.in_flight_bytes",
+                format_args!(
+                    "{} bytes cannot hold one call to servers.{name} (max_body {}, max_nodes {} need up to {need} bytes): raise it or lower those",
+                    c.in_flight_bytes, s.max_body, s.max_nodes
+                ),
+            );
+        }
+    }
+    if c.in_flight_bytes > 64 << 30 {
+        p.add("$.limits.in_flight_bytes", "at most 64 GiB (68719476736)");
     }
     c
 }

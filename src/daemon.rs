@@ -365,8 +365,10 @@ pub fn build_with(
             hosts.insert("localhost".into());
         }
     }
+    let budget = crate::budget::Budget::new(cfg.limits.in_flight_bytes);
     let gateway = Arc::new(Gateway {
         config: cfg,
+        budget,
         store: Arc::new(store),
         upstreams,
         http: crate::gateway::http_client_via(proxy)?,

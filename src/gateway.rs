@@ -309,6 +309,8 @@ pub struct Gateway {
     pub aggregate: crate::mcp::multi::Sessions,
     /// Tool names seen in each server's `tools/list`.
     pub known_tools: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Bytes of client messages in flight, daemon-wide (`limits.in_flight_bytes`).
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 /// An open stream whose caller is told when policy changes the tools it can see.
@@ -349,6 +351,17 @@ impl Gateway {
         resource: Resource,
         actions: Vec<String>,
     ) -> Decision {
+        self.decide_lent(principal, resource, actions).0
+    }
+
+    /// [`Gateway::decide`], handing the resource back: a call's arguments are lent to the
+    /// check (`R.attr.arguments`) and then forwarded, never copied (invariant I5).
+    pub fn decide_lent(
+        &self,
+        principal: &Principal,
+        resource: Resource,
+        actions: Vec<String>,
+    ) -> (Decision, Resource) {
         let started = Instant::now();
         let set = self.store.current();
         let input = CheckInput {
@@ -360,11 +373,12 @@ impl Gateway {
         let output = eval::check(&set, &input, &self.params());
         let elapsed = started.elapsed();
         self.metrics.decision_latency.observe(elapsed);
-        Decision {
+        let decision = Decision {
             output,
             policy_hash: set.hash.clone(),
             elapsed,
-        }
+        };
+        (decision, input.resource)
     }
 
     /// Hands a decision row to the audit store, counting it; `Err` means answer 503.
@@ -373,7 +387,9 @@ impl Gateway {
             Effect::Allow => "allow",
             Effect::Deny => "deny",
         };
-        let tool = if row.tool.is_empty() {
+        // A resource URI may carry a secret (`?api_key=…`) and has no bound: the series is
+        // the method's, never the URI's.
+        let tool = if row.tool.is_empty() || row.uri.is_some() {
             &row.method
         } else {
             &row.tool
@@ -410,6 +426,7 @@ impl Gateway {
     /// Every metric, as Prometheus text.
     pub fn prometheus(&self) -> String {
         let mut s = self.metrics.render();
+        s.push_str(&self.budget.prometheus());
         s.push_str(&self.audit.prometheus());
         if let Some(w) = self.whois.get() {
             s.push_str(&w.snapshot().prometheus());
@@ -465,7 +482,7 @@ impl Gateway {
                 let check = crate::mcp::mapping::Check {
                     action: action.clone(),
                     name: Some(t.clone()),
-                    arguments: None,
+                    takes_arguments: false,
                 };
                 let annotations = self.annotations_for(server, t);
                 let resource = crate::mcp::mapping::resource(
@@ -578,8 +595,14 @@ pub struct AuditRow {
     pub policy: String,
     pub rule: String,
     pub reason: String,
-    /// The call's arguments; the audit store digests or redacts them per `audit.arguments`.
-    pub arguments: Option<Value>,
+    /// The call's arguments (tools, prompts; a completion's `ref`, `argument` and `context`),
+    /// shared with the message that is forwarded; the audit store digests or redacts them per
+    /// `audit.arguments`.
+    pub arguments: Option<Arc<Value>>,
+    /// The resource URI a message names (`resources/read`), which `tool` and `action` carry:
+    /// the stored row holds it only as `audit.arguments` allows (a query string may hold a
+    /// key), and `args_digest` covers it. Policy saw it whole.
+    pub uri: Option<String>,
     pub outcome: String,
     pub latency_us: u64,
     pub policy_hash: String,
@@ -607,6 +630,7 @@ impl AuditRow {
             rule: String::new(),
             reason: String::new(),
             arguments: None,
+            uri: None,
             outcome: String::new(),
             latency_us: 0,
             policy_hash: String::new(),
@@ -754,8 +778,13 @@ impl AuditRow {
         rec.latency_us = (self.latency_us > 0).then_some(self.latency_us);
         rec.policy_hash = self.policy_hash;
         rec.explain = self.explain.unwrap_or(Value::Null);
-        if let Some(args) = &self.arguments {
+        if let Some(uri) = &self.uri {
+            redactor.apply_uri(&mut rec, uri);
+        } else if let Some(args) = &self.arguments {
             redactor.apply_arguments(&mut rec, args);
+            if rec.method == "completion/complete" {
+                redactor.apply_completion(&mut rec, args);
+            }
         }
         rec
     }

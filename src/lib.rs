@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -1099,3 +1099,224 @@ async fn bad_inputs_are_refused_audited_and_never_forwarded() {
     );
     gw.stop().await;
 }
+
+/// Every byte of every file the audit store wrote (the database, its WAL and shared memory).
+fn audit_files_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Issue 13 item 7: a key in a `resources/read` URI's query string (the URI is the row's
+/// `tool` and `action`, which are chained and can never be removed) and a completion's typed
+/// value never reach the audit store's files in clear, in `digest` and in `redacted` mode;
+/// each row still names the resource (scheme, host, path) and digests what was sent. Policy
+/// saw the real URI: a rule on the exact URI still decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_uris_and_completions_never_reach_the_audit_files() {
+    let up = CountingUpstream::start().await;
+    for mode in ["digest", "redacted"] {
+        let servers = format!("  sample: {{url: \"{}\", timeout: 20s}}\n", up.url());
+        let gw = Gateway::start_with(
+            &harness::repo_root().join("tests/peers/policies"),
+            &servers,
+            &format!("audit:\n  sqlite: audit.db\n  mode: sync\n  arguments: {mode}\n"),
+        )
+        .await;
+        let addr = gw.addr;
+        let key = format!("sk-live-{mode}4f9a8b7c6d5e4f3a2b1c0d");
+        let typed = format!("hunter2-{mode}-typed-secret");
+        let uri = format!("https://api.example.com/v1/report.pdf?api_key={key}&page=2");
+        let read =
+            json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": uri}});
+        let complete = json!({"jsonrpc": "2.0", "id": 2, "method": "completion/complete", "params": {
+            "ref": {"type": "ref/resource", "uri": uri},
+            "argument": {"name": "password", "value": typed},
+            "context": {"arguments": {"token": key}}}});
+        let mut ids = Vec::new();
+        for body in [read, complete] {
+            let r = raw(
+                ALICE,
+                addr,
+                &json_post(addr, &[LEGACY], body.to_string().as_bytes()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                r.status,
+                200,
+                "{mode}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            ids.push(r.decision());
+        }
+        let rows = gw.rows().await;
+        let read_row = rows.iter().find(|r| r.id == ids[0]).unwrap();
+        assert_eq!(read_row.method, "resources/read");
+        assert!(
+            read_row
+                .tool
+                .starts_with("https://api.example.com/v1/report.pdf?"),
+            "{mode}: {}",
+            read_row.tool
+        );
+        assert_eq!(
+            read_row.action,
+            format!("resources/read::{}", read_row.tool)
+        );
+        assert_eq!(
+            read_row.args_digest,
+            toolgate::audit::Redactor::digest(&json!({"uri": uri})),
+            "{mode}: the digest covers the URI as sent"
+        );
+        let complete_row = rows.iter().find(|r| r.id == ids[1]).unwrap();
+        assert_eq!(complete_row.method, "completion/complete");
+        assert!(
+            !complete_row.args_digest.is_empty(),
+            "{mode}: completion arguments get a digest"
+        );
+        // The rows are committed (flushed above): grep the files' bytes.
+        let files = audit_files_bytes(gw.dir.path());
+        assert!(
+            files.iter().any(|(n, _)| n == "audit.db"),
+            "{mode}: no audit.db"
+        );
+        for (name, bytes) in &files {
+            for secret in [key.as_str(), typed.as_str()] {
+                assert!(
+                    !contains(bytes, secret),
+                    "{mode}: {name} holds the secret {secret:?} in clear"
+                );
+            }
+        }
+        // And the rows do say what was read.
+        assert!(
+            files
+                .iter()
+                .any(|(_, b)| contains(b, "api.example.com/v1/report.pdf"))
+        );
+        gw.stop().await;
+    }
+    assert_eq!(up.requests(), 0, "denied: nothing reached the upstream");
+}
+
+/// A connection from `from` that declares a body of `len` bytes, sends 10, and stalls: it
+/// holds its share of the in-flight budget until the body timeout.
+async fn stalled_body(from: &str, addr: SocketAddr, len: usize) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {len}\r\n\r\n{{\"jsonrpc\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Issue 13 item 4: the daemon-wide in-flight byte budget (`limits.in_flight_bytes`). Calls
+/// whose bodies are still arriving hold it; the next call that does not fit is answered 503
+/// with `Retry-After` and the gateway's overload code, before any policy decision, audited
+/// (outcome `overloaded`) and counted, and nothing reaches the upstream. Once the budget
+/// frees, the same call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_in_flight_budget_answers_503_and_forwards_nothing() {
+    let up = CountingUpstream::start().await;
+    let max_body = 64 * 1024;
+    let max_nodes = 1000;
+    let capacity = toolgate::budget::largest_call(max_body, max_nodes);
+    let servers = format!(
+        "  sample: {{url: \"{}\", timeout: 20s, max_body: {max_body}, max_nodes: {max_nodes}}}\n",
+        up.url()
+    );
+    let gw = Gateway::start_with(
+        &harness::repo_root().join("tests/peers/policies"),
+        &servers,
+        &format!(
+            "audit:\n  sqlite: audit.db\n  mode: sync\nlimits:\n  in_flight_bytes: {capacity}\n"
+        ),
+    )
+    .await;
+    let addr = gw.addr;
+    let budget = gw.gateway.budget.clone();
+    assert_eq!(budget.capacity(), capacity);
+    // Fill it with bodies that never finish, until less than one full body fits.
+    let mut stalls = Vec::new();
+    while budget.capacity() - budget.used() >= max_body {
+        let before = budget.used();
+        stalls.push(stalled_body(ALICE, addr, max_body).await);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.used() == before {
+            assert!(Instant::now() < deadline, "a stalled body reserved nothing");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(stalls.len() >= 2, "{} stalls", stalls.len());
+    let call = sized_call(max_body);
+    let r = raw(
+        BOB,
+        addr,
+        &json_post(addr, &[], call.as_bytes()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["code"], json!(-31005), "{:?}", r.json());
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.in_flight_bytes"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(up.requests(), 0, "nothing was forwarded");
+    assert!(budget.refused() >= 1);
+    let row = gw.row(&r.decision()).await.expect("the refusal is audited");
+    assert_eq!(
+        (row.effect.as_str(), row.outcome.as_str()),
+        ("deny", "overloaded")
+    );
+    assert!(
+        gw.gateway
+            .prometheus()
+            .contains("toolgate_in_flight_refusals_total 1"),
+        "counted on /metrics"
+    );
+    // The stalled callers hang up: their shares come back, and the same call runs.
+    drop(stalls);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.used() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes still held",
+            budget.used()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = raw(
+        BOB,
+        addr,
+        &json_post(addr, &[], call.as_bytes()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(budget.used(), 0, "an answered call gives its share back");
+    gw.stop().await;
+}

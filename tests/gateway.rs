@@ -111,8 +111,10 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         .map(|(n, c)| (n.clone(), Upstream::from_config(n, c, None).unwrap()))
         .collect();
     let sink = Arc::new(MemorySink::default());
+    let budget = toolgate::budget::Budget::new(config.limits.in_flight_bytes);
     let gw = Arc::new(Gateway {
         config,
+        budget,
         store: Arc::new(store),
         upstreams,
         http: toolgate::gateway::http_client().unwrap(),

@@ -188,6 +188,9 @@ pub struct Redactor {
 const MAX_NEEDLES: usize = 256;
 /// Argument values shorter than this are not searched for in `reason`/`explain`.
 const MIN_NEEDLE: usize = 6;
+/// Parts taken out of a URI shorter than this are not searched for in `reason`/`explain`
+/// (a key shorter than this is no key; `1` would blank every digit).
+const MIN_URI_NEEDLE: usize = 4;
 /// `reason` is capped at this many bytes, `explain` (as JSON) at `MAX_EXPLAIN`.
 const MAX_REASON: usize = 2048;
 const MAX_EXPLAIN: usize = 64 * 1024;
@@ -284,6 +287,194 @@ impl Redactor {
             rec.reason = replace_needles(&rec.reason, &needles).into_owned();
             scrub_json(&mut rec.explain, &|s| replace_needles(s, &needles));
         }
+    }
+
+    /// After [`Redactor::apply_arguments`] on a completion's `{ref, argument, context}`: the
+    /// value being typed (`argument.value`) is the value of the argument `argument.name`, so
+    /// in `redacted` mode it is a secret when that name looks like one (`password`, `token`).
+    pub fn apply_completion(&self, rec: &mut Record, args: &Value) {
+        if self.mode != ArgumentsMode::Redacted {
+            return;
+        }
+        let argument = args.get("argument");
+        let name = argument.and_then(|a| a.get("name")).and_then(Value::as_str);
+        let Some(value) = argument
+            .and_then(|a| a.get("value"))
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        if !name.is_some_and(|n| self.is_secret_key(n)) {
+            return;
+        }
+        if let Some(v) = rec
+            .arguments
+            .get_mut("argument")
+            .and_then(|a| a.get_mut("value"))
+        {
+            *v = Value::String(marker("key"));
+        }
+        if value.chars().count() >= MIN_URI_NEEDLE {
+            let needles = [value.to_string()];
+            rec.reason = replace_needles(&rec.reason, &needles).into_owned();
+            scrub_json(&mut rec.explain, &|s| replace_needles(s, &needles));
+        }
+    }
+
+    /// A message that names a resource URI (`resources/read`): `tool` and `action` carry it,
+    /// and both are chained, so what is stored there can never be taken back. The URI is
+    /// stored as the mode allows ([`Redactor::uri_shown`]), `args_digest` is the digest of
+    /// `{"uri": <the URI as sent>}` (not in `none`), `arguments` holds `{"uri": <as shown>}`
+    /// in `redacted` and `full`, and the URI and its removed parts are scrubbed out of
+    /// `reason` and `explain`.
+    pub fn apply_uri(&self, rec: &mut Record, uri: &str) {
+        let (shown, removed) = self.uri_shown(uri);
+        if shown != uri {
+            rec.tool = rec.tool.replace(uri, &shown);
+            rec.action = rec.action.replace(uri, &shown);
+            if let Cow::Owned(r) = replace_all(&rec.reason, uri, &shown) {
+                rec.reason = r;
+            }
+            scrub_json(&mut rec.explain, &|s| replace_all(s, uri, &shown));
+            let mut needles: Vec<String> = removed
+                .into_iter()
+                .filter(|n| n.chars().count() >= MIN_URI_NEEDLE)
+                .collect();
+            needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+            needles.dedup();
+            needles.truncate(MAX_NEEDLES);
+            if !needles.is_empty() {
+                rec.reason = replace_needles(&rec.reason, &needles).into_owned();
+                scrub_json(&mut rec.explain, &|s| replace_needles(s, &needles));
+            }
+        }
+        let mut as_sent = Map::new();
+        as_sent.insert("uri".into(), Value::String(uri.to_string()));
+        let as_sent = Value::Object(as_sent);
+        rec.args_digest = match self.mode {
+            ArgumentsMode::None => String::new(),
+            _ => Redactor::digest(&as_sent),
+        };
+        rec.arguments = match self.mode {
+            ArgumentsMode::None | ArgumentsMode::Digest => Value::Null,
+            ArgumentsMode::Redacted | ArgumentsMode::Full => {
+                let mut m = Map::new();
+                m.insert("uri".into(), Value::String(shown));
+                self.cap_value(Value::Object(m))
+            }
+        };
+    }
+
+    /// The stored form of a resource URI, and the clear text it leaves out. `full`: as sent.
+    /// `redacted`: a userinfo password, query values whose key looks secret (`api_key`,
+    /// `token`, `X-Amz-Signature`, ...) or whose value does (the detectors of
+    /// [`scrub_values`]), and secret-looking parts of the path and fragment are replaced.
+    /// `digest` and `none`: userinfo, query and fragment are replaced whole (their values are
+    /// arguments, which these modes never store), secret-looking parts of the path too.
+    /// Scheme, host and path stay, so the row still says which resource was read.
+    pub fn uri_shown(&self, uri: &str) -> (String, Vec<String>) {
+        if self.mode == ArgumentsMode::Full {
+            return (uri.to_string(), Vec::new());
+        }
+        let mut removed = Vec::new();
+        let keep_values = self.mode == ArgumentsMode::Redacted;
+        let (rest, fragment) = match uri.split_once('#') {
+            Some((r, f)) => (r, Some(f)),
+            None => (uri, None),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        // `scheme://userinfo@host/path`: the userinfo ends at the last `@` of the authority.
+        let (prefix, authority, path) = match rest.find("://") {
+            Some(i) => {
+                let after = &rest[i + 3..];
+                let end = after.find('/').unwrap_or(after.len());
+                (&rest[..i + 3], &after[..end], &after[end..])
+            }
+            None => ("", "", rest),
+        };
+        let mut out = String::with_capacity(uri.len());
+        out.push_str(prefix);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                removed.push(userinfo.to_string());
+                match userinfo.split_once(':') {
+                    Some((user, pass)) if keep_values => {
+                        removed.push(pass.to_string());
+                        out.push_str(&scrub_values(user));
+                        out.push(':');
+                        out.push_str(&marker("password"));
+                    }
+                    None if keep_values => match scrub_values(userinfo) {
+                        Cow::Borrowed(u) => out.push_str(u),
+                        Cow::Owned(_) => out.push_str(&marker("userinfo")),
+                    },
+                    _ => out.push_str(&marker("userinfo")),
+                }
+                out.push('@');
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        let scrubbed = |part: &str, removed: &mut Vec<String>| -> String {
+            match scrub_values(part) {
+                Cow::Borrowed(p) => p.to_string(),
+                Cow::Owned(o) => {
+                    removed.push(part.to_string());
+                    o
+                }
+            }
+        };
+        out.push_str(&scrubbed(path, &mut removed));
+        if let Some(q) = query {
+            out.push('?');
+            if keep_values {
+                let pairs: Vec<String> = q
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, v)) if self.is_secret_key(&percent_decode(k)) => {
+                            removed.push(v.to_string());
+                            removed.push(percent_decode(v));
+                            format!("{k}={}", marker("key"))
+                        }
+                        Some((k, v)) => {
+                            let decoded = percent_decode(v);
+                            if matches!(scrub_values(&decoded), Cow::Owned(_))
+                                || matches!(scrub_values(v), Cow::Owned(_))
+                            {
+                                removed.push(v.to_string());
+                                removed.push(decoded);
+                                format!("{k}={}", marker("value"))
+                            } else {
+                                pair.to_string()
+                            }
+                        }
+                        None => scrubbed(pair, &mut removed),
+                    })
+                    .collect();
+                out.push_str(&pairs.join("&"));
+            } else {
+                for pair in q.split('&') {
+                    let v = pair.split_once('=').map_or(pair, |(_, v)| v);
+                    removed.push(v.to_string());
+                    removed.push(percent_decode(v));
+                }
+                removed.push(q.to_string());
+                out.push_str(&marker("query"));
+            }
+        }
+        if let Some(f) = fragment {
+            out.push('#');
+            if keep_values {
+                out.push_str(&scrubbed(f, &mut removed));
+            } else {
+                removed.push(f.to_string());
+                out.push_str(&marker("fragment"));
+            }
+        }
+        (out, removed)
     }
 
     /// The last line of defence, run on every record at submit: secret-looking values in
@@ -399,6 +590,37 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// `%XX` sequences decoded (invalid ones kept as written); `+` stays.
+fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn replace_all<'a>(s: &'a str, from: &str, to: &str) -> Cow<'a, str> {
+    if s.contains(from) {
+        Cow::Owned(s.replace(from, to))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
 fn replace_needles<'a>(s: &'a str, needles: &[String]) -> Cow<'a, str> {
     let mut out = Cow::Borrowed(s);
     for n in needles {
@@ -506,6 +728,74 @@ mod tests {
         let mut rec = Record::new(crate::audit::Kind::Mcp, crate::audit::Effect::Allow);
         Redactor::new(ArgumentsMode::None, &[], 4096).apply_arguments(&mut rec, &args);
         assert!(rec.args_digest.is_empty() && rec.arguments.is_null());
+    }
+
+    #[test]
+    fn resource_uris_are_stored_as_the_mode_allows() {
+        let uri = "https://alice:hunter2pw@api.example.com/v1/files/report.pdf?api_key=sk-live-4f9a8b7c6d5e4f3a2b1c&page=2#frag-token";
+        let mut rec = Record::new(crate::audit::Kind::Mcp, crate::audit::Effect::Deny);
+        rec.tool = uri.to_string();
+        rec.action = format!("resources/read::{uri}");
+        rec.reason =
+            format!("no rule allows resources/read::{uri} (api_key sk-live-4f9a8b7c6d5e4f3a2b1c)");
+        rec.explain = json!({"actions": {format!("resources/read::{uri}"): {"effect": "deny"}}});
+        let stored = |mode: ArgumentsMode| {
+            let mut r = rec.clone();
+            Redactor::new(mode, &[], 4096).apply_uri(&mut r, uri);
+            r
+        };
+        for mode in [
+            ArgumentsMode::None,
+            ArgumentsMode::Digest,
+            ArgumentsMode::Redacted,
+        ] {
+            let r = stored(mode);
+            let all = serde_json::to_string(&r).unwrap();
+            for secret in ["sk-live-4f9a8b7c6d5e4f3a2b1c", "hunter2pw"] {
+                assert!(!all.contains(secret), "{mode:?} stored {secret}: {all}");
+            }
+            assert!(r.tool.starts_with("https://"), "{}", r.tool);
+            assert!(
+                r.tool.contains("api.example.com/v1/files/report.pdf"),
+                "{}",
+                r.tool
+            );
+            assert_eq!(r.action, format!("resources/read::{}", r.tool));
+        }
+        let digest = stored(ArgumentsMode::Digest);
+        assert_eq!(
+            digest.tool,
+            "https://[REDACTED:userinfo]@api.example.com/v1/files/report.pdf?[REDACTED:query]#[REDACTED:fragment]"
+        );
+        assert!(
+            !serde_json::to_string(&digest)
+                .unwrap()
+                .contains("frag-token")
+        );
+        assert_eq!(digest.args_digest, Redactor::digest(&json!({"uri": uri})));
+        assert!(digest.arguments.is_null());
+        let redacted = stored(ArgumentsMode::Redacted);
+        assert_eq!(
+            redacted.tool,
+            "https://alice:[REDACTED:password]@api.example.com/v1/files/report.pdf?api_key=[REDACTED:key]&page=2#frag-token"
+        );
+        assert!(redacted.tool.contains("&page=2"), "{}", redacted.tool);
+        assert_eq!(redacted.arguments["uri"], redacted.tool.as_str());
+        assert!(stored(ArgumentsMode::None).args_digest.is_empty());
+        let full = stored(ArgumentsMode::Full);
+        assert_eq!(full.tool, uri);
+        assert_eq!(full.arguments["uri"], uri);
+        // A secret-looking value under an innocent key, a percent-encoded secret key, a token
+        // in the path.
+        let (shown, _) = Redactor::new(ArgumentsMode::Redacted, &[], 4096)
+            .uri_shown("db://h/ghp_0123456789abcdefghijABCDEFGHIJ/t?q=sk-proj-abcdefghijklmnop0123&access%5Ftoken=abc123&x");
+        assert_eq!(
+            shown,
+            "db://h/[REDACTED:github_token]/t?q=[REDACTED:value]&access%5Ftoken=[REDACTED:key]&x"
+        );
+        let (plain, removed) =
+            Redactor::new(ArgumentsMode::Digest, &[], 4096).uri_shown("file:///srv/a.txt");
+        assert_eq!((plain.as_str(), removed.len()), ("file:///srv/a.txt", 0));
     }
 
     #[test]

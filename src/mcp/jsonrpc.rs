@@ -32,6 +32,8 @@ pub mod code {
     pub const AUDIT_UNAVAILABLE: i64 = -31003;
     /// Ours: the upstream MCP server failed.
     pub const UPSTREAM: i64 = -31004;
+    /// Ours: the gateway holds `limits.in_flight_bytes` of calls already; retry later.
+    pub const OVERLOADED: i64 = -31005;
 }
 
 /// The longest string `id` a request may carry (security.md RPC-5).

@@ -31,8 +31,10 @@ pub struct Check {
     pub action: String,
     /// The tool, prompt or resource named by the message, if any.
     pub name: Option<String>,
-    /// `tools/call` and `prompts/get` arguments (an object; `{}` when absent).
-    pub arguments: Option<Value>,
+    /// `R.attr.arguments` is the message's arguments object (`{}` when it sent none):
+    /// `tools/call` and `prompts/get`. The caller lends them to the resource
+    /// ([`lend_arguments`]) rather than copying them.
+    pub takes_arguments: bool,
 }
 
 /// The `params` keys of the methods that act upstream: the union of what every protocol
@@ -87,27 +89,26 @@ fn check_params(msg: &Message) -> Result<(), String> {
     }
 }
 
-/// Maps a request or notification to its action. `Err` is an invalid-params message.
-pub fn check_for(msg: &Message) -> Result<Check, String> {
+/// Maps a request or notification to its action. `arguments` is the message's
+/// `params.arguments`, when the caller took it out of the message (see `payload`); otherwise
+/// it is read from the message. `Err` is an invalid-params message.
+pub fn check_for(msg: &Message, arguments: Option<&Value>) -> Result<Check, String> {
     check_params(msg)?;
+    let arguments = arguments.or_else(|| msg.params().and_then(|p| p.get("arguments")));
     let named = |key: &str, prefix: &str| -> Result<Check, String> {
         let name = msg
             .param_str(key)
             .ok_or_else(|| format!("{} needs a string \"params.{key}\"", msg.method))?;
-        let arguments = match msg.params().and_then(|p| p.get("arguments")) {
-            None | Some(Value::Null) => Some(Value::Object(Map::new())),
-            Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(_) => {
-                return Err(format!(
-                    "{} \"params.arguments\" must be an object",
-                    msg.method
-                ));
-            }
-        };
+        if key != "uri" && !matches!(arguments, None | Some(Value::Null | Value::Object(_))) {
+            return Err(format!(
+                "{} \"params.arguments\" must be an object",
+                msg.method
+            ));
+        }
         Ok(Check {
             action: format!("{prefix}::{name}"),
             name: Some(name.to_string()),
-            arguments: if key == "uri" { None } else { arguments },
+            takes_arguments: key != "uri",
         })
     };
     match msg.method.as_str() {
@@ -117,7 +118,7 @@ pub fn check_for(msg: &Message) -> Result<Check, String> {
         other => Ok(Check {
             action: other.to_string(),
             name: None,
-            arguments: None,
+            takes_arguments: false,
         }),
     }
 }
@@ -172,7 +173,22 @@ pub fn list_key(method: &str) -> Option<&'static str> {
     }
 }
 
-/// The policy resource for a message to `target`.
+/// Puts a call's arguments (moved, not copied) into `R.attr.arguments`; `{}` for none.
+pub fn lend_arguments(resource: &mut Resource, arguments: Option<Value>) {
+    let args = match arguments {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v) => v,
+    };
+    resource.attr.insert("arguments".into(), args);
+}
+
+/// Takes a call's arguments back out of `R.attr.arguments` after the check.
+pub fn return_arguments(resource: &mut Resource) -> Option<Value> {
+    resource.attr.remove("arguments")
+}
+
+/// The policy resource for a message to `target` (without `arguments`: see
+/// [`lend_arguments`]).
 pub fn resource(
     target: &Target,
     method: &str,
@@ -192,9 +208,6 @@ pub fn resource(
         if method == "prompts/get" {
             attr.insert("prompt_name".into(), Value::String(name.clone()));
         }
-    }
-    if let Some(args) = &check.arguments {
-        attr.insert("arguments".into(), args.clone());
     }
     if let Some(a) = annotations {
         attr.insert("annotations".into(), a.clone());
@@ -219,34 +232,41 @@ mod tests {
 
     #[test]
     fn actions_follow_the_design_table() {
-        let c = check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"x"}}}"#)).unwrap();
+        let c = check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"x"}}}"#), None).unwrap();
         assert_eq!(c.action, "tools/call::create_issue");
-        assert_eq!(c.arguments, Some(serde_json::json!({"owner": "x"})));
-        let c = check_for(&msg(
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#,
-        ))
+        assert!(c.takes_arguments);
+        let c = check_for(
+            &msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#),
+            None,
+        )
         .unwrap();
-        assert_eq!(c.arguments, Some(serde_json::json!({})));
+        assert!(c.takes_arguments);
         let c = check_for(&msg(
             r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a"}}"#,
-        ))
+        ), None)
         .unwrap();
         assert_eq!(c.action, "resources/read::file:///a");
+        assert!(!c.takes_arguments);
+        // Arguments taken out of the message are checked as if they were in it.
+        let bare = msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#);
+        assert!(check_for(&bare, Some(&serde_json::json!([1]))).is_err());
         assert_eq!(
-            check_for(&msg(
-                r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#
-            ))
+            check_for(
+                &msg(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#),
+                None
+            )
             .unwrap()
             .action,
             "initialize"
         );
         assert!(
-            check_for(&msg(
-                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#
-            ))
+            check_for(
+                &msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#),
+                None
+            )
             .is_err()
         );
-        assert!(check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#)).is_err());
+        assert!(check_for(&msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#), None).is_err());
         assert_eq!(
             list_action("tools/list", &serde_json::json!({"name": "echo"})).unwrap(),
             "tools/list::echo"
@@ -271,13 +291,14 @@ mod tests {
         let m = msg(
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"x"}}}"#,
         );
-        let c = check_for(&m).unwrap();
-        let r = resource(
+        let c = check_for(&m, None).unwrap();
+        let mut r = resource(
             &t,
             &m.method,
             &c,
             Some(&serde_json::json!({"readOnlyHint": false})),
         );
+        lend_arguments(&mut r, m.params().and_then(|p| p.get("arguments")).cloned());
         assert_eq!(r.kind, "mcp_server");
         assert_eq!(r.id, "github");
         assert_eq!(r.attr["tool_name"], "create_issue");
@@ -298,7 +319,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{},"argument":{},"arguments":{}}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":[1]}"#,
         ] {
-            let e = check_for(&msg(body)).unwrap_err();
+            let e = check_for(&msg(body), None).unwrap_err();
             assert!(
                 e.contains("may not carry") || e.contains("must be an object"),
                 "{body}: {e}"
@@ -313,7 +334,7 @@ mod tests {
             // Methods without an allowlist keep their params as they are.
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"cursor":"c","x":1}}"#,
         ] {
-            check_for(&msg(body)).unwrap();
+            check_for(&msg(body), None).unwrap();
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod jsonrpc;
 pub mod mapping;
 pub mod multi;
+pub mod payload;
 pub mod proxy;
 pub mod sse;
 pub mod transport;

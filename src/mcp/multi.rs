@@ -248,6 +248,15 @@ pub async fn post(
         )
         .await;
     }
+    // The daemon-wide in-flight budget, as on `/mcp/<server>` (whose handler this call then
+    // goes through, holding its own share for the copy it gets).
+    let declared = header_str(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    let Some(mut held) = gw
+        .budget
+        .reserve(declared.unwrap_or(MAX_BODY).min(MAX_BODY))
+    else {
+        return proxy::overloaded(&gw, row, None).await;
+    };
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
     {
         Ok(Ok(b)) => b,
@@ -276,8 +285,16 @@ pub async fn post(
             .await;
         }
     };
-    let msg = match jsonrpc::parse(&bytes, Limits::default()) {
-        Ok(m) => m,
+    let parsed = jsonrpc::parse_sized(&bytes, Limits::default());
+    let len = bytes.len();
+    drop(bytes);
+    let msg = match parsed {
+        Ok((m, size)) => {
+            if !held.resize(size.parsed_bytes(len).saturating_add(len)) {
+                return proxy::overloaded(&gw, row, m.id.as_ref()).await;
+            }
+            m
+        }
         Err(e) => {
             row.outcome = "invalid".into();
             return refuse(

@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 
 use super::jsonrpc::{self, Kind, Limits, Message, code};
 use super::mapping::{self, Check};
+use super::payload::{self, Payload, Slot};
 use super::sse;
 use super::transport::{self, Failure};
 use crate::audit::record::outcome;
@@ -96,6 +97,29 @@ pub(crate) async fn refuse(
         tracing::warn!(error = %e, "audit row for a refusal was not stored");
     }
     rpc_error(status, &decision, id, code, msg, None)
+}
+
+/// The daemon-wide in-flight budget is full (`limits.in_flight_bytes`): 503 before any
+/// policy decision, audited (outcome `overloaded`) and counted, nothing forwarded.
+pub(crate) async fn overloaded(gw: &Gateway, mut row: AuditRow, id: Option<&Value>) -> Response {
+    row.outcome = "overloaded".into();
+    let msg = format!(
+        "overloaded: calls in flight hold the gateway's limit of {} bytes (limits.in_flight_bytes); nothing was forwarded; retry later",
+        gw.budget.capacity()
+    );
+    let mut r = refuse(
+        gw,
+        row,
+        StatusCode::SERVICE_UNAVAILABLE,
+        id,
+        code::OVERLOADED,
+        &msg,
+    )
+    .await;
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.extensions_mut().insert(NotForwarded);
+    r
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -225,6 +249,12 @@ pub async fn post(
             .await;
         }
     }
+    // The daemon-wide budget (invariant I5): the declared length, or the most this server
+    // takes, is held before a byte is read.
+    let declared = header_str(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    let Some(mut held) = gw.budget.reserve(declared.unwrap_or(limits.max_bytes)) else {
+        return overloaded(&gw, row, None).await;
+    };
     let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limits.max_bytes));
     let bytes = match read.await {
         Ok(Ok(b)) => b,
@@ -254,9 +284,10 @@ pub async fn post(
         }
     };
     let parsed = jsonrpc::parse_sized(&bytes, limits);
+    let len = bytes.len();
     // The raw bytes are not needed past here: what is checked and forwarded is the parsed value.
     drop(bytes);
-    let (msg, _size) = match parsed {
+    let (mut msg, size) = match parsed {
         Ok(m) => m,
         Err(e) => {
             row.outcome = "invalid".into();
@@ -269,8 +300,18 @@ pub async fn post(
         }
     };
     row.method = msg.method.clone();
-    // What was asked, for the refusals below too (digested or redacted per audit.arguments).
-    row.arguments = msg.params().and_then(|p| p.get("arguments")).cloned();
+    // Held from here: the parsed value, and the canonical copy that is forwarded.
+    if !held.resize(size.parsed_bytes(len).saturating_add(len)) {
+        return overloaded(&gw, row, msg.id.as_ref()).await;
+    }
+    // The arguments are held once, shared by the row, lent to the check and put back for the
+    // forward. The row has them for the refusals below too (digested or redacted per
+    // audit.arguments), and so the URI a `resources/read` names.
+    let payload = payload::detach(&mut msg);
+    row.arguments = payload.as_ref().map(Payload::shared);
+    if msg.method == "resources/read" {
+        row.uri = msg.param_str("uri").map(str::to_string);
+    }
     // Only the envelope keys of its kind (I4): an extra `paramſ`, or a `METHOD` in an answer,
     // would be read by a case-insensitive upstream as what policy never saw.
     if let Err(e) = jsonrpc::check_envelope(&msg) {
@@ -425,7 +466,10 @@ pub async fn post(
         }
         row.effect = Effect::Allow;
         row.reason = "a client's answer to a server request".into();
-        let r = forward(&gw, &upstream, &headers, &msg, row, None, started, &caller).await;
+        let r = forward(
+            &gw, &upstream, &headers, msg, payload, row, None, started, &caller,
+        )
+        .await;
         if r.extensions().get::<NotForwarded>().is_some() {
             // Not delivered (the audit store could not take its row): the request still waits
             // for this answer, and the client may retry it.
@@ -449,7 +493,11 @@ pub async fn post(
         )
         .await;
     }
-    let check = match mapping::check_for(&msg) {
+    let sent_arguments = payload
+        .as_ref()
+        .filter(|p| p.slot() == Slot::Arguments)
+        .map(Payload::value);
+    let check = match mapping::check_for(&msg, sent_arguments) {
         Ok(c) => c,
         Err(e) => {
             row.outcome = "invalid".into();
@@ -466,9 +514,9 @@ pub async fn post(
     };
     row.action = check.action.clone();
     row.tool = check.name.clone().unwrap_or_default();
-    if row.arguments.is_none() {
+    if row.arguments.is_none() && check.takes_arguments {
         // `{}` for a call that sent none (otherwise the row already holds what was sent).
-        row.arguments = check.arguments.clone();
+        row.arguments = Some(Arc::new(Value::Object(Map::new())));
     }
     if mapping::list_key(&msg.method).is_some() {
         // Lists are forwarded for every identified caller and filtered item by item.
@@ -476,12 +524,12 @@ pub async fn post(
         row.rule = "list_filter".into();
         row.reason = "lists are filtered per caller".into();
         return forward(
-            &gw, &upstream, &headers, &msg, row, in_flight, started, &caller,
+            &gw, &upstream, &headers, msg, payload, row, in_flight, started, &caller,
         )
         .await;
     }
     authorize_and_forward(
-        &gw, &upstream, &headers, msg, check, row, in_flight, started, &caller,
+        &gw, &upstream, &headers, msg, payload, check, row, in_flight, started, &caller,
     )
     .await
 }
@@ -522,6 +570,7 @@ async fn authorize_and_forward(
     upstream: &Upstream,
     headers: &HeaderMap,
     msg: Message,
+    mut payload: Option<Payload>,
     check: Check,
     mut row: AuditRow,
     in_flight: Option<InFlightGuard>,
@@ -540,7 +589,15 @@ async fn authorize_and_forward(
         .name
         .as_ref()
         .and_then(|t| gw.annotations_for(&upstream.target.server, t));
-    let resource = mapping::resource(&upstream.target, &msg.method, &check, annotations.as_ref());
+    let mut resource =
+        mapping::resource(&upstream.target, &msg.method, &check, annotations.as_ref());
+    // The arguments are lent to the check (`R.attr.arguments`), not copied: the row lets go
+    // of its share, the value moves into the resource and back out after the decisions.
+    let sent = payload.is_some();
+    if check.takes_arguments {
+        row.arguments = None;
+        mapping::lend_arguments(&mut resource, payload.take().map(Payload::into_value));
+    }
     // For a tool call, also ask whether the tool is visible at all: a hidden tool stays hidden.
     let list_action = match msg.method.as_str() {
         "tools/call" => check.name.as_ref().map(|n| format!("tools/list::{n}")),
@@ -548,10 +605,37 @@ async fn authorize_and_forward(
         "resources/read" => check.name.as_ref().map(|n| format!("resources/list::{n}")),
         _ => None,
     };
-    let d = gw.decide(&caller.principal, resource, vec![check.action.clone()]);
+    let (d, mut resource) = gw.decide_lent(&caller.principal, resource, vec![check.action.clone()]);
     row = row.decided(&d, &check.action);
+    // Only a denied call asks whether the tool is visible at all (an allowed call runs
+    // whatever the list says), so most calls cost one evaluation, not two.
+    let visible = row.effect != Effect::Allow
+        && list_action.as_ref().is_some_and(|a| {
+            let (v, back) = gw.decide_lent(
+                &caller.principal,
+                std::mem::take(&mut resource),
+                vec![a.clone()],
+            );
+            resource = back;
+            v.effect(a) == Effect::Allow
+        });
+    if check.takes_arguments {
+        let back =
+            mapping::return_arguments(&mut resource).unwrap_or_else(|| Value::Object(Map::new()));
+        if sent {
+            let p = Payload::new(back, Slot::Arguments);
+            row.arguments = Some(p.shared());
+            payload = Some(p);
+        } else {
+            row.arguments = Some(Arc::new(back));
+        }
+    }
+    drop(resource);
     if row.effect == Effect::Allow {
-        return forward(gw, upstream, headers, &msg, row, in_flight, started, caller).await;
+        return forward(
+            gw, upstream, headers, msg, payload, row, in_flight, started, caller,
+        )
+        .await;
     }
     row.outcome = "denied".into();
     let decision = row.id.clone();
@@ -573,15 +657,6 @@ async fn authorize_and_forward(
     } else {
         format!("{} ({})", said.join("; "), row.reason)
     };
-    // Only a denied call asks whether the tool is visible at all (an allowed call runs
-    // whatever the list says), so most calls cost one evaluation, not two.
-    let visible = list_action.as_ref().is_some_and(|a| {
-        let resource =
-            mapping::resource(&upstream.target, &msg.method, &check, annotations.as_ref());
-        gw.decide(&caller.principal, resource, vec![a.clone()])
-            .effect(a)
-            == Effect::Allow
-    });
     if let Err(e) = gw.submit(row) {
         tracing::warn!(error = %e, "audit row for a denial was not stored");
     }
@@ -686,7 +761,8 @@ async fn forward(
     gw: &Arc<Gateway>,
     upstream: &Upstream,
     headers: &HeaderMap,
-    msg: &Message,
+    msg: Message,
+    payload: Option<Payload>,
     row: AuditRow,
     in_flight: Option<InFlightGuard>,
     started: Instant,
@@ -700,7 +776,7 @@ async fn forward(
         armed: true,
     };
     let r = exchange(
-        gw, upstream, headers, msg, row, &hangup, in_flight, started, caller,
+        gw, upstream, headers, msg, payload, row, &hangup, in_flight, started, caller,
     )
     .await;
     // Finished (not dropped at an await): `exchange` recorded the outcome itself.
@@ -713,7 +789,8 @@ async fn exchange(
     gw: &Arc<Gateway>,
     upstream: &Upstream,
     headers: &HeaderMap,
-    msg: &Message,
+    mut msg: Message,
+    payload: Option<Payload>,
     mut row: AuditRow,
     hangup: &Hangup,
     in_flight: Option<InFlightGuard>,
@@ -728,13 +805,22 @@ async fn exchange(
     // feeds a sampling result back).
     let commit = match gw.submit(row) {
         Ok(c) => c,
-        Err(e) => return audit_unavailable(&decision, msg, &e.0),
+        Err(e) => return audit_unavailable(&decision, &msg, &e.0),
     };
+    // The row was built (digested, redacted) at submit and let go of the arguments: they go
+    // back into the message without a copy.
+    if let Some(p) = payload {
+        p.attach(&mut msg);
+    }
     if let Err(e) = commit.await {
-        return audit_unavailable(&decision, msg, &e.0);
+        return audit_unavailable(&decision, &msg, &e.0);
     }
     hangup.sent();
-    let reply = match transport::post(gw, upstream, headers, msg, &caller.principal.id).await {
+    let reply = transport::post(gw, upstream, headers, &msg, &caller.principal.id).await;
+    // Sent: only the method and id are needed from here on (the answer may take long).
+    msg.value = Value::Null;
+    let msg = &msg;
+    let reply = match reply {
         Ok(r) => r,
         Err(f) => return failed(gw, &decision, msg, started, f),
     };
@@ -776,7 +862,7 @@ async fn exchange(
         return stream_sse(
             gw.clone(),
             with_session(upstream, headers),
-            msg.clone(),
+            msg.clone(), // method and id only: the value was dropped once sent
             decision,
             reply.body,
             out_headers,
@@ -947,7 +1033,7 @@ fn filter_list(gw: &Gateway, server: &str, method: &str, value: &mut Value, call
         let check = Check {
             action: action.clone(),
             name,
-            arguments: None,
+            takes_arguments: false,
         };
         let resource = mapping::resource(&upstream.target, method, &check, item.get("annotations"));
         gw.decide(&caller.principal, resource, vec![action.clone()])
@@ -1208,7 +1294,7 @@ fn server_message(
     let check = Check {
         action: m.method.clone(),
         name: None,
-        arguments: None,
+        takes_arguments: false,
     };
     let resource = mapping::resource(&upstream.target, &m.method, &check, None);
     let d = gw.decide(&caller.principal, resource, vec![m.method.clone()]);
