@@ -81,17 +81,27 @@ impl Budget {
 
     /// The Prometheus text of the budget.
     pub fn prometheus(&self) -> String {
-        format!(
-            "# HELP toolgate_in_flight_bytes Bytes reserved by MCP messages in flight (limits.in_flight_bytes).\n\
-             # TYPE toolgate_in_flight_bytes gauge\ntoolgate_in_flight_bytes {}\n\
-             # HELP toolgate_in_flight_capacity_bytes limits.in_flight_bytes.\n\
-             # TYPE toolgate_in_flight_capacity_bytes gauge\ntoolgate_in_flight_capacity_bytes {}\n\
-             # HELP toolgate_in_flight_refusals_total Calls refused with 503 because limits.in_flight_bytes was reached.\n\
-             # TYPE toolgate_in_flight_refusals_total counter\ntoolgate_in_flight_refusals_total {}\n",
+        use crate::metrics::{Exposition, Kind};
+        let mut e = Exposition::new();
+        e.single(
+            "toolgate_in_flight_bytes",
+            Kind::Gauge,
+            "Bytes reserved by MCP messages in flight (limits.in_flight_bytes).",
             self.used(),
+        );
+        e.single(
+            "toolgate_in_flight_capacity_bytes",
+            Kind::Gauge,
+            "limits.in_flight_bytes.",
             self.capacity,
-            self.refused()
-        )
+        );
+        e.single(
+            "toolgate_in_flight_refusals_total",
+            Kind::Counter,
+            "Calls refused with 503 because limits.in_flight_bytes was reached.",
+            self.refused(),
+        );
+        e.finish()
     }
 }
 
