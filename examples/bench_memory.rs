@@ -134,6 +134,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // Installs the crypto provider reqwest needs (as toolgate does).
+    let _ = toolgate::gateway::http_client();
     let clients: Vec<reqwest::Client> = (1..=agents)
         .map(|k| {
             reqwest::Client::builder()
