@@ -234,15 +234,11 @@ const BIG: u64 = 1_000_000;
 
 fn big_db() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v4-{n}.db"));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v5-{n}.db"));
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()
-            .query_row(
-                "SELECT count(*) FROM events WHERE event = 'decision'",
-                [],
-                |x| x.get(0),
-            )
+            .query_row("SELECT count(*) FROM decisions", [], |x| x.get(0))
             .unwrap_or(0);
         if have as u64 == n {
             return path;
@@ -490,7 +486,7 @@ fn floor_run(
     hashing: bool,
 ) -> f64 {
     use rusqlite::params_from_iter;
-    use toolgate::audit::chain::row_hash;
+    use toolgate::audit::chain::legacy_row_hash as row_hash;
 
     let dir = tempfile::tempdir().unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("floor.db")).unwrap();

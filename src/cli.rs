@@ -19,7 +19,7 @@ struct Cli {
 /// `toolgate --help`'s footer: the exit codes of [`exit`].
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (serve stopped on an error, a doctor FAIL, an \
 unreadable audit store, a broken audit chain); 2 usage error; 3 policies do not compile (or none where \
-serve needs them); 4 policy tests failed; 5 config file missing or invalid.";
+serve needs them); 4 policy tests failed; 5 config file missing or invalid; 6 audit verify had no chain key (linkage only).";
 
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant, reason = "parsed once per process")]
@@ -230,6 +230,8 @@ pub mod exit {
     pub const TESTS: u8 = 4;
     /// The config file is missing, unreadable or invalid.
     pub const CONFIG: u8 = 5;
+    /// `audit verify` without the chain key: linkage held, but row content was not checked.
+    pub const UNKEYED: u8 = 6;
 }
 
 use exit::{

@@ -647,6 +647,10 @@ pub struct AuditConfig {
     /// The Postgres schema holding the fleet tables.
     #[serde(default = "default_postgres_schema")]
     pub postgres_schema: String,
+    /// The per-install HMAC key of the chain, created (mode 0600) on first start; default
+    /// `audit.key` next to the database. Keep it out of the database's backups' reach.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `audit.batch_rows`: rows per transaction (default 256).
@@ -700,6 +704,7 @@ impl Default for AuditConfig {
             gateway: None,
             postgres: None,
             postgres_schema: default_postgres_schema(),
+            key_file: None,
         }
     }
 }
@@ -1542,6 +1547,9 @@ fn check_aggregate(
 
 fn check_audit(mut a: AuditConfig, cx: &Cx<'_>, p: &mut Problems) -> AuditConfig {
     cx.rebase(&mut a.sqlite);
+    if let Some(k) = a.key_file.as_mut() {
+        cx.rebase(k);
+    }
     if !AUDIT_BATCH_ROWS.contains(&a.batch_rows) {
         p.add(
             "$.audit.batch_rows",

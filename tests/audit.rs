@@ -59,8 +59,12 @@ fn rec(principal: &str, tool: &str, effect: Effect) -> Record {
 
 fn count_rows(path: &Path) -> i64 {
     let c = Connection::open(path).unwrap();
-    c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-        .unwrap()
+    c.query_row(
+        "SELECT (SELECT count(*) FROM decisions) + (SELECT count(*) FROM outcomes) + (SELECT count(*) FROM anchors)",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -448,8 +452,10 @@ fn tamper(db: &Path, sql: &str) -> PathBuf {
             .unwrap();
     }
     let c = Connection::open(&copy).unwrap();
-    c.execute_batch("DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;")
-        .unwrap();
+    c.execute_batch(
+        "DROP TRIGGER decisions_no_update; DROP TRIGGER decisions_no_delete; DROP TRIGGER names_no_update;",
+    )
+    .unwrap();
     c.execute_batch(sql).unwrap();
     copy
 }
@@ -462,9 +468,14 @@ fn rand_suffix() -> u128 {
 }
 
 fn verify_cli(db: &Path) -> (i32, String) {
+    verify_cli_with(db, &[])
+}
+
+fn verify_cli_with(db: &Path, extra: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args(["audit", "verify", "--db"])
         .arg(db)
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -489,9 +500,11 @@ fn the_chain_detects_edited_deleted_inserted_and_truncated_rows() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("20 rows"), "{out}");
 
+    // The tampered copies sit next to the original, so they find its key (audit.key).
     // Edited: one field of row 7.
-    let t = tamper(&db, "UPDATE events SET effect = 'deny' WHERE seq = 7");
+    let t = tamper(&db, "UPDATE decisions SET effect = 0 WHERE seq = 7");
     let rep = Reader::open(&t).unwrap().verify().unwrap();
+    assert!(rep.keyed);
     let b = rep.broken.unwrap();
     assert_eq!(
         (b.seq, b.id.as_str()),
@@ -504,53 +517,103 @@ fn the_chain_detects_edited_deleted_inserted_and_truncated_rows() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&ids[6]), "{out}");
 
-    // Edited with a recomputed own hash: the next row's prev_hash breaks.
+    // A tampered lookup row: the principal of row 4 renamed in `names`.
+    let t = tamper(&db, "UPDATE names SET text = 'mallory' WHERE text = 'p3'");
+    let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
+    assert_eq!(b.seq, 4, "{b}");
+
+    // A hash swapped for another row's: both links break.
     let t = tamper(
         &db,
-        "UPDATE events SET hash = 'ff' || substr(hash, 3) WHERE seq = 9",
+        "UPDATE decisions SET hash = (SELECT hash FROM decisions WHERE seq = 3) WHERE seq = 9",
     );
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
-    assert!(b.seq == 9 || b.seq == 10, "{b}");
+    assert_eq!(b.seq, 9, "{b}");
 
-    // Deleted: row 12.
-    let t = tamper(&db, "DELETE FROM events WHERE seq = 12");
+    // Deleted: row 12 (a middle row).
+    let t = tamper(&db, "DELETE FROM decisions WHERE seq = 12");
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
     assert_eq!(b.seq, 13, "{b}");
     assert!(b.problem.contains("missing"), "{b}");
 
     // Deleted from the oldest end without an anchor.
-    let t = tamper(&db, "DELETE FROM events WHERE seq <= 3");
+    let t = tamper(&db, "DELETE FROM decisions WHERE seq <= 3");
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
     assert_eq!(b.seq, 4, "{b}");
 
-    // Inserted: a forged row (a copy of row 5 with a new id) at the end, and one renumbered
-    // into the middle after shifting.
+    // Inserted: a forged row (a copy of row 5 with a new id) at the end, and the recorded head
+    // moved along with it: the forged row's hash is not the key's.
     let t = tamper(
         &db,
-        "INSERT INTO events SELECT 21, event, 'forged', decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash FROM events WHERE seq = 5",
+        "INSERT INTO decisions SELECT 21, randomblob(16), time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash FROM decisions WHERE seq = 5;
+         UPDATE meta SET value = '21:' || lower(hex((SELECT hash FROM decisions WHERE seq = 5))) || ':00' WHERE key = 'head';",
     );
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
-    assert_eq!((b.seq, b.id.as_str()), (21, "forged"), "{b}");
-    let t = tamper(
-        &db,
-        "UPDATE events SET seq = seq + 1000 WHERE seq > 10; UPDATE events SET seq = seq - 999 WHERE seq > 1000;
-         INSERT INTO events SELECT 11, event, 'forged-mid', decision_id, gateway, time, kind, 'mallory', login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash FROM events WHERE seq = 10;",
-    );
-    let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
-    assert_eq!(b.seq, 11, "{b}");
+    assert_eq!(b.seq, 21, "{b}");
 
     // Truncated at the newest end: caught against the recorded head.
-    let t = tamper(&db, "DELETE FROM events WHERE seq > 17");
+    let t = tamper(&db, "DELETE FROM decisions WHERE seq > 17");
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
     assert!(b.problem.contains("ends before the recorded head"), "{b}");
+
+    // Truncated together with the head: a non-empty store without a head is a break.
+    let t = tamper(
+        &db,
+        "DELETE FROM decisions WHERE seq > 17; DELETE FROM meta WHERE key = 'head';",
+    );
+    let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
+    assert!(b.problem.contains("no recorded chain head"), "{b}");
+
+    // Truncated with the head rewritten to the new last row: its MAC needs the key.
+    let t = tamper(
+        &db,
+        "DELETE FROM decisions WHERE seq > 17; UPDATE meta SET value = '17:' || lower(hex((SELECT hash FROM decisions WHERE seq = 17))) || ':00' WHERE key = 'head';",
+    );
+    let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();
+    assert!(b.problem.contains("MAC"), "{b}");
+
+    // ... and with an older head record replayed (seq 17's real one, saved earlier): only
+    // --expect-head (or the Postgres copy) catches that.
+    let head20 = Reader::open(&db).unwrap().verify().unwrap().head.unwrap();
+    let (code, out) = verify_cli_with(&db, &["--expect-head", &head20]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = verify_cli_with(&db, &["--expect-head", &format!("20:{head20}")]);
+    assert_eq!(code, 0, "{out}");
+    let t = tamper(&db, "DELETE FROM decisions WHERE seq > 17");
+    let (code, out) = verify_cli_with(&t, &["--expect-head", &head20]);
+    assert_eq!(code, 1, "{out}");
+
+    // Without the key: linkage still checked (a deletion is caught), content is not, and the
+    // exit status says so.
+    let nokey = dir.path().join("nokey");
+    std::fs::create_dir(&nokey).unwrap();
+    let moved = nokey.join("audit.db");
+    std::fs::copy(&db, &moved).unwrap();
+    let (code, out) = verify_cli(&moved);
+    assert_eq!(code, 6, "{out}");
+    assert!(out.contains("NOT checked"), "{out}");
+    let t = tamper(&moved, "UPDATE decisions SET effect = 0 WHERE seq = 7");
+    let (code, _) = verify_cli(&t);
+    assert_eq!(code, 6, "an edit is invisible without the key");
+    let t = tamper(&moved, "DELETE FROM decisions WHERE seq = 12");
+    let (code, out) = verify_cli(&t);
+    assert_eq!(code, 1, "{out}");
+    let (code, out) = verify_cli_with(
+        &moved,
+        &["--key", dir.path().join("audit.key").to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
 
     // Updates are refused by the store itself.
     let c = Connection::open(&db).unwrap();
     assert!(
-        c.execute("UPDATE events SET principal = 'x' WHERE seq = 1", [])
+        c.execute("UPDATE decisions SET principal = 2 WHERE seq = 1", [])
             .is_err()
     );
-    assert!(c.execute("DELETE FROM events WHERE seq = 1", []).is_err());
+    assert!(
+        c.execute("DELETE FROM decisions WHERE seq = 1", [])
+            .is_err()
+    );
 }
 
 fn page_count(db: &Path) -> i64 {

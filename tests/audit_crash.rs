@@ -139,7 +139,9 @@ fn kill_9_at_random_instants_loses_no_acknowledged_row() {
                 .query_row("PRAGMA integrity_check", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(ok, "ok", "cycle {cycle}");
-            let mut stmt = c.prepare("SELECT id FROM events").unwrap();
+            let mut stmt = c
+                .prepare("SELECT lower(substr(hex(id),1,8)||'-'||substr(hex(id),9,4)||'-'||substr(hex(id),13,4)||'-'||substr(hex(id),17,4)||'-'||substr(hex(id),21)) FROM decisions")
+                .unwrap();
             let present: HashSet<String> = stmt
                 .query_map([], |r| r.get(0))
                 .unwrap()

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use sqlx::Row as _;
+use toolgate::audit::key;
 use toolgate::audit::postgres::{self, PgSettings};
 use toolgate::audit::query::Filter;
 use toolgate::audit::{AuditLog, Effect, Kind, Record, Settings};
@@ -38,6 +39,9 @@ fn pg() -> String {
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| "127.0.0.1:5432".to_string())
 }
+
+/// A v3 decision id (16 bytes) as its UUID text, in SQL.
+const UUID_TEXT: &str = "lower(substr(hex(id),1,8)||'-'||substr(hex(id),9,4)||'-'||substr(hex(id),13,4)||'-'||substr(hex(id),17,4)||'-'||substr(hex(id),21))";
 
 fn pg_reachable() -> bool {
     let addr: SocketAddr = pg().parse().unwrap();
@@ -186,14 +190,23 @@ fn sqlite_ids(db: &Path) -> (String, BTreeSet<String>, i64) {
             r.get(0)
         })
         .unwrap();
-    let mut stmt = c.prepare("SELECT id FROM events").unwrap();
+    // Decisions by their UUID; outcome and anchor rows (no UUID in v3) as "<store>:<seq>".
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT {UUID_TEXT} FROM decisions UNION ALL SELECT ?1 || ':' || seq FROM outcomes UNION ALL SELECT ?1 || ':' || seq FROM anchors"
+        ))
+        .unwrap();
     let ids = stmt
-        .query_map([], |r| r.get(0))
+        .query_map([&store], |r| r.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
     let head: i64 = c
-        .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
+        .query_row(
+            "SELECT max(s) FROM (SELECT max(seq) s FROM decisions UNION ALL SELECT max(seq) FROM outcomes UNION ALL SELECT max(seq) FROM anchors)",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     (store, ids, head)
 }
@@ -367,15 +380,62 @@ fn run(rt: &tokio::runtime::Runtime, schema: &str, direct: &PgSettings) {
         .unwrap();
         assert_eq!(one[0].time.len(), 27, "{}", one[0].time);
         // Every shipped chain verifies in Postgres too (times and JSON are byte-exact).
-        let (n, breaks) = postgres::verify(&mut c).await.unwrap();
+        let key = |db: &Path| key::load(&key::default_path(db)).unwrap();
+        let keys = [key(&a_db), key(&b_db)];
+        let (n, breaks, unkeyed) = postgres::verify(&mut c, &keys).await.unwrap();
         assert_eq!(n as i64, head_a + head_b);
         assert!(breaks.is_empty(), "{breaks:?}");
+        assert!(unkeyed.is_empty(), "{unkeyed:?}");
+        // Without the keys: linkage only, said so.
+        let (_, breaks, unkeyed) = postgres::verify(&mut c, &[]).await.unwrap();
+        assert!(breaks.is_empty(), "{breaks:?}");
+        assert_eq!(unkeyed.len(), 2);
+        // Tampering in the fleet copy: each case in a transaction that is rolled back.
+        let mid = head_b / 2;
+        let cases: [(&str, String, &str); 5] = [
+            (
+                "edited row",
+                format!("UPDATE events SET principal = 'mallory' WHERE store_id = '{store_b}' AND seq = {mid}"),
+                "content",
+            ),
+            (
+                "deleted middle row",
+                format!("DELETE FROM events WHERE store_id = '{store_b}' AND seq = {mid}"),
+                "missing",
+            ),
+            (
+                "deleted last rows",
+                format!("DELETE FROM events WHERE store_id = '{store_b}' AND seq > {}", head_b - 3),
+                "recorded head",
+            ),
+            (
+                "deleted last rows and the head",
+                format!("DELETE FROM events WHERE store_id = '{store_b}' AND seq > {}; DELETE FROM heads WHERE store_id = '{store_b}'", head_b - 3),
+                "no recorded head",
+            ),
+            (
+                "deleted first row",
+                format!("DELETE FROM events WHERE store_id = '{store_b}' AND seq = 1"),
+                "missing",
+            ),
+        ];
+        for (what, sql, want) in cases {
+            let mut tx = sqlx::Connection::begin(&mut c).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.unwrap();
+            let (_, breaks, _) = postgres::verify(&mut tx, &keys).await.unwrap();
+            tx.rollback().await.unwrap();
+            assert_eq!(breaks.len(), 1, "{what}: {breaks:?}");
+            assert_eq!(breaks[0].0, store_b, "{what}");
+            assert!(breaks[0].1.problem.contains(want), "{what}: {}", breaks[0].1);
+        }
+        let (_, breaks, _) = postgres::verify(&mut c, &keys).await.unwrap();
+        assert!(breaks.is_empty(), "rolled back: {breaks:?}");
         // Migrations recorded once, even though several connections ran them.
         let v: i64 = sqlx::query("SELECT count(*) FROM schema_migrations")
             .fetch_one(&mut c)
             .await
             .unwrap()
             .get(0);
-        assert_eq!(v, 1);
+        assert_eq!(v, 2);
     });
 }

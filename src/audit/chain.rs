@@ -1,18 +1,25 @@
-//! Tamper evidence: every row stores `hash = SHA-256(prev_hash "\n" seq "\n" content)` and the
-//! previous row's hash. [`verify`] walks the chain in seq order and reports the first break.
+//! Tamper evidence: every row stores
+//! `hash = HMAC-SHA-256(key, prev ‖ seq (8 bytes, big-endian) ‖ SHA-256(canonical logical row))`
+//! with the per-install key ([`super::key`]); the logical row is [`StoredRow::content`] with every
+//! lookup resolved, so editing a row, or a lookup value it uses, breaks its hash. [`verify`] walks
+//! the chain in seq order and reports the first break.
 //!
 //! Pruning (retention) deletes from the oldest end and writes an anchor row naming the last pruned
 //! seq and hash, so the oldest remaining row still links to something. Tail truncation is caught
-//! against the chain head recorded in `meta` (and the head logged periodically, and the Postgres
-//! copy); a full rewrite by someone holding the file is not: this is evidence, not prevention.
+//! against the chain head recorded in `meta` (itself MACed with the key), `--expect-head`, and the
+//! Postgres copy. Without the key, `verify` still checks linkage (no gaps in seq, genesis or an
+//! anchor at the start, the recorded head at the end) but not content. Someone holding both the
+//! database and the key can rewrite everything: this is evidence, not prevention.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::record::{COLUMNS, StoredRow, event};
+use super::key::{ChainKey, unhex32};
+use super::record::{StoredRow, event};
+use super::store::{self, Names};
 
-/// The `prev_hash` of the very first row.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The `prev` of the very first row.
+pub const GENESIS: [u8; 32] = [0; 32];
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
@@ -30,36 +37,27 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
-/// The hash of a row at `seq` whose content is `content`, following `prev_hash`.
-pub fn row_hash(prev_hash: &str, seq: i64, content: &str) -> String {
+/// The inner digest of a logical row: SHA-256 of its canonical content (computed on the
+/// request thread).
+pub fn content_digest(content: &str) -> [u8; 32] {
+    Sha256::digest(content.as_bytes()).into()
+}
+
+/// The chain hash of the row at `seq` whose content digest is `digest`, following `prev`.
+pub fn link(key: &ChainKey, prev: &[u8; 32], seq: i64, digest: &[u8; 32]) -> [u8; 32] {
+    key.mac(&[prev, &seq.to_be_bytes(), digest])
+}
+
+/// The schema-v1/v2 (unkeyed) row hash: `SHA-256(prev_hash "\n" seq "\n" content)` in hex.
+/// Only the upgrade and the Postgres copies of old rows still check it.
+pub fn legacy_row_hash(prev_hash: &str, seq: i64, content: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
-    let mut buf = [0u8; 20];
-    h.update(decimal(seq, &mut buf));
+    h.update(seq.to_string().as_bytes());
     h.update(b"\n");
     h.update(content.as_bytes());
     hex(&h.finalize())
-}
-
-/// `n` in decimal, without allocating.
-fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
-    let neg = n < 0;
-    let mut v = n.unsigned_abs();
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    if neg && i > 0 {
-        i -= 1;
-        buf[i] = b'-';
-    }
-    &buf[i..]
 }
 
 /// What an anchor row records (as its `explain` JSON).
@@ -76,6 +74,10 @@ pub struct Anchor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub rows: u64,
+    /// Whether content was checked (the key was given); without it only linkage was.
+    pub keyed: bool,
+    /// The last row's hash (hex), for `--expect-head` next time.
+    pub head: Option<String>,
     pub first_seq: Option<i64>,
     pub last_seq: Option<i64>,
     /// The anchor the oldest row was checked against, when rows were pruned.
@@ -98,169 +100,244 @@ impl std::fmt::Display for Break {
     }
 }
 
-/// The latest anchor row, if any.
-fn latest_anchor(conn: &Connection) -> rusqlite::Result<Option<Anchor>> {
-    let text: Option<String> = conn
-        .query_row(
-            "SELECT explain FROM events WHERE event = 'anchor' ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+/// The chain head as recorded in `meta`: `seq:hash:mac`, the MAC binding both to the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: i64,
+    pub hash: String,
+    pub mac: String,
+}
+
+fn head_mac(key: &ChainKey, seq: i64, hash: &[u8; 32]) -> [u8; 32] {
+    key.mac(&[b"toolgate audit head\n", &seq.to_be_bytes(), hash])
 }
 
 /// The chain head the writer last committed (from `meta`).
-pub fn recorded_head(conn: &Connection) -> rusqlite::Result<Option<(i64, String)>> {
+pub fn recorded_head(conn: &Connection) -> rusqlite::Result<Option<Head>> {
     let v: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| {
             r.get(0)
         })
         .optional()?;
     Ok(v.and_then(|v| {
-        let (s, h) = v.split_once(':')?;
-        Some((s.parse().ok()?, h.to_string()))
+        let mut it = v.splitn(3, ':');
+        let seq = it.next()?.parse().ok()?;
+        let hash = it.next()?.to_string();
+        let mac = it.next().unwrap_or("").to_string();
+        Some(Head { seq, hash, mac })
     }))
 }
 
-/// Walks every row in seq order. Reading errors are errors; chain problems are in the report.
-pub fn verify(conn: &Connection) -> rusqlite::Result<Report> {
-    verify_rows(conn, latest_anchor(conn)?, recorded_head(conn)?)
+/// Records the chain head in `meta` (inside the writer's transaction).
+pub(crate) fn set_head(
+    conn: &Connection,
+    key: &ChainKey,
+    seq: i64,
+    hash: &[u8; 32],
+) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?1)")?
+        .execute(params![format!(
+            "{seq}:{}:{}",
+            hex(hash),
+            hex(&head_mac(key, seq, hash))
+        )])?;
+    Ok(())
 }
 
-fn verify_rows(
+/// Rows read per step of a walk.
+const WALK_ROWS: usize = 4096;
+
+/// Walks every row in seq order. Reading errors are errors; chain problems are in the report.
+/// `key`: check content too (without it, linkage only). `expect_head`: the head hash (or
+/// `seq:hash`) seen earlier, e.g. from the log or the Postgres copy.
+pub fn verify(
     conn: &Connection,
-    anchor: Option<Anchor>,
-    head: Option<(i64, String)>,
+    key: Option<&ChainKey>,
+    expect_head: Option<&str>,
 ) -> rusqlite::Result<Report> {
-    let sql = format!("SELECT {} FROM events ORDER BY seq", COLUMNS.join(", "));
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query([])?;
+    let head = recorded_head(conn)?;
+    let mut names = Names::default();
     let mut report = Report {
         rows: 0,
+        keyed: key.is_some(),
+        head: None,
         first_seq: None,
         last_seq: None,
         anchor: None,
         broken: None,
     };
-    let mut prev: Option<(i64, String)> = None;
-    while let Some(r) = rows.next()? {
-        let row = StoredRow::from_sqlite(r, 0)?;
-        report.rows += 1;
-        report.last_seq = Some(row.seq);
-        let brk = |problem: String| Break {
-            seq: row.seq,
-            id: row.id.clone(),
-            problem,
+    let mut prev: Option<(i64, [u8; 32])> = None;
+    let mut after = 0i64;
+    'walk: loop {
+        let rows = match store::read_after(conn, &mut names, after, WALK_ROWS) {
+            Ok(r) => r,
+            Err(e @ rusqlite::Error::FromSqlConversionFailure(..)) => {
+                report.broken = Some(Break {
+                    seq: after + 1,
+                    id: String::new(),
+                    problem: format!("a row after seq {after} cannot be read: {e}"),
+                });
+                break;
+            }
+            Err(e) => return Err(e),
         };
-        match &prev {
-            None => {
-                report.first_seq = Some(row.seq);
-                let expected = match &anchor {
-                    _ if row.seq == 1 => Some((GENESIS.to_string(), "the genesis hash")),
-                    Some(a) if a.pruned_through_seq + 1 == row.seq => {
-                        report.anchor = Some(a.clone());
-                        Some((a.pruned_through_hash.clone(), "the retention anchor's hash"))
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        for row in rows {
+            report.rows += 1;
+            report.last_seq = Some(row.seq);
+            let brk = |problem: String| Break {
+                seq: row.seq,
+                id: row.id.clone(),
+                problem,
+            };
+            let expected_prev = match &prev {
+                None => {
+                    report.first_seq = Some(row.seq);
+                    if row.seq == 1 {
+                        GENESIS
+                    } else {
+                        match anchor_for(conn, row.seq - 1)? {
+                            Some(a) => {
+                                let h = unhex32(&a.pruned_through_hash).unwrap_or(GENESIS);
+                                report.anchor = Some(a);
+                                h
+                            }
+                            None => {
+                                report.broken = Some(brk(format!(
+                                    "rows before seq {} are missing and no retention anchor accounts for them",
+                                    row.seq
+                                )));
+                                break 'walk;
+                            }
+                        }
                     }
-                    _ => None,
-                };
-                match expected {
-                    None => {
+                }
+                Some((pseq, phash)) => {
+                    if row.seq != pseq + 1 {
                         report.broken = Some(brk(format!(
-                            "rows before seq {} are missing and no retention anchor accounts for them",
-                            row.seq
+                            "rows {}..{} are missing (deleted)",
+                            pseq + 1,
+                            row.seq - 1
                         )));
-                        break;
+                        break 'walk;
                     }
-                    Some((h, what)) if h != row.prev_hash => {
-                        report.broken = Some(brk(format!(
-                            "prev_hash {} does not match {what} {h}",
-                            row.prev_hash
-                        )));
-                        break;
-                    }
-                    Some(_) => {}
+                    *phash
+                }
+            };
+            let hash = unhex32(&row.hash).unwrap_or(GENESIS);
+            if let Some(k) = key {
+                let want = link(k, &expected_prev, row.seq, &content_digest(&row.content()));
+                if want != hash {
+                    report.broken = Some(brk(
+                        "the row's hash does not match its content and the previous row's hash: the row, a lookup value it uses, or the row before it was edited, or a row was inserted or deleted (or the key is not this store's)".to_string(),
+                    ));
+                    break 'walk;
                 }
             }
-            Some((pseq, phash)) => {
-                if row.seq != pseq + 1 {
-                    report.broken = Some(brk(format!(
-                        "rows {}..{} are missing (deleted)",
-                        pseq + 1,
-                        row.seq - 1
-                    )));
-                    break;
-                }
-                if &row.prev_hash != phash {
-                    report.broken = Some(brk(format!(
-                        "prev_hash {} does not match the previous row's hash {phash} (a row was deleted, inserted or edited)",
-                        row.prev_hash
-                    )));
-                    break;
-                }
+            if row.event == event::ANCHOR && serde_json::from_str::<Anchor>(&row.explain).is_err() {
+                report.broken = Some(brk("an anchor row without a readable anchor".to_string()));
+                break 'walk;
+            }
+            prev = Some((row.seq, hash));
+        }
+    }
+    report.head = prev.map(|(_, h)| hex(&h));
+    if report.broken.is_some() {
+        return Ok(report);
+    }
+    let (last_seq, last_hash) = prev.unwrap_or((0, GENESIS));
+    let at_end = |problem: String| Break {
+        seq: last_seq,
+        id: String::new(),
+        problem,
+    };
+    match &head {
+        None if prev.is_some() => {
+            report.broken = Some(at_end(
+                "the store has rows but no recorded chain head (meta 'head' was removed): rows may have been removed from the end".to_string(),
+            ));
+        }
+        None => {}
+        Some(h) => {
+            if let Some(k) = key
+                && (unhex32(&h.hash).map(|x| hex(&head_mac(k, h.seq, &x))) != Some(h.mac.clone()))
+            {
+                report.broken = Some(at_end(format!(
+                    "the recorded chain head (seq {}) does not carry this key's MAC: it was rewritten",
+                    h.seq
+                )));
+            } else if h.seq == last_seq && h.hash == hex(&last_hash) {
+            } else if last_seq > h.seq {
+                report.broken = Some(Break {
+                    seq: h.seq + 1,
+                    id: String::new(),
+                    problem: format!(
+                        "rows after the recorded chain head (seq {}) were not written by toolgate",
+                        h.seq
+                    ),
+                });
+            } else {
+                report.broken = Some(at_end(format!(
+                    "the chain ends before the recorded head (seq {}, hash {}): rows were removed from the end",
+                    h.seq, h.hash
+                )));
             }
         }
-        let want = row_hash(&row.prev_hash, row.seq, &row.content());
-        if want != row.hash {
-            report.broken = Some(brk(format!(
-                "hash {} does not match the row's content (expected {want}): the row was edited",
-                row.hash
-            )));
-            break;
-        }
-        if row.event == event::ANCHOR && serde_json::from_str::<Anchor>(&row.explain).is_err() {
-            report.broken = Some(brk("an anchor row without a readable anchor".to_string()));
-            break;
-        }
-        prev = Some((row.seq, row.hash.clone()));
     }
     if report.broken.is_none()
-        && let Some((hseq, hhash)) = head
+        && let Some(want) = expect_head
     {
-        match &prev {
-            Some((pseq, phash)) if *pseq == hseq && *phash == hhash => {}
-            Some((pseq, _)) if *pseq > hseq => {
-                // Rows past the recorded head: the head is written in the same transaction as
-                // the rows, so this only happens when rows were appended by something else.
-                report.broken = Some(Break {
-                    seq: hseq + 1,
-                    id: String::new(),
-                    problem: format!(
-                        "rows after the recorded chain head (seq {hseq}) were not written by toolgate"
-                    ),
-                });
-            }
-            last => {
-                report.broken = Some(Break {
-                    seq: last.as_ref().map(|(s, _)| *s).unwrap_or(0),
-                    id: String::new(),
-                    problem: format!(
-                        "the chain ends before the recorded head (seq {hseq}, hash {hhash}): rows were removed from the end"
-                    ),
-                });
+        let (wseq, whash) = match want.split_once(':') {
+            Some((s, h)) => (s.parse::<i64>().ok(), h),
+            None => (None, want),
+        };
+        let ok_hash = whash.eq_ignore_ascii_case(&hex(&last_hash));
+        let ok_seq = wseq.is_none_or(|s| s == last_seq);
+        if !(ok_hash && ok_seq) {
+            // The expected head may be an older row that is still in the chain.
+            let older = match wseq {
+                Some(s) if s < last_seq => {
+                    store::hash_at(conn, s)?.is_some_and(|h| whash.eq_ignore_ascii_case(&hex(&h)))
+                }
+                _ => false,
+            };
+            if !older {
+                report.broken = Some(at_end(format!(
+                    "the chain head is seq {last_seq} hash {}, not the expected {want}: rows were removed from the end or the chain was rewritten",
+                    hex(&last_hash)
+                )));
             }
         }
     }
     Ok(report)
 }
 
-/// The last committed row (seq, hash), or (0, genesis) for an empty chain.
-pub fn tail(conn: &Connection) -> rusqlite::Result<(i64, String)> {
-    let last: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(last.unwrap_or((0, GENESIS.to_string())))
+/// The anchor that accounts for rows through `seq`, if any.
+fn anchor_for(conn: &Connection, seq: i64) -> rusqlite::Result<Option<Anchor>> {
+    conn.prepare_cached(
+        "SELECT through_seq, through_hash, pruned_rows FROM anchors WHERE through_seq = ?1 ORDER BY seq DESC LIMIT 1",
+    )?
+    .query_row([seq], |r| {
+        let h: Vec<u8> = r.get(1)?;
+        Ok(Anchor {
+            pruned_through_seq: r.get(0)?,
+            pruned_through_hash: hex(&h),
+            pruned_rows: r.get(2)?,
+        })
+    })
+    .optional()
 }
 
-/// Records the chain head in `meta` (inside the writer's transaction).
-pub(crate) fn set_head(conn: &Connection, seq: i64, hash: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?1)")?
-        .execute(params![format!("{seq}:{hash}")])?;
-    Ok(())
+/// The last committed row (seq, hash), or (0, genesis) for an empty chain.
+pub fn tail(conn: &Connection) -> rusqlite::Result<(i64, [u8; 32])> {
+    store::tail(conn)
+}
+
+/// Checks a stored row against the chain (Postgres copies).
+pub fn check_row(key: &ChainKey, prev: &[u8; 32], row: &StoredRow) -> bool {
+    unhex32(&row.hash)
+        .is_some_and(|h| h == link(key, prev, row.seq, &content_digest(&row.content())))
 }
 
 #[cfg(test)]
@@ -268,18 +345,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hashes_are_stable() {
+    fn links_depend_on_every_input() {
         assert_eq!(
             sha256_hex(b""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        let a = row_hash(GENESIS, 1, "{}");
-        assert_eq!(a.len(), 64);
-        assert_ne!(a, row_hash(GENESIS, 2, "{}"));
-        assert_ne!(a, row_hash(&a, 1, "{}"));
-        let mut b = [0u8; 20];
-        for n in [0i64, 7, 10, 123_456_789, i64::MAX, -5] {
-            assert_eq!(decimal(n, &mut b), n.to_string().as_bytes());
-        }
+        let k = ChainKey::from_bytes(&[7; 32]);
+        let d = content_digest("{}");
+        let a = link(&k, &GENESIS, 1, &d);
+        assert_ne!(a, link(&k, &GENESIS, 2, &d));
+        assert_ne!(a, link(&k, &a, 1, &d));
+        assert_ne!(a, link(&k, &GENESIS, 1, &content_digest("{ }")));
+        assert_ne!(a, link(&ChainKey::from_bytes(&[8; 32]), &GENESIS, 1, &d));
+        assert_eq!(legacy_row_hash("0", 12, "{}").len(), 64);
     }
 }

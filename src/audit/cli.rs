@@ -16,7 +16,9 @@ use super::record::{CONTRACT_KEYS, Row, outcome};
 use super::{AuditError, chain};
 
 const DEFAULT_DB: &str = "/var/lib/toolgate/audit.db";
-use crate::cli::exit::{CONFIG as EXIT_CONFIG, FAILURE as EXIT_BROKEN, USAGE as EXIT_USAGE};
+use crate::cli::exit::{
+    CONFIG as EXIT_CONFIG, FAILURE as EXIT_BROKEN, UNKEYED as EXIT_UNKEYED, USAGE as EXIT_USAGE,
+};
 /// Rows the table format shows when no --limit is given.
 const TABLE_DEFAULT_LIMIT: usize = 100;
 /// Existing rows --follow prints first when no --limit is given.
@@ -36,7 +38,12 @@ pub enum AuditCommand {
     Query(QueryArgs),
     /// Totals, top principals and tools, denials and error outcomes over a window.
     Stats(StatsArgs),
-    /// Walk the hash chain; report the first break and exit 1 if there is one.
+    /// Walk the keyed hash chain; report the first break and exit 1 if there is one.
+    ///
+    /// Needs the chain key (audit.key_file; default audit.key next to the database). Without it,
+    /// only linkage is checked (no gaps, genesis or an anchor at the start, the recorded head at
+    /// the end) and the exit status is 6. --expect-head catches rows removed from the end
+    /// together with the recorded head.
     Verify(VerifyArgs),
 }
 
@@ -150,6 +157,14 @@ pub struct StatsArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    /// The chain key [default: audit.key_file from --config, else audit.key next to the
+    /// database]. With --postgres: one key per gateway to check (repeat the flag).
+    #[arg(long, value_name = "FILE")]
+    pub key: Vec<PathBuf>,
+    /// The chain head seen earlier (HASH or SEQ:HASH, e.g. from the "audit chain head" log
+    /// line or the Postgres copy): the chain must still reach it.
+    #[arg(long, value_name = "HASH")]
+    pub expect_head: Option<String>,
 }
 
 /// Runs one `toolgate audit` command. Every error names the command and the store it read:
@@ -496,16 +511,30 @@ pub fn stats_text(st: &Stats) -> String {
 
 fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
     if let Some(url) = &a.source.postgres {
+        let keys = a
+            .key
+            .iter()
+            .map(|p| super::key::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let pg = pg_settings(&a.source, url);
-        let (n, breaks) = runtime()?
+        let (n, breaks, unkeyed) = runtime()?
             .block_on(async {
                 let mut c = postgres::connect_existing(&pg).await?;
-                postgres::verify(&mut c).await
+                postgres::verify(&mut c, &keys).await
             })
             .map_err(|e: AuditError| e.to_string())?;
+        for store in &unkeyed {
+            eprintln!(
+                "note: store {store}: no --key for its chain; checked linkage only, not content"
+            );
+        }
         if breaks.is_empty() {
             println!("ok: {n} rows; every shipped chain is intact");
-            return Ok(ExitCode::SUCCESS);
+            return Ok(if unkeyed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_UNKEYED)
+            });
         }
         for (store, b) in breaks {
             println!("BROKEN: store {store}: {b}");
@@ -513,8 +542,29 @@ fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::from(EXIT_BROKEN));
     }
     let path = db_path(&a.source)?;
+    let key_path = match (a.key.first(), &a.source.config) {
+        (Some(k), _) => k.clone(),
+        (None, Some(cfg)) => {
+            let audit = crate::config::load_audit(cfg).map_err(|e| e.to_string())?;
+            audit
+                .key_file
+                .unwrap_or_else(|| super::key::default_path(&audit.sqlite))
+        }
+        (None, None) => super::key::default_path(&path),
+    };
+    let key = match super::key::load(&key_path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!(
+                "warning: {e}\nwarning: without the chain key only linkage is checked (no gaps, genesis or anchor, head); an edited row is not detected"
+            );
+            None
+        }
+    };
     let reader = Reader::open(&path).map_err(|e| e.to_string())?;
-    let rep = reader.verify().map_err(|e| e.to_string())?;
+    let rep = reader
+        .verify_with(key.as_ref(), a.expect_head.as_deref())
+        .map_err(|e| e.to_string())?;
     Ok(print_report(&path.display().to_string(), &rep))
 }
 
@@ -535,11 +585,24 @@ fn print_report(what: &str, rep: &chain::Report) -> ExitCode {
                     )
                 })
                 .unwrap_or_default();
-            println!(
-                "ok: {what}: {} rows, {range}, chain intact{anchor}",
-                rep.rows
-            );
-            ExitCode::SUCCESS
+            let head = rep
+                .head
+                .as_ref()
+                .map(|h| format!("; head {h}"))
+                .unwrap_or_default();
+            if rep.keyed {
+                println!(
+                    "ok: {what}: {} rows, {range}, chain intact{anchor}{head}",
+                    rep.rows
+                );
+                ExitCode::SUCCESS
+            } else {
+                println!(
+                    "linkage ok, content NOT checked (no key): {what}: {} rows, {range}{anchor}{head}",
+                    rep.rows
+                );
+                ExitCode::from(EXIT_UNKEYED)
+            }
         }
         Some(b) => {
             println!("BROKEN: {what}: {b}");

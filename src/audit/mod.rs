@@ -4,7 +4,8 @@
 //!
 //! - [`record`]: the row ([`Record`], built by the gateway) and its stored/query forms.
 //! - [`writer`]: [`AuditLog`] (open, submit → [`Ticket`], outcomes, health, metrics).
-//! - [`chain`]: the hash chain and `audit verify`.
+//! - [`chain`]: the keyed hash chain and `audit verify`; [`key`]: the per-install chain key.
+//! - [`store`]: the v3 tables (decisions, outcomes, anchors, lookups) ↔ logical rows.
 //! - [`redact`]: `audit.arguments` and secret scrubbing.
 //! - [`query`]: filters, `audit query`/`stats`, the `/api/audit` reader.
 //! - [`retention`]: pruning from the oldest end, with anchors.
@@ -13,12 +14,14 @@
 
 pub mod chain;
 pub mod cli;
+pub mod key;
 pub mod migrate;
 pub mod postgres;
 pub mod query;
 pub mod record;
 pub mod redact;
 pub mod retention;
+pub mod store;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -89,6 +92,8 @@ pub struct Settings {
     pub gateway: String,
     pub postgres: Option<postgres::PgSettings>,
     pub redactor: Redactor,
+    /// The chain key file (`audit.key_file`; default `audit.key` next to the database).
+    pub key_file: PathBuf,
 }
 
 impl Settings {
@@ -110,6 +115,10 @@ impl Settings {
                 batch_rows: 500,
             }),
             redactor: Redactor::from_config(cfg),
+            key_file: cfg
+                .key_file
+                .clone()
+                .unwrap_or_else(|| key::default_path(&cfg.sqlite)),
         }
     }
 

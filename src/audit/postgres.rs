@@ -15,13 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
 use super::AuditError;
+use super::chain::{self, Break, GENESIS, hex};
+use super::key::{ChainKey, unhex32};
 use super::query::{Dialect, Filter, Param, outcome_join, where_clause};
-use super::record::{COLUMNS, Row, StoredRow};
+use super::record::{COLUMNS, Row, StoredRow, event};
+use super::store::{self, Names};
 use super::writer::Shared;
 
 /// How the shipper reaches Postgres.
@@ -150,25 +153,26 @@ async fn migrate_locked(conn: &mut PgConnection, schema: &str) -> Result<usize, 
     Ok(super::migrate::POSTGRES.len())
 }
 
-/// The shipped columns: the chain's columns plus the store id.
 /// Reconnect delays of the shipper: 200 ms doubling to 10 s, each jittered so that a fleet of
 /// gateways does not reconnect to one PostgreSQL in lockstep.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
-const PG_INSERT_COLS: &str = "seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash, tags_text, store_id";
+/// The shipped columns: the chain's columns plus the store id, chain version and key id.
+const PG_INSERT_COLS: &str = "seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash, tags_text, store_id, chain, key_id";
 
 /// Inserts rows idempotently (by id) in one transaction; returns rows newly inserted.
 pub async fn insert_rows(
     conn: &mut PgConnection,
     store_id: &str,
+    key_id: &str,
     rows: &[StoredRow],
 ) -> Result<u64, AuditError> {
     if rows.is_empty() {
         return Ok(0);
     }
     let mut sql = format!("INSERT INTO events ({PG_INSERT_COLS}) VALUES ");
-    let per = 31;
+    let per = 33;
     for i in 0..rows.len() {
         if i > 0 {
             sql.push(',');
@@ -191,10 +195,15 @@ pub async fn insert_rows(
     sql.push_str(" ON CONFLICT (id) DO NOTHING");
     let mut q = sqlx::query(AssertSqlSafe(sql));
     for r in rows {
+        let id = if r.event == event::DECISION {
+            r.id.clone()
+        } else {
+            format!("{store_id}:{}", r.seq)
+        };
         q = q
             .bind(r.seq)
             .bind(r.event.clone())
-            .bind(r.id.clone())
+            .bind(id)
             .bind(r.decision_id.clone())
             .bind(r.gateway.clone())
             .bind(r.time.clone())
@@ -222,10 +231,27 @@ pub async fn insert_rows(
             .bind(r.hash.clone())
             .bind(r.prev_hash.clone())
             .bind(r.tags.clone())
-            .bind(store_id.to_string());
+            .bind(store_id.to_string())
+            .bind(3i16)
+            .bind(key_id.to_string());
     }
     let mut tx = conn.begin().await.map_err(|e| pg_err(&e))?;
     let done = q.execute(&mut *tx).await.map_err(|e| pg_err(&e))?;
+    if let Some(last) = rows.last() {
+        sqlx::query(
+            "INSERT INTO heads (store_id, gateway, seq, hash, key_id) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (store_id) DO UPDATE SET gateway = EXCLUDED.gateway, seq = EXCLUDED.seq, hash = EXCLUDED.hash, key_id = EXCLUDED.key_id, updated_at = now() \
+             WHERE heads.seq < EXCLUDED.seq",
+        )
+        .bind(store_id)
+        .bind(last.gateway.clone())
+        .bind(last.seq)
+        .bind(last.hash.clone())
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg_err(&e))?;
+    }
     tx.commit().await.map_err(|e| pg_err(&e))?;
     Ok(done.rows_affected())
 }
@@ -282,7 +308,7 @@ fn stored_from_pg(r: &sqlx::postgres::PgRow) -> Result<StoredRow, sqlx::Error> {
 /// Fleet query: the same filters and order as [`super::query::Reader::query`], over every
 /// gateway's rows.
 pub async fn query(conn: &mut PgConnection, f: &Filter) -> Result<Vec<Row>, AuditError> {
-    let (w, params) = where_clause(f, Dialect::Postgres, false);
+    let (w, params) = where_clause(f, Dialect::Postgres);
     let newest_first = f.limit.is_some();
     let order = if newest_first { "DESC" } else { "ASC" };
     let mut sql = format!(
@@ -314,62 +340,169 @@ pub async fn query(conn: &mut PgConnection, f: &Filter) -> Result<Vec<Row>, Audi
     Ok(out)
 }
 
-/// Every chain in the fleet database, checked row by row (linkage and content hashes) from its
-/// oldest shipped row. Returns (rows checked, first break per store).
+/// Every chain in the fleet database, checked row by row from genesis or an anchor to the head
+/// the shipper recorded. Rows of the keyed chain (`chain` 3) are checked with the key whose id
+/// they carry, when `keys` has it; otherwise linkage only (`prev_hash` and seq continuity).
+/// Returns (rows checked, first break per store, stores checked without their key).
 pub async fn verify(
     conn: &mut PgConnection,
-) -> Result<(u64, Vec<(String, super::chain::Break)>), AuditError> {
+    keys: &[ChainKey],
+) -> Result<(u64, Vec<(String, Break)>, Vec<String>), AuditError> {
     let sql = format!(
-        "SELECT {}, e.store_id FROM events e ORDER BY e.store_id, e.seq",
+        "SELECT {}, e.store_id, e.chain, e.key_id FROM events e ORDER BY e.store_id, e.seq",
         pg_select_cols("e")
     );
     let rows = sqlx::query(AssertSqlSafe(sql))
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| pg_err(&e))?;
-    let mut n = 0u64;
-    let mut breaks: Vec<(String, super::chain::Break)> = Vec::new();
-    let mut prev: Option<(String, i64, String)> = None;
+    let heads: Vec<(String, i64, String)> =
+        sqlx::query("SELECT store_id, seq, hash FROM heads ORDER BY store_id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| pg_err(&e))?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| pg_err(&e))?;
+    let n = rows.len() as u64;
+    let mut stores: Vec<(String, Vec<PgChainRow>)> = Vec::new();
     for r in &rows {
         let s = stored_from_pg(r).map_err(|e| pg_err(&e))?;
         let store: String = r.try_get(COLUMNS.len()).map_err(|e| pg_err(&e))?;
-        n += 1;
-        if breaks.last().is_some_and(|(b, _)| *b == store) {
-            continue;
+        let chain: i16 = r.try_get(COLUMNS.len() + 1).map_err(|e| pg_err(&e))?;
+        let key_id: String = r.try_get(COLUMNS.len() + 2).map_err(|e| pg_err(&e))?;
+        match stores.last_mut() {
+            Some((id, v)) if *id == store => v.push((s, chain, key_id)),
+            _ => stores.push((store, vec![(s, chain, key_id)])),
         }
-        let brk = |problem: String| super::chain::Break {
+    }
+    let mut breaks = Vec::new();
+    let mut unkeyed = Vec::new();
+    for (store, rows) in stores {
+        let head = heads.iter().find(|h| h.0 == store);
+        let (b, keyed) = verify_store(&rows, keys, head.map(|h| (h.1, h.2.as_str())));
+        if let Some(b) = b {
+            breaks.push((store.clone(), b));
+        }
+        if !keyed {
+            unkeyed.push(store);
+        }
+    }
+    Ok((n, breaks, unkeyed))
+}
+
+/// A shipped row with its chain version and key id.
+type PgChainRow = (StoredRow, i16, String);
+
+/// One store's rows in seq order; returns the first break and whether every keyed row was
+/// checked with its key.
+fn verify_store(
+    rows: &[PgChainRow],
+    keys: &[ChainKey],
+    head: Option<(i64, &str)>,
+) -> (Option<Break>, bool) {
+    let mut keyed = true;
+    let mut prev: Option<(i64, String, i16)> = None;
+    for (s, chain_v, key_id) in rows {
+        let brk = |problem: String| Break {
             seq: s.seq,
             id: s.id.clone(),
             problem,
         };
-        if let Some((pstore, pseq, phash)) = &prev
-            && *pstore == store
-        {
-            if s.seq != pseq + 1 {
-                breaks.push((
-                    store.clone(),
-                    brk(format!("rows {}..{} are missing", pseq + 1, s.seq - 1)),
-                ));
-                continue;
+        let expected_prev = match &prev {
+            None if s.seq == 1 => hex(&GENESIS),
+            None => {
+                // Rows before the first were pruned before shipping: an anchor must say so.
+                let anchored = rows.iter().find_map(|(a, _, _)| {
+                    (a.event == event::ANCHOR)
+                        .then(|| serde_json::from_str::<chain::Anchor>(&a.explain).ok())
+                        .flatten()
+                        .filter(|x| x.pruned_through_seq + 1 == s.seq)
+                });
+                match anchored {
+                    Some(a) => a.pruned_through_hash,
+                    None => {
+                        return (
+                            Some(brk(format!(
+                                "rows before seq {} are missing and no retention anchor accounts for them",
+                                s.seq
+                            ))),
+                            keyed,
+                        );
+                    }
+                }
             }
-            if s.prev_hash != *phash {
-                breaks.push((
-                    store.clone(),
-                    brk("prev_hash does not match the previous row".into()),
-                ));
-                continue;
+            Some((pseq, _, _)) if s.seq != pseq + 1 => {
+                return (
+                    Some(brk(format!("rows {}..{} are missing", pseq + 1, s.seq - 1))),
+                    keyed,
+                );
             }
+            Some((_, phash, pchain)) => {
+                if *pchain == 1 && *chain_v == 3 {
+                    // The store was re-keyed by its v3 upgrade here: the keyed chain starts from
+                    // the re-keyed hash of the row before, which only the SQLite store holds.
+                    s.prev_hash.clone()
+                } else {
+                    phash.clone()
+                }
+            }
+        };
+        if s.prev_hash != expected_prev {
+            return (
+                Some(brk(
+                    "prev_hash does not match the previous row (a row was deleted, inserted or edited)"
+                        .into(),
+                )),
+                keyed,
+            );
         }
-        if super::chain::row_hash(&s.prev_hash, s.seq, &s.content()) != s.hash {
-            breaks.push((
-                store.clone(),
-                brk("hash does not match the row's content".into()),
-            ));
-            continue;
+        match chain_v {
+            1 => {
+                if chain::legacy_row_hash(&s.prev_hash, s.seq, &s.content()) != s.hash {
+                    return (
+                        Some(brk("hash does not match the row's content".into())),
+                        keyed,
+                    );
+                }
+            }
+            _ => match keys.iter().find(|k| k.id() == key_id) {
+                Some(k) => {
+                    let mut logical = s.clone();
+                    if logical.event != event::DECISION {
+                        logical.id.clear();
+                    }
+                    let prev = unhex32(&expected_prev).unwrap_or(GENESIS);
+                    if !chain::check_row(k, &prev, &logical) {
+                        return (
+                            Some(brk("hash does not match the row's content (keyed)".into())),
+                            keyed,
+                        );
+                    }
+                }
+                None => keyed = false,
+            },
         }
-        prev = Some((store, s.seq, s.hash));
+        prev = Some((s.seq, s.hash.clone(), *chain_v));
     }
-    Ok((n, breaks))
+    let tail_problem = match (&prev, head) {
+        (Some((seq, hash, _)), Some((hseq, hhash))) if *seq == hseq && hash == hhash => None,
+        (Some((seq, _, _)), Some((hseq, _))) if *seq > hseq => None,
+        (_, Some((hseq, hhash))) => Some(format!(
+            "the chain ends before the recorded head (seq {hseq}, hash {hhash}): rows were removed from the end"
+        )),
+        (Some((_, _, 3)), None) => Some(
+            "the store has keyed rows but no recorded head (the heads row was removed)".to_string(),
+        ),
+        _ => None,
+    };
+    let b = tail_problem.map(|problem| Break {
+        seq: prev.as_ref().map(|p| p.0).unwrap_or(0),
+        id: String::new(),
+        problem,
+    });
+    (b, keyed)
 }
 
 /// The shipper thread (started by [`super::AuditLog::open`] when `audit.postgres` is set).
@@ -386,16 +519,24 @@ pub(crate) fn store_id(conn: &Connection) -> rusqlite::Result<String> {
     Ok(super::retention::meta_text(conn, "store_id")?.unwrap_or_default())
 }
 
-fn read_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredRow>> {
-    let sql = format!(
-        "SELECT {} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        COLUMNS.join(", ")
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![after, i64::try_from(limit).unwrap_or(500)], |r| {
-        StoredRow::from_sqlite(r, 0)
-    })?;
-    rows.collect()
+/// Up to `limit` rows after `after`, with `prev_hash` filled in (the logical rows shipped).
+fn read_after(
+    conn: &Connection,
+    names: &mut Names,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<StoredRow>> {
+    let mut rows = store::read_after(conn, names, after, limit)?;
+    let mut prev = match rows.first() {
+        Some(r) => store::prev_of(conn, r.seq)?
+            .map(|h| hex(&h))
+            .unwrap_or_default(),
+        None => return Ok(rows),
+    };
+    for r in rows.iter_mut() {
+        r.prev_hash = std::mem::replace(&mut prev, r.hash.clone());
+    }
+    Ok(rows)
 }
 
 impl Shipper {
@@ -445,6 +586,11 @@ impl Shipper {
         };
         let _ = sqlite.busy_timeout(Duration::from_secs(5));
         let store = store_id(&sqlite).unwrap_or_default();
+        let key_id = super::retention::meta_text(&sqlite, "key_id")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let mut names = Names::default();
         let mut shipped = self.shared.shipped_seq.load(Ordering::Relaxed);
         let mut pg: Option<PgConnection> = None;
         let mut backoff = crate::backoff::Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
@@ -454,7 +600,7 @@ impl Shipper {
             if unreported {
                 unreported = !(self.report)(shipped);
             }
-            let rows = match read_after(&sqlite, shipped, self.pg.batch_rows.max(1)) {
+            let rows = match read_after(&sqlite, &mut names, shipped, self.pg.batch_rows.max(1)) {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail(
@@ -494,8 +640,11 @@ impl Shipper {
             }
             let Some(conn) = pg.as_mut() else { continue };
             let t0 = Instant::now();
-            let r = tokio::time::timeout(Duration::from_secs(10), insert_rows(conn, &store, &rows))
-                .await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                insert_rows(conn, &store, &key_id, &rows),
+            )
+            .await;
             match r {
                 Ok(Ok(_)) => {
                     if let Some(last) = rows.last() {

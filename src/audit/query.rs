@@ -8,12 +8,17 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::sync::Mutex;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
 use super::chain;
-use super::record::{COLUMNS, Row, StoredRow, format_time, normalize_time};
+use super::key::ChainKey;
+use super::record::{Row, format_time, normalize_time};
+use super::store::{self, DECISION_COLS, DECISION_NCOLS, LAST_FIXED_NAME, Names};
 
 /// Which decisions to return. Every field narrows; `None` means any.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,9 +155,8 @@ pub(crate) fn outcome_join(d: Dialect) -> &'static str {
 
 /// The WHERE clause (always starting with the decision-row condition) and its parameters.
 ///
-/// `candidates`: find outcome matches through the `events_outcome` index first (SQLite only;
-/// worth it when few rows carry that outcome, see [`Reader::outcome_is_rare`]).
-pub(crate) fn where_clause(f: &Filter, dialect: Dialect, candidates: bool) -> (String, Vec<Param>) {
+/// Used by the Postgres fleet queries (text columns); the SQLite store has [`sqlite_where`].
+pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>) {
     let mut conds = vec!["d.event = 'decision'".to_string()];
     let mut params: Vec<Param> = Vec::new();
     let ph = |p: Param, params: &mut Vec<Param>| -> String {
@@ -225,41 +229,6 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect, candidates: bool) -> (S
         conds.push(format!(
             "(COALESCE(o.outcome, d.outcome) = {p} OR substr(COALESCE(o.outcome, d.outcome), 1, {n}) = {q})"
         ));
-        if candidates && dialect == Dialect::Sqlite {
-            // Candidates first, through `events_outcome` (migration 0002): decisions whose own
-            // outcome matches, and decisions named by a matching outcome row. The merged test
-            // above then keeps only those whose latest outcome matches. A prefix is the range
-            // [v + ":", v + ";"). Outcome rows are never older than their decision, so `since`
-            // narrows them too.
-            let end = ph(Param::Text(format!("{v};")), &mut params);
-            let since = |t: &str, params: &mut Vec<Param>| match &f.since {
-                Some(s) => format!(" AND {t}.time >= {}", ph(Param::Text(s.clone()), params)),
-                None => String::new(),
-            };
-            let (since_c, since_x) = (since("c", &mut params), since("x", &mut params));
-            // One SELECT per index range (an OR across ranges would scan the whole index), each
-            // repeating the partial index's condition (SQLite uses it only then).
-            let ranges = |t: &str, since: &str| {
-                [
-                    format!("{t}.outcome = {p}{since} AND {t}.outcome NOT IN {COMMON_OUTCOMES}"),
-                    format!(
-                        "{t}.outcome >= {q} AND {t}.outcome < {end}{since} AND {t}.outcome NOT IN {COMMON_OUTCOMES}"
-                    ),
-                ]
-            };
-            let mut parts = Vec::new();
-            for r in ranges("c", &since_c) {
-                parts.push(format!(
-                    "SELECT c.seq FROM events c WHERE {r} AND c.event = 'decision'"
-                ));
-            }
-            for r in ranges("x", &since_x) {
-                parts.push(format!(
-                    "SELECT c.seq FROM events x JOIN events c ON c.id = x.decision_id WHERE {r} AND x.event = 'outcome'"
-                ));
-            }
-            conds.push(format!("d.seq IN ({})", parts.join(" UNION ALL ")));
-        }
     }
     if let Some(v) = f.after_seq {
         let p = ph(Param::Int(v), &mut params);
@@ -281,36 +250,148 @@ impl rusqlite::ToSql for Param {
     }
 }
 
-fn select_sql(f: &Filter, newest_first: bool, candidates: bool) -> (String, Vec<Param>) {
-    let cols: Vec<String> = COLUMNS.iter().map(|c| format!("d.{c}")).collect();
-    let (w, params) = where_clause(f, Dialect::Sqlite, candidates);
-    let order = if newest_first { "DESC" } else { "ASC" };
-    (
-        format!(
-            "SELECT {}, o.outcome, o.latency_us FROM events d {} WHERE {w} ORDER BY d.time {order}, d.seq {order}",
-            cols.join(", "),
-            outcome_join(Dialect::Sqlite)
-        ),
-        params,
-    )
+/// What a filter's strings are in the store: name ids, or `None` when some filter value was
+/// never stored (nothing can match).
+struct Resolved {
+    conds: Vec<String>,
+    params: Vec<SqlValue>,
+    /// The ids a `--outcome` filter matches, and whether all of them are in the rare indexes.
+    outcome_ids: Vec<i64>,
 }
 
-fn row_from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let s = StoredRow::from_sqlite(r, 0)?;
-    let o: Option<String> = r.get(COLUMNS.len())?;
-    let l: Option<i64> = r.get(COLUMNS.len() + 1)?;
-    Ok(Row::from_stored(s, o.map(|o| (o, l))))
+fn us_bound(t: &str) -> i64 {
+    store::time_to_us(t).unwrap_or(i64::MIN)
 }
+
+/// The SQLite WHERE clause over `decisions d` (joined to its latest outcome `o`).
+fn sqlite_where(
+    c: &Connection,
+    f: &Filter,
+    candidates: bool,
+) -> Result<Option<Resolved>, AuditError> {
+    let mut r = Resolved {
+        conds: vec!["1".to_string()],
+        params: Vec::new(),
+        outcome_ids: Vec::new(),
+    };
+    let ph = |v: SqlValue, r: &mut Resolved| -> String {
+        r.params.push(v);
+        format!("?{}", r.params.len())
+    };
+    if let Some(v) = &f.since {
+        let p = ph(SqlValue::Integer(us_bound(v)), &mut r);
+        r.conds.push(format!("d.time >= {p}"));
+    }
+    if let Some(v) = &f.until {
+        let p = ph(SqlValue::Integer(us_bound(v)), &mut r);
+        r.conds.push(format!("d.time < {p}"));
+    }
+    // SQLite has no statistics here (ANALYZE would hold the write lock for seconds), so steer
+    // it: a unary `+` keeps a column's index out of play when a more selective one applies
+    // (id > principal > tool > effect > time).
+    let selective = f.id.is_some() || f.principal.is_some() || f.tool.is_some();
+    let skip = |col: &str| -> &'static str {
+        let skip = match col {
+            "principal" => f.id.is_some(),
+            "tool" => f.id.is_some() || f.principal.is_some(),
+            "effect" => selective,
+            _ => false,
+        };
+        if skip { "+" } else { "" }
+    };
+    for (col, v) in [
+        ("principal", &f.principal),
+        ("node", &f.node),
+        ("server", &f.server),
+        ("tool", &f.tool),
+        ("kind", &f.kind),
+        ("gateway", &f.gateway),
+    ] {
+        if let Some(v) = v {
+            let Some(id) = store::name_id(c, v)? else {
+                return Ok(None);
+            };
+            let p = ph(SqlValue::Integer(id), &mut r);
+            r.conds.push(format!("{}d.{col} = {p}", skip(col)));
+        }
+    }
+    if let Some(v) = &f.effect {
+        // `effect < 1` is the deny index's own condition (SQLite uses it only then).
+        let cond = if v == "allow" { "= 1" } else { "< 1" };
+        r.conds.push(format!("{}d.effect {cond}", skip("effect")));
+    }
+    if let Some(v) = &f.id {
+        let p = ph(store::id_value(v), &mut r);
+        r.conds.push(format!("d.id = {p}"));
+    }
+    if let Some(v) = &f.tag {
+        // Tag sets are few (one per distinct caller tag list): find those holding the tag.
+        let mut st = c.prepare_cached(
+            "SELECT n.id FROM names n WHERE n.text LIKE '[%' AND json_valid(n.text) AND EXISTS (SELECT 1 FROM json_each(n.text) j WHERE j.value = ?1)",
+        )?;
+        let ids: Vec<i64> = st.query_map([v], |x| x.get(0))?.collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        r.conds.push(format!("d.tags IN ({})", list.join(",")));
+    }
+    if let Some(v) = &f.outcome {
+        let mut st =
+            c.prepare_cached("SELECT id FROM names WHERE text = ?1 OR (text >= ?2 AND text < ?3)")?;
+        let ids: Vec<i64> = st
+            .query_map(
+                rusqlite::params![v, format!("{v}:"), format!("{v};")],
+                |x| x.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        let list = list.join(",");
+        r.conds
+            .push(format!("COALESCE(o.outcome, d.outcome) IN ({list})"));
+        if candidates && ids.iter().all(|i| *i > LAST_FIXED_NAME) {
+            // Candidates first, through the rare-outcome indexes: decisions whose own outcome
+            // matches, and decisions named by a matching outcome row. The merged test above then
+            // keeps only those whose latest outcome matches. Outcome rows are never older than
+            // their decision, so `since` narrows them too.
+            let since = match &f.since {
+                Some(s) => format!(" AND {{t}}.time >= {}", us_bound(s)),
+                None => String::new(),
+            };
+            r.conds.push(format!(
+                "d.seq IN (SELECT c.seq FROM decisions c WHERE c.outcome IN ({list}) AND c.outcome > {LAST_FIXED_NAME}{} \
+                 UNION ALL SELECT c.seq FROM outcomes x JOIN decisions c ON c.id = x.decision WHERE x.outcome IN ({list}) AND x.outcome > {LAST_FIXED_NAME}{})",
+                since.replace("{t}", "c"),
+                since.replace("{t}", "x"),
+            ));
+        }
+        r.outcome_ids = ids;
+    }
+    if let Some(v) = f.after_seq {
+        let p = ph(SqlValue::Integer(v), &mut r);
+        r.conds.push(format!("d.seq > {p}"));
+    }
+    if let Some(v) = f.before_seq {
+        let p = ph(SqlValue::Integer(v), &mut r);
+        r.conds.push(format!("d.seq < {p}"));
+    }
+    Ok(Some(r))
+}
+
+/// The latest outcome row of decision `d`, joined as `o`.
+const OUTCOME_JOIN: &str =
+    "LEFT JOIN outcomes o ON o.seq = (SELECT max(x.seq) FROM outcomes x WHERE x.decision = d.id)";
 
 /// See [`Reader::outcome_is_rare`].
 const RARE_OUTCOME_ROWS: i64 = 10_000;
 
-/// The outcomes `events_outcome` leaves out (migration 0002), as SQL.
-const COMMON_OUTCOMES: &str = "('pending', 'forwarded')";
-
 /// A read-only connection to the store.
 pub struct Reader {
     conn: Connection,
+    names: Mutex<Names>,
     /// Below this many rows an outcome counts as rare ([`RARE_OUTCOME_ROWS`]).
     rare_outcome_rows: i64,
 }
@@ -377,8 +458,22 @@ impl Reader {
                 path.display()
             )));
         }
+        let latest = super::migrate::SQLITE.len() as i64;
+        if version < latest {
+            return Err(AuditError::Query(format!(
+                "{}: an audit store of schema version {version}; start toolgate (this version) once to upgrade it to {latest}",
+                path.display()
+            )));
+        }
+        if version > latest {
+            return Err(AuditError::Query(format!(
+                "{}: an audit store of schema version {version}, newer than this toolgate knows ({latest})",
+                path.display()
+            )));
+        }
         Ok(Reader {
             conn,
+            names: Mutex::new(Names::default()),
             rare_outcome_rows: RARE_OUTCOME_ROWS,
         })
     }
@@ -480,11 +575,37 @@ impl Reader {
             Some(v) => self.outcome_is_rare(v, f.since.as_deref())?,
             None => false,
         };
-        let (sql, params) = select_sql(f, newest_first, candidates);
+        let Some(w) = sqlite_where(&self.conn, f, candidates)? else {
+            return Ok(());
+        };
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let cols: Vec<String> = DECISION_COLS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect();
+        let sql = format!(
+            "SELECT {}, o.outcome, o.latency_us FROM decisions d {OUTCOME_JOIN} WHERE {} ORDER BY d.time {order}, d.seq {order}",
+            cols.join(", "),
+            w.conds.join(" AND ")
+        );
+        let mut names = self
+            .names
+            .lock()
+            .map_err(|_| AuditError::Query("reader cache poisoned".into()))?;
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(w.params.iter()))?;
         while let Some(r) = rows.next()? {
-            if !each(row_from_sqlite(r)?) {
+            let mut s = store::decision_from(&self.conn, &mut names, r)?;
+            s.prev_hash = store::prev_of(&self.conn, s.seq)?
+                .map(|h| chain::hex(&h))
+                .unwrap_or_default();
+            let o: Option<i64> = r.get(DECISION_NCOLS)?;
+            let l: Option<i64> = r.get(DECISION_NCOLS + 1)?;
+            let merged = match o {
+                Some(o) => Some((names.name(&self.conn, o)?, l)),
+                None => None,
+            };
+            if !each(Row::from_stored(s, merged)) {
                 break;
             }
         }
@@ -504,16 +625,20 @@ impl Reader {
     /// and the newest ones are found faster along the time index. (SQLite keeps no statistics here: ANALYZE would
     /// hold the write lock.) One index range count, stopped at the bound: well under 1 ms.
     fn outcome_is_rare(&self, v: &str, since: Option<&str>) -> Result<bool, AuditError> {
-        if matches!(v, "pending" | "forwarded") {
-            // Not in the (partial) index, and common by nature.
+        if matches!(v, "pending" | "forwarded" | "denied" | "answered" | "") {
+            // Not in the (partial) indexes, and common by nature.
             return Ok(false);
         }
+        let since = since.map(us_bound).unwrap_or(i64::MIN);
         let n: i64 = self
             .conn
             .prepare_cached(&format!(
-                "SELECT count(*) FROM (SELECT 1 FROM events WHERE outcome = ?1 AND time >= ?5 \
-                 AND outcome NOT IN {COMMON_OUTCOMES} UNION ALL SELECT 1 FROM events WHERE outcome >= ?2 \
-                 AND outcome < ?3 AND time >= ?5 AND outcome NOT IN {COMMON_OUTCOMES} LIMIT ?4)",
+                "SELECT count(*) FROM (SELECT 1 FROM decisions d JOIN names n ON n.id = d.outcome \
+                 WHERE d.outcome IN (SELECT id FROM names WHERE text = ?1 OR (text >= ?2 AND text < ?3)) \
+                 AND d.outcome > {LAST_FIXED_NAME} AND d.time >= ?5 \
+                 UNION ALL SELECT 1 FROM outcomes x \
+                 WHERE x.outcome IN (SELECT id FROM names WHERE text = ?1 OR (text >= ?2 AND text < ?3)) \
+                 AND x.outcome > {LAST_FIXED_NAME} AND x.time >= ?5 LIMIT ?4)",
             ))?
             .query_row(
                 rusqlite::params![
@@ -521,7 +646,7 @@ impl Reader {
                     format!("{v}:"),
                     format!("{v};"),
                     self.rare_outcome_rows,
-                    since.unwrap_or("")
+                    since
                 ],
                 |r| r.get(0),
             )?;
@@ -539,74 +664,124 @@ impl Reader {
 
     /// The last committed chain position (for `--follow`).
     pub fn head_seq(&self) -> Result<i64, AuditError> {
-        let v: Option<i64> = self
-            .conn
-            .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
-            .optional()?
-            .flatten();
-        Ok(v.unwrap_or(0))
+        Ok(store::tail(&self.conn)?.0)
     }
 
-    /// Walks the hash chain.
+    /// Walks the hash chain with the key found next to the database (`audit.key`), or, when
+    /// there is none, checks linkage only (see [`chain::Report::keyed`]).
     pub fn verify(&self) -> Result<chain::Report, AuditError> {
-        Ok(chain::verify(&self.conn)?)
+        let key = self
+            .conn
+            .path()
+            .map(|p| super::key::default_path(Path::new(p)))
+            .filter(|p| p.exists())
+            .map(|p| super::key::load(&p))
+            .transpose()
+            .map_err(AuditError::Query)?;
+        self.verify_with(key.as_ref(), None)
+    }
+
+    /// Walks the hash chain: with `key`, content too; `expect_head`: see [`chain::verify`].
+    pub fn verify_with(
+        &self,
+        key: Option<&ChainKey>,
+        expect_head: Option<&str>,
+    ) -> Result<chain::Report, AuditError> {
+        Ok(chain::verify(&self.conn, key, expect_head)?)
     }
 
     /// Totals and top lists over the filter (usually just a time window).
     pub fn stats(&self, f: &Filter, top: usize) -> Result<Stats, AuditError> {
         let mut f = f.clone();
         f.limit = None;
-        let (w, params) = where_clause(&f, Dialect::Sqlite, false);
-        let from = format!("FROM events d {} WHERE {w}", outcome_join(Dialect::Sqlite));
-        let p = || rusqlite::params_from_iter(params.iter());
-        let top = i64::try_from(top).unwrap_or(10);
         let mut st = Stats {
             since: f.since.clone(),
             until: f.until.clone(),
             ..Stats::default()
         };
+        let Some(w) = sqlite_where(&self.conn, &f, false)? else {
+            return Ok(st);
+        };
+        let from = format!(
+            "FROM decisions d {OUTCOME_JOIN} WHERE {}",
+            w.conds.join(" AND ")
+        );
+        let p = || rusqlite::params_from_iter(w.params.iter());
+        let top = i64::try_from(top).unwrap_or(10);
         let (n, a, d): (i64, Option<i64>, Option<i64>) = self.conn.query_row(
-            &format!("SELECT count(*), sum(d.effect = 'allow'), sum(d.effect = 'deny') {from}"),
+            &format!("SELECT count(*), sum(d.effect = 1), sum(d.effect = 0) {from}"),
             p(),
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         st.decisions = n as u64;
         st.allowed = a.unwrap_or(0) as u64;
         st.denied = d.unwrap_or(0) as u64;
-        let counts = |expr: &str, extra: &str| -> Result<Vec<Count>, AuditError> {
+        let mut names = self
+            .names
+            .lock()
+            .map_err(|_| AuditError::Query("reader cache poisoned".into()))?;
+        let c = &self.conn;
+        let mut counts = |expr: &str, extra: &str| -> Result<Vec<Count>, AuditError> {
             let sql = format!(
-                "SELECT {expr}, count(*) AS n, sum(d.effect = 'deny') {from} {extra} GROUP BY 1 ORDER BY n DESC, 1 LIMIT {top}"
+                "SELECT {expr}, count(*) AS n, sum(d.effect = 0) {from} {extra} GROUP BY 1 ORDER BY n DESC, 1 LIMIT {top}"
             );
-            let mut stmt = self.conn.prepare(&sql)?;
-            let rows = stmt.query_map(p(), |r| {
-                Ok(Count {
-                    key: r.get(0)?,
-                    count: r.get::<_, i64>(1)? as u64,
-                    denied: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let mut stmt = c.prepare(&sql)?;
+            let rows: Vec<(i64, i64, Option<i64>)> = stmt
+                .query_map(p(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::new();
+            for (k, n, d) in rows {
+                out.push(Count {
+                    key: names.name(c, k)?,
+                    count: n as u64,
+                    denied: d.unwrap_or(0) as u64,
+                });
+            }
+            // Ties were ordered by id; order them by text like the fleet query does.
+            out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+            Ok(out)
         };
+        let tool_or_method = format!(
+            "CASE WHEN d.tool = {} THEN d.method ELSE d.tool END",
+            store::NAME_EMPTY
+        );
         st.top_principals = counts("d.principal", "")?;
-        st.top_tools = counts("CASE WHEN d.tool = '' THEN d.method ELSE d.tool END", "")?;
+        st.top_tools = counts(&tool_or_method, "")?;
         st.error_outcomes = counts(
             "COALESCE(o.outcome, d.outcome)",
-            "AND COALESCE(o.outcome, d.outcome) NOT IN ('', 'forwarded', 'denied', 'answered', 'pending')",
+            &format!(
+                "AND COALESCE(o.outcome, d.outcome) NOT IN ({}, {}, {}, {}, {})",
+                store::NAME_EMPTY,
+                store::NAME_FORWARDED,
+                store::NAME_DENIED,
+                store::NAME_ANSWERED,
+                store::NAME_PENDING
+            ),
         )?;
         let sql = format!(
-            "SELECT d.principal, CASE WHEN d.tool = '' THEN d.method ELSE d.tool END, d.policy, d.rule, count(*) AS n {from} AND d.effect = 'deny' GROUP BY 1, 2, 3, 4 ORDER BY n DESC, 1, 2 LIMIT {top}"
+            "SELECT d.principal, {tool_or_method}, d.policy, d.rule, count(*) AS n {from} AND d.effect = 0 GROUP BY 1, 2, 3, 4 ORDER BY n DESC LIMIT {top}"
         );
         let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(p(), |r| {
-            Ok(Denial {
-                principal: r.get(0)?,
-                tool: r.get(1)?,
-                policy: r.get(2)?,
-                rule: r.get(3)?,
-                count: r.get::<_, i64>(4)? as u64,
-            })
-        })?;
-        st.top_denials = rows.collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<(i64, i64, i64, i64, i64)> = stmt
+            .query_map(p(), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (pr, t, po, ru, n) in rows {
+            st.top_denials.push(Denial {
+                principal: names.name(c, pr)?,
+                tool: names.name(c, t)?,
+                policy: names.name(c, po)?,
+                rule: names.name(c, ru)?,
+                count: n as u64,
+            });
+        }
+        st.top_denials.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| a.principal.cmp(&b.principal))
+                .then_with(|| a.tool.cmp(&b.tool))
+        });
         Ok(st)
     }
 }
@@ -668,7 +843,7 @@ mod tests {
             outcome: Some("upstream_error".into()),
             ..Filter::default()
         };
-        let (w, p) = where_clause(&f, Dialect::Postgres, false);
+        let (w, p) = where_clause(&f, Dialect::Postgres);
         assert!(!w.contains("OR 1=1"), "{w}");
         assert!(w.contains("$1") && w.contains("$4"), "{w}");
         assert_eq!(p.len(), 5);

@@ -365,7 +365,7 @@ impl StoredRow {
     ) -> StoredRow {
         StoredRow {
             event: event::OUTCOME.to_string(),
-            id: new_id(),
+            id: String::new(),
             decision_id: decision_id.to_string(),
             gateway: gateway.to_string(),
             time: now_text(),

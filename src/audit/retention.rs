@@ -6,9 +6,10 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::chain::{Anchor, row_hash};
-use super::record::{StoredRow, event, new_id, now_text};
-use super::writer::insert_row;
+use super::chain::{Anchor, content_digest, hex, link};
+use super::key::ChainKey;
+use super::record::{StoredRow, event, now_text};
+use super::store::{self, Lookups};
 
 /// Rows deleted per transaction at most.
 pub const CHUNK_ROWS: i64 = 5000;
@@ -48,17 +49,23 @@ pub(crate) struct Step {
     /// More rows are due.
     pub more: bool,
     /// The anchor row's (seq, hash) when one was written.
-    pub new_head: Option<(i64, String)>,
+    pub new_head: Option<(i64, [u8; 32])>,
 }
 
-/// Deletes up to `chunk` of the oldest rows whose time is before `cutoff` (and, with a shipper,
-/// at most through `shipped`), then appends an anchor row after `head`.
+/// Deletes up to `chunk` of the oldest rows whose time (µs) is before `cutoff` (and, with a
+/// shipper, at most through `shipped`), then appends an anchor row after `head`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the writer's state, passed explicitly"
+)]
 pub(crate) fn prune_chunk(
     conn: &mut Connection,
-    cutoff: &str,
+    key: &ChainKey,
+    lookups: &mut Lookups,
+    cutoff: i64,
     shipped: Option<i64>,
     chunk: i64,
-    head: (i64, &str),
+    head: (i64, [u8; 32]),
     gateway: &str,
 ) -> rusqlite::Result<Step> {
     let none = Step {
@@ -67,58 +74,64 @@ pub(crate) fn prune_chunk(
         new_head: None,
     };
     // The longest run of old rows at the oldest end, at most `chunk` long.
-    let mut through: Option<(i64, String)> = None;
-    let mut count = 0i64;
+    let mut through: Option<(i64, [u8; 32])> = None;
     let mut hit_limit = false;
+    let chunk_rows = usize::try_from(chunk).unwrap_or(usize::MAX);
+    for (count, (seq, time, hash)) in store::seq_time_hash_after(conn, 0, chunk + 1)?
+        .into_iter()
+        .enumerate()
     {
-        let mut stmt = conn.prepare("SELECT seq, time, hash FROM events ORDER BY seq LIMIT ?1")?;
-        let mut rows = stmt.query(params![chunk + 1])?;
-        while let Some(r) = rows.next()? {
-            let seq: i64 = r.get(0)?;
-            let time: String = r.get(1)?;
-            if time.as_str() >= cutoff || shipped.is_some_and(|s| seq > s) || seq >= head.0 {
-                break;
-            }
-            if count == chunk {
-                hit_limit = true;
-                break;
-            }
-            through = Some((seq, r.get(2)?));
-            count += 1;
+        if time >= cutoff || shipped.is_some_and(|s| seq > s) || seq >= head.0 {
+            break;
         }
+        if count == chunk_rows {
+            hit_limit = true;
+            break;
+        }
+        through = Some((seq, hash));
     }
     let Some((last_seq, last_hash)) = through else {
         return Ok(none);
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("INSERT OR IGNORE INTO prune_permit (one) VALUES (1)", [])?;
-    let pruned = tx.execute("DELETE FROM events WHERE seq <= ?1", params![last_seq])?;
+    let mut pruned = 0usize;
+    for t in ["decisions", "outcomes", "anchors"] {
+        pruned += tx.execute(
+            &format!("DELETE FROM {t} WHERE seq <= ?1"),
+            params![last_seq],
+        )?;
+    }
     tx.execute("DELETE FROM prune_permit", [])?;
     let anchor = Anchor {
         pruned_through_seq: last_seq,
-        pruned_through_hash: last_hash,
+        pruned_through_hash: hex(&last_hash),
         pruned_rows: i64::try_from(pruned).unwrap_or(i64::MAX),
     };
-    let explain = serde_json::to_value(&anchor).unwrap_or(serde_json::Value::Null);
     let mut row = StoredRow {
         event: event::ANCHOR.to_string(),
-        id: new_id(),
         gateway: gateway.to_string(),
         time: now_text(),
         reason: format!(
-            "retention pruned {pruned} rows through seq {last_seq} (older than {cutoff})"
+            "retention pruned {pruned} rows through seq {last_seq} (older than {})",
+            store::us_to_time(cutoff)
         ),
-        tags: "[]".to_string(),
-        explain: super::record::canonical_json(&explain),
-        arguments: "null".to_string(),
+        explain: store::anchor_explain(&anchor),
         ..StoredRow::default()
     };
-    row.seq = head.0 + 1;
-    row.prev_hash = head.1.to_string();
-    row.hash = row_hash(&row.prev_hash, row.seq, &row.content());
-    insert_row(&tx, &row)?;
-    super::chain::set_head(&tx, row.seq, &row.hash)?;
-    tx.commit()?;
+    store::to_logical(&mut row);
+    let seq = head.0 + 1;
+    let hash = link(key, &head.1, seq, &content_digest(&row.content()));
+    let r = store::insert(&tx, lookups, seq, &row, &hash)
+        .and_then(|()| super::chain::set_head(&tx, key, seq, &hash))
+        .and_then(|()| tx.commit());
+    match r {
+        Ok(()) => lookups.commit(),
+        Err(e) => {
+            lookups.rollback();
+            return Err(e);
+        }
+    }
     if let Err(e) = incremental_vacuum(conn) {
         tracing::debug!(error = %e, "audit: incremental vacuum");
     }
@@ -126,6 +139,6 @@ pub(crate) fn prune_chunk(
     Ok(Step {
         pruned: pruned as u64,
         more: hit_limit,
-        new_head: Some((row.seq, row.hash)),
+        new_head: Some((seq, hash)),
     })
 }

@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
-use super::chain::{self, row_hash};
-use super::record::{COLUMNS, Record, StoredRow, new_id, normalize_time, now_text, outcome};
+use super::chain::{self, content_digest, link};
+use super::key::ChainKey;
+use super::record::{Record, StoredRow, new_id, normalize_time, now_text, outcome};
+use super::store::{self, Lookups};
 use super::{AuditError, Settings, migrate, postgres, retention};
 use crate::config::{AuditMode, Durability};
 
@@ -79,7 +81,8 @@ impl Ticket {
 
 struct Pending {
     row: StoredRow,
-    content: String,
+    /// SHA-256 of the row's canonical content, computed on the submitting thread.
+    digest: [u8; 32],
     reply: Option<Reply>,
     /// `async` mode: the caller already went ahead.
     acked: bool,
@@ -488,9 +491,15 @@ impl AuditLog {
         };
         prepare_dir(&path).map_err(err)?;
         let lock = take_lock(&path).map_err(err)?;
+        let key = super::key::load_or_create(&settings.key_file).map_err(err)?;
         let mut conn = open_write(&path, settings.durability).map_err(|e| err(e.to_string()))?;
         restrict_file(&path);
-        migrate::sqlite(&mut conn).map_err(err)?;
+        migrate::sqlite(&mut conn, &key).map_err(err)?;
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('key_id', ?1)",
+            params![key.id()],
+        )
+        .map_err(|e| err(e.to_string()))?;
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
             params![new_id()],
@@ -519,6 +528,8 @@ impl AuditLog {
             batch_wait: settings.batch_wait,
             head_seq,
             head_hash,
+            key,
+            lookups: Lookups::default(),
             gateway: settings.gateway.clone(),
             watermark: None,
             shipped: if settings.postgres.is_some() {
@@ -611,6 +622,10 @@ impl AuditLog {
         self.inner.redactor.scrub_record(&mut rec);
         let mut row = StoredRow::from_record(rec, &self.inner.gateway);
         super::Redactor::cap_explain(&mut row.explain);
+        if !store::to_logical(&mut row) {
+            row.time = now_text();
+            store::to_logical(&mut row);
+        }
         self.enqueue(row)
     }
 
@@ -625,13 +640,15 @@ impl AuditLog {
         detail: &str,
     ) -> Result<Ticket, AuditError> {
         let detail = self.inner.redactor.scrub_text(detail);
-        self.enqueue(StoredRow::outcome(
+        let mut row = StoredRow::outcome(
             decision_id,
             outcome,
             latency_us,
             &detail,
             &self.inner.gateway,
-        ))
+        );
+        store::to_logical(&mut row);
+        self.enqueue(row)
     }
 
     /// [`AuditLog::record_outcome`] with a given time (fixed-width RFC 3339), for building
@@ -646,12 +663,18 @@ impl AuditLog {
     ) -> Result<Ticket, AuditError> {
         let mut row = StoredRow::outcome(decision_id, outcome, latency_us, "", &self.inner.gateway);
         row.time = time;
+        if !store::to_logical(&mut row) {
+            return Err(AuditError::Unavailable(format!(
+                "outcome time {:?} is not RFC 3339",
+                row.time
+            )));
+        }
         self.enqueue(row)
     }
 
     fn enqueue(&self, row: StoredRow) -> Result<Ticket, AuditError> {
         let inner = &*self.inner;
-        let content = row.content();
+        let digest = content_digest(&row.content());
         let id = row.id.clone();
         let wait = inner.mode == AuditMode::Sync || !inner.shared.healthy.load(Ordering::Relaxed);
         let (reply, rx) = if wait {
@@ -662,7 +685,7 @@ impl AuditLog {
         };
         let pending = Box::new(Pending {
             row,
-            content,
+            digest,
             reply,
             acked: !wait,
         });
@@ -797,7 +820,9 @@ struct Writer {
     batch_rows: usize,
     batch_wait: Duration,
     head_seq: i64,
-    head_hash: String,
+    head_hash: [u8; 32],
+    key: ChainKey,
+    lookups: Lookups,
     gateway: String,
     /// A shipped watermark to persist with the next transaction.
     watermark: Option<i64>,
@@ -814,49 +839,6 @@ struct Writer {
 enum After {
     Flush(oneshot::Sender<()>),
     Prune(oneshot::Sender<Result<u64, AuditError>>),
-}
-
-const INSERT_SQL: &str = "INSERT INTO events (seq, event, id, decision_id, gateway, time, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, prev_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)";
-
-/// Inserts one stored row (seq, hash and prev_hash already set).
-pub(crate) fn insert_row(conn: &Connection, r: &StoredRow) -> rusqlite::Result<()> {
-    execute_insert(&mut conn.prepare_cached(INSERT_SQL)?, r)
-}
-
-fn execute_insert(stmt: &mut rusqlite::CachedStatement<'_>, r: &StoredRow) -> rusqlite::Result<()> {
-    debug_assert_eq!(COLUMNS.len(), 29);
-    stmt.execute(params![
-        r.seq,
-        r.event,
-        r.id,
-        r.decision_id,
-        r.gateway,
-        r.time,
-        r.kind,
-        r.principal,
-        r.login,
-        r.node,
-        r.node_id,
-        r.tags,
-        r.ip,
-        r.server,
-        r.method,
-        r.tool,
-        r.action,
-        r.effect,
-        r.policy,
-        r.rule,
-        r.reason,
-        r.args_digest,
-        r.outcome,
-        r.latency_us,
-        r.policy_hash,
-        r.explain,
-        r.arguments,
-        r.hash,
-        r.prev_hash,
-    ])?;
-    Ok(())
 }
 
 /// Errors after which the connection is reopened (not disk-full or busy).
@@ -947,10 +929,12 @@ impl Writer {
         let from = self.head_seq - 10_000;
         let found = (|| -> rusqlite::Result<Vec<String>> {
             let mut st = self.conn.prepare(
-                "SELECT d.id FROM events d WHERE d.seq > ?1 AND d.event = 'decision' AND +d.outcome = ?2 \
-                 AND NOT EXISTS (SELECT 1 FROM events o WHERE o.event = 'outcome' AND o.decision_id = d.id) ORDER BY d.seq",
+                "SELECT d.id FROM decisions d WHERE d.seq > ?1 AND +d.outcome = ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.decision = d.id) ORDER BY d.seq",
             )?;
-            let ids = st.query_map(params![from, outcome::PENDING], |r| r.get(0))?;
+            let ids = st.query_map(params![from, store::NAME_PENDING], |r| {
+                Ok(store::id_text(r.get_ref(0)?))
+            })?;
             ids.collect()
         })();
         let ids = match found {
@@ -967,15 +951,16 @@ impl Writer {
         let batch = ids
             .iter()
             .map(|id| {
-                let row = StoredRow::outcome(
+                let mut row = StoredRow::outcome(
                     id,
                     outcome::UNKNOWN,
                     None,
                     "the gateway stopped before this call's outcome was recorded",
                     &self.gateway,
                 );
+                store::to_logical(&mut row);
                 Pending {
-                    content: row.content(),
+                    digest: content_digest(&row.content()),
                     row,
                     reply: None,
                     acked: false,
@@ -1028,30 +1013,26 @@ impl Writer {
         if self.head_seq != self.logged_head
             && (force || self.last_head_log.elapsed() >= Duration::from_secs(60))
         {
-            tracing::info!(target: "toolgate::audit", seq = self.head_seq, hash = %self.head_hash, "audit chain head");
+            tracing::info!(target: "toolgate::audit", seq = self.head_seq, hash = %chain::hex(&self.head_hash), "audit chain head");
             self.logged_head = self.head_seq;
             self.last_head_log = Instant::now();
         }
     }
 
-    fn write_batch(&mut self, batch: &mut [Pending]) -> rusqlite::Result<(i64, String)> {
+    fn write_batch(&mut self, batch: &mut [Pending]) -> rusqlite::Result<(i64, [u8; 32])> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = self.head_seq;
-        let mut hash = self.head_hash.clone();
-        {
-            let mut stmt = tx.prepare_cached(INSERT_SQL)?;
-            for p in batch.iter_mut() {
-                seq += 1;
-                p.row.seq = seq;
-                p.row.hash = row_hash(&hash, seq, &p.content);
-                p.row.prev_hash = std::mem::replace(&mut hash, p.row.hash.clone());
-                execute_insert(&mut stmt, &p.row)?;
-            }
+        let mut hash = self.head_hash;
+        for p in batch.iter_mut() {
+            seq += 1;
+            p.row.seq = seq;
+            hash = link(&self.key, &hash, seq, &p.digest);
+            store::insert(&tx, &mut self.lookups, seq, &p.row, &hash)?;
         }
         if seq != self.head_seq {
-            chain::set_head(&tx, seq, &hash)?;
+            chain::set_head(&tx, &self.key, seq, &hash)?;
         }
         if let Some(w) = self.watermark {
             retention::set_meta(&tx, "shipped", &w.to_string())?;
@@ -1066,6 +1047,10 @@ impl Writer {
         }
         let t0 = Instant::now();
         let result = self.write_batch(&mut batch);
+        match &result {
+            Ok(_) => self.lookups.commit(),
+            Err(_) => self.lookups.rollback(),
+        }
         let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.shared.commit_us_total.fetch_add(us, Ordering::Relaxed);
         let n = batch.len() as u64;
@@ -1134,10 +1119,10 @@ impl Writer {
         }
     }
 
-    fn prune_cutoff(&self) -> Option<String> {
+    fn prune_cutoff(&self) -> Option<i64> {
         let keep = self.retention?;
         let keep = chrono::Duration::from_std(keep).ok()?;
-        Some(super::record::format_time(chrono::Utc::now() - keep))
+        Some((chrono::Utc::now() - keep).timestamp_micros())
     }
 
     /// One bounded retention transaction; schedules the next.
@@ -1147,7 +1132,7 @@ impl Writer {
         let Some(cutoff) = self.prune_cutoff() else {
             return;
         };
-        match self.prune_chunk(&cutoff) {
+        match self.prune_chunk(cutoff) {
             Ok((_, more)) => self.prune_more = more,
             Err(e) => tracing::warn!(error = %e, "audit retention failed"),
         }
@@ -1160,7 +1145,7 @@ impl Writer {
         let mut total = 0;
         loop {
             let (n, more) = self
-                .prune_chunk(&cutoff)
+                .prune_chunk(cutoff)
                 .map_err(|e| AuditError::Unavailable(e.to_string()))?;
             total += n;
             if !more {
@@ -1169,13 +1154,15 @@ impl Writer {
         }
     }
 
-    fn prune_chunk(&mut self, cutoff: &str) -> rusqlite::Result<(u64, bool)> {
+    fn prune_chunk(&mut self, cutoff: i64) -> rusqlite::Result<(u64, bool)> {
         let step = retention::prune_chunk(
             &mut self.conn,
+            &self.key,
+            &mut self.lookups,
             cutoff,
             self.shipped,
             retention::CHUNK_ROWS,
-            (self.head_seq, &self.head_hash),
+            (self.head_seq, self.head_hash),
             &self.gateway,
         )?;
         if let Some((seq, hash)) = step.new_head {

@@ -1,0 +1,164 @@
+//! A schema-v2 store written by the previous code (tests/fixtures/audit/v2.db) upgrades in place
+//! to v3: every logical row survives (the `audit query` keys, byte for byte, but the re-keyed
+//! hashes), the retention anchor still accounts for the pruned rows, the keyed chain verifies,
+//! and a broken v2 chain is refused rather than re-keyed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use serde_json::Value;
+use toolgate::audit::query::{Filter, Reader};
+use toolgate::audit::{AuditLog, Settings};
+use toolgate::config::Durability;
+
+fn fixture(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audit/v2.db");
+    let db = dir.join("audit.db");
+    std::fs::copy(src, &db).unwrap();
+    db
+}
+
+fn settings(db: &Path) -> Settings {
+    let mut s = Settings::for_path(db);
+    s.durability = Durability::Normal;
+    s.gateway = "gw-fixture".into();
+    s
+}
+
+fn version(db: &Path) -> i64 {
+    Connection::open(db)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path());
+    assert_eq!(version(&db), 2);
+    // Before the upgrade, readers say what to do.
+    let e = Reader::open(&db).unwrap_err().to_string();
+    assert!(e.contains("start toolgate"), "{e}");
+
+    let log = AuditLog::open(settings(&db)).unwrap();
+    log.flush_blocking().unwrap();
+    drop(log);
+    assert_eq!(version(&db), 3);
+    let c = Connection::open(&db).unwrap();
+    let tables: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "the old table is gone");
+    let v2_head: String = c
+        .query_row("SELECT value FROM meta WHERE key = 'v2_head'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(v2_head.starts_with("25:"), "{v2_head}");
+
+    let reader = Reader::open(&db).unwrap();
+    let rep = reader.verify().unwrap();
+    assert!(rep.keyed);
+    assert!(rep.broken.is_none(), "{:?}", rep.broken);
+    assert_eq!(rep.anchor.as_ref().unwrap().pruned_through_seq, 5);
+
+    let want: Vec<Value> = include_str!("fixtures/audit/v2.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<Value> = reader
+        .query(&Filter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        let (mut g, mut w) = (
+            g.as_object().unwrap().clone(),
+            w.as_object().unwrap().clone(),
+        );
+        for k in ["hash", "prev_hash"] {
+            assert_eq!(g[k].as_str().unwrap().len(), 64, "{k}");
+            g.remove(k);
+            w.remove(k);
+        }
+        // The call left pending in the fixture was marked at the first start.
+        if w["outcome"] == "pending" {
+            assert_eq!(g["outcome"], "unknown", "{}", w["id"]);
+            g.remove("outcome");
+            w.remove("outcome");
+        }
+        assert_eq!(g, w);
+    }
+    // Filters work on the upgraded store.
+    let f = Filter {
+        outcome: Some("upstream_error".into()),
+        ..Filter::default()
+    };
+    let n = want
+        .iter()
+        .filter(|w| w["outcome"].as_str().unwrap().starts_with("upstream_error"))
+        .count();
+    assert!(n > 0);
+    assert_eq!(reader.query(&f).unwrap().len(), n);
+    let f = Filter {
+        tag: Some("tag:ci".into()),
+        ..Filter::default()
+    };
+    let n = want
+        .iter()
+        .filter(|w| w["tags"].as_array().unwrap().iter().any(|t| t == "tag:ci"))
+        .count();
+    assert_eq!(reader.query(&f).unwrap().len(), n);
+
+    // The upgraded store goes on: new rows chain on after the re-keyed ones.
+    let log = AuditLog::open(settings(&db)).unwrap();
+    let mut r =
+        toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
+    r.principal = "after@example.com".into();
+    log.submit(r).unwrap().wait_blocking().unwrap();
+    drop(log);
+    let rep = Reader::open(&db).unwrap().verify().unwrap();
+    assert!(rep.broken.is_none(), "{:?}", rep.broken);
+
+    // A tampered lookup row after the upgrade breaks the chain.
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER names_no_update; UPDATE names SET text = 'mallory@example.com' WHERE text = 'bob@example.com';",
+    )
+    .unwrap();
+    drop(c);
+    let rep = Reader::open(&db).unwrap().verify().unwrap();
+    assert!(
+        rep.broken.is_some(),
+        "a renamed principal must break the chain"
+    );
+}
+
+#[test]
+fn a_broken_v2_chain_is_refused_not_re_keyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path());
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER events_no_update; UPDATE events SET principal = 'mallory' WHERE seq = 10;",
+    )
+    .unwrap();
+    drop(c);
+    let e = AuditLog::open(settings(&db)).unwrap_err().to_string();
+    assert!(e.contains("broken") && e.contains("refusing"), "{e}");
+    assert_eq!(version(&db), 2, "the evidence is left as it was");
+}
