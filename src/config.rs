@@ -26,6 +26,8 @@ use crate::policy::parse;
 
 #[path = "config/duration.rs"]
 pub mod duration_text;
+#[path = "config/hooks.rs"]
+pub mod hooks;
 
 /// `audit.retention` and other optional durations (`with = "opt_duration_text"`).
 use duration_text::optional as opt_duration_text;
@@ -72,6 +74,9 @@ pub struct RawConfig {
     /// Daemon-wide bounds.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Webhooks for LLM gateways (`hooks.aperture`).
+    #[serde(default)]
+    pub hooks: hooks::HooksConfig,
 }
 
 /// The checked configuration the daemon runs with.
@@ -93,6 +98,7 @@ pub struct Config {
     pub stdio: StdioConfig,
     pub aggregate: AggregateConfig,
     pub limits: LimitsConfig,
+    pub hooks: hooks::HooksConfig,
 }
 
 // ============================================================================================
@@ -1028,6 +1034,7 @@ impl RawConfig {
         let log = check_log(self.log, &mut p);
         let metrics = check_metrics(self.metrics, &mut p);
         let tailnet = check_tailnet(self.tailnet, &cx, &mut p);
+        let hooks = hooks::check_hooks(self.hooks, &cx, &mut p);
         check_sidecar_listen(&listen, &identity, &tailnet, &mut p);
         if !p.0.is_empty() {
             return Err(ConfigError {
@@ -1050,6 +1057,7 @@ impl RawConfig {
             stdio,
             aggregate,
             limits,
+            hooks,
         })
     }
 }

@@ -331,6 +331,7 @@ pub fn build_with(
     localapi: Option<LocalApi>,
 ) -> Result<Built, String> {
     cfg.pdp.keysets = Arc::new(crate::pdp::jwt::KeySets::load(&cfg.pdp.jwt_keysets)?);
+    crate::hook::http::check_config(&cfg)?;
     let audit =
         AuditLog::open(audit::Settings::from_config(&cfg.audit)).map_err(|e| e.to_string())?;
     let proxy = cfg

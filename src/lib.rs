@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod gateway;
+pub mod hook;
 pub mod identity;
 pub mod logging;
 pub mod mcp;

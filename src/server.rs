@@ -174,6 +174,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(crate::pdp::http::routes())
+        .merge(crate::hook::http::routes(&gw))
         .layer(middleware::from_fn_with_state(gw.clone(), host_guard))
         .with_state(gw)
 }
