@@ -101,6 +101,7 @@ async fn start() -> Harness {
         known_tools: Default::default(),
         in_flight: Default::default(),
         aggregate: Default::default(),
+        budget: toolgate::budget::Budget::new(64 << 20),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -273,7 +274,10 @@ async fn anthropic_pre_request_allowed_tool_uses_and_a_modify_that_hides_exactly
             r.reason
         );
     }
-    assert_eq!(all[2].arguments, Some(json!({"command": "cargo fmt"})));
+    assert_eq!(
+        all[2].arguments,
+        Some(Arc::new(json!({"command": "cargo fmt"})))
+    );
     let list = &all[3];
     assert_eq!(list.id, decision);
     assert_eq!(list.action, "tools/list");
@@ -316,7 +320,10 @@ async fn anthropic_pre_request_a_denied_tool_use_blocks_naming_the_tool_and_the_
     assert_eq!(denied.tool, "run_shell");
     assert_eq!(denied.effect, Effect::Deny);
     assert_eq!(denied.outcome, "blocked");
-    assert_eq!(denied.arguments, Some(json!({"command": "sudo rm -rf /"})));
+    assert_eq!(
+        denied.arguments,
+        Some(Arc::new(json!({"command": "sudo rm -rf /"})))
+    );
     // Without the developer grant the shell is denied too: grants decide.
     let call = hook_call(
         metadata(
@@ -369,7 +376,10 @@ async fn openai_pre_request_allow_block_and_modify() {
     let (status, answer, decision) = aperture(&h, "/hooks/aperture/pre_request", &call).await;
     assert_eq!((status, &answer), (200, &json!({"action": "allow"})));
     assert_eq!(row(&h, &decision).effect, Effect::Allow);
-    assert_eq!(rows(&h)[0].arguments, Some(json!({"path": "README.md"})));
+    assert_eq!(
+        rows(&h)[0].arguments,
+        Some(Arc::new(json!({"path": "README.md"})))
+    );
     // Block: the shell is not for plain users.
     let call = hook_call(
         meta.clone(),

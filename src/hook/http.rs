@@ -498,7 +498,7 @@ impl Cx<'_> {
     ) -> AuditRow {
         let mut row = self.row().decided(d, action);
         row.tool = tool.to_string();
-        row.arguments = args.map(|a| Value::Object(a.clone()));
+        row.arguments = args.map(|a| std::sync::Arc::new(Value::Object(a.clone())));
         row.outcome = outcome.to_string();
         row.latency_us = d.elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
         row.reason = if row.reason.is_empty() {
