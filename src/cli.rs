@@ -43,6 +43,10 @@ enum Command {
         /// Leave the gateway running after the script, to try a real MCP client against it.
         #[arg(long)]
         keep_running: bool,
+        /// The gateway's port on 127.0.0.1 (default: a free one), e.g. to point a client at a
+        /// fixed address with --keep-running.
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Print the principal (JSON) a peer address maps to, as the gateway would see it.
     Whois(crate::doctor::WhoisArgs),
@@ -54,6 +58,14 @@ enum Command {
     /// Query, summarize and verify the audit trail.
     #[command(subcommand)]
     Audit(Box<crate::audit::cli::AuditCommand>),
+    /// Print a shell completion script.
+    ///
+    /// Example: toolgate completions bash > /etc/bash_completion.d/toolgate
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Internal: runs between toolgate and a stdio MCP server (see `stdio/launch.rs`).
     #[command(name = "__stdio-launch", hide = true)]
     StdioLaunch(crate::stdio::launch::LaunchArgs),
@@ -147,6 +159,7 @@ struct ExplainArgs {
     /// The instant now() returns (RFC 3339); default: the current time.
     #[arg(long)]
     now: Option<String>,
+    /// strict (default) or lenient, as for `policy test`.
     #[arg(long, value_enum, default_value = "strict")]
     evaluation: EvalMode,
     /// Print the full JSON (decision, outputs, errors, trace) instead of text.
@@ -154,12 +167,25 @@ struct ExplainArgs {
     json: bool,
 }
 
+/// The command line's definition (help, completions, and the test that every flag has help).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Demo { dir, keep_running } => demo(dir, keep_running),
+        Command::Demo {
+            dir,
+            keep_running,
+            port,
+        } => demo(dir, keep_running, port),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "toolgate", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Whois(args) => crate::doctor::whois_cmd(&args),
         Command::Doctor(args) => crate::doctor::doctor_cmd(&args),
         Command::Policy(PolicyCommand::Check { dir, config }) => {
@@ -203,9 +229,13 @@ fn serve(config: &std::path::Path) -> ExitCode {
     }
 }
 
-fn demo(dir: Option<PathBuf>, keep_running: bool) -> ExitCode {
+fn demo(dir: Option<PathBuf>, keep_running: bool, port: Option<u16>) -> ExitCode {
     init_logs(Some(crate::config::LogFormat::Text), Some("warn"));
-    let opts = crate::demo::Options { dir, keep_running };
+    let opts = crate::demo::Options {
+        dir,
+        keep_running,
+        port,
+    };
     match runtime().and_then(|rt| rt.block_on(crate::demo::run(opts))) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -341,6 +341,8 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// Leave the gateway running after the script.
     pub keep_running: bool,
+    /// The gateway's loopback port (default: a free one).
+    pub port: Option<u16>,
 }
 
 /// Runs the demo; returns the folder it used.
@@ -355,9 +357,12 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
     let upstream = sample::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), counters.clone())
         .await
         .map_err(|e| format!("cannot start the sample MCP server: {e}"))?;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        l.local_addr().map_err(|e| e.to_string())?.port()
+    let port = match opts.port {
+        Some(p) => p,
+        None => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            l.local_addr().map_err(|e| e.to_string())?.port()
+        }
     };
     let config_path = write_files(&dir, port, upstream)?;
     let cfg = Config::load(&config_path).map_err(|e| e.to_string())?;
@@ -495,7 +500,10 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
         );
     }
     println!("Audit trail ({}):", db.display());
-    print!("{}", crate::audit::cli::table_text(&rows));
+    print!(
+        "{}",
+        crate::audit::cli::table_text(&rows, crate::audit::cli::output_width())
+    );
     println!(
         "\nQuery it again:\n  toolgate audit query --db {}\n  toolgate audit query --db {} --effect deny --format jsonl\n  toolgate audit verify --db {}",
         db.display(),

@@ -95,8 +95,25 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
     }
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            let resolver = WhoisResolver::from_config(&identity, None);
-            resolver.resolve(addr).await
+            match identity.provider {
+                // The static provider answers from its fixture file: tailscaled is not asked.
+                IdentityProvider::Static => {
+                    use crate::server::Identify;
+                    let path = identity
+                        .r#static
+                        .as_ref()
+                        .ok_or("identity.provider static needs identity.static (a fixture file)")?;
+                    let provider = crate::server::StaticProvider {
+                        identities: crate::identity::StaticIdentities::load(path)?,
+                        mappings: identity.role_mappings.clone(),
+                    };
+                    provider.identify(addr).await.map(std::sync::Arc::new)
+                }
+                IdentityProvider::Tailscale => {
+                    let resolver = WhoisResolver::from_config(&identity, None);
+                    resolver.resolve(addr).await
+                }
+            }
         })
     });
     match result {

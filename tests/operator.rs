@@ -693,3 +693,92 @@ fn sidecar_mode_runs_inside_the_units_sandbox() {
     );
     assert!(text.contains("netlinkrib"), "{text}");
 }
+
+/// Item 7: every flag has help, `-c` is `--config` everywhere, completions are generated,
+/// `whois` with the static provider answers without tailscaled, `demo --port`, and the audit
+/// table fits `COLUMNS` with an ellipsis.
+#[test]
+fn the_cli_fits_a_terminal_and_helps() {
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" || a.is_hide_set() {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} {id}: no help"));
+            }
+            if a.get_long() == Some("config") && a.get_short() != Some('c') {
+                missing.push(format!("{path} --config: no -c"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&toolgate::cli::command(), "toolgate", &mut missing);
+    assert!(missing.is_empty(), "{missing:#?}");
+
+    let out = toolgate(&["completions", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_toolgate()"));
+
+    // demo --port, and its files for the rest.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = toolgate(&[
+        "demo",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("gateway on http://127.0.0.1:{port}")),
+        "{out:?}"
+    );
+
+    // whois with the static provider: the fixture answers; tailscaled's socket is not used.
+    let cfg = dir.path().join("toolgate.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "  static: identities.yaml\n",
+        "  static: identities.yaml\n  socket: /nonexistent/tailscaled.sock\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = toolgate(&["whois", "127.0.0.2:1234", "-c", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("alice@example.com"));
+
+    // The table fits COLUMNS (stdout is a pipe here) and cuts with an ellipsis.
+    let out = Command::new(BIN)
+        .args([
+            "audit",
+            "query",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--format",
+            "table",
+        ])
+        .env("COLUMNS", "90")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().count() > 2, "{table}");
+    for line in table.lines() {
+        assert!(line.chars().count() <= 90, "{line:?}");
+    }
+    assert!(table.contains('…'), "{table}");
+    let out = Command::new(BIN)
+        .args(["audit", "stats", "-c", cfg.to_str().unwrap()])
+        .env("COLUMNS", "40")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        assert!(line.chars().count() <= 40, "{line:?}");
+    }
+}

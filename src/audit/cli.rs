@@ -53,7 +53,7 @@ pub struct SourceArgs {
     #[arg(long, value_name = "FILE")]
     pub db: Option<PathBuf>,
     /// Take the database path from this toolgate config file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, short, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Query the fleet database instead (postgres://USER@HOST/DB; ${NAME} reads the environment;
     /// PGPASSWORD is honoured).
@@ -90,8 +90,10 @@ pub struct FilterArgs {
     /// The upstream server name.
     #[arg(long)]
     pub server: Option<String>,
+    /// The tool name (tools/call rows).
     #[arg(long)]
     pub tool: Option<String>,
+    /// allow or deny.
     #[arg(long, value_enum)]
     pub effect: Option<EffectArg>,
     /// The outcome (forwarded, denied, upstream_error, ...); a prefix before ':' matches too.
@@ -149,6 +151,7 @@ pub struct StatsArgs {
     /// Entries per top list.
     #[arg(long, default_value = "10")]
     pub top: usize,
+    /// text (for people, fitted to the terminal) or json.
     #[arg(long, value_enum, default_value = "text")]
     pub format: StatsFormat,
 }
@@ -322,6 +325,7 @@ fn run_query(a: &QueryArgs) -> Result<ExitCode, String> {
             format,
             &rows,
             a.limit.is_none() && format == QueryFormat::Table,
+            output_width(),
         );
         p.begin(&mut out).map_err(io)?;
         for r in &rows {
@@ -336,14 +340,14 @@ fn run_query(a: &QueryArgs) -> Result<ExitCode, String> {
     if !a.follow {
         if format == QueryFormat::Table {
             let rows = reader.query(&f).map_err(|e| e.to_string())?;
-            let mut p = Printer::new(format, &rows, a.limit.is_none());
+            let mut p = Printer::new(format, &rows, a.limit.is_none(), output_width());
             p.begin(&mut out).map_err(io)?;
             for r in &rows {
                 p.row(&mut out, r).map_err(io)?;
             }
             p.end(&mut out).map_err(io)?;
         } else {
-            let mut p = Printer::new(format, &[], false);
+            let mut p = Printer::new(format, &[], false, output_width());
             p.begin(&mut out).map_err(io)?;
             let mut err = None;
             reader
@@ -380,7 +384,7 @@ fn follow(
 ) -> Result<ExitCode, String> {
     let io = |e: std::io::Error| e.to_string();
     let first = reader.query(&f).map_err(|e| e.to_string())?;
-    let mut p = Printer::new(format, &first, false);
+    let mut p = Printer::new(format, &first, false, output_width());
     p.begin(out).map_err(io)?;
     let mut cursor = first
         .iter()
@@ -442,61 +446,79 @@ fn run_stats(a: &StatsArgs) -> Result<ExitCode, String> {
             "{}",
             serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?
         ),
-        StatsFormat::Text => print!("{}", stats_text(&st)),
+        StatsFormat::Text => print!("{}", stats_text(&st, output_width())),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `audit stats` as text.
-pub fn stats_text(st: &Stats) -> String {
+/// `audit stats` as text, fitted to `width` (names cut with an ellipsis).
+pub fn stats_text(st: &Stats, width: Option<usize>) -> String {
     use std::fmt::Write as _;
+    let width = width.unwrap_or(usize::MAX);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "window: {} .. {}",
-        st.since.as_deref().unwrap_or("start"),
-        st.until.as_deref().unwrap_or("now")
+    let fit = |s: &mut String, line: String| {
+        let _ = writeln!(s, "{}", clip(&line, width).trim_end());
+    };
+    fit(
+        &mut s,
+        format!(
+            "window: {} .. {}",
+            st.since.as_deref().unwrap_or("start"),
+            st.until.as_deref().unwrap_or("now")
+        ),
     );
-    let _ = writeln!(
-        s,
-        "decisions: {} (allowed {}, denied {})",
-        st.decisions, st.allowed, st.denied
+    fit(
+        &mut s,
+        format!(
+            "decisions: {} (allowed {}, denied {})",
+            st.decisions, st.allowed, st.denied
+        ),
     );
-    let list = |s: &mut String, title: &str, items: &[super::query::Count]| {
+    let key = |k: &str| {
+        if k.is_empty() {
+            UNIDENTIFIED.to_string()
+        } else {
+            escape_human(k).into_owned()
+        }
+    };
+    let list = |s: &mut String, title: &str, items: &[super::query::Count], empty: &str| {
         let _ = writeln!(s, "\n{title}:");
         if items.is_empty() {
             let _ = writeln!(s, "  (none)");
         }
-        let w = items
+        let tail = |c: &super::query::Count| format!("  {:>8}  ({} denied)", c.count, c.denied);
+        let longest = items
             .iter()
-            .map(|c| escape_human(&c.key).chars().count())
-            .max()
+            .map(|c| key_or(c, empty, &key).chars().count())
+            .max();
+        let room = items
+            .iter()
+            .map(|c| width.saturating_sub(2 + tail(c).chars().count()))
+            .min()
             .unwrap_or(0);
+        let w = longest.unwrap_or(0).min(room.max(4));
         for c in items {
-            let _ = writeln!(
-                s,
-                "  {:<w$}  {:>8}  ({} denied)",
-                escape_human(&c.key),
-                c.count,
-                c.denied
-            );
+            let name = clip(&key_or(c, empty, &key), w);
+            fit(s, format!("  {name}{}", tail(c)));
         }
     };
-    list(&mut s, "top principals", &st.top_principals);
-    list(&mut s, "top tools", &st.top_tools);
+    list(&mut s, "top principals", &st.top_principals, UNIDENTIFIED);
+    list(&mut s, "top tools", &st.top_tools, "(none)");
     let _ = writeln!(s, "\ntop denials:");
     if st.top_denials.is_empty() {
         let _ = writeln!(s, "  (none)");
     }
     for d in &st.top_denials {
-        let _ = writeln!(
-            s,
-            "  {:>8}  {} → {}  ({}#{})",
-            d.count,
-            escape_human(&d.principal),
-            escape_human(&d.tool),
-            escape_human(&d.policy),
-            escape_human(&d.rule)
+        fit(
+            &mut s,
+            format!(
+                "  {:>8}  {} → {}  ({}#{})",
+                d.count,
+                key(&d.principal),
+                escape_human(&d.tool),
+                escape_human(&d.policy),
+                escape_human(&d.rule)
+            ),
         );
     }
     let _ = writeln!(s, "\nerror outcomes:");
@@ -504,9 +526,21 @@ pub fn stats_text(st: &Stats) -> String {
         let _ = writeln!(s, "  (none)");
     }
     for c in &st.error_outcomes {
-        let _ = writeln!(s, "  {:>8}  {}", c.count, escape_human(&c.key));
+        fit(
+            &mut s,
+            format!("  {:>8}  {}", c.count, escape_human(&c.key)),
+        );
     }
     s
+}
+
+/// A top-list key for humans; an empty one as `empty`.
+fn key_or(c: &super::query::Count, empty: &str, key: &dyn Fn(&str) -> String) -> String {
+    if c.key.is_empty() {
+        empty.to_string()
+    } else {
+        key(&c.key)
+    }
 }
 
 fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
@@ -653,6 +687,43 @@ const TABLE_COLS: [(&str, usize); 10] = [
     ("REASON", 60),
 ];
 
+/// How a caller without a tailnet identity shows in human output.
+pub const UNIDENTIFIED: &str = "(unidentified)";
+
+/// The width human output must fit: the terminal's, else `COLUMNS`, else none (no fitting).
+pub fn output_width() -> Option<usize> {
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        if let Ok(ws) = rustix::termios::tcgetwinsize(&stdout) {
+            if ws.ws_col > 0 {
+                return Some(usize::from(ws.ws_col));
+            }
+        }
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .filter(|&c: &usize| c > 0)
+}
+
+/// Narrows the widest columns, one character at a time, until the line (with two spaces
+/// between columns) fits `width`; no column goes below its header or 4 characters.
+fn fit_widths(widths: &mut [usize], floors: &[usize], width: usize) {
+    let line = |w: &[usize]| w.iter().sum::<usize>() + 2 * w.len().saturating_sub(1);
+    while line(widths) > width {
+        let widest = widths
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| **w > floors[*i])
+            .max_by_key(|(_, w)| **w)
+            .map(|(i, _)| i);
+        match widest {
+            Some(i) => widths[i] -= 1,
+            None => break,
+        }
+    }
+}
+
 fn table_cells(r: &Row) -> [String; 10] {
     let time = r.time.get(..19).unwrap_or(&r.time).replace('T', " ");
     let tool = if r.tool.is_empty() {
@@ -669,10 +740,15 @@ fn table_cells(r: &Row) -> [String; 10] {
         (false, true) => r.policy.clone(),
         _ => format!("{}#{}", r.policy, r.rule),
     };
+    let principal = if r.principal.is_empty() {
+        UNIDENTIFIED.to_string()
+    } else {
+        r.principal.clone()
+    };
     [
         time,
         r.id.clone(),
-        r.principal.clone(),
+        principal,
         r.server.clone(),
         tool,
         r.effect.clone(),
@@ -704,8 +780,8 @@ struct Printer {
 }
 
 impl Printer {
-    /// `sample`: rows used to size the table's columns.
-    fn new(format: QueryFormat, sample: &[Row], note_limit: bool) -> Printer {
+    /// `sample`: rows used to size the table's columns; `width`: the line's limit.
+    fn new(format: QueryFormat, sample: &[Row], note_limit: bool, width: Option<usize>) -> Printer {
         let mut widths = [0usize; 10];
         for (i, (h, max)) in TABLE_COLS.iter().enumerate() {
             let w = sample
@@ -714,6 +790,10 @@ impl Printer {
                 .max()
                 .unwrap_or(0);
             widths[i] = w.max(h.len()).min(*max);
+        }
+        if let Some(width) = width {
+            let floors = TABLE_COLS.map(|(h, _)| h.len().max(4));
+            fit_widths(&mut widths, &floors, width);
         }
         Printer {
             format,
@@ -786,10 +866,10 @@ impl Printer {
     }
 }
 
-/// Rows as the aligned human table of `audit query --format table`.
-pub fn table_text(rows: &[Row]) -> String {
+/// Rows as the aligned human table of `audit query --format table`, fitted to `width`.
+pub fn table_text(rows: &[Row], width: Option<usize>) -> String {
     let mut out = Vec::new();
-    let mut p = Printer::new(QueryFormat::Table, rows, false);
+    let mut p = Printer::new(QueryFormat::Table, rows, false, width);
     let _ = p.begin(&mut out);
     for r in rows {
         let _ = p.row(&mut out, r);
@@ -801,6 +881,55 @@ pub fn table_text(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_fit_the_width_with_an_ellipsis_and_name_the_unidentified() {
+        let row = Row {
+            time: "2026-12-06T18:00:00.123Z".into(),
+            id: "0193a0b1-0000-7000-8000-000000000001".into(),
+            principal: String::new(),
+            server: "github".into(),
+            tool: "create_issue".into(),
+            effect: "deny".into(),
+            outcome: "denied".into(),
+            policy: "resource.mcp_server.vdefault".into(),
+            rule: "developers_read".into(),
+            reason: "no rule allowed tools/call::create_issue for this principal".into(),
+            ..Row::default()
+        };
+        let wide = table_text(std::slice::from_ref(&row), None);
+        assert!(wide.contains(UNIDENTIFIED), "{wide}");
+        assert!(wide.contains("no rule allowed tools/call::create_issue for this principal"));
+        for width in [80, 100, 120] {
+            let text = table_text(std::slice::from_ref(&row), Some(width));
+            for line in text.lines() {
+                assert!(line.chars().count() <= width, "{width}: {line:?}");
+            }
+            assert!(text.contains('…'), "{width}: {text}");
+            assert!(text.starts_with("TIME"), "{text}");
+        }
+        let st = Stats {
+            top_principals: vec![
+                super::super::query::Count {
+                    key: String::new(),
+                    count: 3,
+                    denied: 3,
+                },
+                super::super::query::Count {
+                    key: "a-very-long-principal-name@an-even-longer-domain.example.com".into(),
+                    count: 1,
+                    denied: 0,
+                },
+            ],
+            ..Stats::default()
+        };
+        let text = stats_text(&st, Some(50));
+        assert!(text.contains(UNIDENTIFIED), "{text}");
+        assert!(text.contains('…'), "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= 50, "{line:?}");
+        }
+    }
 
     #[test]
     fn human_output_is_escaped() {
