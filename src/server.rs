@@ -263,91 +263,177 @@ fn metrics_text(gw: &Gateway) -> Response {
         .into_response()
 }
 
-/// `GET /api/audit?principal=..&since=2h&limit=50`: the audit query as JSON, itself
-/// authorized row by row (resource kind `toolgate_audit`, action `read`, `R.attr.principal` =
-/// the row's principal), so "users see their own rows, admins see all" is one policy.
+/// `GET /api/audit?principal=..&since=2h&limit=50&cursor=..`: one page of the audit query as
+/// JSON, itself authorized row by row (resource kind `toolgate_audit`, action `read`,
+/// `R.attr.principal` = the row's principal), so "users see their own rows, admins see all" is
+/// one policy.
+///
+/// Pages hold the newest matching rows first: `limit` rows (default
+/// [`DEFAULT_PAGE_LIMIT`](crate::audit::query::DEFAULT_PAGE_LIMIT); above
+/// [`MAX_PAGE_LIMIT`](crate::audit::query::MAX_PAGE_LIMIT) is a 400), and `next`, the cursor of
+/// the following page (`null` once no row is left). The answer
+/// `{"rows": [...], "withheld": N, "next": ...}` is streamed as rows are read, never built
+/// whole, and a page examines at most `PAGE_SCAN_BUDGET` rows (a short page then still has a
+/// `next`). The request is audited before any row is sent.
 async fn api_audit(
     State(gw): State<Arc<Gateway>>,
     axum::extract::Extension(conn): axum::extract::Extension<Conn>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Response {
+    use crate::audit::query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, PAGE_SCAN_BUDGET};
     let Some(caller) = conn.caller.clone() else {
         return forbidden("no verified tailnet identity");
     };
+    let bad_request = |e: String| {
+        let body = serde_json::json!({"error": e}).to_string();
+        (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    };
     let pairs = query_pairs(query.as_deref().unwrap_or(""));
-    let filter = match crate::audit::query::Filter::from_pairs(pairs) {
+    let mut filter = match crate::audit::query::Filter::from_pairs(pairs) {
         Ok(f) => f,
-        Err(e) => {
-            let body = serde_json::json!({"error": e}).to_string();
-            return (
-                StatusCode::BAD_REQUEST,
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response();
-        }
+        Err(e) => return bad_request(e),
     };
+    let limit = filter.limit.take().unwrap_or(DEFAULT_PAGE_LIMIT);
+    if limit == 0 || limit > MAX_PAGE_LIMIT {
+        return bad_request(format!(
+            "limit: {limit} is outside 1..={MAX_PAGE_LIMIT}; read more rows by following `next`"
+        ));
+    }
     let db = gw.config.audit.sqlite.clone();
-    let principal = caller.principal.clone();
-    let gw2 = gw.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        let mut allowed = 0usize;
-        let mut denied = 0usize;
-        let rows = crate::audit::query::query_authorized(&db, &filter, &mut |row| {
-            let mut attr = serde_json::Map::new();
-            attr.insert("principal".into(), row.principal.clone().into());
-            attr.insert("node".into(), row.node.clone().into());
-            attr.insert("server".into(), row.server.clone().into());
-            let resource = crate::policy::input::Resource {
-                kind: "toolgate_audit".into(),
-                id: row.id.clone(),
-                attr,
-                ..Default::default()
-            };
-            let ok = gw2
-                .decide(&principal, resource, vec!["read".into()])
-                .effect("read")
-                == crate::policy::model::Effect::Allow;
-            if ok {
-                allowed += 1;
-            } else {
-                denied += 1;
+    let reader =
+        match tokio::task::spawn_blocking(move || crate::audit::query::Reader::open(&db)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let body = serde_json::json!({"error": e.to_string()}).to_string();
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response();
             }
-            ok
-        });
-        (rows, allowed, denied)
-    })
-    .await;
-    let (rows, allowed, denied) = match rows {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    };
-    let rows = match rows {
-        Ok(r) => r,
-        Err(e) => {
-            let body = serde_json::json!({"error": e.to_string()}).to_string();
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response();
-        }
-    };
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        };
     let mut row = crate::gateway::AuditRow::new("check", &conn);
     row.method = "GET /api/audit".into();
     row.action = "read".into();
     row.effect = crate::policy::model::Effect::Allow;
     row.outcome = "answered".into();
-    row.reason =
-        format!("{allowed} row(s) readable, {denied} withheld by policy toolgate_audit/read");
+    row.reason = format!(
+        "a page of up to {limit} row(s){}, each authorized by policy toolgate_audit/read",
+        if filter.before.is_some() {
+            " after a cursor"
+        } else {
+            ""
+        }
+    );
     row.policy_hash = gw.store.current().hash.clone();
     if gw.submit(row).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "audit unavailable").into_response();
     }
-    let body = serde_json::json!({"rows": rows, "withheld": denied}).to_string();
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let principal = caller.principal.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        stream_page(
+            &gw,
+            &reader,
+            &filter,
+            &principal,
+            limit,
+            PAGE_SCAN_BUDGET,
+            &tx,
+        )
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
+
+/// Writes one `/api/audit` page to `tx` in chunks of about [`PAGE_CHUNK`] bytes. A store
+/// error after the first byte cannot become a status any more: it ends the body with an
+/// error, so the client sees a broken answer, never a short one that parses.
+fn stream_page(
+    gw: &Gateway,
+    reader: &crate::audit::query::Reader,
+    filter: &crate::audit::query::Filter,
+    principal: &crate::policy::input::Principal,
+    limit: usize,
+    budget: usize,
+    tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(PAGE_CHUNK + 4096);
+    buf.extend_from_slice(b"{\"rows\":[");
+    let mut first = true;
+    let mut gone = false;
+    let send = |buf: &mut Vec<u8>| -> bool {
+        let chunk = bytes::Bytes::from(std::mem::take(buf));
+        tx.blocking_send(Ok(chunk)).is_ok()
+    };
+    let mut keep = |row: &crate::audit::record::Row| {
+        let mut attr = serde_json::Map::new();
+        attr.insert("principal".into(), row.principal.clone().into());
+        attr.insert("node".into(), row.node.clone().into());
+        attr.insert("server".into(), row.server.clone().into());
+        let resource = crate::policy::input::Resource {
+            kind: "toolgate_audit".into(),
+            id: row.id.clone(),
+            attr,
+            ..Default::default()
+        };
+        gw.decide(principal, resource, vec!["read".into()])
+            .effect("read")
+            == crate::policy::model::Effect::Allow
+    };
+    let mut emit = |row: crate::audit::record::Row| {
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        if serde_json::to_writer(&mut buf, &row).is_err() {
+            return false;
+        }
+        if buf.len() >= PAGE_CHUNK && !send(&mut buf) {
+            gone = true;
+            return false;
+        }
+        true
+    };
+    let end = reader.page(filter, limit, budget, &mut keep, &mut emit);
+    if gone {
+        return;
+    }
+    match end {
+        Ok(end) => {
+            let tail = serde_json::json!({
+                "withheld": end.withheld,
+                "next": end.next.map(|c| c.to_string()),
+            });
+            // `{"withheld":..,"next":..}` minus its opening brace closes the object.
+            let tail = tail.to_string();
+            buf.extend_from_slice(b"],");
+            buf.extend_from_slice(tail.get(1..).unwrap_or("}").as_bytes());
+            send(&mut buf);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "/api/audit: the store failed mid-answer");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    }
+}
+
+/// Bytes of `/api/audit` answer gathered before they are sent on.
+const PAGE_CHUNK: usize = 64 * 1024;
 
 /// `application/x-www-form-urlencoded` query pairs, decoded by the WHATWG URL standard's
 /// parser (the `url` crate's): `+` is a space, `%XX` a byte, and a `%` not followed by two hex

@@ -46,6 +46,69 @@ pub struct Filter {
     pub after_seq: Option<i64>,
     /// Only rows before this chain position (paging back).
     pub before_seq: Option<i64>,
+    /// Only rows before this position in the newest-first order (time, then chain position):
+    /// the keyset cursor of `/api/audit` paging ([`Cursor`]).
+    #[serde(default)]
+    pub before: Option<Cursor>,
+}
+
+/// A position in the newest-first order of decisions (time, then chain position): the `next`
+/// of an `/api/audit` page. As text, `<seq>.<time>`; it is opaque to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The row's fixed-width RFC 3339 time.
+    pub time: String,
+    /// The row's chain position.
+    pub seq: i64,
+}
+
+impl Cursor {
+    /// The position of `row`.
+    pub fn of(row: &Row) -> Cursor {
+        Cursor {
+            time: row.time.clone(),
+            seq: row.seq,
+        }
+    }
+
+    /// Parses the text form, refusing anything this gateway did not issue.
+    pub fn parse(s: &str) -> Result<Cursor, String> {
+        let bad = || format!("cursor: {s:?} is not a `next` value this gateway returned");
+        let (seq, time) = s.split_once('.').ok_or_else(bad)?;
+        let seq: i64 = seq.parse().map_err(|_| bad())?;
+        let time = normalize_time(time).ok_or_else(bad)?;
+        if seq < 0 || time.len() != 27 {
+            return Err(bad());
+        }
+        Ok(Cursor { time, seq })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.seq, self.time)
+    }
+}
+
+/// `/api/audit` rows per page when the request names no `limit`.
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+/// `/api/audit` rows per page at most; a larger `limit` is refused (400).
+pub const MAX_PAGE_LIMIT: usize = 1_000;
+/// Rows one `/api/audit` page examines at most (rows the caller may not read included); a
+/// page that stops here is short, and its `next` continues after the last row examined.
+pub const PAGE_SCAN_BUDGET: usize = 10 * MAX_PAGE_LIMIT;
+
+/// How a page ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageEnd {
+    /// Rows handed to the caller.
+    pub rows: usize,
+    /// Rows examined and withheld (`keep` said no).
+    pub withheld: usize,
+    /// Where the next page starts; `None` when no matching row is left.
+    pub next: Option<Cursor>,
+    /// The receiver stopped taking rows (the client went away).
+    pub stopped: bool,
 }
 
 /// `--since`/`--until` values: a duration back from `now` (`90s`, `15m`, `2h`, `7d`), an RFC 3339
@@ -112,6 +175,7 @@ impl Filter {
                             .map_err(|_| format!("limit: {v:?} is not a count"))?,
                     )
                 }
+                "cursor" => f.before = Some(Cursor::parse(&v)?),
                 "after_seq" => f.after_seq = Some(int(&v)?),
                 "before_seq" => f.before_seq = Some(int(&v)?),
                 other => return Err(format!("unknown parameter {other:?}")),
@@ -237,6 +301,13 @@ pub(crate) fn where_clause(f: &Filter, dialect: Dialect) -> (String, Vec<Param>)
     if let Some(v) = f.before_seq {
         let p = ph(Param::Int(v), &mut params);
         conds.push(format!("d.seq < {p}"));
+    }
+    if let Some(c) = &f.before {
+        let t = ph(Param::Text(c.time.clone()), &mut params);
+        let q = ph(Param::Int(c.seq), &mut params);
+        conds.push(format!(
+            "(d.time < {t}{ts} OR (d.time = {t}{ts} AND d.seq < {q}))"
+        ));
     }
     (conds.join(" AND "), params)
 }
@@ -565,6 +636,47 @@ impl Reader {
         self.scan(f, false, each)
     }
 
+    /// One page, newest first (the order [`Cursor`] follows), streamed to `emit` row by row:
+    /// at most `limit` rows that `keep` accepts, examining at most `budget` rows. `emit`
+    /// returns false to stop (the client went away). `f.limit` is ignored; `f.before` is the
+    /// cursor. Nothing is collected: memory does not grow with the page or the store.
+    pub fn page(
+        &self,
+        f: &Filter,
+        limit: usize,
+        budget: usize,
+        keep: &mut dyn FnMut(&Row) -> bool,
+        emit: &mut dyn FnMut(Row) -> bool,
+    ) -> Result<PageEnd, AuditError> {
+        let mut end = PageEnd::default();
+        let mut examined = 0usize;
+        let mut last: Option<Cursor> = None;
+        let mut more = false;
+        self.scan(f, true, &mut |r| {
+            if end.rows >= limit || examined >= budget {
+                // One row past the page: more rows match.
+                more = true;
+                return false;
+            }
+            examined += 1;
+            last = Some(Cursor::of(&r));
+            if keep(&r) {
+                end.rows += 1;
+                if !emit(r) {
+                    end.stopped = true;
+                    return false;
+                }
+            } else {
+                end.withheld += 1;
+            }
+            true
+        })?;
+        if more {
+            end.next = last;
+        }
+        Ok(end)
+    }
+
     fn scan(
         &self,
         f: &Filter,
@@ -833,6 +945,28 @@ mod tests {
         assert_eq!(f.limit, Some(5));
         assert!(Filter::from_pairs([("effect", "maybe")]).is_err());
         assert!(Filter::from_pairs([("bogus", "1")]).is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_foreign_text() {
+        let c = Cursor {
+            time: "2026-03-01T10:00:00.000000Z".into(),
+            seq: 42,
+        };
+        assert_eq!(c.to_string(), "42.2026-03-01T10:00:00.000000Z");
+        assert_eq!(Cursor::parse(&c.to_string()).unwrap(), c);
+        for bad in [
+            "",
+            "42",
+            "x.2026-03-01T10:00:00.000000Z",
+            "-1.2026-03-01T10:00:00.000000Z",
+            "42.yesterday",
+        ] {
+            let e = Cursor::parse(bad).unwrap_err();
+            assert!(e.starts_with("cursor: "), "{e}");
+        }
+        let f = Filter::from_pairs([("cursor", "7.2026-03-01T10:00:00Z")]).unwrap();
+        assert_eq!(f.before.unwrap().seq, 7);
     }
 
     #[test]
