@@ -449,6 +449,13 @@ fn sqlite_where(
         let p = ph(SqlValue::Integer(v), &mut r);
         r.conds.push(format!("d.seq < {p}"));
     }
+    if let Some(c) = &f.before {
+        // The keyset cursor of `/api/audit` paging, in the newest-first order (time, seq).
+        let t = ph(SqlValue::Integer(us_bound(&c.time)), &mut r);
+        let q = ph(SqlValue::Integer(c.seq), &mut r);
+        r.conds
+            .push(format!("(d.time < {t} OR (d.time = {t} AND d.seq < {q}))"));
+    }
     Ok(Some(r))
 }
 
