@@ -91,7 +91,10 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
         Ok(s) => s,
         Err(e) => return vec![format!("{}: compile: {e:?}", dir.display())],
     };
-    let text = std::fs::read_to_string(dir.join("cases.yaml")).unwrap_or_default();
+    let text = match std::fs::read_to_string(dir.join("cases.yaml")) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("{}: cases.yaml: {e}", dir.display())],
+    };
     let file: File = match yaml_serde::from_str(&text) {
         Ok(f) => f,
         Err(e) => return vec![format!("{}: cases.yaml: {e}", dir.display())],
@@ -104,9 +107,18 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
             ..Params::default()
         };
         if let Some(now) = &case.now {
-            params.now = chrono::DateTime::parse_from_rfc3339(now)
-                .map(|t| t.to_utc())
-                .unwrap_or(params.now);
+            // A malformed `now` is the case's error, never a silent fallback to the clock.
+            match chrono::DateTime::parse_from_rfc3339(now) {
+                Ok(t) => params.now = t.to_utc(),
+                Err(e) => {
+                    failures.push(format!(
+                        "{} / {}: now {now:?} is not RFC 3339: {e}",
+                        dir.display(),
+                        case.name
+                    ));
+                    continue;
+                }
+            }
         }
         let input = CheckInput {
             principal: case.principal.clone(),
@@ -124,7 +136,14 @@ fn run_case_dir(dir: &Path) -> Vec<String> {
             let got_json = serde_json::to_value(got).unwrap_or_default();
             let want = match want {
                 Value::String(effect) => serde_json::json!({ "effect": effect }),
-                other => other.clone(),
+                Value::Object(_) => want.clone(),
+                other => {
+                    // Anything else would check nothing and pass.
+                    failures.push(format!(
+                        "{ctx}: {action}: want must be an effect or an object, got {other}"
+                    ));
+                    continue;
+                }
             };
             if let Value::Object(w) = &want {
                 for (k, v) in w {
@@ -203,5 +222,47 @@ fn corpus() {
         "{} corpus failure(s):\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// The runner itself has teeth: a malformed `now` and a `want` that is neither an effect nor
+/// an object are failures, not silent passes (issue 20.8).
+#[test]
+fn the_runner_rejects_a_malformed_now_and_a_non_object_want() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let first = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("policies").is_dir())
+        .min()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("policies")).unwrap();
+    for e in std::fs::read_dir(first.join("policies")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join("policies").join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let case = |now: &str, want: &str| {
+        format!(
+            "cases:\n  - name: c\n{now}    principal: {{id: p, roles: [user]}}\n    resource: {{kind: k, id: r}}\n    want:\n      read: {want}\n"
+        )
+    };
+    std::fs::write(
+        dir.join("cases.yaml"),
+        case("    now: \"yesterday\"\n", "EFFECT_DENY"),
+    )
+    .unwrap();
+    let f = run_case_dir(dir);
+    assert!(f.iter().any(|m| m.contains("not RFC 3339")), "{f:?}");
+    std::fs::write(dir.join("cases.yaml"), case("", "[1, 2]")).unwrap();
+    let f = run_case_dir(dir);
+    assert!(
+        f.iter()
+            .any(|m| m.contains("want must be an effect or an object")),
+        "{f:?}"
     );
 }
