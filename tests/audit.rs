@@ -967,8 +967,8 @@ fn the_cli_queries_in_every_format() {
     assert_eq!(code, 0);
     let st: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["decisions"], all.len() as u64 + 1);
-    let (code, out, _) = cli(&["audit", "stats", "--db", dbs, "--since", "30d"]);
-    assert_eq!(code, 0);
+    let (code, out, err) = cli(&["audit", "stats", "--db", dbs, "--since", "30d"]);
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("top principals") && out.contains("error outcomes"),
         "{out}"
@@ -977,8 +977,9 @@ fn the_cli_queries_in_every_format() {
     let (code, _, err) = cli(&["audit", "query", "--db", dbs, "--since", "yesterday-ish"]);
     assert_eq!(code, 2);
     assert!(err.contains("--since"), "{err}");
+    // A store that cannot be read is a runtime failure (1), not a usage error (README, exit codes).
     let (code, _, err) = cli(&["audit", "query", "--db", "/nonexistent/audit.db"]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nonexistent/audit.db"), "{err}");
 }
 

@@ -457,7 +457,7 @@ pub fn stats_text(st: &Stats, width: Option<usize>) -> String {
     let width = width.unwrap_or(usize::MAX);
     let mut s = String::new();
     let fit = |s: &mut String, line: String| {
-        let _ = writeln!(s, "{}", clip(&line, width).trim_end());
+        let _ = writeln!(s, "{}", cut(&line, width).trim_end());
     };
     fit(
         &mut s,
@@ -760,15 +760,24 @@ fn table_cells(r: &Row) -> [String; 10] {
     .map(|c| escape_human(&c).into_owned())
 }
 
-fn clip(s: &str, w: usize) -> String {
-    let n = s.chars().count();
-    if n <= w {
-        format!("{s:<w$}")
+/// `s` cut to `w` characters, the last one an ellipsis when anything was cut.
+fn cut(s: &str, w: usize) -> String {
+    if s.chars().count() <= w {
+        s.to_string()
     } else {
         let mut t: String = s.chars().take(w.saturating_sub(1)).collect();
         t.push('…');
         t
     }
+}
+
+/// `s` cut to `w` characters and padded with spaces to exactly `w` (a table cell). Padded by
+/// hand: `format!("{s:<w$}")` panics for widths beyond `u16::MAX`.
+fn clip(s: &str, w: usize) -> String {
+    let mut t = cut(s, w);
+    let n = t.chars().count();
+    t.extend(std::iter::repeat_n(' ', w.saturating_sub(n)));
+    t
 }
 
 /// Streams rows in one format.

@@ -543,6 +543,18 @@ pub async fn a_full_audit_store_forwards_nothing() {
         }
     }
     assert!(filled, "the store never filled");
+    // Schema v3 rows are compact: the last page may still hold a small row after a large one
+    // failed. Fill that too, with the smallest row there is, so no row of the calls below fits.
+    let mut filled = false;
+    for _ in 0..20_000 {
+        let r =
+            toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
+        if gw.audit.submit(r).unwrap().wait().await.is_err() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "the store never filled with small rows");
 
     let answer = json!({"jsonrpc": "2.0", "id": asked, "result": {"roots": []}}).to_string();
     let messages = [
