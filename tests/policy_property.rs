@@ -20,7 +20,8 @@
 //!   Cerbos's, and no action that an evaluation error reached is ALLOW.
 //!
 //! A difference is re-checked against fresh `cerbos compile` processes on the failing set
-//! alone, twice as generated (Cerbos is not deterministic across process starts, cerbos#3382)
+//! alone, up to 12 times as generated (Cerbos is not deterministic across process starts,
+//! cerbos#3382: seed 1's set 54 gets ALLOW from 5 of 12 starts, DENY from 7)
 //! and then asking about the disputed action alone (Cerbos 0.55's per-request condition cache
 //! can answer one action with another rule's result, docs/compatibility.md). If one of them
 //! agrees with toolgate, the difference is printed and does not fail.
@@ -72,12 +73,15 @@ fn strict_matches_cerbos_strict_evaluation() {
     );
 }
 
+/// Fresh `cerbos compile` starts a difference gets before it counts as Cerbos's own answer. On
+/// seed 1's set 54, 5 of 12 starts ALLOW and 7 DENY one action; two starts both said DENY in one
+/// CI run. Twelve all alike when Cerbos splits 40/60 has odds of about 1 in 500.
+const FRESH_RECHECKS: usize = 12;
+/// The seed CI runs, so that a red run means a change, not a draw (docs/compatibility.md).
+const DEFAULT_SEED: u64 = 1;
 /// Policy sets per run and test, each with at least 12 checks. Cerbos's cost per check grows
 /// with the policies loaded beside it (and each set costs a compile), so a run compares many
 /// checks against each generated set rather than one.
-/// The seed CI runs. Random seeds found the strict-mode difference listed in
-/// docs/compatibility.md (an erroring role-policy condition); see there.
-const DEFAULT_SEED: u64 = 1;
 const DEFAULT_SETS: usize = 170;
 /// Checks (principal x resource x aux data, 3-6 actions each) a default run must compare.
 const MIN_CHECKS: usize = 2000;
@@ -382,8 +386,8 @@ fn run(name: &str, knobs: generate::Knobs, evaluation: Evaluation) {
         }
     }
 
-    // Re-check each difference against fresh Cerbos processes on the case alone: twice as
-    // generated (Cerbos is not deterministic across starts, cerbos#3382), then asking about
+    // Re-check each difference against fresh Cerbos processes on the case alone: up to
+    // FRESH_RECHECKS times as generated (Cerbos is not deterministic across starts, cerbos#3382), then asking about
     // the disputed action alone (Cerbos 0.55 caches condition results across the actions of
     // one request, so its answer for one action can depend on the others asked beside it).
     let mut by_case: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -405,7 +409,10 @@ fn run(name: &str, knobs: generate::Knobs, evaluation: Evaluation) {
                 .unwrap_or_else(|| "<absent>".into()),
             Err(e) => format!("<rejected: {e}>"),
         };
-        for round in 0..2 {
+        for round in 0..FRESH_RECHECKS {
+            if idx.iter().all(|&i| findings[i].agreed()) {
+                break;
+            }
             let fresh = recheck(c, &format!("{case}-{round}"));
             for &i in idx {
                 let s = said(&fresh, &findings[i].key);
