@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         aux_data: &aux,
         now: chrono::DateTime::UNIX_EPOCH,
         globals: &globals,
+        clock_read: Default::default(),
     };
     let constants = Arc::new(serde_json::Map::new());
     let variables = Variables::default();
@@ -49,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         constants: &constants,
         variables: &variables,
         effective_derived_roles: &[],
+        derived_roles_error: None,
     };
     let _ = expr.eval_bool(&ctx);
     let _ = expr.eval_json(&ctx);
