@@ -102,16 +102,7 @@ pub fn load_or_create(path: &Path) -> Result<ChainKey, String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(|e| format!("audit chain key: reading /dev/urandom: {e}"))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("audit chain key: creating {}: {e}", dir.display()))?;
-    }
+    super::prepare_dir(path).map_err(|e| format!("audit chain key: {e}"))?;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

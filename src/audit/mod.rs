@@ -141,3 +141,19 @@ pub fn host_name() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "toolgate".to_string())
 }
+
+/// Creates the folder that will hold `path` (a database or key file), private to this user
+/// (0700), when it is missing. Shared by the store and the chain key.
+pub(crate) fn prepare_dir(path: &std::path::Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}

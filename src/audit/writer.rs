@@ -460,20 +460,6 @@ fn take_lock(path: &Path) -> Result<Connection, String> {
     Ok(c)
 }
 
-fn prepare_dir(path: &Path) -> Result<(), String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    Ok(())
-}
-
 fn restrict_file(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
@@ -489,7 +475,7 @@ impl AuditLog {
             path: path.display().to_string(),
             message,
         };
-        prepare_dir(&path).map_err(err)?;
+        super::prepare_dir(&path).map_err(err)?;
         let lock = take_lock(&path).map_err(err)?;
         let key = super::key::load_or_create(&settings.key_file).map_err(err)?;
         let mut conn = open_write(&path, settings.durability).map_err(|e| err(e.to_string()))?;
