@@ -183,6 +183,23 @@ fn wait_shipped(log: &AuditLog, what: &str) {
     }
 }
 
+/// Polls until the shipper has met the outage (a failed attempt: unhealthy) while rows wait to
+/// ship (lag), and returns those metrics (30 s deadline).
+fn wait_outage_seen(log: &AuditLog, what: &str) -> toolgate::audit::Metrics {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = log.metrics();
+        if !m.ship_healthy && m.ship_lag_rows > 0 {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the shipper never reported it: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn sqlite_ids(db: &Path) -> (String, BTreeSet<String>, i64) {
     let c = Connection::open(db).unwrap();
     let store: String = c
@@ -271,8 +288,7 @@ fn run(rt: &tokio::runtime::Runtime, schema: &str, direct: &PgSettings) {
     // 2. Outage: local commits go on (sync mode does not wait for Postgres); lag grows.
     proxy.down();
     write(&log, 150, "bob@example.com");
-    std::thread::sleep(Duration::from_millis(800));
-    let m = log.metrics();
+    let m = wait_outage_seen(&log, "the outage");
     assert!(m.ship_lag_rows > 0, "{m:?}");
     assert!(m.prometheus().contains("toolgate_audit_ship_lag_rows"));
 
@@ -280,8 +296,8 @@ fn run(rt: &tokio::runtime::Runtime, schema: &str, direct: &PgSettings) {
     drop(log);
     let log = AuditLog::open(settings(&a_db, "gw-a", &via_proxy, schema)).unwrap();
     write(&log, 50, "carol@example.com");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!log.metrics().ship_healthy || log.metrics().ship_lag_rows > 0);
+    let m = wait_outage_seen(&log, "the outage after a restart");
+    assert!(m.ship_lag_rows >= 50, "{m:?}");
     proxy.up();
     wait_shipped(&log, "after the outage");
     assert!(log.metrics().ship_healthy);

@@ -959,7 +959,32 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
     let (s, _, _) = rpc(&h, "127.0.0.3", "github", answer("srv-1-1")).await;
     assert_eq!(s, 202, "bob answers his roots request");
     // The server saw alice's and bob's real answers, and our refusal of bob's sampling request.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // They reach it after the 202s (the gateway posts them on): poll, with a deadline, until
+    // three answers have arrived and the audit rows are in, then check them exactly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let arrived = h.counters.answers.lock().unwrap().len();
+        let audited = {
+            let rows = h.sink.rows.lock().unwrap();
+            rows.iter()
+                .filter(|r| r.method == "sampling/createMessage")
+                .count()
+                >= 2
+                && rows
+                    .iter()
+                    .filter(|r| r.action == "response" && r.outcome == "refused")
+                    .count()
+                    >= 4
+        };
+        if arrived >= 3 && audited {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream got {arrived} of 3 answers (audited: {audited})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let answers = h.counters.answers.lock().unwrap().clone();
     let ok: Vec<&str> = answers
         .iter()

@@ -288,6 +288,8 @@ async fn cache_entries_expire_after_the_ttl() {
         0,
         "a configured tailnet name needs no status call"
     );
+    // The scenario, not a synchronisation: time passes beyond the 50 ms TTL (a lower bound
+    // only; a loaded machine can only make it longer).
     tokio::time::sleep(Duration::from_millis(80)).await;
     r.resolve(sa("100.64.0.1:2")).await.unwrap();
     assert_eq!(f.calls("whois"), 2);
@@ -545,8 +547,10 @@ async fn concurrent_lookups_are_bounded() {
 #[tokio::test]
 async fn a_local_flood_cannot_stall_identity_for_tailnet_peers() {
     let f = FakeLocalApi::start().await;
-    // Real tailscaled: an unmapped loopback lookup takes ~181 ms.
-    f.set_unmapped_loopback_delay(Duration::from_millis(150));
+    // Real tailscaled answers an unmapped loopback lookup slowly (~181 ms); here the fake holds
+    // each one in flight until the test releases it, so "the flood is in progress" is a fact,
+    // not a guess about timing.
+    f.hold_unmapped_loopback(true);
     f.add_identity("100.64.0.1", alice("100.64.0.1"));
     let mut s = settings();
     s.max_concurrent = 8;
@@ -560,19 +564,28 @@ async fn a_local_flood_cannot_stall_identity_for_tailnet_peers() {
             tokio::spawn(async move { r.resolve(sa(&format!("127.0.0.1:{}", 43000 + i))).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    assert!(f.whois_in_flight() <= 2);
-    let t = Instant::now();
-    let c = r.resolve(sa("100.64.0.1:1")).await.unwrap();
+    // The flood has started and fills its bound: two loopback lookups at tailscaled, no more.
+    wait_for(|| f.whois_in_flight() == 2 && r.snapshot().in_flight_loopback == 2).await;
+    assert_eq!(f.whois_max_in_flight(), 2, "the loopback bound is 2");
+    // A tailnet peer is answered while every loopback slot is still held (the held lookups
+    // never finish on their own, so a peer queued behind them would never be answered; the
+    // 10 s is only a deadline for that failure).
+    let c = tokio::time::timeout(Duration::from_secs(10), r.resolve(sa("100.64.0.1:1")))
+        .await
+        .expect("a tailnet peer waited behind local lookups")
+        .unwrap();
     assert_eq!(c.principal.id, "alice@example.com");
-    assert!(
-        t.elapsed() < Duration::from_millis(100),
-        "a tailnet peer waited {:?} behind local lookups",
-        t.elapsed()
-    );
+    assert_eq!(f.whois_in_flight(), 2, "the flood was still in flight");
+    assert!(flood.iter().all(|j| !j.is_finished()));
+    f.hold_unmapped_loopback(false);
     for j in flood {
         assert!(j.await.unwrap().is_err());
     }
+    assert_eq!(
+        f.calls("whois"),
+        21,
+        "10 loopback lookups (each 404 retried once) and the tailnet peer"
+    );
     assert!(
         f.whois_max_in_flight() <= 3,
         "2 loopback + 1 tailnet peer; saw {}",

@@ -1,5 +1,9 @@
 //! `toolgate serve` as a process: SIGTERM stops accepting, lets an in-flight call finish,
 //! flushes the audit store and exits 0; SIGHUP reloads policies.
+//!
+//! No sleeps for synchronisation: with the file watcher off, each SIGHUP is proven handled by
+//! the reload counters on the loopback metrics listener, and the slow call is proven in flight
+//! (the upstream counted it as started) before SIGTERM is sent.
 
 #![allow(
     clippy::unwrap_used,
@@ -44,6 +48,40 @@ fn connect_from(from: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+const RELOADS: &str = "toolgate_policy_reloads_total";
+const RELOAD_FAILURES: &str = "toolgate_policy_reload_failures_total";
+
+/// The value of counter `name` in a Prometheus text page.
+fn counter(page: &str, name: &str) -> Option<u64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls the metrics listener until every `(counter, value)` holds (20 s deadline).
+fn wait_for_metrics(metrics: SocketAddr, want: &[(&str, u64)]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    loop {
+        if let Ok(mut s) = TcpStream::connect(metrics) {
+            let _ = s.write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            );
+            let mut page = String::new();
+            if s.read_to_string(&mut page).is_ok() {
+                if want.iter().all(|(n, v)| counter(&page, n) == Some(*v)) {
+                    return;
+                }
+                last = page;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never reached {want:?}; last page:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn post(addr: SocketAddr, from: [u8; 4], body: &str) -> std::io::Result<String> {
     let mut s = connect_from(from, addr)?;
     let req = format!(
@@ -68,7 +106,25 @@ fn sigterm_drains_and_flushes_sighup_reloads() {
         ))
         .unwrap();
     let port = free_port();
+    let metrics_port = free_port();
     let cfg = toolgate::demo::write_files(dir.path(), port, upstream).unwrap();
+    // The file watcher off, so only SIGHUP can move the reload counters; a metrics listener
+    // to read them.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let edited = text.replace(
+        "policies:\n  dir: policies\n",
+        "policies:\n  dir: policies\n  watch: false\n",
+    );
+    assert_ne!(
+        edited, text,
+        "the demo config's policies block changed shape"
+    );
+    std::fs::write(
+        &cfg,
+        format!("{edited}metrics:\n  listen: \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let bin = env!("CARGO_BIN_EXE_toolgate");
     let child = Command::new(bin)
         .args(["serve", "--config", cfg.to_str().unwrap()])
@@ -87,11 +143,12 @@ fn sigterm_drains_and_flushes_sighup_reloads() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    wait_for_metrics(metrics, &[(RELOADS, 0), (RELOAD_FAILURES, 0)]);
     // SIGHUP with a broken policy file keeps the old policies: alice still reads.
     std::fs::write(dir.path().join("policies/broken.yaml"), "apiVersion: [").unwrap();
     let pid = guard.0.id().to_string();
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_metrics(metrics, &[(RELOADS, 0), (RELOAD_FAILURES, 1)]);
     let call = |delay: u64| {
         format!(
             r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search_repositories","arguments":{{"query":"x","delay_ms":{delay}}}}}}}"#
@@ -100,9 +157,25 @@ fn sigterm_drains_and_flushes_sighup_reloads() {
     let quick = post(addr, [127, 0, 0, 2], &call(0)).unwrap();
     assert!(quick.starts_with("HTTP/1.1 200"), "{quick}");
     assert!(quick.contains("\"isError\":false"), "{quick}");
-    // A slow call in flight when SIGTERM arrives still completes.
-    let slow = std::thread::spawn(move || post(addr, [127, 0, 0, 2], &call(1500)));
-    std::thread::sleep(Duration::from_millis(400));
+    // With the broken file gone, SIGHUP reloads: the success counter moves, the failure one not.
+    std::fs::remove_file(dir.path().join("policies/broken.yaml")).unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    wait_for_metrics(metrics, &[(RELOADS, 1), (RELOAD_FAILURES, 1)]);
+    // A slow call in flight when SIGTERM arrives still completes. The upstream counts a call
+    // as started before its delay (`delay_ms`, the scenario's slow upstream), so SIGTERM is
+    // sent only once the call has reached it.
+    let started = || counters.started.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(started(), 1, "the quick call");
+    let slow = std::thread::spawn(move || post(addr, [127, 0, 0, 2], &call(3000)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while started() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!slow.is_finished(), "the slow call finished before SIGTERM");
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let answer = slow.join().unwrap().unwrap();
     assert!(

@@ -151,12 +151,17 @@ async fn the_same_id_twice_in_flight_is_refused() {
     let p = pool(Isolation::ProcessGroup);
     let server = p.server(settings("dup", "hang", &[]));
     let child = server.spawn().await.unwrap();
-    let c2 = child.clone();
-    let first = tokio::spawn(async move { call(&c2, json!(5), "hang", json!({})).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first call is polled once, here: `request` registers its id before its first await,
+    // so after that poll the call is in flight (an ordering, not a sleep). It never answers.
+    let mut first = Box::pin(call(&child, json!(5), "hang", json!({})));
+    let once = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(first.as_mut(), cx))
+    })
+    .await;
+    assert!(once.is_pending(), "the hanging call answered: {once:?}");
     let second = call(&child, json!(5), "echo", json!({})).await;
     assert_eq!(second, Err(CallError::DuplicateId("5".into())));
-    first.abort();
+    drop(first);
     p.shutdown(Duration::from_secs(10)).await;
 }
 

@@ -185,7 +185,15 @@ async fn without_a_key_it_asks_for_a_login_url_and_waits() {
     let api = LocalApi::unix(&sock);
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let join = tokio::spawn(async move { ensure_joined(&api, &settings(None), &mut rx).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // It asked for a login URL, then went on polling the status (waiting, not giving up).
+    wait_requests(&state, "a status poll after the login request", |paths| {
+        paths
+            .iter()
+            .skip_while(|p| *p != "/localapi/v0/login-interactive")
+            .any(|p| *p == "/localapi/v0/status")
+    })
+    .await;
+    assert!(!join.is_finished(), "it waits for the login");
     {
         let s = state.lock().unwrap();
         assert_eq!(s.backend, "NeedsLogin");
@@ -216,21 +224,66 @@ async fn a_rejected_key_is_retried_with_backoff_and_shutdown_ends_the_wait() {
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let join =
         tokio::spawn(async move { ensure_joined(&api, &settings(Some("rsk_bad")), &mut rx).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let starts = |s: &FakeState| {
-        s.requests
-            .iter()
-            .filter(|r| r.1 == "/localapi/v0/start")
-            .count()
-    };
-    // One attempt so far (the next one waits for the backoff, not a hot loop).
-    assert_eq!(starts(&state.lock().unwrap()), 1);
+    // It is retried: a second `start`.
+    let paths = wait_requests(&state, "a second login attempt", |paths| {
+        paths.iter().filter(|p| *p == "/localapi/v0/start").count() >= 2
+    })
+    .await;
+    // With a backoff, not in a hot loop: between the first attempt and the second, the loop
+    // polled the status and did not log in (the backoff, 2 s, outlasts one 1 s tick), so at
+    // least three status requests lie between them (the idle poll, the poll that found the
+    // retry due, and the login's own). A retry without a backoff has two.
+    let first_done = paths
+        .iter()
+        .position(|p| p == "/localapi/v0/login-interactive")
+        .unwrap();
+    let second_start = paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| *p == "/localapi/v0/start")
+        .nth(1)
+        .unwrap()
+        .0;
+    let polls = paths[first_done..second_start]
+        .iter()
+        .filter(|p| *p == "/localapi/v0/status")
+        .count();
+    assert!(
+        polls >= 3,
+        "{polls} status polls between attempts: {paths:?}"
+    );
     tx.send(true).unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), join)
         .await
         .unwrap()
         .unwrap();
     assert!(r.is_err());
+}
+
+/// Polls the fake's request log (paths, in order) until `done` holds; returns it (10 s deadline).
+async fn wait_requests(
+    state: &Arc<Mutex<FakeState>>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let paths: Vec<String> = state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|r| r.1.clone())
+            .collect();
+        if done(&paths) {
+            return paths;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s; requests: {paths:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The real tailscaled, or `None` after a SKIPPED line (a failure under

@@ -444,7 +444,32 @@ async fn serve_waits_clearly_while_tailscaled_needs_login() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its log, line by line as written: the wait is proven by the line that announces it.
+    let stderr = serve.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("tailscaled is not running yet") => break,
+            Ok(_) => {}
+            Err(e) => panic!(
+                "serve never said it waits for tailscaled ({e}); exit: {:?}",
+                serve.try_wait()
+            ),
+        }
+    }
     // Still waiting (it must not give up, nor bind anything), then SIGTERM ends it cleanly.
     assert!(
         serve.try_wait().unwrap().is_none(),
@@ -453,12 +478,11 @@ async fn serve_waits_clearly_while_tailscaled_needs_login() {
     let _ = Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status();
-    let out = serve.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let status = serve.wait().unwrap();
+    let log = reader.join().unwrap();
     assert!(
-        out.status.success(),
-        "SIGTERM while waiting must exit 0: {:?}\n{log}",
-        out.status
+        status.success(),
+        "SIGTERM while waiting must exit 0: {status:?}\n{log}"
     );
     assert!(log.contains("tailscaled is not running yet"), "{log}");
     assert!(log.contains("NeedsLogin"), "{log}");

@@ -174,6 +174,9 @@ struct Shared {
     /// WhoIs requests being handled right now, and the most ever at once.
     whois_in_flight: AtomicUsize,
     whois_max_in_flight: AtomicUsize,
+    /// While `true`, unmapped loopback WhoIs requests wait (after their delay) until it is
+    /// `false` again: a test holds them in flight as long as it needs, without a timing bound.
+    loopback_hold: tokio::sync::watch::Sender<bool>,
     conns: Mutex<Vec<AbortHandle>>,
 }
 
@@ -213,6 +216,7 @@ impl FakeLocalApi {
             accepted: AtomicUsize::new(0),
             whois_in_flight: AtomicUsize::new(0),
             whois_max_in_flight: AtomicUsize::new(0),
+            loopback_hold: tokio::sync::watch::Sender::new(false),
             conns: Mutex::new(Vec::new()),
         });
         let fake = FakeLocalApi {
@@ -329,6 +333,11 @@ impl FakeLocalApi {
     /// How long an unmapped loopback WhoIs takes before its 404 (real 1.96.4: ~181 ms).
     pub fn set_unmapped_loopback_delay(&self, d: Duration) {
         self.shared.state.lock().unwrap().unmapped_loopback_delay = d;
+    }
+
+    /// Holds every unmapped loopback WhoIs in flight (`true`) until released (`false`).
+    pub fn hold_unmapped_loopback(&self, held: bool) {
+        self.shared.loopback_hold.send_replace(held);
     }
 
     /// Makes `endpoint` (`whois`, `status`, `cert`, `watch-ipn-bus`, `prefs`, …) fail.
@@ -830,8 +839,13 @@ async fn whois(shared: &Shared, params: &HashMap<String, String>) -> Response<Bo
     match found {
         Some(v) => json_reply(go_indent(&v)), // MarshalIndent: no trailing newline
         None => {
-            if let Some(d) = loopback_miss_delay.filter(|d| !d.is_zero()) {
-                tokio::time::sleep(d).await;
+            if let Some(d) = loopback_miss_delay {
+                if !d.is_zero() {
+                    // The scenario: tailscaled's slow answer for an unmapped loopback address.
+                    tokio::time::sleep(d).await;
+                }
+                let mut hold = shared.loopback_hold.subscribe();
+                let _ = hold.wait_for(|held| !held).await;
             }
             text_error(404, "no match for IP:port")
         }
