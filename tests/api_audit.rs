@@ -73,12 +73,7 @@ async fn users_see_their_own_rows_admins_see_all() {
     let server = tokio::spawn(daemon::run(built, rx));
     let base = format!("http://127.0.0.1:{port}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_listening(addr).await;
     call(
         [127, 0, 0, 2],
         &base,
@@ -123,8 +118,34 @@ async fn users_see_their_own_rows_admins_see_all() {
     assert_eq!(s, 400, "{bad}");
     let (s, _) = get([127, 0, 0, 9], &format!("{base}/api/audit")).await;
     assert_eq!(s, 403);
-    let _ = stop.send(true);
-    let _ = server.await;
+    stop_daemon(stop, server).await;
+}
+
+/// Polls until the daemon accepts connections at `addr` (20 s deadline).
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never listened at {addr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Asks the daemon to stop and checks that it does, cleanly: `daemon::run` returns `Ok` (an
+/// error there, such as a failed final audit flush, fails the test) within 30 s.
+async fn stop_daemon(
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), String>>,
+) {
+    stop.send(true)
+        .expect("the daemon still listens for the stop signal");
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), server)
+        .await
+        .expect("the daemon did not stop within 30 s")
+        .expect("the daemon task panicked");
+    assert_eq!(exit, Ok(()), "the daemon's exit");
 }
 
 /// Peak resident memory of this process since the last [`reset_peak`], in bytes.
@@ -207,12 +228,7 @@ async fn pages_are_bounded_streamed_and_complete() {
     let server = tokio::spawn(daemon::run(built, rx));
     let base = format!("http://127.0.0.1:{port}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_listening(addr).await;
     let carol = reqwest::Client::builder()
         .local_address(IpAddr::from([127, 0, 0, 5]))
         .build()
@@ -317,6 +333,5 @@ async fn pages_are_bounded_streamed_and_complete() {
     assert_eq!(mine.len(), ROWS / 50);
     assert_eq!(withheld as usize, ROWS - ROWS / 50);
     assert!(short_with_next > 0, "the scan budget was reached");
-    let _ = stop.send(true);
-    let _ = server.await;
+    stop_daemon(stop, server).await;
 }
