@@ -5,7 +5,7 @@
 //! hangs, writes garbage, floods stderr, leaves grandchildren behind or ignores SIGTERM on
 //! demand. Every test runs in both containment modes where it matters: process group (always
 //! available) and cgroup (where this machine lets us create cgroups; otherwise that half
-//! prints a SKIP line).
+//! prints a loud SKIPPED line, or fails under `TOOLGATE_REQUIRE_PEERS=1`).
 
 #![allow(
     clippy::unwrap_used,
@@ -13,6 +13,8 @@
     clippy::panic,
     reason = "test code"
 )]
+
+mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,7 +60,8 @@ fn pool(isolation: Isolation) -> Pool {
     Pool::new(PathBuf::from(env!("CARGO_BIN_EXE_toolgate")), isolation, 8).unwrap()
 }
 
-/// Both pools, or only the process-group one (with a SKIP line) where cgroups are not ours.
+/// Both pools, or only the process-group one (after a SKIPPED line; a failure under
+/// `TOOLGATE_REQUIRE_PEERS=1`) where cgroups are not ours.
 fn pools() -> Vec<Pool> {
     let mut out = vec![pool(Isolation::ProcessGroup)];
     match Pool::new(
@@ -67,7 +70,14 @@ fn pools() -> Vec<Pool> {
         8,
     ) {
         Ok(p) => out.push(p),
-        Err(e) => eprintln!("SKIP the cgroup half: {e}"),
+        // A missing capability, like a missing peer: loud, and a failure under
+        // TOOLGATE_REQUIRE_PEERS=1 (CI runs as root, where the cgroup half runs).
+        Err(e) => support::peers::missing(
+            "the cgroup half of the stdio tests",
+            "cgroup delegation (a capability)",
+            &e,
+            "run as root, or as a user with a delegated cgroup v2 subtree",
+        ),
     }
     out
 }

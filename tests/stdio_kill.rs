@@ -1,7 +1,8 @@
 //! No stdio child or grandchild outlives toolgate: the real `toolgate serve` in a process of
 //! its own, with stdio servers that leave two grandchildren each (one in their process group,
 //! one in a session of its own), stopped by SIGTERM and by SIGKILL, in both containment modes
-//! (process group + PR_SET_PDEATHSIG + subreaper; cgroup where this machine allows it).
+//! (process group + PR_SET_PDEATHSIG + subreaper; cgroup where this machine allows it, else
+//! a loud SKIPPED line, or a failure under `TOOLGATE_REQUIRE_PEERS=1`).
 //!
 //! This test process makes itself a child subreaper, so the launchers orphaned by `kill -9`
 //! are re-parented to it and reaped here (this machine's init does not reap): a process
@@ -13,6 +14,8 @@
     clippy::panic,
     reason = "test code"
 )]
+
+mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -178,7 +181,14 @@ fn modes() -> Vec<&'static str> {
         {
             m.push("cgroup")
         }
-        _ => eprintln!("SKIP the cgroup half: this process may not create cgroups here"),
+        // A missing capability, like a missing peer: loud, and a failure under
+        // TOOLGATE_REQUIRE_PEERS=1 (CI runs as root, where the cgroup half runs).
+        _ => support::peers::missing(
+            "the cgroup half of the stdio kill tests",
+            "cgroup delegation (a capability)",
+            "this process may not create cgroups here",
+            "run as root, or as a user with a delegated cgroup v2 subtree",
+        ),
     }
     m
 }
