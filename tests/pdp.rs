@@ -97,10 +97,12 @@ impl Daemon {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(daemon::run(built, rx));
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon never listened at {addr}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         Daemon {
