@@ -62,11 +62,16 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with("").await
+}
+
+/// As [`start`], with `extra` appended to the `hooks.aperture` block (4-space indented keys).
+async fn start_with(extra: &str) -> Harness {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hook.key"), format!("{KEY}\n")).unwrap();
     let cfg_text = format!(
-        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nhooks:\n  aperture:\n    callers: [tag:aperture]\n    key_file: {}\n",
+        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nhooks:\n  aperture:\n    callers: [tag:aperture]\n    key_file: {}\n{extra}",
         root.join("policies").display(),
         dir.path().join("hook.key").display()
     );
@@ -664,4 +669,95 @@ async fn bad_input_blocks_with_a_clear_reason() {
     let (_, answer, _) = aperture(&h, "/hooks/aperture/pre_request", &call).await;
     assert_eq!(answer["action"], "block", "{answer}");
     assert_eq!(answer["status_code"], 503);
+}
+
+#[tokio::test]
+async fn an_oversize_body_is_blocked_with_the_documented_error_and_nothing_is_allowed() {
+    // The smallest limit the config accepts, so the test body stays small.
+    let h = start_with("    max_body: 1024\n").await;
+    let meta = metadata(
+        "alice@example.com",
+        developer(),
+        "anthropic",
+        "claude-sonnet-4",
+    );
+    // A tool use the shipped policies allow for this developer, padded past the limit: were the
+    // limit not enforced, this would be answered `allow`.
+    let small = hook_call(
+        meta.clone(),
+        anthropic_body(&[("read_file", json!({"path": "README.md"}))], &[]),
+    );
+    let (status, answer, _) = aperture(&h, "/hooks/aperture/pre_request", &small).await;
+    assert_eq!(
+        (status, answer["action"].as_str()),
+        (200, Some("allow")),
+        "{answer}"
+    );
+    let padded = hook_call(
+        meta.clone(),
+        anthropic_body(
+            &[(
+                "read_file",
+                json!({"path": "README.md", "pad": "x".repeat(2048)}),
+            )],
+            &[],
+        ),
+    );
+    assert!(padded.to_string().len() > 1024);
+    let before = rows(&h).len();
+    for path in [
+        "/hooks/aperture/pre_request",
+        "/hooks/aperture",
+        "/hooks/aperture/post_response",
+    ] {
+        let (status, answer, decision) = aperture(&h, path, &padded).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        assert_eq!(answer["action"], "block", "{path}: {answer}");
+        assert_eq!(answer["status_code"], 413, "{path}: {answer}");
+        let m = answer["message"].as_str().unwrap();
+        assert!(
+            m.contains("could not be read within hooks.aperture.max_body (1024 bytes)"),
+            "{path}: {m}"
+        );
+        let r = row(&h, &decision);
+        assert_eq!(r.outcome, "refused", "{path}");
+        assert_ne!(r.effect, Effect::Allow, "{path}");
+    }
+    // Chunked (no Content-Length), so the limit is met while streaming, not from the header.
+    let client = reqwest::Client::builder()
+        .local_address("127.0.0.5".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let chunks: Vec<Result<String, std::io::Error>> = vec![
+        Ok(padded.to_string()[..600].to_string()),
+        Ok(padded.to_string()[600..].to_string()),
+    ];
+    let r = client
+        .post(format!("http://{}/hooks/aperture/pre_request", h.addr))
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(
+        (v["action"].as_str(), v["status_code"].as_u64()),
+        (Some("block"), Some(413)),
+        "{v}"
+    );
+    // Four refusals, no allowed row among the new ones, and the server still answers.
+    let new: Vec<AuditRow> = rows(&h).into_iter().skip(before).collect();
+    assert_eq!(new.len(), 4, "{new:?}");
+    assert!(
+        new.iter()
+            .all(|r| r.outcome == "refused" && r.effect != Effect::Allow)
+    );
+    let (status, answer, _) = aperture(&h, "/hooks/aperture/pre_request", &small).await;
+    assert_eq!(
+        (status, answer["action"].as_str()),
+        (200, Some("allow")),
+        "{answer}"
+    );
 }
