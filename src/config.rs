@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub use crate::pdp::jwt::{JwtKeySetConfig, LocalKeySet};
 use crate::policy::input::{Evaluation, SchemaEnforcement};
 use crate::policy::parse;
 
@@ -777,28 +778,6 @@ pub struct PdpConfig {
     /// The key sets, read when the daemon is built ([`crate::pdp::jwt::KeySets::load`]).
     #[serde(skip)]
     pub keysets: std::sync::Arc<crate::pdp::jwt::KeySets>,
-}
-
-/// One `pdp.jwt_keysets` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtKeySetConfig {
-    pub id: String,
-    #[serde(default)]
-    pub local: Option<LocalKeySet>,
-    /// Cerbos's remote (fetched) key sets: refused, toolgate fetches nothing at run time.
-    #[serde(default)]
-    pub remote: Option<Value>,
-}
-
-/// A key set on disk (`file`, a JWK set or one JWK) or inline (`data`, base64 of the same).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LocalKeySet {
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    #[serde(default)]
-    pub data: Option<String>,
 }
 
 fn default_pdp_callers() -> Vec<String> {

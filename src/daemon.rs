@@ -348,7 +348,7 @@ pub fn build_with(
     let mut upstreams = std::collections::BTreeMap::new();
     for (name, s) in &cfg.servers {
         let up = Upstream::from_config(name, s, stdio.as_ref().map(|p| (p, &cfg.stdio)))?;
-        upstreams.insert(name.clone(), up);
+        upstreams.insert(name.clone(), Arc::new(up));
     }
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     if !node.dns_name.is_empty() {

@@ -74,7 +74,7 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(crate::cli::exit::USAGE);
+            return ExitCode::from(crate::exit::USAGE);
         }
     };
     let mut identity = match &args.config {
@@ -82,7 +82,7 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
             Ok(identity) => identity,
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(crate::cli::exit::CONFIG);
+                return ExitCode::from(crate::exit::CONFIG);
             }
         },
         None => IdentityConfig::default(),
@@ -98,12 +98,12 @@ pub fn whois_cmd(args: &WhoisArgs) -> ExitCode {
             match identity.provider {
                 // The static provider answers from its fixture file: tailscaled is not asked.
                 IdentityProvider::Static => {
-                    use crate::server::Identify;
+                    use crate::caller::Identify;
                     let path = identity
                         .r#static
                         .as_ref()
                         .ok_or("identity.provider static needs identity.static (a fixture file)")?;
-                    let provider = crate::server::StaticProvider {
+                    let provider = crate::caller::StaticProvider {
                         identities: crate::identity::StaticIdentities::load(path)?,
                         mappings: identity.role_mappings.clone(),
                     };
@@ -187,7 +187,7 @@ pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
         Ok(x) => x,
         Err(c) => {
             println!("{c}");
-            return ExitCode::from(crate::cli::exit::CONFIG);
+            return ExitCode::from(crate::exit::CONFIG);
         }
     };
     let checks = match runtime() {

@@ -5,112 +5,18 @@
 //! and how they answer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, Server};
-use crate::identity::Identity;
-use crate::mcp::mapping::Target;
+pub use crate::caller::{Caller, Conn};
+use crate::config::Config;
+pub use crate::mcp::transport::Upstream;
 use crate::policy::eval::{self, CheckOutput};
 use crate::policy::input::{CheckInput, Params, Principal, Resource};
 use crate::policy::model::Effect;
 use crate::policy::store::Store;
-
-/// The verified caller of one connection.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub identity: Identity,
-    pub principal: Principal,
-}
-
-/// What the accept loop knows about a connection; inserted into every request's extensions.
-#[derive(Debug, Clone)]
-pub struct Conn {
-    pub peer: SocketAddr,
-    /// `None`: no verified identity (invariant I1: nothing is forwarded for it).
-    pub caller: Option<Arc<Caller>>,
-    /// Why there is no caller, for the refusal and the audit row.
-    pub unidentified: Option<String>,
-}
-
-/// An upstream MCP server, as configured.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub target: Target,
-    /// Streamable HTTP (the URL parsed once at start) or a stdio server's children.
-    pub transport: crate::mcp::transport::Transport,
-    pub timeout: Duration,
-    /// Resolved extra headers (values may come from the environment; never logged).
-    pub headers: Vec<(String, String)>,
-    /// Refuse methods the gateway does not know instead of asking policy.
-    pub deny_unknown: bool,
-    /// Bound on a server→client stream.
-    pub max_stream: Duration,
-    /// Bound on a client message's bytes.
-    pub max_body: usize,
-    /// Bound on a client message's JSON values.
-    pub max_nodes: usize,
-}
-
-impl Upstream {
-    /// The upstream for a checked `servers.<name>` entry; a stdio server's children are
-    /// started in `stdio` (needed only when the entry has a `command`).
-    pub fn from_config(
-        name: &str,
-        c: &Server,
-        stdio: Option<(&crate::stdio::Pool, &crate::config::StdioConfig)>,
-    ) -> Result<Upstream, String> {
-        use crate::mcp::transport::Transport;
-        let transport = match &c.transport {
-            crate::config::Transport::Http(url) => Transport::Http(url.clone()),
-            crate::config::Transport::Stdio(cmd) => {
-                let (pool, all) = stdio.ok_or_else(|| {
-                    format!("servers.{name}: a stdio server needs the stdio supervisor")
-                })?;
-                Transport::Stdio(pool.server(stdio_settings(name, c, cmd, all)))
-            }
-        };
-        Ok(Upstream {
-            target: Target {
-                server: name.to_string(),
-                resource_kind: c.resource_kind.clone(),
-                scope: c.scope.clone(),
-            },
-            transport,
-            timeout: c.timeout,
-            headers: c.headers.clone(),
-            deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
-            max_stream: c.max_stream,
-            max_body: c.max_body,
-            max_nodes: c.max_nodes,
-        })
-    }
-}
-
-/// A stdio server's settings from its config entry and the `stdio:` section.
-fn stdio_settings(
-    name: &str,
-    c: &Server,
-    cmd: &crate::config::StdioCommand,
-    all: &crate::config::StdioConfig,
-) -> crate::stdio::Settings {
-    crate::stdio::Settings {
-        name: name.to_string(),
-        command: cmd.command.clone(),
-        env: crate::stdio::Settings::child_env(std::env::vars(), &cmd.env),
-        cwd: cmd.cwd.clone(),
-        max_children: cmd.max_children,
-        limits: crate::stdio::ChildLimits {
-            max_line: all.max_line,
-            call_timeout: c.timeout,
-            grace: all.grace,
-            idle_timeout: cmd.idle_timeout,
-        },
-    }
-}
 
 /// The decision for a set of actions, with what the audit row needs.
 #[derive(Debug, Clone)]
@@ -286,7 +192,7 @@ impl InFlight {
 pub struct Gateway {
     pub config: Config,
     pub store: Arc<Store>,
-    pub upstreams: BTreeMap<String, Upstream>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub http: reqwest::Client,
     pub sessions: Sessions,
     /// Server→client requests delivered to callers and not answered yet.
@@ -306,7 +212,7 @@ pub struct Gateway {
     /// Open server→client streams to tell about tool-list changes.
     pub list_watchers: Mutex<Vec<ListWatcher>>,
     /// Sessions of the aggregated endpoint `/mcp`.
-    pub aggregate: crate::mcp::multi::Sessions,
+    pub aggregate: crate::mcp::sessions::Sessions,
     /// Tool names seen in each server's `tools/list`.
     pub known_tools: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Bytes of client messages in flight, daemon-wide (`limits.in_flight_bytes`).
@@ -640,6 +546,12 @@ impl AuditRow {
 
     /// Fills the decision fields for `action` from `d`.
     pub fn decided(mut self, d: &Decision, action: &str) -> AuditRow {
+        self.set_decision(d, action);
+        self
+    }
+
+    /// Fills the decision fields for `action` from `d`, in place.
+    pub fn set_decision(&mut self, d: &Decision, action: &str) {
         self.action = action.to_string();
         self.policy_hash = d.policy_hash.clone();
         if let Some(r) = d.result(action) {
@@ -649,7 +561,6 @@ impl AuditRow {
             self.reason = r.reason.clone();
         }
         self.explain = serde_json::to_value(&d.output.trace).ok();
-        self
     }
 }
 
@@ -704,7 +615,7 @@ pub struct TailnetProxy {
 pub fn is_tailnet_host(host: &str, suffix: Option<&str>) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return crate::daemon::is_tailnet_ip(ip);
+        return crate::config::is_tailnet_ip(ip);
     }
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let under = |s: &str| {

@@ -8,11 +8,13 @@
 pub mod audit;
 pub mod backoff;
 pub mod budget;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod doctor;
+pub mod exit;
 pub mod gateway;
 pub mod hook;
 pub mod identity;

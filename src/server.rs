@@ -36,12 +36,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+pub use crate::caller::{Identify, StaticProvider};
 use crate::gateway::{Caller, Conn, Gateway};
-use crate::identity::{
-    StaticIdentities, from_serve_headers, normalize_ip, strip_tailscale_headers,
-};
+use crate::identity::{from_serve_headers, normalize_ip, strip_tailscale_headers};
 use crate::mcp::jsonrpc::{self, code};
-use crate::mcp::proxy;
 
 /// How many connections one listener serves at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -116,52 +114,14 @@ pub struct ConnStats {
     pub re_resolved: AtomicU64,
 }
 
-/// Turns a peer address into a caller, or says why not.
-pub trait Identify: Send + Sync + 'static {
-    fn identify(
-        &self,
-        peer: SocketAddr,
-    ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>>;
-
-    /// A number that changes whenever identities may have changed (a new netmap, a tag
-    /// change): an open connection re-resolves its caller when it differs from the one seen
-    /// at its last resolution. Providers whose answers never change return a constant.
-    fn generation(&self) -> u64 {
-        0
-    }
-}
-
-/// The static provider (dev, tests, the demo): source IP → identity fixture.
-pub struct StaticProvider {
-    pub identities: StaticIdentities,
-    pub mappings: crate::config::RoleMappings,
-}
-
-impl Identify for StaticProvider {
-    fn identify(
-        &self,
-        peer: SocketAddr,
-    ) -> futures_util::future::BoxFuture<'_, Result<Caller, String>> {
-        let found = self.identities.lookup(normalize_ip(peer.ip())).cloned();
-        Box::pin(async move {
-            let identity = found.ok_or_else(|| format!("no static identity for {}", peer.ip()))?;
-            let principal = identity.principal(&self.mappings);
-            Ok(Caller {
-                identity,
-                principal,
-            })
-        })
-    }
-}
-
 /// The HTTP surface: every route, behind the Host/Origin check.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route(
             "/mcp/{server}",
-            post(proxy::post)
-                .get(proxy::session_request)
-                .delete(proxy::session_request),
+            post(crate::mcp::request::post)
+                .get(crate::mcp::request::session_request)
+                .delete(crate::mcp::request::session_request),
         )
         .route(
             "/mcp",

@@ -108,7 +108,12 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let upstreams = config
         .servers
         .iter()
-        .map(|(n, c)| (n.clone(), Upstream::from_config(n, c, None).unwrap()))
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                Arc::new(Upstream::from_config(n, c, None).unwrap()),
+            )
+        })
         .collect();
     let sink = Arc::new(MemorySink::default());
     let budget = toolgate::budget::Budget::new(config.limits.in_flight_bytes);

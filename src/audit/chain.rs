@@ -14,23 +14,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::key::{ChainKey, unhex32};
+use super::key::ChainKey;
+pub use super::links::{Anchor, GENESIS, hex, unhex32};
 use super::record::{StoredRow, event};
 use super::store::{self, Names};
-
-/// The `prev` of the very first row.
-pub const GENESIS: [u8; 32] = [0; 32];
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
-}
 
 /// SHA-256 of `data` as lower-case hex.
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -58,16 +45,6 @@ pub fn legacy_row_hash(prev_hash: &str, seq: i64, content: &str) -> String {
     h.update(b"\n");
     h.update(content.as_bytes());
     hex(&h.finalize())
-}
-
-/// What an anchor row records (as its `explain` JSON).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Anchor {
-    /// Every row with seq ≤ this was pruned.
-    pub pruned_through_seq: i64,
-    /// The hash of the row at `pruned_through_seq`: the oldest remaining row's `prev_hash`.
-    pub pruned_through_hash: String,
-    pub pruned_rows: i64,
 }
 
 /// The result of a walk over the whole chain.

@@ -16,7 +16,7 @@ use super::record::{CONTRACT_KEYS, Row, outcome};
 use super::{AuditError, chain};
 
 const DEFAULT_DB: &str = "/var/lib/toolgate/audit.db";
-use crate::cli::exit::{
+use crate::exit::{
     CONFIG as EXIT_CONFIG, FAILURE as EXIT_BROKEN, UNKEYED as EXIT_UNKEYED, USAGE as EXIT_USAGE,
 };
 /// Rows the table format shows when no --limit is given.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use super::links::unhex32;
+
 /// The chain key. `Debug` never prints it.
 #[derive(Clone)]
 pub struct ChainKey {
@@ -42,7 +44,7 @@ impl ChainKey {
         let mut h = Sha256::new();
         h.update(b"toolgate audit key id\n");
         h.update(key);
-        let id = super::chain::hex(&h.finalize()[..8]);
+        let id = super::links::hex(&h.finalize()[..8]);
         ChainKey { inner, outer, id }
     }
 
@@ -111,7 +113,7 @@ pub fn load_or_create(path: &Path) -> Result<ChainKey, String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("audit chain key {}: creating: {e}", path.display()))?;
-    f.write_all(format!("{}\n", super::chain::hex(&key)).as_bytes())
+    f.write_all(format!("{}\n", super::links::hex(&key)).as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("audit chain key {}: writing: {e}", path.display()))?;
     Ok(ChainKey::from_bytes(&key))
@@ -132,21 +134,6 @@ fn check_mode(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// 64 hex digits → 32 bytes.
-pub fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        let hi = (b[2 * i] as char).to_digit(16)?;
-        let lo = (b[2 * i + 1] as char).to_digit(16)?;
-        *o = u8::try_from(hi * 16 + lo).ok()?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,7 +147,7 @@ mod tests {
         let k = ChainKey::from_bytes(&key);
         let mac = k.mac(&[b"what do ya want ", b"for nothing?"]);
         assert_eq!(
-            super::super::chain::hex(&mac),
+            super::super::links::hex(&mac),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         assert!(!format!("{k:?}").contains("Jefe"));

@@ -15,6 +15,7 @@
 pub mod chain;
 pub mod cli;
 pub mod key;
+pub mod links;
 pub mod migrate;
 pub mod postgres;
 pub mod query;

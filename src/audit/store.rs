@@ -10,8 +10,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::chain::{Anchor, hex};
-use super::key::unhex32;
+use super::links::{Anchor, hex, unhex32};
 use super::record::{StoredRow, canonical_json, event, format_time};
 
 /// Fixed name ids (0003_v3.sql): partial indexes name the common values with ranges.
@@ -581,7 +580,7 @@ pub(crate) fn hash_at(c: &Connection, seq: i64) -> rusqlite::Result<Option<[u8; 
 /// anchor recorded for pruned rows. `None`: unknown (rows before it are missing).
 pub(crate) fn prev_of(c: &Connection, seq: i64) -> rusqlite::Result<Option<[u8; 32]>> {
     if seq <= 1 {
-        return Ok(Some(super::chain::GENESIS));
+        return Ok(Some(super::links::GENESIS));
     }
     if let Some(h) = hash_at(c, seq - 1)? {
         return Ok(Some(h));
@@ -597,7 +596,7 @@ pub(crate) fn prev_of(c: &Connection, seq: i64) -> rusqlite::Result<Option<[u8; 
 
 /// The last chained row (seq, hash), or (0, genesis) for an empty chain.
 pub(crate) fn tail(c: &Connection) -> rusqlite::Result<(i64, [u8; 32])> {
-    let mut best = (0i64, super::chain::GENESIS);
+    let mut best = (0i64, super::links::GENESIS);
     for t in ["decisions", "outcomes", "anchors"] {
         let last: Option<(i64, Vec<u8>)> = c
             .query_row(

@@ -11,5 +11,7 @@ pub mod mapping;
 pub mod multi;
 pub mod payload;
 pub mod proxy;
+pub mod request;
+pub mod sessions;
 pub mod sse;
 pub mod transport;

@@ -19,9 +19,9 @@
 //!   way back. `notifications/*/list_changed` from any server, and the ones policy reloads
 //!   inject, reach the client once until it lists again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Extension, Path, State};
@@ -31,9 +31,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
-use super::aggregate::{self, Coalescer, Naming, Page, RouteError, UriIndex};
+use super::aggregate::{self, Naming, Page, RouteError};
 use super::jsonrpc::{self, Kind, Limits, Message, code};
 use super::proxy;
+use super::sessions::Up;
+pub use super::sessions::{AggSession, MAX_SESSIONS, SESSION_IDLE, Sessions};
 use super::sse;
 use crate::audit::record::outcome;
 use crate::gateway::{AuditRow, Caller, Conn, Gateway};
@@ -44,9 +46,6 @@ const VERSION_HEADER: &str = "mcp-protocol-version";
 /// The revision `/mcp` speaks when the client asks for one it does not know.
 const LATEST: &str = "2025-11-25";
 const SUPPORTED: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
-/// Aggregated sessions at most; idle ones are dropped first.
-pub const MAX_SESSIONS: usize = 10_000;
-pub const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
 /// Server messages kept for a client whose stream is not open.
 const MAX_BACKLOG: usize = 256;
 /// Pages followed per server when learning which server serves a URI.
@@ -55,102 +54,6 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 const MAX_EVENT: usize = 8 * 1024 * 1024;
 const MAX_RESPONSE: usize = 32 * 1024 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One server's session inside an aggregated one.
-#[derive(Debug, Clone)]
-struct Up {
-    sid: Option<String>,
-    version: String,
-}
-
-/// One client session of `/mcp`.
-pub struct AggSession {
-    principal: String,
-    /// The client's `initialize` params, replayed to each server.
-    init: Value,
-    version: String,
-    ups: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Up>>>>>,
-    uris: Mutex<UriIndex>,
-    coalesce: Mutex<Coalescer>,
-    /// The client's GET stream, when open.
-    outbox: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
-    backlog: Mutex<VecDeque<Bytes>>,
-    /// Client request id (canonical) → the server it went to, while in flight.
-    inflight: Mutex<HashMap<String, String>>,
-    last_seen: Mutex<Instant>,
-}
-
-impl std::fmt::Debug for AggSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AggSession")
-            .field("principal", &self.principal)
-            .finish()
-    }
-}
-
-/// The aggregated sessions of this gateway.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<AggSession>>>,
-}
-
-impl Sessions {
-    fn open(
-        &self,
-        principal: &str,
-        init: Value,
-        version: String,
-    ) -> Option<(String, Arc<AggSession>)> {
-        let sid = uuid::Uuid::new_v4().to_string();
-        let s = Arc::new(AggSession {
-            principal: principal.to_string(),
-            init,
-            version,
-            ups: Mutex::default(),
-            uris: Mutex::default(),
-            coalesce: Mutex::default(),
-            outbox: Mutex::default(),
-            backlog: Mutex::default(),
-            inflight: Mutex::default(),
-            last_seen: Mutex::new(Instant::now()),
-        });
-        let mut m = self.map.lock().ok()?;
-        if m.len() >= MAX_SESSIONS {
-            m.retain(|_, s| {
-                s.last_seen
-                    .lock()
-                    .map(|t| t.elapsed() < SESSION_IDLE)
-                    .unwrap_or(false)
-            });
-        }
-        if m.len() >= MAX_SESSIONS {
-            return None;
-        }
-        m.insert(sid.clone(), s.clone());
-        Some((sid, s))
-    }
-
-    fn get(&self, sid: &str) -> Option<Arc<AggSession>> {
-        let s = self.map.lock().ok()?.get(sid).cloned()?;
-        if let Ok(mut t) = s.last_seen.lock() {
-            *t = Instant::now();
-        }
-        Some(s)
-    }
-
-    fn end(&self, sid: &str) -> Option<Arc<AggSession>> {
-        self.map.lock().ok()?.remove(sid)
-    }
-
-    /// Live aggregated sessions.
-    pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
@@ -471,7 +374,7 @@ async fn call(
             h.insert(VERSION_HEADER, v);
         }
     }
-    let r = proxy::post(
+    let r = super::request::post(
         State(gw.clone()),
         Path(server.to_string()),
         Extension(conn.clone()),
@@ -1222,7 +1125,7 @@ fn relay(
         if let Ok(v) = HeaderValue::from_str(&up.version) {
             h.insert(VERSION_HEADER, v);
         }
-        let r = proxy::session_request(
+        let r = super::request::session_request(
             State(gw.clone()),
             Path(server.clone()),
             Extension(conn),
@@ -1332,7 +1235,7 @@ pub async fn session_request(
                 if let Ok(v) = HeaderValue::from_str(&version) {
                     h.insert(VERSION_HEADER, v);
                 }
-                let _ = proxy::session_request(
+                let _ = super::request::session_request(
                     State(gw.clone()),
                     Path(server.clone()),
                     Extension(conn.clone()),

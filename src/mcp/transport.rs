@@ -8,6 +8,7 @@
 //! stateless 2026-07-28 era) share one child per identity.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use bytes::Bytes;
@@ -16,7 +17,8 @@ use futures_util::stream::BoxStream;
 use serde_json::Value;
 
 use super::jsonrpc::{Kind, Message};
-use crate::gateway::{Gateway, Upstream};
+use super::mapping::Target;
+use crate::config::Server;
 use crate::stdio::{self, Answer, CallError, OpenError};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -40,6 +42,81 @@ pub enum Transport {
     Http(reqwest::Url),
     /// A stdio server: its children.
     Stdio(Arc<stdio::Server>),
+}
+
+/// An upstream MCP server, as configured.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub target: Target,
+    /// Streamable HTTP (the URL parsed once at start) or a stdio server's children.
+    pub transport: Transport,
+    pub timeout: Duration,
+    /// Resolved extra headers (values may come from the environment; never logged).
+    pub headers: Vec<(String, String)>,
+    /// Refuse methods the gateway does not know instead of asking policy.
+    pub deny_unknown: bool,
+    /// Bound on a server→client stream.
+    pub max_stream: Duration,
+    /// Bound on a client message's bytes.
+    pub max_body: usize,
+    /// Bound on a client message's JSON values.
+    pub max_nodes: usize,
+}
+
+impl Upstream {
+    /// The upstream for a checked `servers.<name>` entry; a stdio server's children are
+    /// started in `stdio` (needed only when the entry has a `command`).
+    pub fn from_config(
+        name: &str,
+        c: &Server,
+        stdio: Option<(&crate::stdio::Pool, &crate::config::StdioConfig)>,
+    ) -> Result<Upstream, String> {
+        let transport = match &c.transport {
+            crate::config::Transport::Http(url) => Transport::Http(url.clone()),
+            crate::config::Transport::Stdio(cmd) => {
+                let (pool, all) = stdio.ok_or_else(|| {
+                    format!("servers.{name}: a stdio server needs the stdio supervisor")
+                })?;
+                Transport::Stdio(pool.server(stdio_settings(name, c, cmd, all)))
+            }
+        };
+        Ok(Upstream {
+            target: Target {
+                server: name.to_string(),
+                resource_kind: c.resource_kind.clone(),
+                scope: c.scope.clone(),
+            },
+            transport,
+            timeout: c.timeout,
+            headers: c.headers.clone(),
+            deny_unknown: c.unknown_methods == crate::config::UnknownMethods::Deny,
+            max_stream: c.max_stream,
+            max_body: c.max_body,
+            max_nodes: c.max_nodes,
+        })
+    }
+}
+
+/// A stdio server's settings from its config entry and the `stdio:` section.
+fn stdio_settings(
+    name: &str,
+    c: &Server,
+    cmd: &crate::config::StdioCommand,
+    all: &crate::config::StdioConfig,
+) -> crate::stdio::Settings {
+    crate::stdio::Settings {
+        name: name.to_string(),
+        command: cmd.command.clone(),
+        env: crate::stdio::Settings::child_env(std::env::vars(), &cmd.env),
+        cwd: cmd.cwd.clone(),
+        max_children: cmd.max_children,
+        limits: crate::stdio::ChildLimits {
+            max_line: all.max_line,
+            call_timeout: c.timeout,
+            grace: all.grace,
+            idle_timeout: cmd.idle_timeout,
+        },
+    }
 }
 
 /// A body as it arrives (errors carry no URL: upstream URLs may hold secrets).
@@ -114,7 +191,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// POSTs one authorized message (`msg`, sent as its canonical bytes) for `principal`.
 pub async fn post(
-    gw: &Gateway,
+    http: &reqwest::Client,
     upstream: &Upstream,
     client: &HeaderMap,
     msg: &Message,
@@ -122,7 +199,7 @@ pub async fn post(
 ) -> Result<Reply, Failure> {
     match &upstream.transport {
         Transport::Http(url) => {
-            let req = http_request(gw, upstream, url, reqwest::Method::POST, client)
+            let req = http_request(http, upstream, url, reqwest::Method::POST, client)
                 .header("content-type", "application/json")
                 .body(msg.canonical());
             http_send(req).await
@@ -133,7 +210,7 @@ pub async fn post(
 
 /// GET (the session's stream of server messages) or DELETE (end the session).
 pub async fn session(
-    gw: &Gateway,
+    http: &reqwest::Client,
     upstream: &Upstream,
     method: &Method,
     client: &HeaderMap,
@@ -145,7 +222,7 @@ pub async fn session(
             } else {
                 reqwest::Method::GET
             };
-            let req = http_request(gw, upstream, url, m, client).timeout(upstream.max_stream);
+            let req = http_request(http, upstream, url, m, client).timeout(upstream.max_stream);
             http_send(req).await
         }
         Transport::Stdio(server) => {
@@ -181,11 +258,10 @@ pub async fn session(
 
 /// Sends the gateway's own answer to a server request (one policy withheld) upstream, on the
 /// session the request came from. Fire and forget: the server may have moved on.
-pub fn answer(gw: &Gateway, upstream: &Upstream, principal: &str, body: Vec<u8>) {
+pub fn answer(http: &reqwest::Client, upstream: &Upstream, principal: &str, body: Vec<u8>) {
     match &upstream.transport {
         Transport::Http(url) => {
-            let mut req = gw
-                .http
+            let mut req = http
                 .post(url.clone())
                 .timeout(upstream.timeout)
                 .header("content-type", "application/json")
@@ -220,16 +296,13 @@ pub fn answer(gw: &Gateway, upstream: &Upstream, principal: &str, body: Vec<u8>)
 }
 
 fn http_request(
-    gw: &Gateway,
+    http: &reqwest::Client,
     upstream: &Upstream,
     url: &reqwest::Url,
     method: reqwest::Method,
     client: &HeaderMap,
 ) -> reqwest::RequestBuilder {
-    let mut req = gw
-        .http
-        .request(method, url.clone())
-        .timeout(upstream.timeout);
+    let mut req = http.request(method, url.clone()).timeout(upstream.timeout);
     for name in FORWARDED_HEADERS {
         if let Some(v) = client.get(name) {
             req = req.header(name, v.as_bytes());

@@ -8,14 +8,37 @@
 //! fails any of this is a 400 `invalid auxData`; it never reaches policy. Key sets are JWK sets
 //! (or one JWK) read once at start, from a file or inline base64 data; no network fetches.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{DecodingKey, Validation};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::request::{AuxData, Jwt};
 use super::status::Status;
+
+/// One `pdp.jwt_keysets` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeySetConfig {
+    pub id: String,
+    #[serde(default)]
+    pub local: Option<LocalKeySet>,
+    /// Cerbos's remote (fetched) key sets: refused, toolgate fetches nothing at run time.
+    #[serde(default)]
+    pub remote: Option<Value>,
+}
+
+/// A key set on disk (`file`, a JWK set or one JWK) or inline (`data`, base64 of the same).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalKeySet {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub data: Option<String>,
+}
 
 /// One configured key set.
 pub struct KeySet {
@@ -114,7 +137,7 @@ impl KeySet {
 
 impl KeySets {
     /// Reads every configured key set (paths already resolved by the config check).
-    pub fn load(configured: &[crate::config::JwtKeySetConfig]) -> Result<KeySets, String> {
+    pub fn load(configured: &[JwtKeySetConfig]) -> Result<KeySets, String> {
         let mut sets = Vec::new();
         for (i, k) in configured.iter().enumerate() {
             let local = k.local.clone().unwrap_or_default();

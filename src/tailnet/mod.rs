@@ -27,7 +27,7 @@ pub fn identify(
     api: localapi::LocalApi,
     cfg: &crate::config::IdentityConfig,
     tailnet: &str,
-) -> std::sync::Arc<dyn crate::server::Identify> {
+) -> std::sync::Arc<dyn crate::caller::Identify> {
     let mut settings = whois::WhoisSettings::from_config(cfg);
     settings.tailnet = Some(tailnet.to_owned()).filter(|t| !t.is_empty());
     // The WhoIs call's own bound follows `identity.whois_timeout` too.

@@ -32,10 +32,9 @@ use tokio::task::JoinHandle;
 
 use super::localapi::{LocalApi, LocalApiConfig, LocalApiError};
 use super::types::{WatchMask, WhoIs};
+use crate::caller::{Caller, Identify};
 use crate::config::{IdentityConfig, RoleMappings};
-use crate::gateway::Caller;
 use crate::identity::{Identity, TAGGED_DEVICES, normalize_ip};
-use crate::server::Identify;
 
 /// Concurrent WhoIs calls in flight, all peers together.
 pub const DEFAULT_MAX_CONCURRENT: usize = 32;

@@ -12,11 +12,9 @@ use cel::common::types::{
 use cel::common::value::{CowVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
 
+use super::args::{Args, Ret, boolean, elements, string, take};
 use super::scope::{charge, internal_error};
 use super::views::cel_equal;
-
-pub(super) type Args<'b, 'v> = Vec<CowVal<'b, 'v>>;
-pub(super) type Ret<'b, 'v> = Result<CowVal<'b, 'v>, ExecutionError>;
 
 /// Registers every function of ours on `env`.
 pub(super) fn register(env: &mut Env) -> Result<(), DeclarationError> {
@@ -113,59 +111,6 @@ fn has_field<'b, 'v>(args: Args<'b, 'v>) -> Ret<'b, 'v> {
         None => false,
     };
     Ok(CowVal::owned(CelBool::from(present)))
-}
-
-/// The arguments of an overload as an array (the interpreter checked the count).
-pub(super) fn take<'b, 'v, const N: usize>(
-    args: Args<'b, 'v>,
-) -> Result<[CowVal<'b, 'v>; N], ExecutionError> {
-    <[CowVal<'b, 'v>; N]>::try_from(args)
-        .map_err(|a: Vec<_>| ExecutionError::invalid_argument_count(N, a.len()))
-}
-
-/// A string argument.
-pub(super) fn string<'x>(v: &'x dyn Val, function: &str) -> Result<&'x str, ExecutionError> {
-    v.downcast_ref::<CelString>()
-        .map(|s| s.inner())
-        .ok_or_else(|| {
-            ExecutionError::function_error(
-                function,
-                format!("expected a string, got {}", v.get_type().name()),
-            )
-        })
-}
-
-/// The elements of a list (or the keys of a map), borrowed.
-pub(super) fn elements<'x, 'v>(
-    v: &'x (dyn Val + 'v),
-    function: &str,
-) -> Result<Vec<&'x (dyn Val + 'v)>, ExecutionError> {
-    let mut it = v
-        .as_iterable()
-        .ok_or_else(|| {
-            ExecutionError::function_error(
-                function,
-                format!("expected a list, got {}", v.get_type().name()),
-            )
-        })?
-        .iter();
-    let mut out = Vec::new();
-    while let Some(x) = it.next() {
-        out.push(x);
-    }
-    Ok(out)
-}
-
-/// The strings of a list of strings.
-pub(super) fn strings<'x>(v: &'x dyn Val, function: &str) -> Result<Vec<&'x str>, ExecutionError> {
-    elements(v, function)?
-        .into_iter()
-        .map(|x| string(x, function))
-        .collect()
-}
-
-pub(super) fn boolean<'b, 'v>(b: bool) -> CowVal<'b, 'v> {
-    CowVal::owned(CelBool::from(b))
 }
 
 /// Charges the budget for `n` element comparisons.

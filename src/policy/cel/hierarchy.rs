@@ -10,7 +10,7 @@ use cel::common::types::{CelInt, CelString, LIST_TYPE, STRING_TYPE, Type};
 use cel::common::value::{CowVal, StaticVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
 
-use super::funcs::{Args, Ret, boolean, string, strings, take};
+use super::args::{Args, Ret, boolean, string, strings, take};
 
 pub(super) static HIERARCHY_TYPE: Type = Type::new_unspecified_type("cerbos.lib.hierarchy");
 

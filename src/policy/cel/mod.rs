@@ -21,6 +21,7 @@
 //! load; [`COST_LIMIT`] per evaluation. Policy variables are evaluated on first use and cached
 //! for the rest of that one evaluation (`eval_bool`/`eval_json` call).
 
+mod args;
 mod check;
 mod compiler;
 mod env;

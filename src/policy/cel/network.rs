@@ -10,7 +10,7 @@ use cel::common::types::{CelInt, CelString, STRING_TYPE, Type};
 use cel::common::value::{CowVal, StaticVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
 
-use super::funcs::{Args, Ret, boolean, string, take};
+use super::args::{Args, Ret, boolean, string, take};
 
 pub(super) static IP_TYPE: Type = Type::new_unspecified_type("net.IP");
 pub(super) static CIDR_TYPE: Type = Type::new_unspecified_type("net.CIDR");

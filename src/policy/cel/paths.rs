@@ -8,7 +8,7 @@ use cel::common::types::{CelString, LIST_TYPE, STRING_TYPE};
 use cel::common::value::CowVal;
 use cel::{DeclarationError, Env, ExecutionError};
 
-use super::funcs::{Args, Ret, boolean, string, strings, take};
+use super::args::{Args, Ret, boolean, string, strings, take};
 
 pub(super) fn register(env: &mut Env) -> Result<(), DeclarationError> {
     let unary: [(&str, Function); 4] = [

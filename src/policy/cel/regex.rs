@@ -11,7 +11,7 @@ use cel::common::value::{CowVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
 use regex::Regex;
 
-use super::funcs::{Args, Ret, boolean, string, take};
+use super::args::{Args, Ret, boolean, string, take};
 
 /// Most patterns kept compiled; the cache is emptied when full.
 const CACHE_SIZE: usize = 256;

@@ -9,7 +9,7 @@ use cel::common::types::{CelString, LIST_TYPE, STRING_TYPE, Type};
 use cel::common::value::{CowVal, StaticVal, Val};
 use cel::{DeclarationError, Env, ExecutionError};
 
-use super::funcs::{Args, Ret, boolean, elements, string, take};
+use super::args::{Args, Ret, boolean, elements, string, take};
 
 pub(super) static ID_TYPE: Type = Type::new_unspecified_type("cerbos.lib.spiffeID");
 pub(super) static TD_TYPE: Type = Type::new_unspecified_type("cerbos.lib.spiffeTrustDomain");
