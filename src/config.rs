@@ -6,6 +6,8 @@
 //!    collected, not just the first) and produces the typed [`Config`] the daemon uses: listen
 //!    entries parsed, upstream URLs parsed and `${ENV}` header values expanded, relative paths
 //!    taken from the file's folder. Limits sit next to their section as named constants.
+//!    [`RawConfig::build_recording`] (for `doctor`) records unset `${ENV}` references, with
+//!    where each is used, instead of failing on them.
 //!
 //! Defaults are the safe choice. Tools that need one section (`audit query --config`,
 //! `whois --config`) build only that section, so an upstream's secret need not be in their
@@ -951,12 +953,24 @@ impl Problems {
     }
 }
 
+/// A `${NAME}` reference whose variable is not set, and where the config uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsetVar {
+    /// The variable's name.
+    pub name: String,
+    /// The YAML path of the value that references it (`$.servers.github.headers.Authorization`).
+    pub at: String,
+}
+
 /// What a section check needs besides its own section.
 struct Cx<'a> {
     /// The config file's folder: relative paths are taken from it.
     base: &'a Path,
     /// Environment lookup for `${NAME}`.
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// When given, an unset `${NAME}` is recorded here and expands to the empty string instead
+    /// of being a problem (`doctor` lists every one of them, not just the first).
+    unset: Option<&'a std::cell::RefCell<Vec<UnsetVar>>>,
 }
 
 impl Cx<'_> {
@@ -964,6 +978,22 @@ impl Cx<'_> {
         if p.is_relative() {
             *p = self.base.join(&*p);
         }
+    }
+
+    /// Expands `${NAME}` in the value at YAML path `at`.
+    fn expand(&self, at: &str, text: &str) -> Result<String, String> {
+        let Some(unset) = self.unset else {
+            return expand_with(text, self.env);
+        };
+        expand_with(text, |name| {
+            (self.env)(name).or_else(|| {
+                unset.borrow_mut().push(UnsetVar {
+                    name: name.to_string(),
+                    at: at.to_string(),
+                });
+                Some(String::new())
+            })
+        })
     }
 }
 
@@ -999,21 +1029,63 @@ impl RawConfig {
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let cx = Cx { base, env };
+        self.build_in(
+            file,
+            &Cx {
+                base,
+                env,
+                unset: None,
+            },
+        )
+    }
+
+    /// [`RawConfig::build`] for `doctor`: an unset `${NAME}` is not a problem but is returned,
+    /// with every place that uses it (its value taken as empty), so all of them can be listed.
+    /// `${NAME}` in `audit.postgres`, expanded only when the shipper connects, is looked up
+    /// here too.
+    pub fn build_recording(
+        self,
+        file: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Config, Vec<UnsetVar>), ConfigError> {
+        let unset = std::cell::RefCell::new(Vec::new());
+        let cfg = self.build_in(
+            file,
+            &Cx {
+                base,
+                env,
+                unset: Some(&unset),
+            },
+        )?;
+        if let Some(url) = &cfg.audit.postgres {
+            for name in env_refs(url) {
+                if env(name).is_none() {
+                    unset.borrow_mut().push(UnsetVar {
+                        name: name.to_string(),
+                        at: "$.audit.postgres".to_string(),
+                    });
+                }
+            }
+        }
+        Ok((cfg, unset.into_inner()))
+    }
+
+    fn build_in(self, file: &str, cx: &Cx<'_>) -> Result<Config, ConfigError> {
         let mut p = Problems::default();
         let listen = check_listen(&self.listen, self.allow_non_tailnet, &mut p);
-        let identity = check_identity(self.identity, &cx, &mut p);
-        let policies = check_policies(self.policies, &cx, &mut p);
+        let identity = check_identity(self.identity, cx, &mut p);
+        let policies = check_policies(self.policies, cx, &mut p);
         let aggregate = check_aggregate(self.aggregate, &self.servers, &mut p);
         let limits = check_limits(self.limits, &self.servers, &mut p);
-        let servers = check_servers(self.servers, &cx, &mut p);
-        let stdio = check_stdio(self.stdio, &cx, &mut p);
-        let audit = check_audit(self.audit, &cx, &mut p);
-        let pdp = check_pdp(self.pdp, &cx, &mut p);
+        let servers = check_servers(self.servers, cx, &mut p);
+        let stdio = check_stdio(self.stdio, cx, &mut p);
+        let audit = check_audit(self.audit, cx, &mut p);
+        let pdp = check_pdp(self.pdp, cx, &mut p);
         let log = check_log(self.log, &mut p);
         let metrics = check_metrics(self.metrics, &mut p);
-        let tailnet = check_tailnet(self.tailnet, &cx, &mut p);
-        let hooks = hooks::check_hooks(self.hooks, &cx, &mut p);
+        let tailnet = check_tailnet(self.tailnet, cx, &mut p);
+        let hooks = hooks::check_hooks(self.hooks, cx, &mut p);
         check_sidecar_listen(&listen, &identity, &tailnet, &mut p);
         if !p.0.is_empty() {
             return Err(ConfigError {
@@ -1047,6 +1119,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         RawConfig::load(path)?.build(&file, folder_of(path), &|n| std::env::var(n).ok())
+    }
+
+    /// [`Config::load`] for `doctor`: unset `${NAME}` references are returned, not errors
+    /// ([`RawConfig::build_recording`]).
+    pub fn load_recording(path: &Path) -> Result<(Config, Vec<UnsetVar>), ConfigError> {
+        let file = path.display().to_string();
+        RawConfig::load(path)?.build_recording(&file, folder_of(path), &|n| std::env::var(n).ok())
     }
 
     /// Parses and checks config text; relative paths are taken from `base`.
@@ -1088,6 +1167,7 @@ fn load_section<T>(
     let cx = Cx {
         base: folder_of(path),
         env: &env,
+        unset: None,
     };
     let mut p = Problems::default();
     let out = section(raw, &cx, &mut p);
@@ -1217,7 +1297,7 @@ fn check_servers(
                 p.add(&hat, "not a valid HTTP header name");
                 continue;
             }
-            match expand_with(v, cx.env) {
+            match cx.expand(&hat, v) {
                 Ok(value) => {
                     if reqwest::header::HeaderValue::from_str(&value).is_err() {
                         // The value may be a secret: name the problem, not the text.
@@ -1324,7 +1404,7 @@ fn check_transport(at: &str, s: &ServerConfig, cx: &Cx<'_>, p: &mut Problems) ->
                     p.add(&eat, "not a valid environment variable name");
                     continue;
                 }
-                match expand_with(v, cx.env) {
+                match cx.expand(&eat, v) {
                     Ok(value) if value.contains('\0') => p.add(
                         &eat,
                         "the value (after ${NAME} expansion) contains a NUL byte",
@@ -1966,6 +2046,39 @@ pdp:
         )
         .unwrap_err();
         assert!(e.to_string().contains("header name"), "{e}");
+    }
+
+    #[test]
+    fn doctor_loads_with_unset_variables_and_learns_every_one() {
+        let text = "servers:\n  gh:\n    url: \"https://api.example.com/mcp\"\n    headers: {Authorization: \"Bearer ${TOKEN}\", X-Team: \"${TEAM}-${TOKEN}\"}\n  \
+                    local:\n    command: [srv]\n    env: {KEY: \"${KEY}\", TEAM: \"${TEAM}\"}\n\
+                    audit: {postgres: \"postgres://u:${PGPASS}@db/x\"}\n";
+        let lookup = |n: &str| (n == "TEAM").then(|| "eng".to_string());
+        let (c, unset) = RawConfig::parse("toolgate.yaml", text.as_bytes())
+            .unwrap()
+            .build_recording("toolgate.yaml", Path::new("/etc/toolgate"), &lookup)
+            .unwrap();
+        let found: Vec<(&str, &str)> = unset
+            .iter()
+            .map(|u| (u.name.as_str(), u.at.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("TOKEN", "$.servers.gh.headers.Authorization"),
+                ("TOKEN", "$.servers.gh.headers.X-Team"),
+                ("KEY", "$.servers.local.env.KEY"),
+                ("PGPASS", "$.audit.postgres"),
+            ]
+        );
+        // Unset values expand to nothing; set ones as usual.
+        assert_eq!(c.servers["gh"].headers[1].1, "eng-");
+        // Other problems are still problems.
+        let e = RawConfig::parse("t.yaml", b"servers: {gh: {url: \"ftp://x/${A}\"}}\n")
+            .unwrap()
+            .build_recording("t.yaml", Path::new("/"), &lookup)
+            .unwrap_err();
+        assert!(e.to_string().contains("not an http(s) URL"), "{e}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! `doctor` prints one line per check, `OK`, `WARN`, `FAIL` or `SKIP`, each with its reason
 //! and, on failure, what to do; it exits non-zero when any essential check fails (tailscaled
-//! reachable and `Running`, HTTPS certificates with `tls: auto`, policies compile, audit
-//! store usable).
+//! reachable and `Running`, HTTPS certificates with `tls: auto`, every `${NAME}` the config
+//! references set, policies present and compiling, audit store usable, every upstream
+//! reachable and speaking MCP: [`probe`]). Policies whose resource kind no server uses, and
+//! servers no policy covers, are warnings.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -13,11 +15,14 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::config::{Config, IdentityConfig, IdentityProvider, TlsMode};
+use crate::config::{Config, IdentityConfig, IdentityProvider, TlsMode, UnsetVar};
 use crate::tailnet::localapi::{LocalApi, LocalApiError};
 use crate::tailnet::tls::{LocalApiCerts, TlsSettings};
 use crate::tailnet::types::{BackendState, Status};
 use crate::tailnet::whois::{WhoisResolver, WhoisSettings};
+
+#[path = "doctor/probe.rs"]
+pub mod probe;
 
 /// Where `serve` and `doctor` look for the config by default.
 pub const DEFAULT_CONFIG: &str = "/etc/toolgate/config.yaml";
@@ -183,7 +188,7 @@ fn check(verdict: Verdict, what: &'static str, detail: impl Into<String>) -> Che
 
 /// `toolgate doctor`.
 pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
-    let (cfg, first) = match load_config(args.config.as_deref()) {
+    let (cfg, unset, first) = match load_config(args.config.as_deref()) {
         Ok(x) => x,
         Err(c) => {
             println!("{c}");
@@ -191,7 +196,7 @@ pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
         }
     };
     let checks = match runtime() {
-        Ok(rt) => rt.block_on(run_checks(&cfg)),
+        Ok(rt) => rt.block_on(run_checks_with(&cfg, &unset)),
         Err(e) => vec![check(Verdict::Fail, "runtime", e)],
     };
     println!("{first}");
@@ -211,8 +216,9 @@ pub fn doctor_cmd(args: &DoctorArgs) -> ExitCode {
     }
 }
 
-/// The config to check and the report line about it.
-fn load_config(path: Option<&Path>) -> Result<(Config, Check), Check> {
+/// The config to check, the `${NAME}` references it makes that are unset, and the report
+/// line about it.
+fn load_config(path: Option<&Path>) -> Result<(Config, Vec<UnsetVar>, Check), Check> {
     let (path, explicit) = match path {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
@@ -222,6 +228,7 @@ fn load_config(path: Option<&Path>) -> Result<(Config, Check), Check> {
             .map_err(|e| check(Verdict::Fail, "config", e.to_string()))?;
         return Ok((
             cfg,
+            Vec::new(),
             check(
                 Verdict::Warn,
                 "config",
@@ -229,9 +236,10 @@ fn load_config(path: Option<&Path>) -> Result<(Config, Check), Check> {
             ),
         ));
     }
-    match Config::load(&path) {
-        Ok(cfg) => Ok((
+    match Config::load_recording(&path) {
+        Ok((cfg, unset)) => Ok((
             cfg,
+            unset,
             check(Verdict::Ok, "config", format!("{} parses", path.display())),
         )),
         Err(e) => Err(check(Verdict::Fail, "config", e.to_string())),
@@ -240,7 +248,14 @@ fn load_config(path: Option<&Path>) -> Result<(Config, Check), Check> {
 
 /// Every check for `cfg`, in report order (the config line excluded).
 pub async fn run_checks(cfg: &Config) -> Vec<Check> {
-    let mut out = Vec::new();
+    run_checks_with(cfg, &[]).await
+}
+
+/// [`run_checks`] for a config loaded with `unset` variables
+/// ([`Config::load_recording`]): each is a failure, and the upstreams that need one are not
+/// probed.
+pub async fn run_checks_with(cfg: &Config, unset: &[UnsetVar]) -> Vec<Check> {
+    let mut out = env_checks(unset);
     match cfg.identity.provider {
         IdentityProvider::Tailscale => tailnet_checks(cfg, &mut out).await,
         IdentityProvider::Static => {
@@ -266,39 +281,238 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             }
         }
     }
-    out.push(policy_check(&cfg.policies.dir));
+    let (policies, set) = policy_check(&cfg.policies.dir);
+    out.push(policies);
+    if let Some(set) = set {
+        out.extend(coverage_checks(cfg, &set));
+    }
     out.push(audit_check(&cfg.audit.sqlite));
-    out.extend(stdio_checks(cfg));
+    let stdio = stdio_checks(cfg);
+    let runnable: Vec<String> = stdio
+        .iter()
+        .filter(|(_, c)| c.verdict == Verdict::Ok)
+        .filter_map(|(name, _)| name.clone())
+        .collect();
+    out.extend(stdio.into_iter().map(|(_, c)| c));
+    out.extend(upstream_checks(cfg, unset, &runnable).await);
+    out
+}
+
+/// One FAIL per unset variable, naming every place that uses it.
+fn env_checks(unset: &[UnsetVar]) -> Vec<Check> {
+    let mut by_name: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for u in unset {
+        let places = by_name.entry(&u.name).or_default();
+        if !places.contains(&u.at.as_str()) {
+            places.push(&u.at);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, places)| {
+            check(
+                Verdict::Fail,
+                "env",
+                format!(
+                    "${{{name}}} is not set (used by {}): set {name} in toolgate's environment \
+                     (the unit reads /etc/toolgate/toolgate.env; to check as the service would, \
+                     `set -a; . /etc/toolgate/toolgate.env; set +a` before `toolgate doctor`)",
+                    places.join(", ")
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The servers whose configuration uses an unset variable.
+fn needs_unset(name: &str, unset: &[UnsetVar]) -> Vec<String> {
+    let prefix = format!("$.servers.{name}.");
+    let mut names: Vec<String> = unset
+        .iter()
+        .filter(|u| u.at.starts_with(&prefix))
+        .map(|u| format!("${{{}}}", u.name))
+        .collect();
+    names.dedup();
+    names
+}
+
+/// Probes every configured upstream ([`probe`]): one line each. `runnable`: the stdio
+/// servers whose command was found.
+async fn upstream_checks(cfg: &Config, unset: &[UnsetVar], runnable: &[String]) -> Vec<Check> {
+    let mut out = Vec::new();
+    let client = crate::gateway::http_client_via(cfg.tailnet.socks5_addr().map(|socks5| {
+        crate::gateway::TailnetProxy {
+            socks5,
+            magic_dns_suffix: None,
+        }
+    }));
+    let launcher = match &cfg.stdio.launcher {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find toolgate's own binary (the launcher): {e}")),
+    };
+    for (name, server) in &cfg.servers {
+        let missing = needs_unset(name, unset);
+        if !missing.is_empty() {
+            out.push(check(
+                Verdict::Skip,
+                "upstream",
+                format!(
+                    "servers.{name}: not probed, it needs {} (unset, see above)",
+                    missing.join(", ")
+                ),
+            ));
+            continue;
+        }
+        let (target, result) = match &server.transport {
+            crate::config::Transport::Http(url) => {
+                let shown = shown_url(url);
+                let result = match &client {
+                    Ok(c) => probe::http(c, url, &server.headers, server.timeout).await,
+                    Err(e) => Err(e.clone()),
+                };
+                (shown, result)
+            }
+            crate::config::Transport::Stdio(cmd) => {
+                let shown = format!("`{}`", cmd.command.join(" "));
+                if !runnable.contains(name) {
+                    out.push(check(
+                        Verdict::Skip,
+                        "upstream",
+                        format!("servers.{name}: {shown} not started (see the stdio line above)"),
+                    ));
+                    continue;
+                }
+                let result = match &launcher {
+                    Ok(l) => probe::stdio(name, server, cmd, &cfg.stdio, l).await,
+                    Err(e) => Err(e.clone()),
+                };
+                (shown, result)
+            }
+        };
+        out.push(match result {
+            Ok(answer) => check(
+                Verdict::Ok,
+                "upstream",
+                format!("servers.{name}: {target} speaks MCP: {answer}"),
+            ),
+            Err(why) => check(
+                Verdict::Fail,
+                "upstream",
+                format!(
+                    "servers.{name}: {target}: {why}; calls to it will fail until it answers \
+                     (is it running? is servers.{name} right?)"
+                ),
+            ),
+        });
+    }
+    out
+}
+
+/// An upstream URL as the report shows it: without credentials or query.
+fn shown_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}
+
+/// Kinds the gateway checks itself, whatever the servers are.
+const BUILT_IN_KINDS: [&str; 2] = ["toolgate_metrics", "toolgate_audit"];
+
+/// Resource policies whose kind no server (or hook, or the gateway itself) uses, and servers
+/// whose kind no policy covers (every call to them is denied).
+fn coverage_checks(cfg: &Config, set: &crate::policy::compile::PolicySet) -> Vec<Check> {
+    let mut used: Vec<&str> = BUILT_IN_KINDS.to_vec();
+    used.extend(cfg.servers.values().map(|s| s.resource_kind.as_str()));
+    if let Some(a) = &cfg.hooks.aperture {
+        used.push(&a.resource_kind);
+    }
+    let mut out = Vec::new();
+    let mut unused: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        Default::default();
+    for ((kind, _), by_scope) in &set.resources {
+        if !used.contains(&kind.as_str()) {
+            let files = unused.entry(kind).or_default();
+            files.extend(by_scope.values().map(|p| p.file.as_str()));
+        }
+    }
+    for (kind, files) in unused {
+        let hint = if kind == crate::config::hooks::DEFAULT_RESOURCE_KIND {
+            "it is used only by hooks.aperture, which is not configured".to_string()
+        } else {
+            "no servers.<name>.resource_kind is this: a typo in the policy's `resource:` or in \
+             the server's resource_kind?"
+                .to_string()
+        };
+        out.push(check(
+            Verdict::Warn,
+            "coverage",
+            format!(
+                "policies for resource kind {kind:?} ({}) match no configured server: {hint}",
+                files.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    // A kind is covered by its resource policies, or by a principal or role policy rule whose
+    // resource pattern matches it.
+    let covered = |kind: &str| {
+        set.resources.keys().any(|(k, _)| k == kind)
+            || set.all.iter().any(|p| {
+                p.rules
+                    .iter()
+                    .any(|r| r.resource.as_ref().is_some_and(|g| g.matches(kind)))
+            })
+    };
+    for (name, s) in &cfg.servers {
+        if !covered(&s.resource_kind) {
+            out.push(check(
+                Verdict::Warn,
+                "coverage",
+                format!(
+                    "servers.{name}: no policy covers its resource kind {:?}: every call to it \
+                     is denied; add a resource policy for it (start from policies/mcp_server.yaml)",
+                    s.resource_kind
+                ),
+            ));
+        }
+    }
     out
 }
 
 /// Every stdio server's command exists and is executable, as its child would look it up
-/// (the child's `PATH`, its `cwd`); and the launcher binary is there.
-fn stdio_checks(cfg: &Config) -> Vec<Check> {
+/// (the child's `PATH`, its `cwd`); and the launcher binary is there. Each line comes with
+/// the server it is about (`None`: the launcher's).
+fn stdio_checks(cfg: &Config) -> Vec<(Option<String>, Check)> {
     let mut out = Vec::new();
     for (name, s) in &cfg.servers {
         let Some(cmd) = s.stdio() else { continue };
         let env = crate::stdio::Settings::child_env(std::env::vars(), &cmd.env);
-        match crate::stdio::resolve_program(&cmd.command, &env, cmd.cwd.as_deref()) {
-            Ok(p) => out.push(check(
+        let line = match crate::stdio::resolve_program(&cmd.command, &env, cmd.cwd.as_deref()) {
+            Ok(p) => check(
                 Verdict::Ok,
                 "stdio",
                 format!("servers.{name}: {} is executable", p.display()),
-            )),
-            Err(e) => out.push(check(
-                Verdict::Fail,
-                "stdio",
-                format!("servers.{name}: {e}"),
-            )),
-        }
+            ),
+            Err(e) => check(Verdict::Fail, "stdio", format!("servers.{name}: {e}")),
+        };
+        out.push((Some(name.clone()), line));
     }
     if !out.is_empty() {
         if let Some(l) = &cfg.stdio.launcher {
             if !l.is_file() {
-                out.push(check(
-                    Verdict::Fail,
-                    "stdio",
-                    format!("stdio.launcher {} is not a file", l.display()),
+                // No child can start: no stdio server is runnable.
+                for (name, _) in out.iter_mut() {
+                    *name = None;
+                }
+                out.push((
+                    None,
+                    check(
+                        Verdict::Fail,
+                        "stdio",
+                        format!("stdio.launcher {} is not a file", l.display()),
+                    ),
                 ));
             }
         }
@@ -487,17 +701,53 @@ async fn https_check(cfg: &Config, api: &LocalApi, s: &Status) -> Check {
     }
 }
 
-fn policy_check(dir: &Path) -> Check {
-    match crate::policy::store::load_dir(dir) {
-        Ok(set) => check(
-            Verdict::Ok,
-            "policies",
-            format!(
-                "{} policies compile from {} (snapshot {})",
-                set.len(),
-                dir.display(),
-                set.hash.get(..12).unwrap_or(&set.hash)
+/// The policy directory: present, not empty, compiling (the set, when it compiles).
+fn policy_check(dir: &Path) -> (Check, Option<crate::policy::compile::PolicySet>) {
+    if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        return (
+            check(
+                Verdict::Fail,
+                "policies",
+                format!(
+                    "policies.dir {} {what}: `serve` refuses to start without policies; put your \
+                     policies there (start from the repository's policies/) or fix policies.dir",
+                    dir.display()
+                ),
             ),
+            None,
+        );
+    }
+    match crate::policy::store::load_dir(dir) {
+        Ok(set) if set.is_empty() => (
+            check(
+                Verdict::Fail,
+                "policies",
+                format!(
+                    "policies.dir {} holds no policies (*.yaml, *.yml or *.json outside testdata/ \
+                     and *_test files): `serve` refuses to start, it would deny every call; put \
+                     your policies there (start from the repository's policies/)",
+                    dir.display()
+                ),
+            ),
+            None,
+        ),
+        Ok(set) => (
+            check(
+                Verdict::Ok,
+                "policies",
+                format!(
+                    "{} policies compile from {} (snapshot {})",
+                    set.len(),
+                    dir.display(),
+                    set.hash.get(..12).unwrap_or(&set.hash)
+                ),
+            ),
+            Some(set),
         ),
         Err(errors) => {
             let mut detail = format!(
@@ -509,7 +759,7 @@ fn policy_check(dir: &Path) -> Check {
             for e in errors.iter().take(5) {
                 detail.push_str(&format!("\n                 {e}"));
             }
-            check(Verdict::Fail, "policies", detail)
+            (check(Verdict::Fail, "policies", detail), None)
         }
     }
 }

@@ -782,3 +782,207 @@ fn the_cli_fits_a_terminal_and_helps() {
         assert!(line.chars().count() <= 40, "{line:?}");
     }
 }
+
+/// `toolgate doctor -c CFG` with `env` unset: its exit code and stdout.
+fn doctor(cfg: &Path, unset: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["doctor", "-c", cfg.to_str().unwrap()]);
+    for name in unset {
+        cmd.env_remove(name);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The report line about `servers.NAME` of kind `what`.
+fn line_of<'a>(report: &'a str, what: &str, name: &str) -> &'a str {
+    let what = format!(" {what} ");
+    let name = format!("servers.{name}:");
+    report
+        .lines()
+        .find(|l| l.contains(&what) && l.contains(&name))
+        .unwrap_or_else(|| panic!("no {what}line for {name} in:\n{report}"))
+}
+
+/// Item 4: `doctor` probes every upstream for real: an HTTP one that answers
+/// `server/discover`, a stdio one it starts and initializes (and stops), and one of each that
+/// is down; any down upstream means "not ready" and exit 1. With the down ones gone: ready.
+#[test]
+fn doctor_probes_every_upstream_and_a_down_one_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt
+        .block_on(toolgate::sample::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            Default::default(),
+        ))
+        .unwrap();
+    let cfg = toolgate::demo::write_files(dir.path(), free_port(), upstream).unwrap();
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/stdio_fixture.py");
+    let pidfile = dir.path().join("fixture.pids");
+    // The child notes its pid, then becomes the fixture.
+    let script = format!(
+        "import os; open('{}', 'w').write(str(os.getpid())); os.execvp('python3', ['python3', '{}'])",
+        pidfile.display(),
+        fixture.display()
+    );
+    let up = format!(
+        "  local: {{command: [python3, -c, \"{script}\"], env: {{FIXTURE_NAME: local-fixture}}}}\n"
+    );
+    let down = format!(
+        "  gone: {{url: \"http://127.0.0.1:{}/mcp\"}}\n  dies: {{command: [python3, -c, \"import sys; sys.exit(3)\"]}}\n",
+        free_port()
+    );
+    std::fs::write(
+        &cfg,
+        base.replace("servers:\n", &format!("servers:\n{up}{down}")),
+    )
+    .unwrap();
+
+    let (code, report) = doctor(&cfg, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("not ready"), "{report}");
+    for name in ["github", "files", "shell"] {
+        let l = line_of(&report, "upstream", name);
+        assert!(
+            l.starts_with("OK ")
+                && l.contains(&format!("http://{upstream}/mcp"))
+                && l.contains("server/discover answers versions 2026-07-28, 2025-11-25")
+                && l.contains("toolgate-sample"),
+            "{l}"
+        );
+    }
+    let l = line_of(&report, "upstream", "local");
+    assert!(
+        l.starts_with("OK ")
+            && l.contains("initialize answers protocol 2025-11-25 (local-fixture 1)"),
+        "{l}"
+    );
+    let l = line_of(&report, "upstream", "gone");
+    assert!(
+        l.starts_with("FAIL ") && l.contains("not reachable") && l.contains("is it running?"),
+        "{l}"
+    );
+    let l = line_of(&report, "upstream", "dies");
+    assert!(
+        l.starts_with("FAIL ") && l.contains("initialize failed") && l.contains("exit"),
+        "{l}"
+    );
+    // The probe's stdio child was stopped again.
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the probed child {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Without the down upstreams: ready.
+    std::fs::write(&cfg, base.replace("servers:\n", &format!("servers:\n{up}"))).unwrap();
+    let (code, report) = doctor(&cfg, &[]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("ready: every essential check passed"),
+        "{report}"
+    );
+}
+
+/// Item 4: `doctor` loads a config whose `${VAR}`s are unset and names every one with every
+/// place it is used (the upstreams that need them are not probed); an empty policy directory
+/// fails; policies no server uses and servers no policy covers are warned about.
+#[test]
+fn doctor_names_unset_variables_empty_policies_and_uncovered_kinds() {
+    const A: &str = "TOOLGATE_DOCTOR_TEST_TOKEN";
+    const B: &str = "TOOLGATE_DOCTOR_TEST_TEAM";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toolgate::demo::write_files(dir.path(), free_port(), "127.0.0.1:9".parse().unwrap())
+        .unwrap();
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let text = base
+        .replace(
+            "  github: {url: \"http://127.0.0.1:9/mcp\"}",
+            &format!(
+                "  github: {{url: \"http://127.0.0.1:9/mcp\", headers: {{Authorization: \"Bearer ${{{A}}}\", X-Team: \"${{{B}}}\"}}}}"
+            ),
+        )
+        .replace(
+            "  files: {url: \"http://127.0.0.1:9/mcp\"}",
+            &format!(
+                "  files: {{command: [python3, \"-c\", \"pass\"], env: {{TOKEN: \"${{{A}}}\"}}}}"
+            ),
+        )
+        .replace(
+            "  shell: {url: \"http://127.0.0.1:9/mcp\"}",
+            "  shell: {url: \"http://127.0.0.1:9/mcp\", resource_kind: mcp_sever}",
+        );
+    assert_ne!(text, base);
+    std::fs::write(&cfg, &text).unwrap();
+    std::fs::write(
+        dir.path().join("policies/orphan.yaml"),
+        "apiVersion: api.cerbos.dev/v1\nresourcePolicy: {resource: nobody_uses_me, version: default, rules: [{actions: [read], effect: EFFECT_ALLOW, roles: [admin]}]}\n",
+    )
+    .unwrap();
+
+    let (code, report) = doctor(&cfg, &[A, B]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the config loads despite unset variables:\n{report}"
+    );
+    let env: Vec<&str> = report.lines().filter(|l| l.contains(" env ")).collect();
+    assert_eq!(env.len(), 2, "one line per variable:\n{report}");
+    let a = env
+        .iter()
+        .find(|l| l.contains(&format!("${{{A}}}")))
+        .unwrap();
+    assert!(
+        a.starts_with("FAIL ")
+            && a.contains("$.servers.github.headers.Authorization")
+            && a.contains("$.servers.files.env.TOKEN")
+            && a.contains("toolgate.env"),
+        "{a}"
+    );
+    let b = env
+        .iter()
+        .find(|l| l.contains(&format!("${{{B}}}")))
+        .unwrap();
+    assert!(b.contains("$.servers.github.headers.X-Team"), "{b}");
+    let l = line_of(&report, "upstream", "github");
+    assert!(
+        l.starts_with("SKIP ") && l.contains(A) && l.contains(B),
+        "{l}"
+    );
+    assert!(line_of(&report, "upstream", "files").starts_with("SKIP "));
+    // The typo'd kind: no policy covers the server, and no server uses the orphan policy.
+    let l = line_of(&report, "coverage", "shell");
+    assert!(
+        l.starts_with("WARN ") && l.contains("\"mcp_sever\"") && l.contains("denied"),
+        "{l}"
+    );
+    assert!(
+        report.lines().any(|l| l.starts_with("WARN ")
+            && l.contains("\"nobody_uses_me\"")
+            && l.contains("orphan.yaml")
+            && l.contains("match no configured server")),
+        "{report}"
+    );
+
+    // An empty policy directory: `serve` would refuse to start, so doctor fails it.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(&cfg, base.replace("dir: policies", "dir: empty")).unwrap();
+    let (code, report) = doctor(&cfg, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL  policies") && l.contains("holds no policies")),
+        "{report}"
+    );
+}

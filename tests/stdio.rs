@@ -433,8 +433,10 @@ async fn doctor_checks_each_stdio_command() {
     std::fs::write(dir.path().join("ids.yaml"), "{}\n").unwrap();
     let text = format!(
         "listen: [\"127.0.0.1:1\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\n\
+         stdio: {{launcher: \"{}\"}}\n\
          policies: {{dir: {}}}\naudit: {{sqlite: audit.db}}\nservers:\n  good: {{command: [python3, x.py]}}\n\
          \x20 missing: {{command: [no-such-mcp-server]}}\n  notexec: {{command: [\"{}\"]}}\n  web: {{url: \"http://127.0.0.1:9/mcp\"}}\n",
+        env!("CARGO_BIN_EXE_toolgate"),
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/peers/stdio_policies")
             .display(),
