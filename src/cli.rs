@@ -19,7 +19,7 @@ struct Cli {
 /// `toolgate --help`'s footer: the exit codes of [`exit`].
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (serve stopped on an error, a doctor FAIL, an \
 unreadable audit store, a broken audit chain); 2 usage error; 3 policies do not compile (or none where \
-serve needs them); 4 policy tests failed; 5 config file missing or invalid; 6 audit verify had no chain key (linkage only).";
+serve needs them); 4 policy tests failed; policy replay: 1 when a decision would change, 3 on any error; 5 config file missing or invalid; 6 audit verify had no chain key (linkage only).";
 
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant, reason = "parsed once per process")]
@@ -97,6 +97,57 @@ enum PolicyCommand {
     ///   --resource '{"kind":"mcp_server","id":"github","attr":{"tool_name":"create_issue"}}'
     ///   --action tools/call::create_issue
     Explain(ExplainArgs),
+    /// Replay recorded decisions from an audit store under a candidate policy set.
+    ///
+    /// Every decision of the window is evaluated again (now() at its recorded time, globals
+    /// from --config) and the changes are reported by direction, principal, tool and the rule
+    /// that now decides. Exit 0 when nothing changes, 1 when something does, 3 on error.
+    ///
+    /// Example: toolgate policy replay --db audit.db --policies ./policies --since 7d
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The audit store (SQLite, schema v4 or later; `audit export` writes one).
+    #[arg(long, value_name = "FILE")]
+    db: PathBuf,
+    /// The candidate policy directory.
+    #[arg(long, value_name = "DIR")]
+    policies: PathBuf,
+    /// A config file whose policies.globals, evaluation and schema_enforcement apply (default:
+    /// no globals, strict, none).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Decisions at or after this time: a duration back (90s, 2h, 7d), RFC 3339, or a date.
+    #[arg(long)]
+    since: Option<String>,
+    /// Decisions before this time (same forms as --since).
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this principal's decisions (its id, e.g. alice@example.com).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Only decisions on this server.
+    #[arg(long)]
+    server: Option<String>,
+    /// Only decisions on this tool.
+    #[arg(long)]
+    tool: Option<String>,
+    /// table (human), json (the whole report), jsonl (one line per changed or needs-arguments
+    /// decision, then a summary line).
+    #[arg(long, value_enum, default_value = "table")]
+    format: ReplayFormat,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ReplayFormat {
+    Table,
+    Json,
+    Jsonl,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -193,6 +244,7 @@ pub fn main() -> ExitCode {
         }
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(&args),
+        Command::Policy(PolicyCommand::Replay(args)) => policy_replay(&args),
         Command::Audit(cmd) => crate::audit::cli::run(*cmd),
         Command::StdioLaunch(args) => crate::stdio::launch::run(&args),
     }
@@ -346,6 +398,78 @@ fn policy_test(args: &TestArgs) -> ExitCode {
     } else {
         ExitCode::from(EXIT_TESTS)
     }
+}
+
+/// `policy replay`: 0 unchanged, 1 changed, 3 error.
+fn policy_replay(a: &ReplayArgs) -> ExitCode {
+    match replay_report(a) {
+        Ok(r) => {
+            let out = match a.format {
+                ReplayFormat::Table => crate::replay::table(&r),
+                ReplayFormat::Json => serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
+                ReplayFormat::Jsonl => {
+                    let mut s = String::new();
+                    for c in &r.changes {
+                        s.push_str(&serde_json::to_string(c).unwrap_or_default());
+                        s.push('\n');
+                    }
+                    let summary = serde_json::json!({ "summary": &r });
+                    s.push_str(&summary.to_string());
+                    s.push('\n');
+                    s
+                }
+            };
+            print!("{out}");
+            ExitCode::from(u8::from(r.changed > 0))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn replay_report(a: &ReplayArgs) -> Result<crate::replay::Report, String> {
+    use std::io::IsTerminal;
+    let now = chrono::Utc::now();
+    let bound = |v: &Option<String>| -> Result<Option<String>, String> {
+        v.as_deref()
+            .map(|s| crate::audit::query::parse_time_bound(s, now))
+            .transpose()
+    };
+    let mut params = Params::default();
+    if let Some(c) = &a.config {
+        let p = crate::config::load_policies(c).map_err(|e| e.to_string())?;
+        params.globals = std::sync::Arc::new(p.globals);
+        params.evaluation = p.evaluation;
+        params.schema_enforcement = p.schema_enforcement;
+    }
+    let opts = crate::replay::Options {
+        db: a.db.clone(),
+        policies: a.policies.clone(),
+        params,
+        since: bound(&a.since)?,
+        until: bound(&a.until)?,
+        principal: a.principal.clone(),
+        server: a.server.clone(),
+        tool: a.tool.clone(),
+        threads: a.threads,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let total = crate::replay::count(&opts.db, &opts)?;
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} decisions ({per_sec}, {eta} left)",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let report = crate::replay::run(&opts, &|n| bar.inc(n));
+    bar.finish_and_clear();
+    report
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, s: &str) -> Result<T, String> {

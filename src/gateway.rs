@@ -24,6 +24,10 @@ pub struct Decision {
     pub output: CheckOutput,
     pub policy_hash: String,
     pub elapsed: Duration,
+    /// The principal and resource decided on (the resource's `arguments` and `uri` as null
+    /// placeholders: the row stores them only as `audit.arguments` allows): the row's replay
+    /// inputs.
+    pub input: Arc<(Principal, Resource)>,
 }
 
 impl Decision {
@@ -279,10 +283,27 @@ impl Gateway {
         let output = eval::check(&set, &input, &self.params());
         let elapsed = started.elapsed();
         self.metrics.decision_latency.observe(elapsed);
+        let r = &input.resource;
+        let recorded = Resource {
+            kind: r.kind.clone(),
+            id: r.id.clone(),
+            // `arguments` and `uri` stay as null placeholders: replay knows they were there.
+            attr: r
+                .attr
+                .iter()
+                .map(|(k, v)| match k.as_str() {
+                    "arguments" | "uri" => (k.clone(), Value::Null),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect(),
+            policy_version: r.policy_version.clone(),
+            scope: r.scope.clone(),
+        };
         let decision = Decision {
             output,
             policy_hash: set.hash.clone(),
             elapsed,
+            input: Arc::new((input.principal, recorded)),
         };
         (decision, input.resource)
     }
@@ -514,6 +535,9 @@ pub struct AuditRow {
     pub policy_hash: String,
     /// The explain trace of the decision.
     pub explain: Option<Value>,
+    /// The principal and resource of the decision (see [`Decision::input`]); `None` for rows
+    /// that are not one policy decision.
+    pub input: Option<Arc<(Principal, Resource)>>,
 }
 
 impl AuditRow {
@@ -541,6 +565,7 @@ impl AuditRow {
             latency_us: 0,
             policy_hash: String::new(),
             explain: None,
+            input: None,
         }
     }
 
@@ -561,6 +586,7 @@ impl AuditRow {
             self.reason = r.reason.clone();
         }
         self.explain = serde_json::to_value(&d.output.trace).ok();
+        self.input = Some(d.input.clone());
     }
 }
 
@@ -689,6 +715,7 @@ impl AuditRow {
         rec.latency_us = (self.latency_us > 0).then_some(self.latency_us);
         rec.policy_hash = self.policy_hash;
         rec.explain = self.explain.unwrap_or(Value::Null);
+        rec.inputs = self.input.as_deref().map(|(p, r)| replay_inputs(p, r));
         if let Some(uri) = &self.uri {
             redactor.apply_uri(&mut rec, uri);
         } else if let Some(args) = &self.arguments {
@@ -698,6 +725,19 @@ impl AuditRow {
             }
         }
         rec
+    }
+}
+
+/// The stored replay inputs of a decision: canonical JSON of the principal and the resource.
+fn replay_inputs(p: &Principal, r: &Resource) -> crate::audit::record::ReplayInputs {
+    use crate::audit::record::canonical_json;
+    let json = |v: Result<Value, serde_json::Error>| match v {
+        Ok(v) => canonical_json(&v),
+        Err(_) => "null".to_string(),
+    };
+    crate::audit::record::ReplayInputs {
+        principal: json(serde_json::to_value(p)),
+        resource: json(serde_json::to_value(r)),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`policy`]: the Cerbos-compatible policy engine. Pure: no I/O on the evaluation path,
 //!   no tokio, no HTTP, no SQL (the store reads files only when asked to load).
 //! - [`cli`]: the `toolgate` command line.
+//! - [`replay`]: `toolgate policy replay`, the audit history evaluated under candidate policies.
 
 pub mod audit;
 pub mod backoff;
@@ -23,6 +24,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod pdp;
 pub mod policy;
+pub mod replay;
 pub mod sample;
 pub mod server;
 pub mod stdio;

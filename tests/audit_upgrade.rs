@@ -1,5 +1,5 @@
 //! A schema-v2 store written by the previous code (tests/fixtures/audit/v2.db) upgrades in place
-//! to v3: every logical row survives (the `audit query` keys, byte for byte, but the re-keyed
+//! to v3 and then v4 (replay inputs): every logical row survives (the `audit query` keys, byte for byte, but the re-keyed
 //! hashes), the retention anchor still accounts for the pruned rows, the keyed chain verifies,
 //! and a broken v2 chain is refused rather than re-keyed.
 
@@ -51,7 +51,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     let log = AuditLog::open(settings(&db)).unwrap();
     log.flush_blocking().unwrap();
     drop(log);
-    assert_eq!(version(&db), 3);
+    assert_eq!(version(&db), 4);
     let c = Connection::open(&db).unwrap();
     let tables: i64 = c
         .query_row(
@@ -145,6 +145,75 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     assert!(
         rep.broken.is_some(),
         "a renamed principal must break the chain"
+    );
+}
+
+/// A v3 store (made here by taking v4's additions back out of a fresh store) upgrades to v4 in
+/// place: its rows keep their chain, they read as not replayable (no inputs), and new rows
+/// carry deduplicated replay inputs.
+#[test]
+fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = AuditLog::open(settings(&db)).unwrap();
+    for i in 0..3 {
+        let mut r = toolgate::audit::Record::new(
+            toolgate::audit::Kind::Mcp,
+            toolgate::audit::Effect::Allow,
+        );
+        r.principal = format!("v3-{i}@example.com");
+        log.submit(r).unwrap().wait_blocking().unwrap();
+    }
+    drop(log);
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER inputs_no_update; DROP TRIGGER inputs_no_delete; DROP TABLE inputs;
+         ALTER TABLE decisions DROP COLUMN principal_input; ALTER TABLE decisions DROP COLUMN resource_input;
+         PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(version(&db), 3);
+    let e = Reader::open(&db).unwrap_err().to_string();
+    assert!(e.contains("start toolgate"), "{e}");
+
+    let log = AuditLog::open(settings(&db)).unwrap();
+    assert_eq!(version(&db), 4);
+    for i in 0..4 {
+        let mut r =
+            toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
+        r.principal = "v4@example.com".into();
+        r.inputs = Some(toolgate::audit::record::ReplayInputs {
+            principal: r#"{"id":"v4@example.com","roles":["user"]}"#.into(),
+            resource: format!(
+                r#"{{"id":"gh","kind":"mcp_server","attr":{{"n":{}}}}}"#,
+                i % 2
+            ),
+        });
+        log.submit(r).unwrap().wait_blocking().unwrap();
+    }
+    drop(log);
+    let rep = Reader::open(&db).unwrap().verify().unwrap();
+    assert!(rep.broken.is_none(), "{:?}", rep.broken);
+    let c = Connection::open(&db).unwrap();
+    let (old, new): (i64, i64) = c
+        .query_row(
+            "SELECT count(*) FILTER (WHERE principal_input IS NULL), count(*) FILTER (WHERE principal_input IS NOT NULL) FROM decisions",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((old, new), (3, 4));
+    let inputs: i64 = c
+        .query_row("SELECT count(*) FROM inputs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        inputs, 3,
+        "one principal and two resources, stored once each"
+    );
+    assert!(
+        c.execute("UPDATE inputs SET text = '{}'", []).is_err(),
+        "inputs are insert-only"
     );
 }
 

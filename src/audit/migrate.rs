@@ -12,7 +12,8 @@ use super::store::{self, Lookups};
 
 /// SQLite migrations, in order; version N is the N-th entry. Versions 1 and 2 are the old
 /// `events` table; version 3 is created from its own file on a new store, and rebuilt from the
-/// old table by [`upgrade_v2`] on an old one.
+/// old table by [`upgrade_v2`] on an old one; versions after 3 are plain additive files applied
+/// in order on top.
 pub const SQLITE: &[(&str, &str)] = &[
     (
         "0001_events",
@@ -26,7 +27,14 @@ pub const SQLITE: &[(&str, &str)] = &[
         "0003_v3",
         include_str!("../../migrations/sqlite/0003_v3.sql"),
     ),
+    (
+        "0004_replay_inputs",
+        include_str!("../../migrations/sqlite/0004_replay_inputs.sql"),
+    ),
 ];
+
+/// The version the v1/v2 rebuild lands on; later migrations apply on top of it in order.
+const V3: usize = 3;
 
 /// Postgres migrations, in order.
 pub const POSTGRES: &[(&str, &str)] = &[
@@ -76,13 +84,16 @@ pub fn sqlite(conn: &mut Connection, key: &ChainKey) -> Result<usize, String> {
     if current == 0 {
         tx.execute_batch(SQLITE[2].1)
             .map_err(|e| format!("migration 0003_v3: {e}"))?;
-    } else {
-        // An old store: finish the old migrations, then rebuild.
+        after_v3(&tx, V3)?;
+    } else if current < V3 {
+        // An old store: finish the old migrations, then rebuild (up to the latest version).
         for (name, sql) in SQLITE.iter().take(2).skip(current) {
             tx.execute_batch(sql)
                 .map_err(|e| format!("migration {name}: {e}"))?;
         }
         upgrade_v2(&tx, key)?;
+    } else {
+        after_v3(&tx, current)?;
     }
     tx.execute_batch(&format!(
         "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",
@@ -90,7 +101,7 @@ pub fn sqlite(conn: &mut Connection, key: &ChainKey) -> Result<usize, String> {
     ))
     .map_err(|e| format!("migration: {e}"))?;
     tx.commit().map_err(|e| format!("migration: {e}"))?;
-    if current > 0 {
+    if (1..V3).contains(&current) {
         // Give the old table's pages back (auto_vacuum = INCREMENTAL stores).
         let _ = conn.execute_batch("PRAGMA incremental_vacuum");
         tracing::info!(
@@ -99,6 +110,15 @@ pub fn sqlite(conn: &mut Connection, key: &ChainKey) -> Result<usize, String> {
         );
     }
     Ok(SQLITE.len())
+}
+
+/// Applies the additive migrations after version `from` (at least 3), in order.
+fn after_v3(tx: &Connection, from: usize) -> Result<(), String> {
+    for (name, sql) in SQLITE.iter().skip(from.max(V3)) {
+        tx.execute_batch(sql)
+            .map_err(|e| format!("migration {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Checks the old unkeyed chain of `events` from end to end; `Err` names the first break.
@@ -173,6 +193,7 @@ fn upgrade_v2(tx: &Connection, key: &ChainKey) -> Result<(), String> {
     })?;
     let err = |e: rusqlite::Error| format!("rebuilding the store as v3: {e}");
     tx.execute_batch(SQLITE[2].1).map_err(err)?;
+    after_v3(tx, V3)?;
     let first_prev: Option<[u8; 32]> = {
         let first: Option<i64> = tx
             .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))

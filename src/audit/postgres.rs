@@ -302,6 +302,7 @@ fn stored_from_pg(r: &sqlx::postgres::PgRow) -> Result<StoredRow, sqlx::Error> {
         arguments: r.try_get(26)?,
         hash: r.try_get(27)?,
         prev_hash: r.try_get(28)?,
+        inputs: None,
     })
 }
 

@@ -100,6 +100,23 @@ pub struct Record {
     pub explain: Value,
     /// The arguments as `audit.arguments` allows (null for `none` and `digest`).
     pub arguments: Value,
+    /// What `policy replay` needs to evaluate the decision again (schema v4); `None` for rows
+    /// that were not one policy decision (identity refusals, check-API batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<ReplayInputs>,
+}
+
+/// The decision input beside the action and the arguments: the principal and the resource as
+/// policy saw them, each as canonical JSON (`inputs` table, deduplicated by SHA-256). Not part
+/// of the chained logical row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayInputs {
+    /// `{"attr":{..},"id":..,"policyVersion":..,"roles":[..],"scope":..}`.
+    pub principal: String,
+    /// `{"attr":{..},"id":..,"kind":..,"policyVersion":..,"scope":..}`; its `arguments` and
+    /// `uri` attributes are null placeholders (those are stored only as `audit.arguments`
+    /// allows: `arguments`, `args_digest`, `tool`, `action`).
+    pub resource: String,
 }
 
 impl Record {
@@ -112,6 +129,7 @@ impl Record {
             effect,
             explain: Value::Null,
             arguments: Value::Null,
+            inputs: None,
             ..Record::default()
         }
     }
@@ -266,6 +284,8 @@ pub struct StoredRow {
     pub arguments: String,
     pub hash: String,
     pub prev_hash: String,
+    /// Replay inputs (schema v4; decisions only). Not hashed by the chain.
+    pub inputs: Option<ReplayInputs>,
 }
 
 /// The stored columns in `StoredRow` field order (SELECT lists and INSERTs use it).
@@ -352,6 +372,7 @@ impl StoredRow {
             policy_hash: r.policy_hash,
             hash: String::new(),
             prev_hash: String::new(),
+            inputs: r.inputs,
         }
     }
 
@@ -465,6 +486,7 @@ impl StoredRow {
             arguments: r.get(at + 26)?,
             hash: r.get(at + 27)?,
             prev_hash: r.get(at + 28)?,
+            inputs: None,
         })
     }
 }

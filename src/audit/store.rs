@@ -98,8 +98,10 @@ fn json_or_null(s: &str) -> Option<&str> {
 pub(crate) struct Lookups {
     names: HashMap<String, i64>,
     explains: HashMap<[u8; 32], i64>,
+    inputs: HashMap<[u8; 32], i64>,
     fresh_names: Vec<String>,
     fresh_explains: Vec<[u8; 32]>,
+    fresh_inputs: Vec<[u8; 32]>,
 }
 
 impl Lookups {
@@ -155,10 +157,37 @@ impl Lookups {
         Ok(Some(id))
     }
 
+    /// The id of a replay input (canonical JSON) in `inputs`, inserting it once.
+    pub fn input(&mut self, c: &Connection, text: &str) -> rusqlite::Result<i64> {
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if let Some(&id) = self.inputs.get(&digest) {
+            return Ok(id);
+        }
+        let found: Option<i64> = c
+            .prepare_cached("SELECT id FROM inputs WHERE digest = ?1")?
+            .query_row([&digest[..]], |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                c.prepare_cached("INSERT INTO inputs (digest, text) VALUES (?1, ?2)")?
+                    .execute(params![&digest[..], text])?;
+                self.fresh_inputs.push(digest);
+                c.last_insert_rowid()
+            }
+        };
+        if self.inputs.len() >= MAX_CACHED / 10 {
+            self.inputs.clear();
+        }
+        self.inputs.insert(digest, id);
+        Ok(id)
+    }
+
     /// The transaction committed: its new ids are real.
     pub fn commit(&mut self) {
         self.fresh_names.clear();
         self.fresh_explains.clear();
+        self.fresh_inputs.clear();
     }
 
     /// The transaction failed: forget the ids it made.
@@ -169,10 +198,13 @@ impl Lookups {
         for d in self.fresh_explains.drain(..) {
             self.explains.remove(&d);
         }
+        for d in self.fresh_inputs.drain(..) {
+            self.inputs.remove(&d);
+        }
     }
 }
 
-const INSERT_DECISION: &str = "INSERT INTO decisions (seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
+const INSERT_DECISION: &str = "INSERT INTO decisions (seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, principal_input, resource_input) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 const INSERT_OUTCOME: &str = "INSERT INTO outcomes (seq, decision, time, gateway, outcome, latency_us, detail, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 const INSERT_ANCHOR: &str = "INSERT INTO anchors (seq, time, gateway, through_seq, through_hash, pruned_rows, reason, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
@@ -239,6 +271,13 @@ pub(crate) fn insert(
             let outcome = lk.name(c, &row.outcome)?;
             let policy_hash = lk.name(c, &row.policy_hash)?;
             let explain = lk.explain(c, &row.explain)?;
+            let (principal_input, resource_input) = match &row.inputs {
+                Some(i) => (
+                    Some(lk.input(c, &i.principal)?),
+                    Some(lk.input(c, &i.resource)?),
+                ),
+                None => (None, None),
+            };
             c.prepare_cached(INSERT_DECISION)?.execute(params![
                 seq,
                 id_value(&row.id),
@@ -266,6 +305,8 @@ pub(crate) fn insert(
                 explain,
                 json_or_null(&row.arguments),
                 &hash[..],
+                principal_input,
+                resource_input,
             ])?;
         }
     }
@@ -443,6 +484,7 @@ pub(crate) fn decision_from(
             .unwrap_or_else(|| "null".to_string()),
         hash: hex(&hash32(r.get_ref(25)?)),
         prev_hash: String::new(),
+        inputs: None,
     };
     let explain = n.explain(c, r.get(23)?)?;
     Ok(StoredRow { explain, ..row })

@@ -260,6 +260,11 @@ impl Variables {
         })
     }
 
+    /// The definition of the variable `name`.
+    pub fn expr(&self, name: &str) -> Option<&Expr> {
+        self.get(name).map(|(_, e)| e)
+    }
+
     fn get(&self, name: &str) -> Option<(usize, &Expr)> {
         let i = *self.index.get(name)?;
         self.defs.get(i).map(|(_, e)| (i, e))

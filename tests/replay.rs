@@ -1,0 +1,344 @@
+//! `toolgate policy replay` against stores filled by the real gateway (static identities on
+//! 127.0.0.2–4, the sample upstream, the shipped policies, a SQLite audit store), replayed
+//! under the same policies (nothing changes) and under a changed set (exactly the expected
+//! changes). With `audit.arguments: digest`, a row needs its arguments exactly when the
+//! candidate's consulted rules read them.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use toolgate::config::Config;
+use toolgate::{daemon, demo, sample};
+
+/// (who, ip, server, tool, arguments)
+const CALLS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "alice",
+        "127.0.0.2",
+        "github",
+        "create_issue",
+        r#"{"owner":"example","repo":"t","title":"ok"}"#,
+    ),
+    (
+        "alice",
+        "127.0.0.2",
+        "github",
+        "create_issue",
+        r#"{"owner":"evil-corp","repo":"x","title":"no"}"#,
+    ),
+    (
+        "alice",
+        "127.0.0.2",
+        "github",
+        "get_issue",
+        r#"{"owner":"example","repo":"t","number":1}"#,
+    ),
+    (
+        "bob",
+        "127.0.0.3",
+        "github",
+        "create_issue",
+        r#"{"owner":"example","repo":"t","title":"x"}"#,
+    ),
+    (
+        "bob",
+        "127.0.0.3",
+        "files",
+        "read_file",
+        r#"{"path":"/srv/work/notes.md"}"#,
+    ),
+    (
+        "ci",
+        "127.0.0.4",
+        "github",
+        "search_repositories",
+        r#"{"query":"toolgate"}"#,
+    ),
+    ("ci", "127.0.0.4", "github", "get_issue", "{}"),
+];
+
+async fn rpc(client: &reqwest::Client, base: &str, server: &str, body: Value) -> String {
+    let r = client
+        .post(format!("{base}/mcp/{server}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = r
+        .headers()
+        .get("toolgate-decision-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let _ = r.text().await.unwrap();
+    id
+}
+
+/// Runs the real gateway with `arguments` mode over the shipped policies, makes [`CALLS`], and
+/// returns the store and each call's decision id.
+async fn fill(dir: &Path, arguments: &str) -> (PathBuf, Vec<String>) {
+    let counters = Arc::new(sample::Counters::default());
+    let upstream = sample::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), counters)
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config_path = demo::write_files(dir, port, upstream).unwrap();
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(text.contains("arguments: redacted"));
+    std::fs::write(
+        &config_path,
+        text.replace("arguments: redacted", &format!("arguments: {arguments}")),
+    )
+    .unwrap();
+    let cfg = Config::load(&config_path).unwrap();
+    let listen = daemon::resolve_listen(&cfg, &[]).unwrap();
+    let identify = daemon::static_provider(&cfg, &listen).unwrap();
+    let db = cfg.audit.sqlite.clone();
+    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None).unwrap();
+    let audit = built.audit.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(daemon::run(built, stop_rx));
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while reqwest::get(format!("{base}/healthz")).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never answered"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut ids = Vec::new();
+    for (i, (_, ip, server, tool, args)) in CALLS.iter().enumerate() {
+        let ip: IpAddr = ip.parse().unwrap();
+        let client = reqwest::Client::builder()
+            .local_address(ip)
+            .build()
+            .unwrap();
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "replay-test", "version": "1"}}});
+        rpc(&client, &base, server, init).await;
+        let args: Value = serde_json::from_str(args).unwrap();
+        let body = json!({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+        let id = rpc(&client, &base, server, body).await;
+        assert!(!id.is_empty(), "call {i} has a decision id");
+        ids.push(id);
+    }
+    audit.flush().await.unwrap();
+    stop_tx.send(true).unwrap();
+    server.await.unwrap().unwrap();
+    (dir.join(db), ids)
+}
+
+/// The candidate: CI runners lose GitHub reads, the organisation is renamed (alice's own-org
+/// issue is now another organisation's), and bob may create issues.
+fn candidate(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let edit = |name: &str, from: &str, to_text: &str| {
+        let p = to.join(name);
+        let t = std::fs::read_to_string(&p).unwrap();
+        assert!(t.contains(from), "{name} has {from:?}");
+        std::fs::write(&p, t.replacen(from, to_text, 1)).unwrap();
+    };
+    edit(
+        "constants.yaml",
+        "github_org: example",
+        "github_org: example-renamed",
+    );
+    edit(
+        "mcp_server.yaml",
+        "      derivedRoles: [tailnet_person, ci_runner]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
+        "      derivedRoles: [tailnet_person]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
+    );
+    edit(
+        "mcp_server.yaml",
+        "  rules:\n",
+        "  rules:\n    - name: bob_may_file_issues\n      actions: [\"tools/call::create_issue\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n      condition:\n        match:\n          expr: P.attr.login == \"bob@example.com\"\n",
+    );
+}
+
+fn replay(db: &Path, policies: &Path, format: &str) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["policy", "replay", "--db"])
+        .arg(db)
+        .arg("--policies")
+        .arg(policies)
+        .args(["--format", format])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() != Some(3), "replay failed: {stderr}");
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+fn lines(out: &str) -> (Vec<Value>, Value) {
+    let mut v: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = v.pop().unwrap()["summary"].clone();
+    (v, summary)
+}
+
+/// (status, decision id) of every reported row.
+fn reported(rows: &[Value]) -> BTreeSet<(String, String)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn want(ids: &[String], which: &[(&str, usize)]) -> BTreeSet<(String, String)> {
+    which
+        .iter()
+        .map(|(s, i)| (s.to_string(), ids[*i].clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reports_exactly_the_changes_of_a_policy_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, ids) = fill(dir.path(), "redacted").await;
+    let policies = dir.path().join("policies");
+    let next = dir.path().join("next");
+    candidate(&policies, &next);
+
+    // The same policies: every replayable row decides as recorded.
+    let (code, out) = replay(&db, &policies, "jsonl");
+    let (rows, s) = lines(&out);
+    assert_eq!(code, 0, "{out}");
+    assert!(rows.is_empty(), "{out}");
+    assert_eq!(s["changed"], 0);
+    assert_eq!(s["needs_arguments"], 0);
+    // Every tools/call row and its initialize row are replayed.
+    assert!(
+        s["replayed"].as_u64().unwrap() >= 2 * CALLS.len() as u64,
+        "{s}"
+    );
+
+    // The candidate: exactly these changes, and nothing needs arguments (redacted arguments
+    // without secrets are the arguments as sent: their digest is the recorded one).
+    let (code, out) = replay(&db, &next, "jsonl");
+    assert_eq!(code, 1, "{out}");
+    let (rows, s) = lines(&out);
+    assert_eq!(
+        reported(&rows),
+        want(
+            &ids,
+            &[
+                ("allow_to_deny", 0),
+                ("deny_to_allow", 3),
+                ("allow_to_deny", 5),
+                ("allow_to_deny", 6),
+            ]
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        (s["changed"].as_u64(), s["needs_arguments"].as_u64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(s["allow_to_deny"], 3);
+    assert_eq!(s["deny_to_allow"], 1);
+    let bob = rows.iter().find(|r| r["id"] == ids[3].as_str()).unwrap();
+    assert_eq!(bob["now"]["rule"], "bob_may_file_issues");
+    assert_eq!(bob["principal"], "bob@example.com");
+    assert_eq!(bob["tool"], "create_issue");
+
+    // The grouped report: by direction, principal, tool and the rule that now decides.
+    let (code, out) = replay(&db, &next, "json");
+    assert_eq!(code, 1);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let groups = r["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 4, "{out}");
+    assert_eq!(groups[0]["direction"], "deny_to_allow", "deny→allow first");
+    let ci: Vec<&Value> = groups
+        .iter()
+        .filter(|g| g["principal"] == "ci-runner.example.ts.net")
+        .collect();
+    assert_eq!(ci.len(), 2, "search_repositories and get_issue: {out}");
+    assert!(
+        ci.iter()
+            .all(|g| g["count"] == 1 && g["direction"] == "allow_to_deny")
+    );
+    let (code, table) = replay(&db, &next, "table");
+    assert_eq!(code, 1);
+    assert!(
+        table.contains("deny→allow") && table.contains("bob_may_file_issues"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_mode_needs_arguments_exactly_where_the_rules_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, ids) = fill(dir.path(), "digest").await;
+    let policies = dir.path().join("policies");
+    let next = dir.path().join("next");
+    candidate(&policies, &next);
+
+    // The same policies: alice's create_issue calls (github_write_own_org reads the owner) and
+    // bob's read_file (files_in_workspace reads the path) need their arguments; the rest
+    // replays as recorded, ci's get_issue too (its `{}` matches the recorded digest).
+    let (code, out) = replay(&db, &policies, "jsonl");
+    let (rows, s) = lines(&out);
+    assert_eq!(code, 0, "{out}");
+    let needs = want(
+        &ids,
+        &[
+            ("needs_arguments", 0),
+            ("needs_arguments", 1),
+            ("needs_arguments", 4),
+        ],
+    );
+    assert_eq!(reported(&rows), needs, "{out}");
+    assert_eq!(s["changed"], 0);
+
+    // The candidate: the changes that do not depend on arguments are reported as changes
+    // (CI loses reads, bob may file issues); alice's own-org issue, whose change comes from
+    // the renamed organisation compared with her arguments, needs them.
+    let (code, out) = replay(&db, &next, "jsonl");
+    assert_eq!(code, 1, "{out}");
+    let (rows, s) = lines(&out);
+    let mut expected = needs;
+    expected.extend(want(
+        &ids,
+        &[
+            ("deny_to_allow", 3),
+            ("allow_to_deny", 5),
+            ("allow_to_deny", 6),
+        ],
+    ));
+    assert_eq!(reported(&rows), expected, "{out}");
+    assert_eq!(s["needs_arguments"], 3);
+    assert_eq!(s["changed"], 3);
+}
