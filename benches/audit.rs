@@ -75,6 +75,25 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
     };
     r.policy_hash = "3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b".into();
     r.explain = serde_json::json!({"policies": ["resource.mcp_server.vdefault"], "steps": [{"rule": "allow_developers", "outcome": "matched"}]});
+    // Replay inputs (schema v4) as the gateway builds them; TOOLGATE_BENCH_NO_INPUTS=1 leaves
+    // them out, to measure what they cost.
+    if !std::env::var("TOOLGATE_BENCH_NO_INPUTS").is_ok_and(|v| v == "1") {
+        r.inputs = Some(toolgate::audit::record::ReplayInputs {
+            principal: format!(
+                r#"{{"attr":{{"caps":[{{"roles":["developer"]}}],"display_name":"User {p}","groups":[],"hostname":"host{p}","ip":"{}","login":"{}","node":"{}","node_id":"{}","os":"linux","tags":{},"tailnet":"example.ts.net"}},"id":"{}","roles":["user","developer"]}}"#,
+                r.ip,
+                r.login,
+                r.node,
+                r.node_id,
+                serde_json::to_string(&r.tags).unwrap_or_default(),
+                r.principal
+            ),
+            resource: format!(
+                r#"{{"attr":{{"arguments":null,"method":"tools/call","server":"{}","tool_name":"{}"}},"id":"{}","kind":"mcp_server"}}"#,
+                r.server, r.tool, r.server
+            ),
+        });
+    }
     r
 }
 
