@@ -13,6 +13,7 @@ pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dashboard;
 pub mod demo;
 pub mod doctor;
 pub mod exit;

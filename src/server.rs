@@ -135,6 +135,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .merge(crate::pdp::http::routes())
         .merge(crate::hook::http::routes(&gw))
+        .merge(crate::dashboard::routes())
         .layer(middleware::from_fn_with_state(gw.clone(), host_guard))
         .with_state(gw)
 }
@@ -340,21 +341,7 @@ fn stream_page(
         let chunk = bytes::Bytes::from(std::mem::take(buf));
         tx.blocking_send(Ok(chunk)).is_ok()
     };
-    let mut keep = |row: &crate::audit::record::Row| {
-        let mut attr = serde_json::Map::new();
-        attr.insert("principal".into(), row.principal.clone().into());
-        attr.insert("node".into(), row.node.clone().into());
-        attr.insert("server".into(), row.server.clone().into());
-        let resource = crate::policy::input::Resource {
-            kind: "toolgate_audit".into(),
-            id: row.id.clone(),
-            attr,
-            ..Default::default()
-        };
-        gw.decide(principal, resource, vec!["read".into()])
-            .effect("read")
-            == crate::policy::model::Effect::Allow
-    };
+    let mut keep = |row: &crate::audit::record::Row| may_read(gw, principal, row);
     let mut emit = |row: crate::audit::record::Row| {
         if !first {
             buf.push(b',');
@@ -392,13 +379,37 @@ fn stream_page(
     }
 }
 
+/// May `principal` read `row`? The `toolgate_audit`/`read` policy, with `R.attr.principal`,
+/// `R.attr.node` and `R.attr.server` from the row. Every reader of rows over HTTP
+/// (`/api/audit`, the dashboard's stream) asks this per row, so rows a viewer may not see never
+/// leave the daemon.
+pub(crate) fn may_read(
+    gw: &Gateway,
+    principal: &crate::policy::input::Principal,
+    row: &crate::audit::record::Row,
+) -> bool {
+    let mut attr = serde_json::Map::new();
+    attr.insert("principal".into(), row.principal.clone().into());
+    attr.insert("node".into(), row.node.clone().into());
+    attr.insert("server".into(), row.server.clone().into());
+    let resource = crate::policy::input::Resource {
+        kind: "toolgate_audit".into(),
+        id: row.id.clone(),
+        attr,
+        ..Default::default()
+    };
+    gw.decide(principal, resource, vec!["read".into()])
+        .effect("read")
+        == crate::policy::model::Effect::Allow
+}
+
 /// Bytes of `/api/audit` answer gathered before they are sent on.
 const PAGE_CHUNK: usize = 64 * 1024;
 
 /// `application/x-www-form-urlencoded` query pairs, decoded by the WHATWG URL standard's
 /// parser (the `url` crate's): `+` is a space, `%XX` a byte, and a `%` not followed by two hex
 /// digits stays literal (`%+A` is `%`, ` `, `A`, never a byte made from `+A`).
-fn query_pairs(query: &str) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
@@ -474,7 +485,7 @@ pub fn host_allowed(allowed: &[String], host: &str) -> bool {
     !name.is_empty() && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
-fn forbidden(msg: &str) -> Response {
+pub(crate) fn forbidden(msg: &str) -> Response {
     let body = jsonrpc::error_body(None, code::UNIDENTIFIED, &format!("forbidden: {msg}"), None);
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = StatusCode::FORBIDDEN;

@@ -1,0 +1,413 @@
+//! The dashboard (issue 16): a page served by the daemon itself at `/`, with its assets
+//! embedded in the binary (no CDN, nothing fetched at run time), and the live stream of
+//! decisions it reads.
+//!
+//! - `GET /`: the page, server-rendered for the viewer (their principal and roles), plus
+//!   `/dashboard.js` and `/dashboard.css` (hand-written, [`include_str!`]-embedded).
+//! - `GET /api/audit/stream`: Server-Sent Events, one `decision` event per audit row the
+//!   viewer may read (the `toolgate_audit`/`read` policy, asked per row by
+//!   [`crate::server::may_read`]: rows a viewer may not see never leave the daemon). Filters
+//!   `principal`, `node`, `server`, `tool`, `effect`, `kind` narrow it. Without `after` (or a
+//!   `Last-Event-ID`), it starts with the newest [`BACKFILL`] readable rows; then it sends each
+//!   new row once, in chain order. An event's `id` is the row's chain position, so a browser
+//!   that reconnects resumes where it stopped.
+//!
+//! The row detail (explain trace, redacted arguments, outcome, latency) is read through
+//! `GET /api/audit?id=..`, which carries the same per-row authorization.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::audit::query::{Filter, Reader};
+use crate::audit::record::Row;
+use crate::gateway::{Conn, Gateway};
+use crate::policy::input::Principal;
+use crate::server::{forbidden, may_read, query_pairs};
+
+/// Rows a new stream starts with (the newest the viewer may read), at most.
+pub const BACKFILL: usize = 100;
+/// How often a stream looks for new rows in the store.
+pub const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Rows one poll examines at most (readable or not); the rest wait for the next poll.
+pub const POLL_BATCH: usize = 1_000;
+/// A stream with nothing to send sends an SSE comment this often (proxies, dead peers).
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// A stream ends after this; the browser reconnects (with `Last-Event-ID`), and the viewer's
+/// identity and the filters are checked again, like on any new request.
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The filter keys the stream accepts, besides `after`.
+const STREAM_KEYS: [&str; 6] = ["principal", "node", "server", "tool", "effect", "kind"];
+
+const PAGE: &str = include_str!("page.html");
+const SCRIPT: &str = include_str!("dashboard.js");
+const STYLE: &str = include_str!("dashboard.css");
+
+/// The dashboard's routes (merged into [`crate::server::router`], behind its Host/Origin check).
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/", get(page))
+        .route(
+            "/dashboard.js",
+            get(|| async { asset("text/javascript", SCRIPT) }),
+        )
+        .route("/dashboard.css", get(|| async { asset("text/css", STYLE) }))
+        .route("/api/audit/stream", get(stream))
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /`: the page, for an identified viewer only.
+async fn page(State(gw): State<Arc<Gateway>>, Extension(conn): Extension<Conn>) -> Response {
+    let Some(caller) = conn.caller.clone() else {
+        return forbidden("no verified tailnet identity");
+    };
+    let hash = gw.store.current().hash.clone();
+    let html = render(&caller.principal, hash.get(..12).unwrap_or(&hash));
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                ),
+            ),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+/// The page with the viewer's principal, roles and the policy snapshot filled in (escaped).
+fn render(viewer: &Principal, snapshot: &str) -> String {
+    PAGE.replace("{{principal}}", &escape(&viewer.id))
+        .replace("{{roles}}", &escape(&viewer.roles.join(", ")))
+        .replace("{{snapshot}}", &escape(snapshot))
+}
+
+/// HTML text escaping (element content and double-quoted attributes).
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn json_error(status: StatusCode, e: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"error": e}).to_string(),
+    )
+        .into_response()
+}
+
+/// The stream's request: its filter and where it starts.
+fn parse_stream(query: &str, last_event_id: Option<&str>) -> Result<(Filter, Option<i64>), String> {
+    let mut after = None;
+    let mut pairs = Vec::new();
+    for (k, v) in query_pairs(query) {
+        if k == "after" {
+            after = Some(v);
+        } else if STREAM_KEYS.contains(&k.as_str()) {
+            if !v.is_empty() {
+                pairs.push((k, v));
+            }
+        } else {
+            return Err(format!(
+                "unknown parameter {k:?}: the stream takes after, {}",
+                STREAM_KEYS.join(", ")
+            ));
+        }
+    }
+    let filter = Filter::from_pairs(pairs)?;
+    let after = match after.as_deref().or(last_event_id) {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("after: {v:?} is not a chain position"))?,
+        ),
+    };
+    Ok((filter, after))
+}
+
+/// `GET /api/audit/stream?principal=..&tool=..&after=..`: see the module docs.
+async fn stream(
+    State(gw): State<Arc<Gateway>>,
+    Extension(conn): Extension<Conn>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let Some(caller) = conn.caller.clone() else {
+        return forbidden("no verified tailnet identity");
+    };
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let (filter, after) = match parse_stream(query.as_deref().unwrap_or(""), last) {
+        Ok(x) => x,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
+    };
+    let db = gw.config.audit.sqlite.clone();
+    let reader = match tokio::task::spawn_blocking(move || Reader::open(&db)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut row = crate::gateway::AuditRow::new("check", &conn);
+    row.method = "GET /api/audit/stream".into();
+    row.action = "read".into();
+    row.effect = crate::policy::model::Effect::Allow;
+    row.outcome = "answered".into();
+    row.reason = "a live stream of rows, each authorized by policy toolgate_audit/read".into();
+    row.policy_hash = gw.store.current().hash.clone();
+    if gw.submit(row).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "audit unavailable").into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let viewer = caller.principal.clone();
+    tokio::spawn(pump(gw, reader, filter, viewer, after, tx));
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// What one look at the store found: the SSE text of the readable rows, and the chain
+/// position to continue after.
+struct Batch {
+    text: String,
+    after: i64,
+}
+
+/// One SSE `decision` event.
+fn event(text: &mut String, row: &Row) {
+    if let Ok(json) = serde_json::to_string(row) {
+        text.push_str(&format!(
+            "id: {}\nevent: decision\ndata: {json}\n\n",
+            row.seq
+        ));
+    }
+}
+
+/// The newest [`BACKFILL`] rows the viewer may read at or before the chain head, oldest
+/// first; continues after the head.
+fn backfill(
+    gw: &Gateway,
+    reader: &Reader,
+    filter: &Filter,
+    viewer: &Principal,
+) -> Result<Batch, String> {
+    let head = reader.head_seq().map_err(|e| e.to_string())?;
+    let f = Filter {
+        before_seq: Some(head.saturating_add(1)),
+        ..filter.clone()
+    };
+    let mut rows = Vec::new();
+    reader
+        .page(
+            &f,
+            BACKFILL,
+            crate::audit::query::PAGE_SCAN_BUDGET,
+            &mut |r| may_read(gw, viewer, r),
+            &mut |r| {
+                rows.push(r);
+                true
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    for r in rows.iter().rev() {
+        event(&mut text, r);
+    }
+    Ok(Batch { text, after: head })
+}
+
+/// The rows after chain position `after` that the viewer may read, oldest first, examining
+/// at most [`POLL_BATCH`].
+fn poll(
+    gw: &Gateway,
+    reader: &Reader,
+    filter: &Filter,
+    viewer: &Principal,
+    after: i64,
+) -> Result<Batch, String> {
+    let f = Filter {
+        after_seq: Some(after),
+        limit: None,
+        ..filter.clone()
+    };
+    let mut text = String::new();
+    let mut last = after;
+    let mut examined = 0usize;
+    reader
+        .for_each(&f, &mut |r| {
+            examined += 1;
+            last = last.max(r.seq);
+            if may_read(gw, viewer, &r) {
+                event(&mut text, &r);
+            }
+            examined < POLL_BATCH
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(Batch { text, after: last })
+}
+
+/// Feeds one stream until the client goes away, the store fails or [`STREAM_LIFETIME`] ends.
+async fn pump(
+    gw: Arc<Gateway>,
+    reader: Reader,
+    filter: Filter,
+    viewer: Principal,
+    after: Option<i64>,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+) {
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    let mut state = Some((reader, filter, viewer));
+    let mut after = after;
+    if tx
+        .send(Ok(bytes::Bytes::from_static(b"retry: 2000\n\n")))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while started.elapsed() < STREAM_LIFETIME {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tx.closed() => return,
+        }
+        let Some((reader, filter, viewer)) = state.take() else {
+            return;
+        };
+        let g = gw.clone();
+        let from = after;
+        let looked = tokio::task::spawn_blocking(move || {
+            let b = match from {
+                None => backfill(&g, &reader, &filter, &viewer),
+                Some(a) => poll(&g, &reader, &filter, &viewer, a),
+            };
+            (b, (reader, filter, viewer))
+        })
+        .await;
+        let (batch, back) = match looked {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "/api/audit/stream: the reader task failed");
+                return;
+            }
+        };
+        state = Some(back);
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "/api/audit/stream: the store failed");
+                let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+        };
+        after = Some(batch.after);
+        let text = if batch.text.is_empty() {
+            if quiet_since.elapsed() < KEEPALIVE {
+                continue;
+            }
+            ": keep-alive\n\n".to_string()
+        } else {
+            batch.text
+        };
+        quiet_since = Instant::now();
+        if tx.send(Ok(bytes::Bytes::from(text))).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            escape(r#"<a href="x">&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn stream_parameters() {
+        let (f, a) = parse_stream("principal=alice&effect=deny&tool=", None).unwrap();
+        assert_eq!(f.principal.as_deref(), Some("alice"));
+        assert_eq!(f.effect.as_deref(), Some("deny"));
+        assert_eq!(f.tool, None);
+        assert_eq!(a, None);
+        assert_eq!(parse_stream("", Some("42")).unwrap().1, Some(42));
+        assert_eq!(parse_stream("after=7", Some("42")).unwrap().1, Some(7));
+        assert!(
+            parse_stream("after=-1", None)
+                .unwrap_err()
+                .starts_with("after:")
+        );
+        assert!(
+            parse_stream("since=2h", None)
+                .unwrap_err()
+                .contains("unknown")
+        );
+        assert!(parse_stream("effect=maybe", None).is_err());
+    }
+
+    #[test]
+    fn page_renders_the_viewer_escaped() {
+        let p = Principal {
+            id: "<script>".into(),
+            roles: vec!["user".into()],
+            ..Default::default()
+        };
+        let html = render(&p, "abc");
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(!html.contains("{{"));
+    }
+}

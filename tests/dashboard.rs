@@ -1,0 +1,322 @@
+//! The dashboard (issue 16): the page at `/` and its live stream `/api/audit/stream`, over
+//! HTTP against a running daemon. The stream is filtered by the `toolgate_audit`/`read`
+//! policy per viewer: an admin sees every row, a user only their own.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use toolgate::{config::Config, daemon, demo, sample};
+
+const ALICE: [u8; 4] = [127, 0, 0, 2];
+const BOB: [u8; 4] = [127, 0, 0, 3];
+const CAROL_ADMIN: [u8; 4] = [127, 0, 0, 5];
+const NOBODY: [u8; 4] = [127, 0, 0, 9];
+
+fn client(from: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::from(from))
+        .build()
+        .unwrap()
+}
+
+async fn call(from: [u8; 4], base: &str, tool: &str, args: Value) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+    let r = client(from)
+        .post(format!("{base}/mcp/github"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+/// An open SSE stream, parsed into `decision` events as they arrive.
+struct Stream {
+    resp: reqwest::Response,
+    buf: String,
+    rows: Vec<Value>,
+}
+
+impl Stream {
+    async fn open(from: [u8; 4], url: &str) -> Stream {
+        let resp = client(from).get(url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{url}");
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Stream {
+            resp,
+            buf: String::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Reads events until `done` holds for the rows so far (10 s deadline).
+    async fn until(&mut self, what: &str, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.rows) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no {what} on the stream within 10 s: {:?}", self.rows));
+            let chunk = tokio::time::timeout(left, self.resp.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} on the stream within 10 s: {:?}", self.rows))
+                .unwrap()
+                .expect("the stream ended");
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = self.buf.find("\n\n") {
+                let ev: String = self.buf.drain(..end + 2).collect();
+                let mut name = "message";
+                let mut data = None;
+                let mut id = None;
+                for line in ev.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = if v == "decision" { "decision" } else { "other" };
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    }
+                }
+                if name == "decision" {
+                    let row: Value = serde_json::from_str(&data.unwrap()).unwrap();
+                    assert_eq!(
+                        id.unwrap(),
+                        row["seq"].to_string(),
+                        "the event id is the seq"
+                    );
+                    self.rows.push(row);
+                }
+            }
+        }
+    }
+}
+
+fn has_call(rows: &[Value], principal: &str, query: &str) -> bool {
+    rows.iter().any(|r| {
+        r["principal"] == principal
+            && r["tool"] == "search_repositories"
+            && r["arguments"]["query"] == query
+    })
+}
+
+async fn start() -> (
+    tempfile::TempDir,
+    String,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), String>>,
+    toolgate::audit::AuditLog,
+) {
+    let _ = toolgate::gateway::http_client();
+    let dir = tempfile::tempdir().unwrap();
+    let up = sample::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(sample::Counters::default()),
+    )
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg_path = demo::write_files(dir.path(), port, up).unwrap();
+    let ids = format!(
+        "{}\n\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{{roles: [admin]}}]\n",
+        demo::IDENTITIES
+    );
+    std::fs::write(dir.path().join("identities.yaml"), ids).unwrap();
+    let cfg = Config::load(&cfg_path).unwrap();
+    let listen = daemon::resolve_listen(&cfg, &[]).unwrap();
+    let identify = daemon::static_provider(&cfg, &listen).unwrap();
+    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None).unwrap();
+    let audit = built.audit.clone();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(daemon::run(built, rx));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (dir, format!("http://{addr}"), stop, server, audit)
+}
+
+async fn stop_daemon(
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), String>>,
+) {
+    stop.send(true).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the daemon did not stop within 30 s")
+        .expect("the daemon task panicked");
+    assert_eq!(exit, Ok(()));
+}
+
+/// The page and its assets are served from the binary, to identified viewers only; the page
+/// names the viewer.
+#[tokio::test]
+async fn the_page_is_served_to_identified_viewers() {
+    let (_dir, base, stop, server, _audit) = start().await;
+    let r = client(ALICE).get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = r.text().await.unwrap();
+    assert!(html.contains("alice@example.com"), "{html}");
+    assert!(html.contains("/dashboard.js") && html.contains("Live decisions"));
+    assert!(!html.contains("{{"), "every placeholder is filled");
+    for (path, ty) in [
+        ("/dashboard.js", "text/javascript"),
+        ("/dashboard.css", "text/css"),
+    ] {
+        let r = client(ALICE)
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"].to_str().unwrap(), ty);
+        assert!(!r.text().await.unwrap().is_empty());
+    }
+    let r = client(NOBODY).get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = client(NOBODY)
+        .get(format!("{base}/api/audit/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = client(ALICE)
+        .get(format!("{base}/api/audit/stream?since=2h"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    stop_daemon(stop, server).await;
+}
+
+/// Rows already in the store arrive first (backfill), new ones live; an admin sees every
+/// row, a user only theirs; filters narrow the stream; a row carries its detail (explain
+/// trace, redacted arguments, outcome, latency).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_stream_live_filtered_by_policy() {
+    let (_dir, base, stop, server, audit) = start().await;
+    // Before any stream: one call each (backfill).
+    call(
+        ALICE,
+        &base,
+        "search_repositories",
+        json!({"query": "a-old"}),
+    )
+    .await;
+    call(BOB, &base, "search_repositories", json!({"query": "b-old"})).await;
+    audit.flush().await.unwrap();
+
+    let stream = format!("{base}/api/audit/stream");
+    let mut admin = Stream::open(CAROL_ADMIN, &stream).await;
+    let mut alice = Stream::open(ALICE, &stream).await;
+    let mut bob_only = Stream::open(
+        CAROL_ADMIN,
+        &format!("{stream}?principal=bob@example.com&tool=search_repositories&kind=mcp"),
+    )
+    .await;
+    admin
+        .until("backfill", |r| {
+            has_call(r, "alice@example.com", "a-old") && has_call(r, "bob@example.com", "b-old")
+        })
+        .await;
+    alice
+        .until("backfill", |r| has_call(r, "alice@example.com", "a-old"))
+        .await;
+
+    // New decisions, after the streams opened: bob's first, then alice's.
+    call(BOB, &base, "search_repositories", json!({"query": "b-new"})).await;
+    call(
+        ALICE,
+        &base,
+        "search_repositories",
+        json!({"query": "a-new"}),
+    )
+    .await;
+    admin
+        .until("the new decisions", |r| {
+            has_call(r, "alice@example.com", "a-new") && has_call(r, "bob@example.com", "b-new")
+        })
+        .await;
+    alice
+        .until("alice's new decision", |r| {
+            has_call(r, "alice@example.com", "a-new")
+        })
+        .await;
+    // The stream is in chain order: bob's row came before alice's, so had it been sent to
+    // alice it would be here by now.
+    for r in &alice.rows {
+        assert_eq!(r["principal"], "alice@example.com", "alice saw {r}");
+    }
+    bob_only
+        .until("bob's new decision", |r| {
+            has_call(r, "bob@example.com", "b-new")
+        })
+        .await;
+    for r in &bob_only.rows {
+        assert_eq!(r["principal"], "bob@example.com", "{r}");
+        assert_eq!(r["tool"], "search_repositories", "{r}");
+    }
+    // Each row once, in chain order.
+    let seqs: Vec<i64> = admin
+        .rows
+        .iter()
+        .map(|r| r["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // The detail: explain trace, arguments (redacted), outcome and latency.
+    let row = admin
+        .rows
+        .iter()
+        .find(|r| has_call(std::slice::from_ref(r), "alice@example.com", "a-new"))
+        .unwrap();
+    assert_eq!(row["kind"], "mcp");
+    assert!(!row["explain"].is_null(), "{row}");
+    assert!(row.get("latency_us").is_some() && row.get("outcome").is_some());
+    // Resuming from an event id sends only what came after it.
+    let seq = row["seq"].as_i64().unwrap();
+    let mut resumed = Stream::open(ALICE, &format!("{stream}?after={seq}")).await;
+    call(
+        ALICE,
+        &base,
+        "search_repositories",
+        json!({"query": "a-last"}),
+    )
+    .await;
+    resumed
+        .until("alice's last decision", |r| {
+            has_call(r, "alice@example.com", "a-last")
+        })
+        .await;
+    assert!(
+        resumed
+            .rows
+            .iter()
+            .all(|r| r["seq"].as_i64().unwrap() > seq)
+    );
+    drop((admin, alice, bob_only, resumed));
+    stop_daemon(stop, server).await;
+}
