@@ -81,6 +81,17 @@ pub const IDENTITIES: &str = r#"# Source IP → tailnet identity (what WhoIs wou
   tags: ["tag:ci"]
 "#;
 
+/// The identity `--keep-running` adds for a browser on this machine (127.0.0.1): an admin, so
+/// the dashboard at `/` shows every row.
+pub const VIEWER: &str = r#""127.0.0.1":
+  login: you@example.com
+  display_name: You (the dashboard's viewer)
+  node: localhost.example.ts.net
+  node_id: nVIEWER1
+  tailnet: example.ts.net
+  caps: [{roles: [admin]}]
+"#;
+
 /// Writes the demo's files into `dir`; returns the config path.
 pub fn write_files(dir: &Path, port: u16, upstream: SocketAddr) -> Result<PathBuf, String> {
     let w = |rel: &str, body: &str| -> Result<(), String> {
@@ -365,6 +376,13 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
         }
     };
     let config_path = write_files(&dir, port, upstream)?;
+    if opts.keep_running {
+        // A browser on this machine connects from 127.0.0.1: make it an admin viewer of the
+        // dashboard (it sees every row), in the kept-running demo only.
+        let ids = format!("{IDENTITIES}{VIEWER}");
+        std::fs::write(dir.join("identities.yaml"), ids)
+            .map_err(|e| format!("{}: {e}", dir.join("identities.yaml").display()))?;
+    }
     let cfg = Config::load(&config_path).map_err(|e| e.to_string())?;
     let listen = daemon::resolve_listen(&cfg, &[])?;
     let identify = daemon::static_provider(&cfg, &listen)?;
@@ -512,7 +530,8 @@ pub async fn run(opts: Options) -> Result<PathBuf, String> {
     );
     if opts.keep_running {
         println!(
-            "\nThe gateway keeps running on {base} (Ctrl-C to stop). Point an MCP client at {base}/mcp/github\n\
+            "\nDashboard: {base}/ (open it in a browser on this machine: 127.0.0.1 is an admin viewer)\n\
+             The gateway keeps running on {base} (Ctrl-C to stop). Point an MCP client at {base}/mcp/github\n\
              from 127.0.0.2 (alice), 127.0.0.3 (bob) or 127.0.0.4 (ci); other addresses have no identity. Example:\n  \
              curl --interface 127.0.0.2 -s {base}/mcp/github -H 'content-type: application/json' \\\n    \
              -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}}'"
