@@ -385,3 +385,90 @@ async fn bad_input_gets_cerbos_errors_never_a_panic() {
     assert_eq!(s, 200);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn plan_answers_cerbos_filters_audits_one_row_and_refuses_what_it_cannot_plan() {
+    let d = Daemon::start("  callers: [tag:pep]").await;
+    let alice = json!({"id": "alice", "roles": ["user"], "attr": {"team": "red", "regions": ["eu"], "max_size": 100}});
+    // Conditional: derived roles (owner, team) OR a variable, as Cerbos 0.55 nests them.
+    let (s, v) = d
+        .post(PEP, "/api/plan/resources", &json!({"requestId": "p1", "action": "view", "principal": alice, "resource": {"kind": "document"}}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let eq = |attr: &str, val: Value| json!({"expression": {"operator": "eq", "operands": [{"variable": format!("request.resource.attr.{attr}")}, {"value": val}]}});
+    assert_eq!(
+        without_call_id(v),
+        json!({"requestId": "p1", "action": "view", "resourceKind": "document", "filter": {"kind": "KIND_CONDITIONAL", "condition": {"expression": {"operator": "or", "operands": [
+            {"expression": {"operator": "or", "operands": [eq("owner", json!("alice")), eq("team", json!("red"))]}},
+            eq("visibility", json!("public"))]}}}})
+    );
+    // Always allowed, always denied, with meta.
+    let (_, v) = d
+        .post(PEP, "/api/plan/resources", &json!({"actions": ["list"], "includeMeta": true, "principal": alice, "resource": {"kind": "document"}}))
+        .await;
+    assert_eq!(v["filter"], json!({"kind": "KIND_ALWAYS_ALLOWED"}));
+    assert_eq!(v["meta"]["filterDebug"], "(true)");
+    let (_, v) = d
+        .post(PEP, "/api/plan/resources", &json!({"action": "purge", "includeMeta": true, "principal": alice, "resource": {"kind": "document"}}))
+        .await;
+    assert_eq!(v["filter"], json!({"kind": "KIND_ALWAYS_DENIED"}));
+    // A condition with no exact filter form (startsWith over an unknown attribute): a clear
+    // error naming it, never a plan.
+    let bob = json!({"id": "bob", "roles": ["contractor"], "attr": {"team": "core"}});
+    let (s, v) = d
+        .post(PEP, "/api/plan/resources", &json!({"action": "tools/call::read_file", "principal": bob, "resource": {"kind": "mcp_tool"}}))
+        .await;
+    assert_eq!((s, v["code"].clone()), (501, json!(12)), "{v}");
+    let m = v["message"].as_str().unwrap();
+    assert!(
+        m.contains("startsWith") && m.contains("cannot plan the condition"),
+        "{m}"
+    );
+    // Callers outside pdp.callers may not plan; bad input gets Cerbos's error.
+    let (s, _) = d
+        .post(
+            ALICE,
+            "/api/plan/resources",
+            &json!({"action": "view", "principal": alice, "resource": {"kind": "document"}}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, v) = d
+        .post(PEP, "/api/plan/resources", &json!({"action": "view", "principal": {"id": "a", "roles": []}, "resource": {"kind": "document"}}))
+        .await;
+    assert_eq!((s, v["code"].clone()), (400, json!(3)), "{v}");
+    // One row per answered or failed plan: the caller, the principal, the filter.
+    let rows: Vec<_> = d
+        .rows("check")
+        .await
+        .into_iter()
+        .filter(|r| r.method == "POST /api/plan/resources" && r.outcome != "refused")
+        .collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let by_action = |a: &str| rows.iter().find(|r| r.action == a).unwrap();
+    let view = by_action("view");
+    assert_eq!(
+        (
+            view.principal.as_str(),
+            view.effect.as_str(),
+            view.outcome.as_str()
+        ),
+        ("alice", "deny", "answered")
+    );
+    assert!(
+        view.reason
+            .contains("KIND_CONDITIONAL (or (or (eq request.resource.attr.owner \"alice\")"),
+        "{}",
+        view.reason
+    );
+    assert_eq!(view.explain["plan"]["kind"], "KIND_CONDITIONAL");
+    assert_eq!(by_action("list").effect, "allow");
+    assert_eq!(by_action("purge").effect, "deny");
+    let failed = by_action("tools/call::read_file");
+    assert_eq!(
+        (failed.outcome.as_str(), failed.effect.as_str()),
+        ("error", "deny")
+    );
+    assert!(failed.reason.contains("startsWith"), "{}", failed.reason);
+    d.stop().await;
+}

@@ -23,6 +23,7 @@ use crate::gateway::{AuditRow, Caller, Conn, Gateway};
 use crate::policy::eval::{self, CheckOutput};
 use crate::policy::input::CheckInput;
 use crate::policy::model::Effect;
+use crate::policy::plan::{self, FilterKind, PlanInput};
 
 /// Bound on a request body: gRPC's default maximum message, which Cerbos enforces.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -376,7 +377,9 @@ fn audit_row(
     row
 }
 
-/// `POST /api/plan/resources`.
+/// `POST /api/plan/resources`: a query plan for one resource kind (policy/plan.rs), one audit
+/// row per request. A condition the planner cannot represent exactly is answered 501
+/// `UNIMPLEMENTED` naming it, never with an approximate plan.
 async fn plan(
     State(gw): State<Arc<Gateway>>,
     Extension(conn): Extension<Conn>,
@@ -386,14 +389,136 @@ async fn plan(
     if !gw.config.pdp.enabled {
         return disabled();
     }
-    if let Err(s) = admit(&gw, &conn, METHOD) {
+    let (caller, access) = match admit(&gw, &conn, METHOD) {
+        Ok(x) => x,
+        Err(s) => return error(&s),
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(s) => return error(&s),
+    };
+    let started = Instant::now();
+    let mut r = match request::parse_plan(&body) {
+        Ok(r) => r,
+        Err(s) => return error(&s),
+    };
+    if access == Access::SelfOnly {
+        r.principal = Some(request::Principal::from_input(&caller.principal));
+    }
+    let limits = &gw.config.pdp.request_limits;
+    if let Err(s) = request::validate_plan(&r, limits.max_actions_per_resource) {
         return error(&s);
     }
-    let _ = req;
-    error(&Status::new(
-        code::UNIMPLEMENTED,
-        "query planning is not available yet",
-    ))
+    let aux = match gw
+        .config
+        .pdp
+        .keysets
+        .decode(r.aux_data.as_ref(), now_secs())
+    {
+        Ok(a) => a,
+        Err(s) => return error(&s),
+    };
+    let Some(principal) = r.principal.take() else {
+        return error(&Status::invalid(
+            "validation error: principal: value is required",
+        ));
+    };
+    let mut resource = r.resource.take().unwrap_or_default();
+    let mut actions = r.actions.clone();
+    if !r.action.is_empty() && !actions.contains(&r.action) {
+        actions.insert(0, r.action.clone());
+    }
+    let input = PlanInput {
+        principal: principal.into_input(),
+        resource: crate::policy::input::Resource {
+            kind: resource.kind.clone(),
+            id: String::new(),
+            attr: std::mem::take(&mut resource.attr),
+            policy_version: resource.policy_version.clone(),
+            scope: resource.scope.clone(),
+        },
+        actions,
+        aux_data: aux,
+    };
+    let set = gw.store.current();
+    let planned = crate::policy::plan::plan(&set, &input, &gw.params());
+    let elapsed = started.elapsed();
+    gw.metrics.decision_latency.observe(elapsed);
+
+    let mut row = AuditRow::new("check", &conn);
+    row.method = METHOD.into();
+    row.principal = Some(input.principal.id.clone());
+    row.tool = resource.kind.clone();
+    row.action = input.actions.join(",");
+    row.policy_hash = set.hash.clone();
+    row.latency_us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+    let via = match access {
+        Access::Assert => "pdp.callers",
+        _ => "self_only",
+    };
+    // A plan is not a decision about one resource: only an unconditional plan is an ALLOW.
+    row.effect = Effect::Deny;
+    match &planned {
+        Ok(p) => {
+            row.outcome = "answered".into();
+            if p.kind == FilterKind::AlwaysAllowed {
+                row.effect = Effect::Allow;
+            }
+            let kind = serde_json::to_value(p.kind).unwrap_or_default();
+            let debug = plan::debug_string(p.kind, p.condition.as_ref());
+            let mut reason = format!(
+                "caller {} ({via}) asked for a plan for {} on {}: {} {}",
+                caller.principal.id,
+                input.principal.id,
+                resource.kind,
+                kind.as_str().unwrap_or_default(),
+                debug
+            );
+            if reason.len() > MAX_REASON {
+                let mut cut = MAX_REASON;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+                reason.push('…');
+            }
+            row.reason = reason;
+            row.explain = Some(json!({
+                "caller": caller.principal.id,
+                "principal": input.principal.id,
+                "plan": {"kind": kind, "condition": p.condition, "actions": input.actions},
+            }));
+        }
+        Err(e) => {
+            row.outcome = "error".into();
+            row.reason = format!(
+                "caller {} ({via}) asked for a plan for {} on {}: {e}",
+                caller.principal.id, input.principal.id, resource.kind
+            );
+        }
+    }
+    let call_id = row.id.clone();
+    let commit = match gw.submit(row) {
+        Ok(c) => c,
+        Err(e) => return error(&Status::new(code::UNAVAILABLE, e.to_string())),
+    };
+    if let Err(e) = commit.await {
+        return error(&Status::new(code::UNAVAILABLE, e.to_string()));
+    }
+    let p = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            return error(&Status::new(
+                code::UNIMPLEMENTED,
+                format!("query planning: {e}"),
+            ));
+        }
+    };
+    let resp = response::plan(&r, &resource, &p, &call_id);
+    match serde_json::to_string(&resp) {
+        Ok(s) => json_ok(s),
+        Err(e) => error(&Status::new(code::INTERNAL, e.to_string())),
+    }
 }
 
 #[cfg(test)]

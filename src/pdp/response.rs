@@ -1,5 +1,5 @@
-//! The response bodies of Cerbos's check API (protojson of
-//! `cerbos.response.v1.CheckResourcesResponse`), built from the engine's [`CheckOutput`]s.
+//! The response bodies of Cerbos's check and plan APIs (protojson of
+//! `cerbos.response.v1.CheckResourcesResponse` and `PlanResourcesResponse`), built from the engine's [`CheckOutput`]s.
 //!
 //! As protojson writes them: camelCase, enum names as strings, empty fields omitted, map keys
 //! sorted (Go marshals maps in key order). `meta` only with `includeMeta`. Beyond Cerbos, and
@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::request::Resource;
+use super::request::{PlanRequest, PlanResource, Resource};
 use crate::policy::eval::{
     CheckOutput, EvalError, OutputEntry, Trace, ValidationError, effect_name,
 };
+use crate::policy::plan::{FilterKind, Operand, PlanOutput};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -141,5 +142,75 @@ pub fn result<'a>(
         outputs: out.outputs.iter().map(output).collect(),
         evaluation_errors: explain.then_some(out.evaluation_errors.as_slice()),
         trace: explain.then_some(&out.trace),
+    }
+}
+
+/// `cerbos.response.v1.PlanResourcesResponse`, as protojson writes it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanResponse<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub request_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub action: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub actions: &'a [String],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub resource_kind: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub policy_version: &'a str,
+    pub filter: PlanFilter<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<PlanMeta<'a>>,
+    #[serde(skip_serializing_if = "<[ValidationError]>::is_empty")]
+    pub validation_errors: &'a [ValidationError],
+    pub cerbos_call_id: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanFilter<'a> {
+    pub kind: FilterKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<&'a Operand>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanMeta<'a> {
+    pub filter_debug: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub matched_scopes: &'a BTreeMap<String, String>,
+}
+
+static NO_SCOPES: BTreeMap<String, String> = BTreeMap::new();
+
+/// The plan answer: the request's echo, the filter, and `meta` with `includeMeta`.
+pub fn plan<'a>(
+    r: &'a PlanRequest,
+    resource: &'a PlanResource,
+    p: &'a PlanOutput,
+    call_id: &'a str,
+) -> PlanResponse<'a> {
+    PlanResponse {
+        request_id: &r.request_id,
+        action: &r.action,
+        actions: &r.actions,
+        resource_kind: &resource.kind,
+        policy_version: &resource.policy_version,
+        filter: PlanFilter {
+            kind: p.kind,
+            condition: p.condition.as_ref(),
+        },
+        meta: r.include_meta.then_some(PlanMeta {
+            filter_debug: &p.filter_debug,
+            // Cerbos 0.55 reports them for `actions` only, not for the deprecated `action`.
+            matched_scopes: if r.actions.is_empty() {
+                &NO_SCOPES
+            } else {
+                &p.matched_scopes
+            },
+        }),
+        validation_errors: &p.validation_errors,
+        cerbos_call_id: call_id,
     }
 }

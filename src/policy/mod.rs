@@ -6,6 +6,7 @@
 //! - [`glob`]: Cerbos's `:`-separated globs for actions, roles and kinds.
 //! - [`compile`]: policy files → an indexed, immutable [`compile::PolicySet`].
 //! - [`eval`]: the Cerbos evaluation algorithm over a `PolicySet`, with an explain trace.
+//! - [`plan`]: query planning (Cerbos `PlanResources`) by partial evaluation of conditions.
 //! - [`replay`]: one recorded decision evaluated again under a candidate set (`policy replay`).
 //! - [`store`]: loading a policy directory and swapping snapshots atomically.
 //! - [`yaml_merge`]: YAML merge keys, applied with positions kept (used by [`parse`]).
@@ -19,6 +20,7 @@ pub mod glob;
 pub mod input;
 pub mod model;
 pub mod parse;
+pub mod plan;
 pub mod replay;
 pub mod store;
 pub mod suite;

@@ -154,6 +154,11 @@ impl Expr {
         self.inner.uses_now
     }
 
+    /// The checked tree (query planning walks it to evaluate what is known).
+    pub(crate) fn ast(&self) -> &cel::IdedExpr {
+        &self.inner.ast
+    }
+
     /// Variable names (`V.x`, `variables.x`) this expression reads.
     pub fn variables_used(&self) -> &[String] {
         &self.inner.variables
@@ -210,6 +215,50 @@ impl Expr {
         catch_unwind(AssertUnwindSafe(run))
             .unwrap_or_else(|_| Err("internal error while evaluating the expression".to_string()))
     }
+}
+
+/// Why a node of a tree has no literal value.
+#[derive(Debug)]
+pub(crate) enum NodeError {
+    /// It failed to evaluate.
+    Eval(String),
+    /// Its value (a duration, a timestamp, a type, ...) has no JSON literal form; the type name.
+    NoLiteral(String),
+}
+
+/// Evaluates one node of a compiled expression's tree to a JSON literal (query planning
+/// evaluates the parts that do not read the unknown resource). Only null, booleans, numbers,
+/// strings, lists and maps have one.
+pub(crate) fn eval_node_literal(
+    ast: &cel::IdedExpr,
+    ctx: &EvalCtx<'_>,
+) -> Result<Value, NodeError> {
+    use cel::common::types::Kind;
+    let run = || {
+        scope::reset_budget();
+        let scope = scope::Scope::new(ctx);
+        let mut context = cel::Context::with_env(ctx.env.env.clone());
+        context.set_variable_resolver(&scope);
+        let value = cel::Value::resolve_val(ast, &context)
+            .map_err(|e| NodeError::Eval(scope::error_message(&e)))?;
+        let ty = value.get_type();
+        match ty.kind() {
+            Kind::NullType
+            | Kind::Boolean
+            | Kind::Int
+            | Kind::UInt
+            | Kind::Double
+            | Kind::String
+            | Kind::List
+            | Kind::Map => output::to_json(value.as_ref()).map_err(NodeError::Eval),
+            _ => Err(NodeError::NoLiteral(ty.name().to_string())),
+        }
+    };
+    catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
+        Err(NodeError::Eval(
+            "internal error while evaluating the expression".to_string(),
+        ))
+    })
 }
 
 /// A policy's variables (imported and local, merged), in dependency order.

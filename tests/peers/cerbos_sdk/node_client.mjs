@@ -46,6 +46,26 @@ out.isAllowed = [
   await c.isAllowed({ principal: sre, resource: { kind: "mcp_tool", id: "deploy", attr: { org: "example", env: "staging" } }, action: "tools/call::deploy" }),
   await c.isAllowed({ principal: alice, resource: { kind: "mcp_tool", id: "delete_repo", attr: {} }, action: "tools/call::delete_repo" }),
 ];
+// Query plans (document.yaml): each filter kind, each operator family, multi-role principals.
+const aliceDoc = { id: "alice", roles: ["user"], attr: { team: "red", regions: ["eu", "us"], max_size: 100, until: 2025 } };
+const bobDoc = { id: "bob", roles: ["contractor"], attr: { team: "blue", regions: ["eu"] } };
+const mixed = { id: "dan", roles: ["auditor", "contractor"], attr: { team: "blue", regions: ["eu"], until: 2024 } };
+const doc = { kind: "document" };
+const plans = [
+  ["list", aliceDoc, doc], ["purge", aliceDoc, doc], ["view", aliceDoc, doc], ["edit", aliceDoc, doc],
+  ["archive", aliceDoc, doc], [["view", "edit"], aliceDoc, doc], ["view", bobDoc, doc],
+  ["view", mixed, doc], ["view", mixed, { kind: "document", attr: { visibility: "public" } }],
+  ["edit", { id: "root", roles: ["admin"] }, doc], ["view", aliceDoc, { kind: "no_such_kind" }],
+];
+out.plans = [];
+for (const [i, [actions, principal, resource]] of plans.entries()) {
+  const r = await c.planResources({
+    principal, resource, includeMetadata: true, requestId: "js-plan-" + i,
+    ...(Array.isArray(actions) ? { actions } : { action: actions }),
+  });
+  delete r.cerbosCallId;
+  out.plans.push(r);
+}
 try {
   await c.checkResources({ principal: { id: "x", roles: [] }, resources });
   out.invalid = { thrown: false };

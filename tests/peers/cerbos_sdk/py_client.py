@@ -61,6 +61,30 @@ with CerbosClient(base, raise_on_error=False, timeout_secs=10) as c:
         c.is_allowed("tools/call::deploy", sre, Resource("deploy", "mcp_tool", attr={"org": "example", "env": "staging"})),
         c.is_allowed("tools/call::delete_repo", alice, Resource("delete_repo", "mcp_tool", attr={})),
     ]
+    # Query plans (document.yaml): always allowed, always denied, and conditional with each
+    # operator family; single-role principals, as the SDK sends roles from a set.
+    doc = ResourceDesc("document")
+    alice_doc = Principal("alice", roles={"user"}, attr={"team": "red", "regions": ["eu", "us"], "max_size": 100, "until": 2025})
+    bob_doc = Principal("bob", roles={"contractor"}, attr={"team": "blue", "regions": ["eu"]})
+    audit_doc = Principal("carol", roles={"auditor"}, attr={"until": 2024})
+    plans = [
+        ("list", alice_doc, doc),
+        ("purge", alice_doc, doc),
+        ("view", alice_doc, doc),
+        ("edit", alice_doc, doc),
+        ("archive", alice_doc, doc),
+        (["view", "edit"], alice_doc, doc),
+        ("view", bob_doc, doc),
+        ("view", bob_doc, ResourceDesc("document", attr={"visibility": "public"})),
+        ("audit", audit_doc, doc),
+        ("view", alice_doc, ResourceDesc("no_such_kind")),
+    ]
+    out["plans"] = []
+    for i, (actions, who, res) in enumerate(plans):
+        r = c.plan_resources(actions, who, res, request_id="py-plan-%d" % i)
+        d = r.to_dict()
+        d.pop("status_msg", None)
+        out["plans"].append(d)
     # The SDK's own handling of an invalid request: empty roles.
     bad = c.check_resources(Principal("x", roles=set()), resources)
     out["invalid"] = {
