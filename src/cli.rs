@@ -440,7 +440,7 @@ fn replay_report(a: &ReplayArgs) -> Result<crate::replay::Report, String> {
     let mut params = Params::default();
     if let Some(c) = &a.config {
         let p = crate::config::load_policies(c).map_err(|e| e.to_string())?;
-        params.globals = std::sync::Arc::new(p.globals);
+        params.globals = p.globals;
         params.evaluation = p.evaluation;
         params.schema_enforcement = p.schema_enforcement;
     }

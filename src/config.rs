@@ -398,8 +398,9 @@ pub struct PoliciesConfig {
     pub evaluation: Evaluation,
     #[serde(default)]
     pub schema_enforcement: SchemaEnforcement,
-    #[serde(default)]
-    pub globals: Map<String, Value>,
+    /// Shared by every check (`Params::globals`), never copied per call.
+    #[serde(default, deserialize_with = "shared_map")]
+    pub globals: std::sync::Arc<Map<String, Value>>,
     /// Watch the directory and reload on change (SIGHUP always reloads).
     #[serde(default = "yes")]
     pub watch: bool,
@@ -418,7 +419,7 @@ impl Default for PoliciesConfig {
             dir: default_policy_dir(),
             evaluation: Evaluation::Strict,
             schema_enforcement: SchemaEnforcement::None,
-            globals: Map::new(),
+            globals: Default::default(),
             watch: true,
         }
     }
@@ -780,6 +781,12 @@ pub struct PdpConfig {
     /// The key sets, read when the daemon is built ([`crate::pdp::jwt::KeySets::load`]).
     #[serde(skip)]
     pub keysets: std::sync::Arc<crate::pdp::jwt::KeySets>,
+}
+
+fn shared_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::sync::Arc<Map<String, Value>>, D::Error> {
+    Map::deserialize(d).map(std::sync::Arc::new)
 }
 
 fn default_pdp_callers() -> Vec<String> {

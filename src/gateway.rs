@@ -14,7 +14,7 @@ pub use crate::caller::{Caller, Conn};
 use crate::config::Config;
 pub use crate::mcp::transport::Upstream;
 use crate::policy::eval::{self, CheckOutput};
-use crate::policy::input::{CheckInput, Params, Principal, Resource};
+use crate::policy::input::{Params, Principal, Resource};
 use crate::policy::model::Effect;
 use crate::policy::store::Store;
 
@@ -247,7 +247,7 @@ impl Gateway {
     pub fn params(&self) -> Params {
         Params {
             now: chrono::Utc::now(),
-            globals: Arc::new(self.config.policies.globals.clone()),
+            globals: self.config.policies.globals.clone(),
             evaluation: self.config.policies.evaluation,
             schema_enforcement: self.config.policies.schema_enforcement,
             ..Params::default()
@@ -274,16 +274,17 @@ impl Gateway {
     ) -> (Decision, Resource) {
         let started = Instant::now();
         let set = self.store.current();
-        let input = CheckInput {
-            principal: principal.clone(),
-            resource,
-            actions,
-            aux_data: Value::Null,
+        // The caller's principal is shared, not copied into the check.
+        let input = eval::CheckRef {
+            principal,
+            resource: &resource,
+            actions: &actions,
+            aux_data: &Value::Null,
         };
-        let output = eval::check(&set, &input, &self.params());
+        let output = eval::check_ref(&set, input, &self.params());
         let elapsed = started.elapsed();
         self.metrics.decision_latency.observe(elapsed);
-        let r = &input.resource;
+        let r = input.resource;
         let recorded = Resource {
             kind: r.kind.clone(),
             id: r.id.clone(),
@@ -303,9 +304,9 @@ impl Gateway {
             output,
             policy_hash: set.hash.clone(),
             elapsed,
-            input: Arc::new((input.principal, recorded)),
+            input: Arc::new((principal.clone(), recorded)),
         };
-        (decision, input.resource)
+        (decision, resource)
     }
 
     /// Hands a decision row to the audit store, counting it; `Err` means answer 503.

@@ -227,16 +227,18 @@ pub(crate) fn upstream_failed(
     )
 }
 
-/// Checks a JSON response (id, shape) and filters list results. Returns the bytes to send.
+/// Checks a JSON response (id, shape) and filters list results. Returns the bytes to send:
+/// a list's filtered page re-serialized, any other answer the upstream's own bytes once they
+/// passed the strict parse (nothing to change, so nothing is re-encoded).
 pub(crate) fn inspect_response(
     gw: &Gateway,
     server: &str,
     msg: &Message,
-    body: &[u8],
+    body: Vec<u8>,
     caller: &Caller,
 ) -> Result<Vec<u8>, String> {
     let value = jsonrpc::parse_value(
-        body,
+        &body,
         Limits {
             max_bytes: MAX_RESPONSE_BYTES,
             max_depth: 128,
@@ -253,6 +255,9 @@ pub(crate) fn inspect_response(
             "upstream response id {:?} does not match request id {:?}",
             resp.id, msg.id
         ));
+    }
+    if mapping::list_key(&msg.method).is_none() {
+        return Ok(body);
     }
     let mut value = resp.value;
     filter_list(gw, server, &msg.method, &mut value, caller);

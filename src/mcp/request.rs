@@ -889,7 +889,7 @@ async fn record_outcome(
         Ok(b) => b,
         Err(e) => return proxy::upstream_failed(gw, decision, msg, started, &e),
     };
-    let body = match proxy::inspect_response(gw, &upstream.target.server, msg, &body, caller) {
+    let body = match proxy::inspect_response(gw, &upstream.target.server, msg, body, caller) {
         Ok(b) => b,
         Err(e) => return proxy::upstream_failed(gw, decision, msg, started, &e),
     };

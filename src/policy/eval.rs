@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::cel::{EvalCtx, Request, Variables};
 use super::compile::{Cond, DerivedRole, Policy, PolicyKind, PolicySet, Rule, Schema, policy_key};
-use super::input::{CheckInput, Evaluation, Params, SchemaEnforcement};
+use super::input::{CheckInput, Evaluation, Params, Principal, Resource, SchemaEnforcement};
 use super::model::{Effect, ScopePermissions};
 
 pub const NO_MATCH: &str = "NO_MATCH";
@@ -278,18 +278,44 @@ fn walk_scopes(requested: &str, existing: &BTreeSet<String>, lenient: bool) -> V
 
 struct Checker<'a> {
     set: &'a PolicySet,
-    input: &'a CheckInput,
+    input: CheckRef<'a>,
     params: &'a Params,
     request: Request<'a>,
     out: CheckOutput,
 }
 
+/// A check's parts, borrowed: the gateway asks about a caller's shared principal without
+/// copying it into a [`CheckInput`].
+#[derive(Debug, Clone, Copy)]
+pub struct CheckRef<'a> {
+    pub principal: &'a Principal,
+    pub resource: &'a Resource,
+    pub actions: &'a [String],
+    pub aux_data: &'a Value,
+}
+
+impl<'a> CheckRef<'a> {
+    pub fn of(input: &'a CheckInput) -> CheckRef<'a> {
+        CheckRef {
+            principal: &input.principal,
+            resource: &input.resource,
+            actions: &input.actions,
+            aux_data: &input.aux_data,
+        }
+    }
+}
+
 /// Decides every action of `input` against `set`.
 pub fn check(set: &PolicySet, input: &CheckInput, params: &Params) -> CheckOutput {
+    check_ref(set, CheckRef::of(input), params)
+}
+
+/// [`check`] over borrowed parts.
+pub fn check_ref(set: &PolicySet, input: CheckRef<'_>, params: &Params) -> CheckOutput {
     let request = Request {
-        principal: &input.principal,
-        resource: &input.resource,
-        aux_data: &input.aux_data,
+        principal: input.principal,
+        resource: input.resource,
+        aux_data: input.aux_data,
         now: params.now,
         globals: &params.globals,
         clock_read: Default::default(),
@@ -315,8 +341,8 @@ fn version<'a>(v: &'a str, default: &'a str) -> &'a str {
 
 impl<'a> Checker<'a> {
     fn run(&mut self) {
-        let p = &self.input.principal;
-        let r = &self.input.resource;
+        let p = self.input.principal;
+        let r = self.input.resource;
         let p_version = version(&p.policy_version, &self.params.default_policy_version).to_string();
         let r_version = version(&r.policy_version, &self.params.default_policy_version).to_string();
         let p_scope = normalise_scope(&p.scope, &self.params.default_scope).to_string();
@@ -428,9 +454,9 @@ impl<'a> Checker<'a> {
             }
         }
 
-        let actions = self.input.actions.clone();
+        let actions = self.input.actions;
         let mut effective: Vec<String> = Vec::new();
-        for action in &actions {
+        for action in actions {
             if rejected.iter().any(|a| a == action) {
                 self.out.actions.push(ActionResult {
                     action: action.clone(),
@@ -515,7 +541,7 @@ impl<'a> Checker<'a> {
         if enforcement == SchemaEnforcement::None {
             return Vec::new();
         }
-        let r = &self.input.resource;
+        let r = self.input.resource;
         let Some(base) = self
             .set
             .resources

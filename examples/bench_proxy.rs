@@ -1,0 +1,554 @@
+//! The proxy benchmark (issue 14 part 6): what a `tools/call` through toolgate costs next to
+//! nginx `proxy_pass` and next to calling the upstream directly. Not part of the product:
+//! `scripts/bench-proxy` builds it in release and runs it pinned to the second core, with the
+//! proxies pinned to the first.
+//!
+//! ```text
+//! bench_proxy            # the benchmark (env: TOOLGATE_BIN, ROUNDS=5, SECONDS=3, CONNS="1 32",
+//!                        #   PROXY_CPU=0, GEN_CPU=1, NGINX_BIN)
+//! bench_proxy upstream   # (the upstream) a tiny HTTP/1.1 JSON-RPC echo; prints its port
+//! ```
+//!
+//! The load generator is one thread (tokio, current-thread) holding N keep-alive HTTP/1.1
+//! connections, each sending the next `tools/call` as soon as the last answer arrived. The
+//! upstream is its own process on the generator's core and answers each call with a fixed
+//! result carrying the call's id. Paths, interleaved in every round (their order rotates):
+//! `direct` (generator → upstream), `nginx` (`proxy_pass`, keep-alive to the upstream, one
+//! worker), `toolgate full` and `toolgate normal` (static identity, one policy allowing the
+//! call, sync audit, `durability: full` (the default) or `normal`). Per path and round:
+//! calls/s, p50 and p99 of wall time per call, and CPU per call of the proxy's processes and of
+//! the upstream from `/proc/<pid>/stat`. The summary is the median over rounds, with the spread.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark tool"
+)]
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// utime + stime of `pid`, in microseconds (USER_HZ is 100 on Linux).
+fn cpu_us(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
+    let f: Vec<&str> = tail.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks * 10_000
+}
+
+/// `pid` and its direct children (nginx's workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let text = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
+            if tail.split_whitespace().nth(1) == Some(&pid.to_string()) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn cpu_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| cpu_us(*p)).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: HTTP/1.1 keep-alive, one JSON-RPC answer per POST.
+
+/// The value after `"id":` in a JSON-RPC request (a number here), as written.
+fn id_of(body: &[u8]) -> &[u8] {
+    let key = b"\"id\":";
+    let Some(i) = body.windows(key.len()).position(|w| w == key) else {
+        return b"null";
+    };
+    let rest = &body[i + key.len()..];
+    let end = rest
+        .iter()
+        .position(|b| *b == b',' || *b == b'}')
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Splits one HTTP/1.1 request off `buf`: (bytes used, body range), if complete.
+fn request_in(buf: &[u8]) -> Option<(usize, std::ops::Range<usize>)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    (buf.len() >= head_end + len).then_some((head_end + len, head_end..head_end + len))
+}
+
+async fn upstream_conn(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 8192];
+    let mut out = Vec::with_capacity(512);
+    loop {
+        while let Some((used, body)) = request_in(&buf) {
+            let id = id_of(&buf[body]).to_vec();
+            let mut answer = Vec::with_capacity(128);
+            answer.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+            answer.extend_from_slice(&id);
+            answer.extend_from_slice(
+                b",\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"hello\"}]}}",
+            );
+            out.clear();
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                answer.len()
+            )
+            .unwrap();
+            out.extend_from_slice(&answer);
+            if s.write_all(&out).await.is_err() {
+                return;
+            }
+            buf.drain(..used);
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn upstream_main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(upstream_conn(s));
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load generator.
+
+fn call(i: u64, host: &str) -> Vec<u8> {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"echo","arguments":{{"message":"hello","n":{i}}}}}}}"#
+    );
+    format!(
+        "POST /mcp/echo HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Sends calls on one connection until `until`; returns each call's wall time (µs).
+async fn client(addr: SocketAddr, host: String, until: Instant, start_id: u64) -> Vec<u32> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut times = Vec::with_capacity(100_000);
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 8192];
+    let mut i = start_id;
+    while Instant::now() < until {
+        i += 1;
+        let req = call(i, &host);
+        let t = Instant::now();
+        s.write_all(&req).await.unwrap();
+        buf.clear();
+        let (status, body) = loop {
+            if let Some((used, body)) = response_in(&buf) {
+                let status = std::str::from_utf8(&buf[9..12]).unwrap_or("0").to_string();
+                let b = buf[body].to_vec();
+                buf.drain(..used);
+                break (status, b);
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed by {addr}");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        times.push(t.elapsed().as_micros() as u32);
+        assert!(
+            status == "200" && body.windows(5).any(|w| w == b"hello"),
+            "{addr}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    times
+}
+
+/// Splits one HTTP/1.1 response (Content-Length framed) off `buf`.
+fn response_in(buf: &[u8]) -> Option<(usize, std::ops::Range<usize>)> {
+    request_in(buf)
+}
+
+/// One path's numbers in one round.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    /// The proxy's CPU per call (µs); 0 for direct.
+    cpu: f64,
+    /// The upstream's CPU per call (µs).
+    up_cpu: f64,
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)])
+}
+
+async fn round(addr: SocketAddr, conns: usize, secs: f64, proxy: &[u32], upstream: u32) -> Round {
+    let host = format!("{addr}");
+    // Warm the connections' first calls out of the measurement.
+    let warm = Instant::now() + Duration::from_millis(200);
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| tokio::spawn(client(addr, host.clone(), warm, (c as u64) << 40)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cpu0 = cpu_of(proxy);
+    let ucpu0 = cpu_us(upstream);
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| tokio::spawn(client(addr, host.clone(), until, (c as u64 + 64) << 40)))
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_of(proxy) - cpu0) as f64;
+    let ucpu = (cpu_us(upstream) - ucpu0) as f64;
+    all.sort_unstable();
+    let n = all.len() as f64;
+    Round {
+        rps: n / wall,
+        p50: pct(&all, 0.5),
+        p99: pct(&all, 0.99),
+        cpu: cpu / n,
+        up_cpu: ucpu / n,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxies.
+
+struct Proc {
+    child: Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM to this pid (nginx's master stops its workers), SIGKILL if it lingers.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            !matches!(child.try_wait(), Ok(Some(_))),
+            "{addr}: the process exited"
+        );
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pinned(cpu: &str, bin: &Path) -> Command {
+    let mut c = Command::new("taskset");
+    c.arg("-c").arg(cpu).arg(bin);
+    c
+}
+
+fn start_toolgate(
+    bin: &Path,
+    cpu: &str,
+    upstream: SocketAddr,
+    durability: &str,
+) -> (Proc, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("policies")).unwrap();
+    std::fs::write(
+        d.join("policies/echo.yaml"),
+        "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: mcp_server\n  version: default\n  rules:\n    - actions: [\"tools/list::echo\", \"tools/call::echo\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("ids.yaml"),
+        "\"127.0.0.1\": {login: bench@example.com, node: bench.example.ts.net, node_id: nB}\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let cfg = format!(
+        "listen: [\"127.0.0.1:{port}\"]\ntls: off\nlog: {{level: warn, format: text}}\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: policies, watch: false}}\n\
+         audit: {{sqlite: audit.db, mode: sync, durability: {durability}}}\nservers:\n  echo: {{url: \"http://{upstream}/mcp\"}}\n"
+    );
+    std::fs::write(d.join("toolgate.yaml"), cfg).unwrap();
+    let mut child = pinned(cpu, bin)
+        .args(["serve", "--config"])
+        .arg(d.join("toolgate.yaml"))
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, &mut child);
+    (
+        Proc {
+            child,
+            _dir: Some(dir),
+        },
+        addr,
+    )
+}
+
+fn start_nginx(bin: &Path, cpu: &str, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let port = free_port();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n  upstream up {{ server {upstream}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location /mcp/ {{\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_pass http://up/mcp/;\n    }}\n  }}\n}}\n",
+        p = p.display()
+    );
+    std::fs::write(p.join("nginx.conf"), conf).unwrap();
+    let mut child = pinned(cpu, bin)
+        .arg("-e")
+        .arg(p.join("error.log"))
+        .arg("-p")
+        .arg(p)
+        .arg("-c")
+        .arg(p.join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, &mut child);
+    (
+        Proc {
+            child,
+            _dir: Some(dir),
+        },
+        addr,
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
+}
+
+fn main() {
+    let me = std::env::current_exe().unwrap();
+    if std::env::args().nth(1).as_deref() == Some("upstream") {
+        upstream_main();
+        return;
+    }
+    let bin: PathBuf = std::env::var_os("TOOLGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/toolgate"));
+    let nginx_bin = PathBuf::from(std::env::var("NGINX_BIN").unwrap_or("/usr/sbin/nginx".into()));
+    let rounds = env_u64("ROUNDS", 5);
+    let secs = env_u64("SECONDS", 3) as f64;
+    let conns: Vec<usize> = std::env::var("CONNS")
+        .unwrap_or("1 32".into())
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    let proxy_cpu = std::env::var("PROXY_CPU").unwrap_or("0".into());
+    let gen_cpu = std::env::var("GEN_CPU").unwrap_or("1".into());
+
+    // The upstream, on the generator's core.
+    let mut up = pinned(&gen_cpu, &me)
+        .arg("upstream")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(up.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let up_addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    let up_pid = up.id();
+    let _up = Proc {
+        child: up,
+        _dir: None,
+    };
+    let (nginx, nginx_addr) = start_nginx(&nginx_bin, &proxy_cpu, up_addr);
+    let (tg_full, full_addr) = start_toolgate(&bin, &proxy_cpu, up_addr, "full");
+    let (tg_normal, normal_addr) = start_toolgate(&bin, &proxy_cpu, up_addr, "normal");
+    let nginx_pids = family(nginx.child.id());
+    let paths: Vec<(&str, SocketAddr, Vec<u32>)> = vec![
+        ("direct", up_addr, vec![]),
+        ("nginx", nginx_addr, nginx_pids),
+        ("toolgate full", full_addr, vec![tg_full.child.id()]),
+        ("toolgate normal", normal_addr, vec![tg_normal.child.id()]),
+    ];
+    println!(
+        "proxies on cpu {proxy_cpu}; generator and upstream on cpu {gen_cpu}; {rounds} rounds of {secs} s per path and connection count"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // results[conns][path] = rounds
+    let mut results: Vec<Vec<Vec<Round>>> = vec![vec![Vec::new(); paths.len()]; conns.len()];
+    for r in 0..rounds as usize {
+        for (ci, &c) in conns.iter().enumerate() {
+            for k in 0..paths.len() {
+                let pi = (k + r) % paths.len();
+                let (name, addr, pids) = &paths[pi];
+                let x = rt.block_on(round(*addr, c, secs, pids, up_pid));
+                println!(
+                    "round {r} conns {c:>2} {name:<16} {:>8.0} calls/s  p50 {:>7.1} µs  p99 {:>7.1} µs  proxy cpu {:>6.1} µs/call  upstream cpu {:>5.1} µs/call",
+                    x.rps, x.p50, x.p99, x.cpu, x.up_cpu
+                );
+                results[ci][pi].push(x);
+            }
+        }
+    }
+    println!("\nmedians over {rounds} rounds (spread min … max):");
+    for (ci, &c) in conns.iter().enumerate() {
+        for (pi, (name, _, _)) in paths.iter().enumerate() {
+            let rs = &results[ci][pi];
+            let f = |g: fn(&Round) -> f64| {
+                let v: Vec<f64> = rs.iter().map(g).collect();
+                let (a, b) = spread(&v);
+                (median(v), a, b)
+            };
+            let (rps, r0, r1) = f(|x| x.rps);
+            let (p50, a0, a1) = f(|x| x.p50);
+            let (p99, b0, b1) = f(|x| x.p99);
+            let (cpu, c0, c1) = f(|x| x.cpu);
+            let (ucpu, _, _) = f(|x| x.up_cpu);
+            println!(
+                "conns {c:>2} {name:<16} {rps:>8.0} calls/s ({r0:.0} … {r1:.0})  p50 {p50:.1} µs ({a0:.1} … {a1:.1})  p99 {p99:.1} µs ({b0:.1} … {b1:.1})  proxy cpu {cpu:.1} µs/call ({c0:.1} … {c1:.1})  upstream cpu {ucpu:.1} µs/call"
+            );
+        }
+    }
+    // Ratios and targets: medians of per-round ratios (paths of one round ran back to back).
+    let idx = |n: &str| paths.iter().position(|p| p.0 == n).unwrap();
+    let (d, n, f, m) = (
+        idx("direct"),
+        idx("nginx"),
+        idx("toolgate full"),
+        idx("toolgate normal"),
+    );
+    let mut missed = false;
+    let mut target = |what: String, ok: bool| {
+        println!("target {what}: {}", if ok { "met" } else { "MISSED" });
+        missed |= !ok;
+    };
+    for (ci, &c) in conns.iter().enumerate() {
+        let per = |a: usize, b: usize, g: fn(&Round) -> f64| -> Vec<f64> {
+            results[ci][a]
+                .iter()
+                .zip(&results[ci][b])
+                .map(|(x, y)| g(x) / g(y))
+                .collect()
+        };
+        let tput = per(f, n, |x| x.rps);
+        let p99 = per(f, n, |x| x.p99);
+        let cpu = per(f, n, |x| x.cpu);
+        let (t0, t1) = spread(&tput);
+        let (q0, q1) = spread(&p99);
+        let (c0, c1) = spread(&cpu);
+        let (tm, qm, cm) = (median(tput), median(p99), median(cpu));
+        println!(
+            "conns {c:>2}: toolgate full / nginx: throughput {tm:.2}× ({t0:.2} … {t1:.2}), p99 {qm:.2}× ({q0:.2} … {q1:.2}), CPU per call {cm:.1}× ({c0:.1} … {c1:.1})"
+        );
+        if c == 32 {
+            target(
+                format!("32 conns throughput >= 0.3x nginx ({tm:.2}x)"),
+                tm >= 0.3,
+            );
+            target(format!("32 conns p99 <= 3x nginx ({qm:.2}x)"), qm <= 3.0);
+        }
+        if c == 1 {
+            for (name, i, limit) in [("full", f, 500.0), ("normal", m, 150.0)] {
+                let added: Vec<f64> = results[ci][i]
+                    .iter()
+                    .zip(&results[ci][d])
+                    .map(|(x, y)| x.p50 - y.p50)
+                    .collect();
+                let (a0, a1) = spread(&added);
+                let am = median(added);
+                println!(
+                    "conns  1: toolgate {name} p50 added over direct: {am:.1} µs ({a0:.1} … {a1:.1})"
+                );
+                target(
+                    format!("1 conn p50 added <= {limit} µs with durability {name} ({am:.1} µs)"),
+                    am <= limit,
+                );
+            }
+        }
+    }
+    drop((nginx, tg_full, tg_normal));
+    if missed {
+        std::process::exit(1);
+    }
+}
