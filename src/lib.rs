@@ -25,6 +25,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod pdp;
 pub mod policy;
+pub mod read_api;
 pub mod replay;
 pub mod sample;
 pub mod server;

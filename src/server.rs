@@ -39,7 +39,7 @@ use tower::ServiceExt;
 pub use crate::caller::{Identify, StaticProvider};
 use crate::gateway::{Caller, Conn, Gateway};
 use crate::identity::{from_serve_headers, normalize_ip, strip_tailscale_headers};
-use crate::mcp::jsonrpc::{self, code};
+use crate::read_api::{forbidden, may_read, query_pairs};
 
 /// How many connections one listener serves at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -379,41 +379,8 @@ fn stream_page(
     }
 }
 
-/// May `principal` read `row`? The `toolgate_audit`/`read` policy, with `R.attr.principal`,
-/// `R.attr.node` and `R.attr.server` from the row. Every reader of rows over HTTP
-/// (`/api/audit`, the dashboard's stream) asks this per row, so rows a viewer may not see never
-/// leave the daemon.
-pub(crate) fn may_read(
-    gw: &Gateway,
-    principal: &crate::policy::input::Principal,
-    row: &crate::audit::record::Row,
-) -> bool {
-    let mut attr = serde_json::Map::new();
-    attr.insert("principal".into(), row.principal.clone().into());
-    attr.insert("node".into(), row.node.clone().into());
-    attr.insert("server".into(), row.server.clone().into());
-    let resource = crate::policy::input::Resource {
-        kind: "toolgate_audit".into(),
-        id: row.id.clone(),
-        attr,
-        ..Default::default()
-    };
-    gw.decide(principal, resource, vec!["read".into()])
-        .effect("read")
-        == crate::policy::model::Effect::Allow
-}
-
 /// Bytes of `/api/audit` answer gathered before they are sent on.
 const PAGE_CHUNK: usize = 64 * 1024;
-
-/// `application/x-www-form-urlencoded` query pairs, decoded by the WHATWG URL standard's
-/// parser (the `url` crate's): `+` is a space, `%XX` a byte, and a `%` not followed by two hex
-/// digits stays literal (`%+A` is `%`, ` `, `A`, never a byte made from `+A`).
-pub(crate) fn query_pairs(query: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
 
 /// The router of the optional loopback metrics listener (`metrics.listen`): no identity.
 pub fn metrics_router(gw: Arc<Gateway>) -> Router {
@@ -483,17 +450,6 @@ pub fn host_allowed(allowed: &[String], host: &str) -> bool {
     };
     let name = name.trim_end_matches('.');
     !name.is_empty() && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
-}
-
-pub(crate) fn forbidden(msg: &str) -> Response {
-    let body = jsonrpc::error_body(None, code::UNIDENTIFIED, &format!("forbidden: {msg}"), None);
-    let mut r = Response::new(Body::from(body));
-    *r.status_mut() = StatusCode::FORBIDDEN;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
 }
 
 /// Serves one listener until `shutdown` turns true, with the default [`ConnLimits`].

@@ -6,7 +6,7 @@
 //!   `/dashboard.js` and `/dashboard.css` (hand-written, [`include_str!`]-embedded).
 //! - `GET /api/audit/stream`: Server-Sent Events, one `decision` event per audit row the
 //!   viewer may read (the `toolgate_audit`/`read` policy, asked per row by
-//!   [`crate::server::may_read`]: rows a viewer may not see never leave the daemon). Filters
+//!   [`crate::read_api::may_read`]: rows a viewer may not see never leave the daemon). Filters
 //!   `principal`, `node`, `server`, `tool`, `effect`, `kind` narrow it. Without `after` (or a
 //!   `Last-Event-ID`), it starts with the newest [`BACKFILL`] readable rows; then it sends each
 //!   new row once, in chain order. An event's `id` is the row's chain position, so a browser
@@ -29,7 +29,7 @@ use crate::audit::query::{Filter, Reader};
 use crate::audit::record::Row;
 use crate::gateway::{Conn, Gateway};
 use crate::policy::input::Principal;
-use crate::server::{forbidden, may_read, query_pairs};
+use crate::read_api::{forbidden, may_read, query_pairs};
 
 /// Rows a new stream starts with (the newest the viewer may read), at most.
 pub const BACKFILL: usize = 100;
