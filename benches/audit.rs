@@ -1,6 +1,9 @@
-//! Audit store benchmarks: `cargo bench --bench audit`.
+//! Audit store benchmarks: `cargo bench --bench audit` (or `scripts/bench-audit`).
 //!
-//! 1. Sustained insert rate through [`AuditLog`] (async mode, batched, `normal` and `full`).
+//! 1. Sustained decision rows through [`AuditLog`] (async mode, batched, `audit.arguments:
+//!    digest` computed by the producer, a typical explain trace; `normal` and `full`), timed with
+//!    thread CPU (`/proc/.../schedstat`) as well as wall clock, since this machine is shared:
+//!    the writer thread's CPU per row is the rate one uncontended core sustains.
 //! 2. The wait an allowed call sees in `sync` mode (submit → commit resolved), p50/p99, at a
 //!    paced 1,000 and 10,000 decisions/s (durability `full`, the default, and `normal`).
 //! 3. Filtered query latency over 1,000,000 decisions (p50/p99 per query, then criterion).
@@ -67,14 +70,13 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
     } else {
         "no rule allowed it (default deny)".into()
     };
-    r.args_digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into();
     r.outcome = if effect == Effect::Allow {
         "pending".into()
     } else {
         "denied".into()
     };
     r.policy_hash = "3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b".into();
-    r.explain = serde_json::json!({"policies": ["resource.mcp_server.vdefault"], "steps": [{"rule": "allow_developers", "outcome": "matched"}]});
+    r.explain = typical_trace(&r.action, effect == Effect::Allow);
     // Replay inputs (schema v4) as the gateway builds them; TOOLGATE_BENCH_NO_INPUTS=1 leaves
     // them out, to measure what they cost.
     if !std::env::var("TOOLGATE_BENCH_NO_INPUTS").is_ok_and(|v| v == "1") {
@@ -97,6 +99,29 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
     r
 }
 
+/// A trace as the policy engine writes it (`policy::eval::Trace`): the policy consulted, one
+/// derived role, and the resource-pass steps for this action (distinct per tool and effect, so
+/// the store deduplicates it to a few hundred texts).
+fn typical_trace(action: &str, allow: bool) -> serde_json::Value {
+    serde_json::json!({
+        "policies": ["resource.mcp_server.vdefault"],
+        "derived_roles": [{"name": "owner", "scope": "", "active": false}],
+        "steps": [
+            {"action": action, "pass": "resource", "role": "developer",
+             "policy": "resource.mcp_server.vdefault", "scope": "", "rule": "deny_prod_writes",
+             "effect": "EFFECT_DENY", "outcome": if allow { "condition_false" } else { "matched" }},
+            {"action": action, "pass": "resource", "role": "developer",
+             "policy": "resource.mcp_server.vdefault", "scope": "", "rule": "allow_developers",
+             "effect": "EFFECT_ALLOW", "outcome": if allow { "matched" } else { "not_reached" }},
+        ],
+    })
+}
+
+/// The call's arguments (hashed by the producer: `audit.arguments: digest`).
+fn arguments(i: u64) -> serde_json::Value {
+    serde_json::json!({"owner": "acme", "repo": format!("repo{}", i % 200), "title": format!("issue {i}"), "body": "steps to reproduce: ..."})
+}
+
 fn settings(path: &Path, mode: AuditMode, durability: Durability) -> Settings {
     let mut s = Settings::for_path(path);
     s.mode = mode;
@@ -117,61 +142,112 @@ fn submit_retrying(log: &AuditLog, r: Record, full: &mut u64) -> toolgate::audit
     log.submit(r).unwrap()
 }
 
-/// CPU seconds used so far by this process's threads named `name` (from /proc; Linux).
-fn thread_cpu(name: &str) -> f64 {
-    let mut ticks = 0u64;
+/// Nanoseconds on CPU so far of the threads of this process named `name` (schedstat; Linux).
+fn thread_cpu_named(name: &str) -> u64 {
+    let mut ns = 0u64;
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
+        return 0;
     };
     for t in dir.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        if let Some((_, rest)) = stat.rsplit_once(')') {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // After "pid (comm)": state is field 3, utime 14, stime 15.
-            ticks += f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-            ticks += f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        if comm.trim() == name {
+            ns += schedstat(&t.path().join("schedstat"));
         }
     }
-    ticks as f64 / 100.0
+    ns
 }
 
-fn insert_rate(durability: Durability, principals: u64) {
+/// Nanoseconds on CPU so far of the calling thread.
+fn own_cpu() -> u64 {
+    schedstat(Path::new("/proc/thread-self/schedstat"))
+}
+
+fn schedstat(p: &Path) -> u64 {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// One round's figures, per decision row.
+struct Round {
+    wall_rows_s: f64,
+    writer_us: f64,
+    producer_us: f64,
+    rows_per_txn: f64,
+}
+
+fn insert_round(durability: Durability, principals: u64, n: u64) -> Round {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
     let log = AuditLog::open(settings(&db, AuditMode::Async, durability)).unwrap();
-    let n: u64 = if quick() { 20_000 } else { 300_000 };
-    // Warm-up.
+    // Warm-up: the lookups and explain traces of these principals and tools are cached.
     let mut full = 0;
     for i in 0..5_000 {
-        submit_retrying(&log, decision(i, principals, None), &mut full);
-    }
-    log.flush_blocking().unwrap();
-    let records: Vec<Record> = (0..n).map(|i| decision(i, principals, None)).collect();
-    let t0 = Instant::now();
-    let cpu0 = thread_cpu("audit-writer");
-    let mut full = 0;
-    for r in records {
+        let mut r = decision(i, principals, None);
+        log.redactor().apply_arguments(&mut r, &arguments(i));
         submit_retrying(&log, r, &mut full);
     }
     log.flush_blocking().unwrap();
+    let m0 = log.metrics();
+    // The producer builds each record as the gateway hands it over (owned strings), then pays
+    // what a request thread pays: the argument digest, scrubbing, the row's content digest and
+    // packing. Record building is outside the timed CPU.
+    let records: Vec<(Record, serde_json::Value)> = (0..n)
+        .map(|i| (decision(i, principals, None), arguments(i)))
+        .collect();
+    let t0 = Instant::now();
+    let w0 = thread_cpu_named("audit-writer");
+    let p0 = own_cpu();
+    let mut full = 0;
+    for (mut r, args) in records {
+        log.redactor().apply_arguments(&mut r, &args);
+        submit_retrying(&log, r, &mut full);
+    }
+    let p1 = own_cpu();
+    log.flush_blocking().unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = thread_cpu("audit-writer") - cpu0;
+    let w1 = thread_cpu_named("audit-writer");
     let m = log.metrics();
+    Round {
+        wall_rows_s: n as f64 / secs,
+        writer_us: (w1 - w0) as f64 / 1e3 / n as f64,
+        producer_us: (p1 - p0) as f64 / 1e3 / n as f64,
+        rows_per_txn: (m.committed_rows - m0.committed_rows) as f64
+            / (m.commits - m0.commits).max(1) as f64,
+    }
+}
+
+/// "median (min..max)" of `v`.
+fn spread(v: &mut [f64], digits: usize) -> String {
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{:.d$} ({:.d$}..{:.d$})",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1],
+        d = digits
+    )
+}
+
+fn insert_rate(durability: Durability, principals: u64) {
+    let n: u64 = if quick() { 20_000 } else { 200_000 };
+    let rounds: Vec<Round> = (0..3)
+        .map(|_| insert_round(durability, principals, n))
+        .collect();
+    let mut ceiling: Vec<f64> = rounds.iter().map(|r| 1e6 / r.writer_us).collect();
+    let mut writer: Vec<f64> = rounds.iter().map(|r| r.writer_us).collect();
+    let mut producer: Vec<f64> = rounds.iter().map(|r| r.producer_us).collect();
+    let mut wall: Vec<f64> = rounds.iter().map(|r| r.wall_rows_s).collect();
+    let mut txn: Vec<f64> = rounds.iter().map(|r| r.rows_per_txn).collect();
     println!(
-        "  writer thread CPU: {:.2} µs/row, i.e. a ceiling of {:.0} rows/s for one uncontended core",
-        cpu * 1e6 / n as f64,
-        n as f64 / cpu.max(1e-9)
-    );
-    println!(
-        "audit insert rate ({durability:?}, async, batch ≤1024, {principals} principals): {n} rows in {secs:.2} s = {:.0} rows/s ({} transactions, {:.0} rows/txn, writer in transactions {:.2} µs/row, producer waited on a full queue {full} times)",
-        n as f64 / secs,
-        m.commits,
-        m.committed_rows as f64 / m.commits.max(1) as f64,
-        m.commit_time_us as f64 / m.committed_rows.max(1) as f64,
+        "audit decision rows ({durability:?}, async, batch ≤1024, arguments digest, {principals} principals, {n} rows × 3 rounds, median (min..max)): \
+writer thread CPU {} µs/row = {} rows/s on one core; producer (request thread) CPU {} µs/row; wall clock {} rows/s; {} rows/txn",
+        spread(&mut writer, 2),
+        spread(&mut ceiling, 0),
+        spread(&mut producer, 2),
+        spread(&mut wall, 0),
+        spread(&mut txn, 0),
     );
 }
 
@@ -251,15 +327,21 @@ fn commit_wait(rate: u64, durability: Durability) {
 
 const BIG: u64 = 1_000_000;
 
+fn big_db_path() -> PathBuf {
+    let n = if quick() { 50_000 } else { BIG };
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v6-{n}.db"))
+}
+
 fn big_db() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v5-{n}.db"));
+    let path = big_db_path();
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()
             .query_row("SELECT count(*) FROM decisions", [], |x| x.get(0))
             .unwrap_or(0);
         if have as u64 == n {
+            store_size(&path, n);
             return path;
         }
     }
@@ -276,8 +358,12 @@ fn big_db() -> PathBuf {
     let mut full = 0;
     for i in 0..n {
         let t = start + chrono::Duration::microseconds(span_us * i as i64 / n as i64);
-        let r = decision(i, 2000, Some(format_time(t)));
+        let mut r = decision(i, 2000, Some(format_time(t)));
+        log.redactor().apply_arguments(&mut r, &arguments(i));
         let id = r.id.clone();
+        if i == n / 2 {
+            std::fs::write(path.with_extension("id"), &id).unwrap();
+        }
         let allow = r.effect == Effect::Allow;
         submit_retrying(&log, r, &mut full);
         if allow && i % 10 != 1 {
@@ -304,7 +390,26 @@ fn big_db() -> PathBuf {
         t0.elapsed().as_secs_f64(),
         size as f64 / 1048576.0
     );
+    store_size(&path, n);
     path
+}
+
+/// Bytes on disk per decision (the file after the writer's last checkpoint, outcomes and
+/// lookups included), and what the rows are.
+fn store_size(path: &Path, n: u64) {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let r = Reader::open(path).unwrap();
+    let c = r.connection();
+    let count = |sql: &str| -> i64 { c.query_row(sql, [], |x| x.get(0)).unwrap() };
+    println!(
+        "audit store size: {:.1} MiB for {n} decisions = {:.0} bytes per decision ({} outcome rows, {} names, {} distinct explain traces, {} free pages)",
+        size as f64 / 1048576.0,
+        size as f64 / n as f64,
+        count("SELECT count(*) FROM outcomes"),
+        count("SELECT count(*) FROM names"),
+        count("SELECT count(*) FROM explains"),
+        count("PRAGMA freelist_count"),
+    );
 }
 
 fn queries() -> Vec<(&'static str, Filter)> {
@@ -378,6 +483,69 @@ fn queries() -> Vec<(&'static str, Filter)> {
             },
         ),
         (
+            "node, newest 100",
+            Filter {
+                node: Some("host7.example.ts.net".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "server, newest 100",
+            Filter {
+                server: Some("jira".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "effect deny, newest 100",
+            Filter {
+                effect: Some("deny".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "kind mcp, newest 100",
+            Filter {
+                kind: Some("mcp".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "kind check (no such rows), newest 100",
+            Filter {
+                kind: Some("check".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "gateway, newest 100",
+            Filter {
+                gateway: Some("bench".into()),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "until 7d ago, newest 100",
+            Filter {
+                until: since("7d"),
+                limit: Some(100),
+                ..Filter::default()
+            },
+        ),
+        (
+            "one id",
+            Filter {
+                id: std::fs::read_to_string(big_db_path().with_extension("id")).ok(),
+                ..Filter::default()
+            },
+        ),
+        (
             "node + tool, newest 50",
             Filter {
                 node: Some("host7.example.ts.net".into()),
@@ -430,148 +598,173 @@ fn query_latency(path: &Path, c: &mut Criterion) {
     g.finish();
 }
 
-/// `TOOLGATE_BENCH_ONLY=insert|wait|query` runs one part.
-/// Where the writer's time per row goes: the bench's decision rows inserted straight into
-/// SQLite on this thread (no queue, no channel), 1,024 rows per transaction, with the writer's
-/// pragmas, under variants of the shipped schema. Each variant removes one cost, so the
-/// differences are what that cost is; "table only" is the floor any schema with this row pays.
+/// Where a decision row's cost goes, each component alone on this thread, timed with thread
+/// CPU, medians of 3 rounds: the request thread's share (building the logical row, its content
+/// digest, packing), the writer's chain MAC, and SQLite inserts of a pre-resolved v3 row
+/// (integer lookups, 1,024 rows per transaction, the writer's pragmas) into the v3 table alone,
+/// with each index alone, and with every index.
 fn insert_floor() {
+    use toolgate::audit::chain::{content_digest, link};
+    use toolgate::audit::compact::CompactRow;
+    use toolgate::audit::key::ChainKey;
     use toolgate::audit::migrate::SQLITE;
-    use toolgate::audit::record::{COLUMNS, StoredRow};
+    use toolgate::audit::record::StoredRow;
+    use toolgate::audit::store::to_logical;
 
     let n: u64 = if quick() { 20_480 } else { 204_800 };
-    let shipped: String = SQLITE
-        .iter()
-        .map(|(_, sql)| *sql)
-        .collect::<Vec<_>>()
-        .join("\n");
-    let no_secondary = {
-        let mut s = String::new();
-        for stmt in shipped.split_inclusive(';') {
-            if !stmt.contains("CREATE INDEX") {
-                s.push_str(stmt);
-            }
-        }
-        s.replace("NOT NULL UNIQUE", "NOT NULL")
+    let log_dir = tempfile::tempdir().unwrap();
+    let redactor = AuditLog::open(settings(
+        &log_dir.path().join("r.db"),
+        AuditMode::Async,
+        Durability::Normal,
+    ))
+    .unwrap()
+    .redactor()
+    .clone();
+    let timed = |f: &mut dyn FnMut()| -> f64 {
+        let c0 = own_cpu();
+        f();
+        (own_cpu() - c0) as f64 / 1e3 / n as f64
     };
-    let time_only = format!(
-        "{no_secondary}\nCREATE INDEX events_time ON events (time) WHERE event = 'decision';"
+    let report = |name: &str, mut v: Vec<f64>| {
+        println!(
+            "audit floor ({name}): {} µs/row, median (min..max) of 3",
+            spread(&mut v, 2)
+        );
+    };
+    // 1. The request thread: argument digest, scrub, logical row, content digest, packing.
+    let mut build = Vec::new();
+    let mut digests = Vec::new();
+    for _ in 0..3 {
+        let mut recs: Vec<(Record, serde_json::Value)> = (0..n)
+            .map(|i| (decision(i, 1000, None), arguments(i)))
+            .collect();
+        let mut out = Vec::with_capacity(n as usize);
+        build.push(timed(&mut || {
+            for (mut r, a) in recs.drain(..) {
+                redactor.apply_arguments(&mut r, &a);
+                redactor.scrub_record(&mut r);
+                let mut row = StoredRow::from_record(r, "bench");
+                to_logical(&mut row);
+                let d = content_digest(&row.content());
+                out.push((CompactRow::new(&row).unwrap(), d));
+            }
+        }));
+        digests = out.into_iter().map(|(_, d)| d).collect::<Vec<_>>();
+    }
+    report(
+        "request thread: argument digest + scrub + logical row + content digest + pack",
+        build,
     );
-    let variants: [(&str, String, bool); 4] = [
-        ("shipped schema: rowid + 6 indexes", shipped.clone(), true),
-        ("shipped schema, chain hash not computed", shipped, false),
-        ("table + time index only", time_only, true),
-        ("table only (rowid b-tree)", no_secondary, true),
-    ];
-    let rows: Vec<(StoredRow, String)> = (0..n)
-        .map(|i| {
-            let r = StoredRow::from_record(decision(i, 50, None), "bench");
-            let c = r.content();
-            (r, c)
-        })
-        .collect();
-    let cols = COLUMNS.join(", ");
-    let marks = (1..=COLUMNS.len())
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let insert = format!("INSERT INTO events ({cols}) VALUES ({marks})");
-    // Three interleaved rounds, medians reported: this machine's noise is ±10 % run to run.
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    for _round in 0..3 {
-        for (v, (_, schema, hashing)) in variants.iter().enumerate() {
-            times[v].push(floor_run(&rows, &insert, schema, *hashing));
+    // 2. The writer's chain MAC.
+    let key = ChainKey::from_bytes(&[7u8; 32]);
+    let mut macs = Vec::new();
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    for _ in 0..3 {
+        let mut prev = [0u8; 32];
+        let mut v = Vec::with_capacity(n as usize);
+        macs.push(timed(&mut || {
+            for (i, d) in digests.iter().enumerate() {
+                prev = link(&key, &prev, i as i64 + 1, d);
+                v.push(prev);
+            }
+        }));
+        hashes = v;
+    }
+    report("writer: HMAC chain link", macs);
+    // 3. SQLite inserts of resolved rows.
+    let ddl = SQLITE
+        .iter()
+        .find(|(name, _)| *name == "0003_v3")
+        .map(|(_, sql)| sql.to_string())
+        .unwrap();
+    let mut table_only = String::new();
+    let mut indexes = Vec::new();
+    for stmt in ddl.split_inclusive(';') {
+        if stmt.contains("CREATE INDEX") || stmt.contains("CREATE UNIQUE INDEX") {
+            if stmt.contains("ON decisions") {
+                indexes.push(stmt.trim().to_string());
+            }
+        } else {
+            table_only.push_str(stmt);
         }
     }
-    for ((name, _, _), mut t) in variants.iter().zip(times) {
-        t.sort_by(f64::total_cmp);
-        println!(
-            "audit insert floor ({name}): median {:.2} µs/row = {:.0} rows/s on one thread (rounds {})",
-            t[1] * 1e6,
-            1.0 / t[1],
-            t.iter()
-                .map(|x| format!("{:.2}", x * 1e6))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        );
+    let mut variants: Vec<(String, String)> = vec![("table only".into(), table_only.clone())];
+    for ix in &indexes {
+        let name = ix
+            .split_whitespace()
+            .skip_while(|w| *w != "INDEX")
+            .nth(1)
+            .unwrap_or("?");
+        variants.push((format!("table + {name}"), format!("{table_only}\n{ix}")));
+    }
+    variants.push(("table + every index (shipped)".into(), ddl.clone()));
+    let ids: Vec<[u8; 16]> = (0..n).map(|_| *uuid::Uuid::now_v7().as_bytes()).collect();
+    let t0 = chrono::Utc::now().timestamp_micros();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _round in 0..3 {
+        for (v, (_, schema)) in variants.iter().enumerate() {
+            times[v].push(floor_run(schema, &ids, &hashes, t0));
+        }
+    }
+    for ((name, _), t) in variants.iter().zip(times) {
+        report(&format!("SQLite insert, resolved row: {name}"), t);
     }
 }
 
-/// One timed pass of [`insert_floor`]: seconds per row, checkpoints excluded.
-fn floor_run(
-    rows: &[(toolgate::audit::record::StoredRow, String)],
-    insert: &str,
-    schema: &str,
-    hashing: bool,
-) -> f64 {
-    use rusqlite::params_from_iter;
-    use toolgate::audit::chain::legacy_row_hash as row_hash;
-
+/// One pass of [`insert_floor`]'s inserts: thread CPU µs per row, checkpoints excluded.
+fn floor_run(schema: &str, ids: &[[u8; 16]], hashes: &[[u8; 32]], t0: i64) -> f64 {
+    use rusqlite::params;
     let dir = tempfile::tempdir().unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("floor.db")).unwrap();
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 32768;").unwrap();
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 0;").unwrap();
     conn.execute_batch(schema).unwrap();
-    let mut prev = "0".repeat(64);
-    let mut checkpoints = Duration::ZERO;
-    let t0 = Instant::now();
-    for (b, chunk) in rows.chunks(1024).enumerate() {
+    let insert = "INSERT INTO decisions (seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash) VALUES (?1, ?2, ?3, 8, 7, ?4, ?4, ?5, ?6, 6, ?7, ?8, 9, ?9, ?10, ?11, 10, ?12, ?13, ?14, ?15, NULL, 11, ?16, NULL, ?17)";
+    let mut cpu = 0u64;
+    for (b, chunk) in ids.chunks(1024).enumerate() {
+        let c0 = own_cpu();
         let tx = conn.unchecked_transaction().unwrap();
         {
             let mut st = tx.prepare_cached(insert).unwrap();
-            for (j, (r, content)) in chunk.iter().enumerate() {
-                let seq = (b * 1024 + j + 1) as i64;
-                let hash = if hashing {
-                    row_hash(&prev, seq, content)
-                } else {
-                    r.args_digest.clone()
-                };
-                let v: [&dyn rusqlite::ToSql; 29] = [
-                    &seq,
-                    &r.event,
-                    &r.id,
-                    &r.decision_id,
-                    &r.gateway,
-                    &r.time,
-                    &r.kind,
-                    &r.principal,
-                    &r.login,
-                    &r.node,
-                    &r.node_id,
-                    &r.tags,
-                    &r.ip,
-                    &r.server,
-                    &r.method,
-                    &r.tool,
-                    &r.action,
-                    &r.effect,
-                    &r.policy,
-                    &r.rule,
-                    &r.reason,
-                    &r.args_digest,
-                    &r.outcome,
-                    &r.latency_us,
-                    &r.policy_hash,
-                    &r.explain,
-                    &r.arguments,
-                    &hash,
-                    &prev,
-                ];
-                st.execute(params_from_iter(v)).unwrap();
-                prev = hash;
+            for (j, id) in chunk.iter().enumerate() {
+                let i = (b * 1024 + j) as i64;
+                let p = 100 + i % 1000;
+                let tool = 2000 + (i / 3) % 50;
+                let allow = i % 5 != 0;
+                st.execute(params![
+                    i + 1,
+                    &id[..],
+                    t0 + i * 1000,
+                    p,
+                    p + 1000,
+                    p + 3000,
+                    p + 4000,
+                    3000 + i % 4,
+                    tool,
+                    tool + 50,
+                    i64::from(allow),
+                    if allow { 12 } else { 1 },
+                    if allow { 13 } else { 14 },
+                    &hashes[i as usize][..],
+                    if allow { 2 } else { 4 },
+                    4000 + (i / 3) % 100,
+                    &hashes[i as usize][..],
+                ])
+                .unwrap();
             }
         }
         tx.commit().unwrap();
+        cpu += own_cpu() - c0;
         // The daemon's checkpoint thread does this off the writer: not the writer's cost.
         if b % 16 == 15 {
-            let t = Instant::now();
             conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
                 .unwrap();
-            checkpoints += t.elapsed();
         }
     }
-    (t0.elapsed() - checkpoints).as_secs_f64() / rows.len() as f64
+    cpu as f64 / 1e3 / ids.len() as f64
 }
 
+/// `TOOLGATE_BENCH_ONLY=insert|floor|wait|query` runs one part.
 fn part(name: &str) -> bool {
     std::env::var("TOOLGATE_BENCH_ONLY").map_or(true, |v| v == name)
 }
@@ -588,7 +781,7 @@ fn main() {
     if part("insert") {
         insert_rate(Durability::Normal, 50);
         insert_rate(Durability::Normal, 1000);
-        insert_rate(Durability::Full, 50);
+        insert_rate(Durability::Full, 1000);
     }
     if part("floor") {
         insert_floor();

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use serde_json::{Value, json};
@@ -105,6 +105,84 @@ fn sync_submit_resolves_after_commit_with_every_contract_key() {
     assert!(m.prometheus().contains("toolgate_audit_healthy 1"));
 }
 
+/// Polls `reader` until decision `id` shows `outcome`; the time that took, or `None` by `deadline`.
+fn outcome_visible_within(
+    reader: &Reader,
+    id: &str,
+    outcome: &str,
+    deadline: Duration,
+) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < deadline {
+        if reader.get(id).unwrap().unwrap().outcome == outcome {
+            return Some(t0.elapsed());
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+#[test]
+fn an_idle_gateway_commits_outcome_rows_within_100_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = AuditLog::open(settings(&db)).unwrap();
+    let reader = Reader::open(&db).unwrap();
+    // Nothing else is submitted and nothing flushes: only the writer's timer commits the row.
+    // The bound is checked over three tries, so one scheduling hiccup on a loaded machine does
+    // not fail it; a missing timer fails every try (the row stays pending for the whole 2 s).
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let r = rec("alice@example.com", &format!("t{i}"), Effect::Allow);
+        let id = r.id.clone();
+        log.submit(r).unwrap().wait_blocking().unwrap();
+        assert_eq!(reader.get(&id).unwrap().unwrap().outcome, "pending");
+        log.record_outcome(&id, "forwarded", Some(7), "").unwrap();
+        let took = outcome_visible_within(&reader, &id, "forwarded", Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("try {i}: the outcome row was not committed within 2 s"));
+        seen.push(took);
+        if took <= Duration::from_millis(100) {
+            return;
+        }
+    }
+    panic!("outcome rows took {seen:?} to commit on an idle gateway (want ≤ 100 ms)");
+}
+
+#[test]
+fn outcome_rows_ride_with_the_next_decision_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = AuditLog::open(settings(&db)).unwrap();
+    let reader = Reader::open(&db).unwrap();
+    let a = rec("alice@example.com", "create_issue", Effect::Allow);
+    let a_id = a.id.clone();
+    log.submit(a).unwrap().wait_blocking().unwrap();
+    for _ in 0..3 {
+        let commits = log.metrics().commits;
+        let t0 = Instant::now();
+        log.record_outcome(&a_id, "forwarded", Some(9), "").unwrap();
+        let b = rec("bob@example.com", "list_issues", Effect::Deny);
+        let seq = log.submit(b).unwrap().wait_blocking().unwrap().seq.unwrap();
+        // The decision's commit carried the outcome row queued before it: one transaction.
+        assert_eq!(reader.get(&a_id).unwrap().unwrap().outcome, "forwarded");
+        let m = log.metrics();
+        assert_eq!(
+            m.head_seq, seq,
+            "the decision is the last row of its transaction"
+        );
+        if t0.elapsed() < toolgate::audit::writer::OUTCOME_FLUSH {
+            assert_eq!(
+                m.commits,
+                commits + 1,
+                "the outcome row did not ride with the decision"
+            );
+            return;
+        }
+        // The timer fired first (a descheduled test thread): try again.
+    }
+    panic!("three tries were each slower than the outcome flush timer");
+}
+
 #[test]
 fn outcome_rows_merge_into_their_decision() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,9 +206,8 @@ fn outcome_rows_merge_into_their_decision() {
     assert_eq!(row.latency_us, Some(2_000_000));
     // A later outcome wins; the decision row itself is never updated.
     log.record_outcome(&id, "forwarded", Some(1234), "")
-        .unwrap()
-        .wait_blocking()
         .unwrap();
+    log.flush_blocking().unwrap();
     let row = reader.get(&id).unwrap().unwrap();
     assert_eq!(
         (row.outcome.as_str(), row.latency_us),
@@ -1072,10 +1149,7 @@ fn follow_prints_new_rows_as_they_commit() {
     let allowed = rec("during", "t", Effect::Allow);
     let id = allowed.id.clone();
     log.submit(allowed).unwrap().wait_blocking().unwrap();
-    log.record_outcome(&id, "forwarded", Some(5), "")
-        .unwrap()
-        .wait_blocking()
-        .unwrap();
+    log.record_outcome(&id, "forwarded", Some(5), "").unwrap();
     log.submit(rec("during2", "t", Effect::Deny))
         .unwrap()
         .wait_blocking()

@@ -455,3 +455,163 @@ fn run(rt: &tokio::runtime::Runtime, schema: &str, direct: &PgSettings) {
         assert_eq!(v, 2);
     });
 }
+
+/// Runs `toolgate audit verify` with `args`; (exit code, stdout + stderr).
+fn verify_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["audit", "verify"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn verify_against_postgres_catches_truncation_with_a_replayed_head() {
+    if !pg_reachable() {
+        support::peers::missing(
+            "verify_against_postgres_catches_truncation_with_a_replayed_head",
+            "PostgreSQL",
+            &format!("nothing listens at {} (TOOLGATE_PG_ADDR)", pg()),
+            "scripts/test starts a private cluster from Debian's postgresql (apt-get install postgresql)",
+        );
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!(
+        "tg_audit_x_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000
+    );
+    let url = format!("postgres://postgres@{}/test", pg());
+    let direct = PgSettings {
+        url: url.clone(),
+        schema: schema.clone(),
+        batch_rows: 100,
+    };
+    let result = std::panic::catch_unwind(|| cross_check_cases(&url, &schema));
+    rt.block_on(async {
+        if let Ok(mut c) = postgres::connect_existing(&direct).await {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+            )))
+            .execute(&mut c)
+            .await;
+        }
+    });
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn cross_check_cases(url: &str, schema: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    let log = AuditLog::open(settings(&db, "gw-x", url, schema)).unwrap();
+    write(&log, 20, "alice@example.com");
+    log.flush_blocking().unwrap();
+    // The head record as it was at this point (what an attacker could have saved).
+    let meta_head = |db: &Path| -> String {
+        Connection::open(db)
+            .unwrap()
+            .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let old_head = meta_head(&db);
+    let old_seq: i64 = old_head.split(':').next().unwrap().parse().unwrap();
+    write(&log, 10, "bob@example.com");
+    wait_shipped(&log, "all rows");
+    drop(log);
+    let db_s = db.to_str().unwrap();
+    let args = |db: &str| -> Vec<String> {
+        [
+            "--db",
+            db,
+            "--against-postgres",
+            url,
+            "--postgres-schema",
+            schema,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |db: &str| {
+        let a = args(db);
+        verify_cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // The intact store matches its copy.
+    let (code, out) = run(db_s);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: matches its PostgreSQL copy ("), "{out}");
+    assert!(out.contains("local head seq"), "{out}");
+
+    // Rows removed from the end, and the head saved earlier put back: the file alone verifies,
+    // the PostgreSQL copy does not agree.
+    let t = {
+        let d = dir.path().join("truncated");
+        std::fs::create_dir(&d).unwrap();
+        d.join("audit.db")
+    };
+    std::fs::copy(&db, &t).unwrap();
+    std::fs::copy(key::default_path(&db), key::default_path(&t)).unwrap();
+    {
+        let c = Connection::open(&t).unwrap();
+        c.execute_batch(&format!(
+            "INSERT INTO prune_permit (one) VALUES (1);
+             DELETE FROM decisions WHERE seq > {old_seq}; DELETE FROM outcomes WHERE seq > {old_seq};
+             DELETE FROM prune_permit;"
+        ))
+        .unwrap();
+        c.execute("UPDATE meta SET value = ?1 WHERE key = 'head'", [&old_head])
+            .unwrap();
+    }
+    let t_s = t.to_str().unwrap();
+    let (code, out) = verify_cli(&["--db", t_s]);
+    assert_eq!(code, 0, "the file alone cannot tell: {out}");
+    let (code, out) = run(t_s);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rows were removed from the end"), "{out}");
+    assert!(out.contains(&format!("ends at seq {old_seq}")), "{out}");
+
+    // A row rewritten in place after shipping (its stored hash changed): caught by hash.
+    let e = {
+        let d = dir.path().join("edited");
+        std::fs::create_dir(&d).unwrap();
+        d.join("audit.db")
+    };
+    std::fs::copy(&db, &e).unwrap();
+    std::fs::copy(key::default_path(&db), key::default_path(&e)).unwrap();
+    {
+        let c = Connection::open(&e).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER decisions_no_update;
+             UPDATE decisions SET hash = zeroblob(32) WHERE seq = (SELECT min(seq) FROM decisions WHERE seq > 4);",
+        )
+        .unwrap();
+    }
+    let (code, out) = run(e.to_str().unwrap());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("differs from its PostgreSQL copy"), "{out}");
+
+    // --against-postgres with --postgres is a usage error.
+    let (code, out) = verify_cli(&["--postgres", url, "--against-postgres", url]);
+    assert_eq!(code, 2, "{out}");
+}

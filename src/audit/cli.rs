@@ -42,8 +42,8 @@ pub enum AuditCommand {
     ///
     /// Needs the chain key (audit.key_file; default audit.key next to the database). Without it,
     /// only linkage is checked (no gaps, genesis or an anchor at the start, the recorded head at
-    /// the end) and the exit status is 6. --expect-head catches rows removed from the end
-    /// together with the recorded head.
+    /// the end) and the exit status is 6. --expect-head, and --against-postgres (the shipped
+    /// copy), catch rows removed from the end together with the recorded head.
     Verify(VerifyArgs),
 }
 
@@ -168,6 +168,12 @@ pub struct VerifyArgs {
     /// line or the Postgres copy): the chain must still reach it.
     #[arg(long, value_name = "HASH")]
     pub expect_head: Option<String>,
+    /// Also cross-check this store against its PostgreSQL copy (postgres://USER@HOST/DB, the
+    /// schema from --postgres-schema): every shipped row must still be here with the same hash,
+    /// and the chain must reach the last seq shipped. Catches rows removed from the end together
+    /// with a rewritten or replayed head.
+    #[arg(long, value_name = "URL")]
+    pub against_postgres: Option<String>,
 }
 
 /// Runs one `toolgate audit` command. Every error names the command and the store it read:
@@ -228,6 +234,9 @@ fn misuse(cmd: &AuditCommand) -> Option<&'static str> {
         }
         AuditCommand::Query(a) if a.follow && a.source.postgres.is_some() => {
             Some("--follow reads the local store; it does not work with --postgres")
+        }
+        AuditCommand::Verify(a) if a.against_postgres.is_some() && a.source.postgres.is_some() => {
+            Some("--against-postgres checks a local store against its copy; drop --postgres")
         }
         AuditCommand::Stats(a) if a.source.postgres.is_some() => {
             Some("stats reads the local store; use `audit query --postgres` for the fleet")
@@ -599,7 +608,42 @@ fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
     let rep = reader
         .verify_with(key.as_ref(), a.expect_head.as_deref())
         .map_err(|e| e.to_string())?;
-    Ok(print_report(&path.display().to_string(), &rep))
+    let code = print_report(&path.display().to_string(), &rep);
+    let Some(url) = &a.against_postgres else {
+        return Ok(code);
+    };
+    let pg = pg_settings(&a.source, url);
+    let x = runtime()?
+        .block_on(async {
+            let mut c = postgres::connect_existing(&pg).await?;
+            postgres::cross_check(&mut c, reader.connection()).await
+        })
+        .map_err(|e: AuditError| e.to_string())?;
+    let copy = format!(
+        "PostgreSQL copy ({}, schema {})",
+        postgres::redact_url(url),
+        pg.schema
+    );
+    match &x.broken {
+        Some(b) => {
+            println!("BROKEN: {} against its {copy}: {b}", path.display());
+            Ok(ExitCode::from(EXIT_BROKEN))
+        }
+        None if x.shipped_through == 0 => {
+            println!(
+                "note: the {copy} holds no rows of store {}: nothing to cross-check",
+                x.store_id
+            );
+            Ok(code)
+        }
+        None => {
+            println!(
+                "ok: matches its {copy} through seq {} ({} rows compared, {} pruned here, {} of the old unkeyed chain not comparable); local head seq {}",
+                x.shipped_through, x.matched, x.pruned, x.legacy, x.local_head
+            );
+            Ok(code)
+        }
+    }
 }
 
 fn print_report(what: &str, rep: &chain::Report) -> ExitCode {

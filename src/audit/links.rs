@@ -1,5 +1,6 @@
 //! The chain's shared vocabulary, below both the store and the chain walk: the genesis
-//! `prev`, hex in and out, and what a pruning anchor records. ([`super::chain`] verifies, the
+//! `prev`, hex in and out, what a pruning anchor records, and the stored forms of times (µs) and
+//! UUIDs (16 bytes). ([`super::chain`] verifies, the
 //! store ([`super::store`]) reads and writes; both speak these.)
 
 /// The `prev` of the very first row.
@@ -39,4 +40,21 @@ pub struct Anchor {
     /// The hash of the row at `pruned_through_seq`: the oldest remaining row's `prev_hash`.
     pub pruned_through_hash: String,
     pub pruned_rows: i64,
+}
+
+/// A stored time (fixed-width RFC 3339) as microseconds since 1970.
+pub fn time_to_us(t: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc).timestamp_micros())
+}
+
+/// The 16 bytes of `id` when it is a canonical (lower-case, hyphenated) UUID.
+pub fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    if id.len() != 36 {
+        return None;
+    }
+    let u = uuid::Uuid::try_parse(id).ok()?;
+    let mut canon = [0u8; 36];
+    (u.hyphenated().encode_lower(&mut canon).as_bytes() == id.as_bytes()).then(|| *u.as_bytes())
 }

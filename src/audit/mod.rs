@@ -14,6 +14,7 @@
 
 pub mod chain;
 pub mod cli;
+pub mod compact;
 pub mod key;
 pub mod links;
 pub mod migrate;

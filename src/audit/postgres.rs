@@ -506,6 +506,142 @@ fn verify_store(
     (b, keyed)
 }
 
+/// What [`cross_check`] found for one SQLite store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrossCheck {
+    /// The store's id (its rows' `store_id` in PostgreSQL).
+    pub store_id: String,
+    /// The highest seq PostgreSQL knows for this store (its rows or its recorded head); 0: none.
+    pub shipped_through: i64,
+    /// The local head seq.
+    pub local_head: i64,
+    /// Shipped keyed rows whose hash matched the local row's.
+    pub matched: u64,
+    /// Shipped rows pruned here by retention (not comparable).
+    pub pruned: u64,
+    /// Shipped rows of the old unkeyed chain (re-keyed locally by the v3 upgrade: not comparable).
+    pub legacy: u64,
+    /// The first disagreement.
+    pub broken: Option<Break>,
+}
+
+/// Cross-checks a SQLite store against its PostgreSQL copy: every shipped keyed row must still
+/// be in the file with the same hash (unless retention pruned it), and the file's chain must
+/// reach the highest seq PostgreSQL holds for it. This catches what the file alone cannot: rows
+/// removed from the end together with a rewritten (or replayed) head, and a chain rewritten by
+/// someone holding the key.
+pub async fn cross_check(
+    conn: &mut PgConnection,
+    sqlite: &Connection,
+) -> Result<CrossCheck, AuditError> {
+    let q = |e: rusqlite::Error| AuditError::Query(e.to_string());
+    let store = store_id(sqlite).map_err(q)?;
+    if store.is_empty() {
+        return Err(AuditError::Query(
+            "the store has no store_id in meta (it was never opened by toolgate)".into(),
+        ));
+    }
+    let (local_head, _) = store::tail(sqlite).map_err(q)?;
+    let pruned_through: i64 = sqlite
+        .query_row(
+            "SELECT coalesce(max(through_seq), 0) FROM anchors",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(q)?;
+    let head: Option<(i64, String)> =
+        sqlx::query("SELECT seq, hash FROM heads WHERE store_id = $1")
+            .bind(&store)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| pg_err(&e))?
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(|e| pg_err(&e))?;
+    let mut out = CrossCheck {
+        store_id: store.clone(),
+        local_head,
+        ..CrossCheck::default()
+    };
+    let brk = |seq: i64, problem: String| {
+        Some(Break {
+            seq,
+            id: String::new(),
+            problem,
+        })
+    };
+    let mut after = 0i64;
+    'pages: loop {
+        let rows = sqlx::query(
+            "SELECT seq, hash, chain FROM events WHERE store_id = $1 AND seq > $2 ORDER BY seq LIMIT 10000",
+        )
+        .bind(&store)
+        .bind(after)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| pg_err(&e))?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.try_get(0).map_err(|e| pg_err(&e))?;
+        for r in &rows {
+            let seq: i64 = r.try_get(0).map_err(|e| pg_err(&e))?;
+            let hash: String = r.try_get(1).map_err(|e| pg_err(&e))?;
+            let chain_v: i16 = r.try_get(2).map_err(|e| pg_err(&e))?;
+            out.shipped_through = out.shipped_through.max(seq);
+            if chain_v != 3 {
+                out.legacy += 1;
+                continue;
+            }
+            match store::hash_at(sqlite, seq).map_err(q)? {
+                Some(h) if hex(&h) == hash => out.matched += 1,
+                Some(_) => {
+                    out.broken = brk(
+                        seq,
+                        "the row differs from its PostgreSQL copy (rewritten here after it was shipped)"
+                            .into(),
+                    );
+                    break 'pages;
+                }
+                None if seq <= pruned_through => out.pruned += 1,
+                None if seq > local_head => break 'pages,
+                None => {
+                    out.broken = brk(
+                        seq,
+                        "the row is in the PostgreSQL copy but missing here (deleted after it was shipped)"
+                            .into(),
+                    );
+                    break 'pages;
+                }
+            }
+        }
+    }
+    if let Some((hseq, hhash)) = &head {
+        out.shipped_through = out.shipped_through.max(*hseq);
+        if out.broken.is_none()
+            && *hseq <= local_head
+            && let Some(h) = store::hash_at(sqlite, *hseq).map_err(q)?
+            && hex(&h) != *hhash
+        {
+            out.broken = brk(
+                *hseq,
+                "the row differs from the head recorded in PostgreSQL (rewritten here)".into(),
+            );
+        }
+    }
+    if out.shipped_through > local_head {
+        // Truncation outranks a row-level finding: it is the whole story.
+        out.broken = brk(
+            local_head,
+            format!(
+                "the PostgreSQL copy holds this store's chain through seq {}, but this file ends at seq {local_head}: rows were removed from the end (a head that still verifies was rewritten or replayed)",
+                out.shipped_through
+            ),
+        );
+    }
+    Ok(out)
+}
+
 /// The shipper thread (started by [`super::AuditLog::open`] when `audit.postgres` is set).
 pub(crate) struct Shipper {
     pub db: PathBuf,

@@ -6,11 +6,13 @@
 
 use std::collections::HashMap;
 
-use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use super::compact::{CompactRow, Event, Field};
 use super::links::{Anchor, hex, unhex32};
+pub use super::links::{time_to_us, uuid_bytes};
 use super::record::{StoredRow, canonical_json, event, format_time};
 
 /// Fixed name ids (0003_v3.sql): partial indexes name the common values with ranges.
@@ -25,13 +27,6 @@ pub const LAST_FIXED_NAME: i64 = 7;
 /// Name-cache entries kept at most (the writer's and each reader's).
 const MAX_CACHED: usize = 100_000;
 
-/// A stored time (fixed-width RFC 3339) as microseconds since 1970.
-pub fn time_to_us(t: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(t)
-        .ok()
-        .map(|t| t.with_timezone(&chrono::Utc).timestamp_micros())
-}
-
 /// Microseconds since 1970 as the fixed-width stored text.
 pub fn us_to_time(us: i64) -> String {
     match chrono::DateTime::from_timestamp_micros(us) {
@@ -42,13 +37,20 @@ pub fn us_to_time(us: i64) -> String {
 
 /// A decision id as stored: a canonical UUID as its 16 bytes, anything else as text.
 pub fn id_value(id: &str) -> SqlValue {
-    if id.len() == 36
-        && let Ok(u) = uuid::Uuid::try_parse(id)
-        && u.hyphenated().to_string() == id
-    {
-        return SqlValue::Blob(u.as_bytes().to_vec());
+    match uuid_bytes(id) {
+        Some(b) => SqlValue::Blob(b.to_vec()),
+        None => SqlValue::Text(id.to_string()),
     }
-    SqlValue::Text(id.to_string())
+}
+
+/// A stored id or digest column: the bytes when known, else the text (NULL when empty and
+/// `empty_null`).
+fn bytes_or_text<'a>(b: Option<&'a [u8]>, text: &'a str, empty_null: bool) -> ToSqlOutput<'a> {
+    ToSqlOutput::Borrowed(match b {
+        Some(b) => ValueRef::Blob(b),
+        None if empty_null && text.is_empty() => ValueRef::Null,
+        None => ValueRef::Text(text.as_bytes()),
+    })
 }
 
 /// [`id_value`] back to text.
@@ -129,11 +131,17 @@ impl Lookups {
         Ok(id)
     }
 
-    pub fn explain(&mut self, c: &Connection, text: &str) -> rusqlite::Result<Option<i64>> {
+    /// The id of an explain trace whose SHA-256 is `digest` (computed by the submitter).
+    pub fn explain(
+        &mut self,
+        c: &Connection,
+        text: &str,
+        digest: Option<[u8; 32]>,
+    ) -> rusqlite::Result<Option<i64>> {
         let Some(text) = json_or_null(text) else {
             return Ok(None);
         };
-        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        let digest: [u8; 32] = digest.unwrap_or_else(|| Sha256::digest(text.as_bytes()).into());
         if let Some(&id) = self.explains.get(&digest) {
             return Ok(Some(id));
         }
@@ -220,15 +228,29 @@ pub(crate) fn insert(
     row: &StoredRow,
     hash: &[u8; 32],
 ) -> rusqlite::Result<()> {
-    let time = time_to_us(&row.time).ok_or_else(|| bad_time(&row.time))?;
-    let gateway = lk.name(c, &row.gateway)?;
-    match row.event.as_str() {
-        event::OUTCOME => {
-            let outcome = lk.name(c, &row.outcome)?;
-            let detail = lk.name(c, &row.reason)?;
+    let compact = CompactRow::new(row).ok_or_else(|| bad_time(&row.time))?;
+    insert_compact(c, lk, seq, &compact, hash)
+}
+
+/// [`insert`] for a queued row (the writer's path: statements prepared once per connection,
+/// lookups from the cache, nothing parsed).
+pub(crate) fn insert_compact(
+    c: &Connection,
+    lk: &mut Lookups,
+    seq: i64,
+    row: &CompactRow,
+    hash: &[u8; 32],
+) -> rusqlite::Result<()> {
+    let time = row.time_us;
+    let gateway = lk.name(c, row.get(Field::Gateway))?;
+    match row.event {
+        Event::Outcome => {
+            let outcome = lk.name(c, row.get(Field::Outcome))?;
+            let detail = lk.name(c, row.get(Field::Reason))?;
+            let key = row.key_bytes.as_ref().map(|b| &b[..]);
             c.prepare_cached(INSERT_OUTCOME)?.execute(params![
                 seq,
-                id_value(&row.decision_id),
+                bytes_or_text(key, row.get(Field::DecisionId), false),
                 time,
                 gateway,
                 outcome,
@@ -237,8 +259,8 @@ pub(crate) fn insert(
                 &hash[..],
             ])?;
         }
-        event::ANCHOR => {
-            let a: Anchor = serde_json::from_str(&row.explain).map_err(|e| {
+        Event::Anchor => {
+            let a: Anchor = serde_json::from_str(row.get(Field::Explain)).map_err(|e| {
                 rusqlite::Error::ToSqlConversionFailure(format!("anchor: {e}").into())
             })?;
             let through = unhex32(&a.pruned_through_hash).unwrap_or([0; 32]);
@@ -249,38 +271,62 @@ pub(crate) fn insert(
                 a.pruned_through_seq,
                 &through[..],
                 a.pruned_rows,
-                row.reason,
+                row.get(Field::Reason),
                 &hash[..],
             ])?;
         }
-        _ => {
-            let kind = lk.name(c, &row.kind)?;
-            let principal = lk.name(c, &row.principal)?;
-            let login = lk.name(c, &row.login)?;
-            let node = lk.name(c, &row.node)?;
-            let node_id = lk.name(c, &row.node_id)?;
-            let tags = lk.name(c, &row.tags)?;
-            let ip = lk.name(c, &row.ip)?;
-            let server = lk.name(c, &row.server)?;
-            let method = lk.name(c, &row.method)?;
-            let tool = lk.name(c, &row.tool)?;
-            let action = lk.name(c, &row.action)?;
-            let policy = lk.name(c, &row.policy)?;
-            let rule = lk.name(c, &row.rule)?;
-            let reason = lk.name(c, &row.reason)?;
-            let outcome = lk.name(c, &row.outcome)?;
-            let policy_hash = lk.name(c, &row.policy_hash)?;
-            let explain = lk.explain(c, &row.explain)?;
-            let (principal_input, resource_input) = match &row.inputs {
-                Some(i) => (
-                    Some(lk.input(c, &i.principal)?),
-                    Some(lk.input(c, &i.resource)?),
-                ),
-                None => (None, None),
+        Event::Decision => {
+            let mut n = |f: Field| lk.name(c, row.get(f));
+            let ids = [
+                n(Field::Kind)?,
+                n(Field::Principal)?,
+                n(Field::Login)?,
+                n(Field::Node)?,
+                n(Field::NodeId)?,
+                n(Field::Tags)?,
+                n(Field::Ip)?,
+                n(Field::Server)?,
+                n(Field::Method)?,
+                n(Field::Tool)?,
+                n(Field::Action)?,
+                n(Field::Policy)?,
+                n(Field::Rule)?,
+                n(Field::Reason)?,
+                n(Field::Outcome)?,
+                n(Field::PolicyHash)?,
+            ];
+            let explain = lk.explain(c, row.get(Field::Explain), row.explain_digest)?;
+            let (principal_input, resource_input) = if row.has_inputs {
+                (
+                    Some(lk.input(c, row.get(Field::InputPrincipal))?),
+                    Some(lk.input(c, row.get(Field::InputResource))?),
+                )
+            } else {
+                (None, None)
             };
+            let key = row.key_bytes.as_ref().map(|b| &b[..]);
+            let args = row.args_bytes.as_ref().map(|b| &b[..]);
+            let [
+                kind,
+                principal,
+                login,
+                node,
+                node_id,
+                tags,
+                ip,
+                server,
+                method,
+                tool,
+                action,
+                policy,
+                rule,
+                reason,
+                outcome,
+                policy_hash,
+            ] = ids;
             c.prepare_cached(INSERT_DECISION)?.execute(params![
                 seq,
-                id_value(&row.id),
+                bytes_or_text(key, row.get(Field::Id), false),
                 time,
                 gateway,
                 kind,
@@ -294,16 +340,16 @@ pub(crate) fn insert(
                 method,
                 tool,
                 action,
-                i64::from(row.effect == "allow"),
+                i64::from(row.get(Field::Effect) == "allow"),
                 policy,
                 rule,
                 reason,
-                digest_value(&row.args_digest),
+                bytes_or_text(args, row.get(Field::ArgsDigest), true),
                 outcome,
                 row.latency_us,
                 policy_hash,
                 explain,
-                json_or_null(&row.arguments),
+                json_or_null(row.get(Field::Arguments)),
                 &hash[..],
                 principal_input,
                 resource_input,

@@ -5,7 +5,15 @@
 //! Batching: the writer takes up to `batch_rows` rows per transaction. In `sync` mode it commits
 //! as soon as the queue is empty (group commit: rows that arrive during a commit share the next
 //! one), so a lone call never waits for a timer. In `async` mode it also waits up to `batch_ms`
-//! for more rows.
+//! for more rows. Each queued row is one [`CompactRow`] (one allocation, packed and digested on
+//! the submitting thread); statements are prepared once per connection and lookups are cached.
+//!
+//! Outcome rows (what happened after an allowed call) are never waited for and never get a
+//! channel. They never start a commit of their own while decisions flow: they ride with the next
+//! decision's transaction, so a call's decision commit never waits behind a separate outcome
+//! commit. On an idle gateway a timer commits them within [`OUTCOME_FLUSH`] (50 ms), so no call
+//! stays `pending`. A kill -9 can lose uncommitted outcome rows (never an acknowledged decision):
+//! the next start marks those calls `unknown`.
 //!
 //! Failure: a failed commit answers every waiting ticket of that batch with
 //! [`AuditError::Unavailable`] (the gateway answers 503 and forwards nothing), marks the store
@@ -24,6 +32,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::chain::{self, content_digest, link};
+use super::compact::{CompactRow, Event};
 use super::key::ChainKey;
 use super::record::{Record, StoredRow, new_id, normalize_time, now_text, outcome};
 use super::store::{self, Lookups};
@@ -37,7 +46,12 @@ pub struct Committed {
     pub seq: Option<i64>,
 }
 
-type Reply = oneshot::Sender<Result<Committed, AuditError>>;
+type Reply0 = Result<Committed, AuditError>;
+type Reply = oneshot::Sender<Reply0>;
+
+/// How long an outcome row may wait for a decision commit to ride with before the writer
+/// commits it on its own (an idle gateway): well inside the 100 ms promised to readers.
+pub const OUTCOME_FLUSH: Duration = Duration::from_millis(50);
 
 enum TicketState {
     Ready(Result<Committed, AuditError>),
@@ -80,7 +94,10 @@ impl Ticket {
 }
 
 struct Pending {
-    row: StoredRow,
+    /// The row, packed on the submitting thread (one allocation).
+    row: CompactRow,
+    /// Its chain position, set by the writer.
+    seq: i64,
     /// SHA-256 of the row's canonical content, computed on the submitting thread.
     digest: [u8; 32],
     reply: Option<Reply>,
@@ -88,8 +105,12 @@ struct Pending {
     acked: bool,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "rows travel by value in the channel's preallocated slots: boxing would add an allocation per row"
+)]
 enum Msg {
-    Write(Box<Pending>),
+    Write(Pending),
     Flush(oneshot::Sender<()>),
     Watermark(i64),
     SetMaxBytes(Option<u64>),
@@ -612,19 +633,31 @@ impl AuditLog {
             row.time = now_text();
             store::to_logical(&mut row);
         }
-        self.enqueue(row)
+        let id = row.id.clone();
+        let rx = self.enqueue(row)?;
+        Ok(Ticket {
+            id,
+            state: match rx {
+                Some(r) => TicketState::Waiting(r),
+                None => TicketState::Ready(Ok(Committed { seq: None })),
+            },
+        })
     }
 
     /// Records what happened to an allowed decision once the upstream answered (`forwarded`,
     /// `upstream_error:<kind>`, ...), as its own chained row; queries merge the latest outcome
     /// into the decision. `detail` is scrubbed of secrets and capped.
+    ///
+    /// Nothing waits for an outcome row: it commits with the next decision's transaction, or
+    /// on its own within [`OUTCOME_FLUSH`] when no decision comes (an idle gateway), so no
+    /// call stays `pending`. `Err` only when the queue is full or the writer has stopped.
     pub fn record_outcome(
         &self,
         decision_id: &str,
         outcome: &str,
         latency_us: Option<u64>,
         detail: &str,
-    ) -> Result<Ticket, AuditError> {
+    ) -> Result<(), AuditError> {
         let detail = self.inner.redactor.scrub_text(detail);
         let mut row = StoredRow::outcome(
             decision_id,
@@ -634,7 +667,7 @@ impl AuditLog {
             &self.inner.gateway,
         );
         store::to_logical(&mut row);
-        self.enqueue(row)
+        self.enqueue(row).map(|_| ())
     }
 
     /// [`AuditLog::record_outcome`] with a given time (fixed-width RFC 3339), for building
@@ -646,7 +679,7 @@ impl AuditLog {
         outcome: &str,
         latency_us: Option<u64>,
         time: String,
-    ) -> Result<Ticket, AuditError> {
+    ) -> Result<(), AuditError> {
         let mut row = StoredRow::outcome(decision_id, outcome, latency_us, "", &self.inner.gateway);
         row.time = time;
         if !store::to_logical(&mut row) {
@@ -655,37 +688,39 @@ impl AuditLog {
                 row.time
             )));
         }
-        self.enqueue(row)
+        self.enqueue(row).map(|_| ())
     }
 
-    fn enqueue(&self, row: StoredRow) -> Result<Ticket, AuditError> {
+    /// Packs `row` and queues it. Decisions get a ticket (a channel in `sync` mode); outcome
+    /// rows get neither: nothing waits for them.
+    fn enqueue(&self, row: StoredRow) -> Result<Option<oneshot::Receiver<Reply0>>, AuditError> {
         let inner = &*self.inner;
         let digest = content_digest(&row.content());
-        let id = row.id.clone();
-        let wait = inner.mode == AuditMode::Sync || !inner.shared.healthy.load(Ordering::Relaxed);
+        let compact = CompactRow::new(&row).ok_or_else(|| {
+            AuditError::Unavailable(format!("audit row time {:?} is not RFC 3339", row.time))
+        })?;
+        drop(row);
+        let decision = compact.event == Event::Decision;
+        let wait = decision
+            && (inner.mode == AuditMode::Sync || !inner.shared.healthy.load(Ordering::Relaxed));
         let (reply, rx) = if wait {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
         } else {
             (None, None)
         };
-        let pending = Box::new(Pending {
-            row,
+        let pending = Pending {
+            row: compact,
+            seq: 0,
             digest,
             reply,
-            acked: !wait,
-        });
+            acked: !wait && decision,
+        };
         inner.shared.queued.fetch_add(1, Ordering::Relaxed);
         match inner.tx.try_send(Msg::Write(pending)) {
             Ok(()) => {
                 inner.shared.submitted.fetch_add(1, Ordering::Relaxed);
-                Ok(Ticket {
-                    id,
-                    state: match rx {
-                        Some(r) => TicketState::Waiting(r),
-                        None => TicketState::Ready(Ok(Committed { seq: None })),
-                    },
-                })
+                Ok(rx)
             }
             Err(e) => {
                 inner.shared.queued.fetch_sub(1, Ordering::Relaxed);
@@ -715,7 +750,7 @@ impl AuditLog {
         let (t, r) = oneshot::channel();
         let tx = self.inner.tx.clone();
         // `send` blocks only while the queue is full; keep that off the async workers.
-        tokio::task::spawn_blocking(move || tx.send(Msg::Flush(t)))
+        tokio::task::spawn_blocking(move || tx.send(Msg::Flush(t)).map_err(|_| ()))
             .await
             .map_err(|_| AuditError::Closed)?
             .map_err(|_| AuditError::Closed)?;
@@ -827,6 +862,30 @@ enum After {
     Prune(oneshot::Sender<Result<u64, AuditError>>),
 }
 
+/// Rows taken from the queue and not committed yet, in arrival order.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<Pending>,
+    /// Decisions among `rows`: any one makes the batch commit now.
+    decisions: usize,
+    /// When the oldest uncommitted outcome row must commit even if no decision comes.
+    outcomes_due: Option<Instant>,
+    /// Flush and prune requests, answered after the commit.
+    after: Vec<After>,
+}
+
+impl Batch {
+    fn due(&self, now: Instant) -> bool {
+        self.outcomes_due.is_some_and(|d| now >= d)
+    }
+
+    fn take_rows(&mut self) -> Vec<Pending> {
+        self.decisions = 0;
+        self.outcomes_due = None;
+        std::mem::take(&mut self.rows)
+    }
+}
+
 /// Errors after which the connection is reopened (not disk-full or busy).
 fn needs_reopen(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::*;
@@ -839,25 +898,31 @@ fn needs_reopen(e: &rusqlite::Error) -> bool {
 impl Writer {
     fn run(mut self) {
         let mut shutdown = false;
+        let mut b = Batch::default();
         while !shutdown {
-            let tick = if self.prune_more {
+            let now = Instant::now();
+            let mut tick = if self.prune_more {
                 Duration::ZERO
             } else {
                 Duration::from_millis(500)
             };
-            let first = match self.rx.recv_timeout(tick) {
-                Ok(m) => m,
+            if let Some(due) = b.outcomes_due {
+                tick = tick.min(due.saturating_duration_since(now));
+            }
+            match self.rx.recv_timeout(tick) {
+                Ok(m) => shutdown = self.take(m, &mut b),
                 Err(RecvTimeoutError::Timeout) => {
-                    self.idle();
-                    continue;
+                    if !b.due(Instant::now()) {
+                        self.idle();
+                        continue;
+                    }
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch: Vec<Pending> = Vec::new();
-            let mut after: Vec<After> = Vec::new();
-            shutdown = self.take(first, &mut batch, &mut after);
+            }
+            // Group commit: take what else is queued (and, in `async` mode, linger for more
+            // decisions). Outcome rows alone never start a commit: they wait for a decision.
             let started = Instant::now();
-            while !shutdown && batch.len() < self.batch_rows && after.is_empty() {
+            while !shutdown && b.rows.len() < self.batch_rows && b.after.is_empty() {
                 let m = match self.rx.try_recv() {
                     Ok(m) => m,
                     Err(TryRecvError::Disconnected) => {
@@ -871,7 +936,7 @@ impl Writer {
                             self.batch_wait
                         };
                         let waited = started.elapsed();
-                        if batch.is_empty() || waited >= linger {
+                        if b.decisions == 0 || waited >= linger {
                             break;
                         }
                         match self.rx.recv_timeout(linger - waited) {
@@ -884,10 +949,18 @@ impl Writer {
                         }
                     }
                 };
-                shutdown = self.take(m, &mut batch, &mut after);
+                shutdown = self.take(m, &mut b);
             }
-            self.commit(batch);
-            for a in after {
+            let commit_now = shutdown
+                || b.decisions > 0
+                || !b.after.is_empty()
+                || b.rows.len() >= self.batch_rows
+                || b.due(Instant::now());
+            if !commit_now {
+                continue;
+            }
+            self.commit(b.take_rows());
+            for a in std::mem::take(&mut b.after) {
                 match a {
                     After::Flush(t) => {
                         let _ = t.send(());
@@ -902,8 +975,8 @@ impl Writer {
                 self.prune_step();
             }
         }
-        if self.watermark.is_some() {
-            self.commit(Vec::new());
+        if !b.rows.is_empty() || self.watermark.is_some() {
+            self.commit(b.take_rows());
         }
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
         self.log_head(true);
@@ -936,7 +1009,7 @@ impl Writer {
         let n = ids.len();
         let batch = ids
             .iter()
-            .map(|id| {
+            .filter_map(|id| {
                 let mut row = StoredRow::outcome(
                     id,
                     outcome::UNKNOWN,
@@ -945,12 +1018,13 @@ impl Writer {
                     &self.gateway,
                 );
                 store::to_logical(&mut row);
-                Pending {
+                Some(Pending {
                     digest: content_digest(&row.content()),
-                    row,
+                    row: CompactRow::new(&row)?,
+                    seq: 0,
                     reply: None,
                     acked: false,
-                }
+                })
             })
             .collect();
         self.commit(batch);
@@ -961,21 +1035,26 @@ impl Writer {
     }
 
     /// Returns true on shutdown.
-    fn take(&mut self, m: Msg, batch: &mut Vec<Pending>, after: &mut Vec<After>) -> bool {
+    fn take(&mut self, m: Msg, b: &mut Batch) -> bool {
         match m {
             Msg::Write(p) => {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                batch.push(*p);
+                if p.row.event == Event::Decision {
+                    b.decisions += 1;
+                } else if b.outcomes_due.is_none() {
+                    b.outcomes_due = Some(Instant::now() + OUTCOME_FLUSH);
+                }
+                b.rows.push(p);
             }
-            Msg::Flush(t) => after.push(After::Flush(t)),
-            Msg::Prune(t) => after.push(After::Prune(t)),
+            Msg::Flush(t) => b.after.push(After::Flush(t)),
+            Msg::Prune(t) => b.after.push(After::Prune(t)),
             Msg::Watermark(w) => {
                 self.shipped = Some(w);
                 self.watermark = Some(w);
             }
-            Msg::SetMaxBytes(b) => {
-                self.max_bytes = b;
-                if let Err(e) = set_max_bytes(&self.conn, b) {
+            Msg::SetMaxBytes(max) => {
+                self.max_bytes = max;
+                if let Err(e) = set_max_bytes(&self.conn, max) {
                     tracing::warn!(error = %e, "audit: setting the size cap failed");
                 }
             }
@@ -1013,9 +1092,9 @@ impl Writer {
         let mut hash = self.head_hash;
         for p in batch.iter_mut() {
             seq += 1;
-            p.row.seq = seq;
+            p.seq = seq;
             hash = link(&self.key, &hash, seq, &p.digest);
-            store::insert(&tx, &mut self.lookups, seq, &p.row, &hash)?;
+            store::insert_compact(&tx, &mut self.lookups, seq, &p.row, &hash)?;
         }
         if seq != self.head_seq {
             chain::set_head(&tx, &self.key, seq, &hash)?;
@@ -1053,9 +1132,7 @@ impl Writer {
                 }
                 for p in batch {
                     if let Some(r) = p.reply {
-                        let _ = r.send(Ok(Committed {
-                            seq: Some(p.row.seq),
-                        }));
+                        let _ = r.send(Ok(Committed { seq: Some(p.seq) }));
                     }
                 }
             }
@@ -1068,14 +1145,19 @@ impl Writer {
                     tracing::error!(error = %msg, "audit store failing: allowed calls are refused until writes succeed");
                 }
                 let mut lost = 0u64;
+                let mut outcomes = 0u64;
                 for p in batch {
                     match p.reply {
                         Some(r) => {
                             let _ = r.send(Err(AuditError::Unavailable(msg.clone())));
                         }
                         None if p.acked => lost += 1,
+                        None if p.row.event == Event::Outcome => outcomes += 1,
                         None => {}
                     }
+                }
+                if outcomes > 0 {
+                    tracing::error!(rows = outcomes, error = %msg, "audit: outcome rows could not be committed (their calls stay pending until the next start marks them unknown)");
                 }
                 if lost > 0 {
                     self.shared
