@@ -132,6 +132,20 @@ pub fn verify(
     key: Option<&ChainKey>,
     expect_head: Option<&str>,
 ) -> rusqlite::Result<Report> {
+    // One read transaction: the recorded head and the rows come from the same snapshot. Read
+    // apart, a commit landing between them (the writer commits outcome rows on its own timer)
+    // shows rows past the head, which is a false "not written by toolgate".
+    let tx = conn.unchecked_transaction()?;
+    let report = verify_snapshot(&tx, key, expect_head);
+    drop(tx);
+    report
+}
+
+fn verify_snapshot(
+    conn: &Connection,
+    key: Option<&ChainKey>,
+    expect_head: Option<&str>,
+) -> rusqlite::Result<Report> {
     let head = recorded_head(conn)?;
     let mut names = Names::default();
     let mut report = Report {
