@@ -99,11 +99,57 @@ fn json_or_null(s: &str) -> Option<&str> {
 #[derive(Debug, Default)]
 pub(crate) struct Lookups {
     names: HashMap<String, i64>,
-    explains: HashMap<[u8; 32], i64>,
-    inputs: HashMap<[u8; 32], i64>,
     fresh_names: Vec<String>,
-    fresh_explains: Vec<[u8; 32]>,
-    fresh_inputs: Vec<[u8; 32]>,
+    explains: Digested,
+    inputs: Digested,
+}
+
+/// A digest-keyed, insert-only lookup table (`explains`, `inputs`): `digest BLOB, text`.
+#[derive(Debug, Default)]
+struct Digested {
+    ids: HashMap<[u8; 32], i64>,
+    fresh: Vec<[u8; 32]>,
+}
+
+impl Digested {
+    /// The id of `text` (whose SHA-256 is `digest`) in `table`, inserting it once.
+    fn id(
+        &mut self,
+        c: &Connection,
+        table: &str,
+        digest: [u8; 32],
+        text: &str,
+    ) -> rusqlite::Result<i64> {
+        if let Some(&id) = self.ids.get(&digest) {
+            return Ok(id);
+        }
+        let found: Option<i64> = c
+            .prepare_cached(&format!("SELECT id FROM {table} WHERE digest = ?1"))?
+            .query_row([&digest[..]], |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                c.prepare_cached(&format!(
+                    "INSERT INTO {table} (digest, text) VALUES (?1, ?2)"
+                ))?
+                .execute(params![&digest[..], text])?;
+                self.fresh.push(digest);
+                c.last_insert_rowid()
+            }
+        };
+        if self.ids.len() >= MAX_CACHED / 10 {
+            self.ids.clear();
+        }
+        self.ids.insert(digest, id);
+        Ok(id)
+    }
+
+    fn rollback(&mut self) {
+        for d in self.fresh.drain(..) {
+            self.ids.remove(&d);
+        }
+    }
 }
 
 impl Lookups {
@@ -142,60 +188,20 @@ impl Lookups {
             return Ok(None);
         };
         let digest: [u8; 32] = digest.unwrap_or_else(|| Sha256::digest(text.as_bytes()).into());
-        if let Some(&id) = self.explains.get(&digest) {
-            return Ok(Some(id));
-        }
-        let found: Option<i64> = c
-            .prepare_cached("SELECT id FROM explains WHERE digest = ?1")?
-            .query_row([&digest[..]], |r| r.get(0))
-            .optional()?;
-        let id = match found {
-            Some(id) => id,
-            None => {
-                c.prepare_cached("INSERT INTO explains (digest, text) VALUES (?1, ?2)")?
-                    .execute(params![&digest[..], text])?;
-                self.fresh_explains.push(digest);
-                c.last_insert_rowid()
-            }
-        };
-        if self.explains.len() >= MAX_CACHED / 10 {
-            self.explains.clear();
-        }
-        self.explains.insert(digest, id);
-        Ok(Some(id))
+        self.explains.id(c, "explains", digest, text).map(Some)
     }
 
     /// The id of a replay input (canonical JSON) in `inputs`, inserting it once.
     pub fn input(&mut self, c: &Connection, text: &str) -> rusqlite::Result<i64> {
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if let Some(&id) = self.inputs.get(&digest) {
-            return Ok(id);
-        }
-        let found: Option<i64> = c
-            .prepare_cached("SELECT id FROM inputs WHERE digest = ?1")?
-            .query_row([&digest[..]], |r| r.get(0))
-            .optional()?;
-        let id = match found {
-            Some(id) => id,
-            None => {
-                c.prepare_cached("INSERT INTO inputs (digest, text) VALUES (?1, ?2)")?
-                    .execute(params![&digest[..], text])?;
-                self.fresh_inputs.push(digest);
-                c.last_insert_rowid()
-            }
-        };
-        if self.inputs.len() >= MAX_CACHED / 10 {
-            self.inputs.clear();
-        }
-        self.inputs.insert(digest, id);
-        Ok(id)
+        self.inputs.id(c, "inputs", digest, text)
     }
 
     /// The transaction committed: its new ids are real.
     pub fn commit(&mut self) {
         self.fresh_names.clear();
-        self.fresh_explains.clear();
-        self.fresh_inputs.clear();
+        self.explains.fresh.clear();
+        self.inputs.fresh.clear();
     }
 
     /// The transaction failed: forget the ids it made.
@@ -203,12 +209,8 @@ impl Lookups {
         for n in self.fresh_names.drain(..) {
             self.names.remove(&n);
         }
-        for d in self.fresh_explains.drain(..) {
-            self.explains.remove(&d);
-        }
-        for d in self.fresh_inputs.drain(..) {
-            self.inputs.remove(&d);
-        }
+        self.explains.rollback();
+        self.inputs.rollback();
     }
 }
 

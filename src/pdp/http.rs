@@ -170,6 +170,19 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The request's principal (required) and its `auxData` with every JWT verified against the
+/// configured keysets: the step check and plan share after validating their own shape.
+fn principal_and_aux(
+    gw: &Gateway,
+    principal: Option<request::Principal>,
+    aux: Option<&request::AuxData>,
+) -> Result<(request::Principal, serde_json::Value), Status> {
+    let aux = gw.config.pdp.keysets.decode(aux, now_secs())?;
+    let principal = principal
+        .ok_or_else(|| Status::invalid("validation error: principal: value is required"))?;
+    Ok((principal, aux))
+}
+
 /// `POST /api/check/resources`.
 async fn check(
     State(gw): State<Arc<Gateway>>,
@@ -213,19 +226,9 @@ async fn check(
     ) {
         return error(&s);
     }
-    let aux = match gw
-        .config
-        .pdp
-        .keysets
-        .decode(r.aux_data.as_ref(), now_secs())
-    {
-        Ok(a) => a,
+    let (principal, aux) = match principal_and_aux(&gw, r.principal.take(), r.aux_data.as_ref()) {
+        Ok(x) => x,
         Err(s) => return error(&s),
-    };
-    let Some(principal) = r.principal.take() else {
-        return error(&Status::invalid(
-            "validation error: principal: value is required",
-        ));
     };
     let set = gw.store.current();
     let params = gw.params();
@@ -409,19 +412,9 @@ async fn plan(
     if let Err(s) = request::validate_plan(&r, limits.max_actions_per_resource) {
         return error(&s);
     }
-    let aux = match gw
-        .config
-        .pdp
-        .keysets
-        .decode(r.aux_data.as_ref(), now_secs())
-    {
-        Ok(a) => a,
+    let (principal, aux) = match principal_and_aux(&gw, r.principal.take(), r.aux_data.as_ref()) {
+        Ok(x) => x,
         Err(s) => return error(&s),
-    };
-    let Some(principal) = r.principal.take() else {
-        return error(&Status::invalid(
-            "validation error: principal: value is required",
-        ));
     };
     let mut resource = r.resource.take().unwrap_or_default();
     let mut actions = r.actions.clone();
