@@ -336,10 +336,9 @@ fn needs_unset(name: &str, unset: &[UnsetVar]) -> Vec<String> {
     names
 }
 
-/// Probes every configured upstream ([`probe`]): one line each. `runnable`: the stdio
-/// servers whose command was found.
+/// Probes every configured upstream ([`probe`]), all at once: one line each, in name order.
+/// `runnable`: the stdio servers whose command was found.
 async fn upstream_checks(cfg: &Config, unset: &[UnsetVar], runnable: &[String]) -> Vec<Check> {
-    let mut out = Vec::new();
     let client = crate::gateway::http_client_via(cfg.tailnet.socks5_addr().map(|socks5| {
         crate::gateway::TailnetProxy {
             socks5,
@@ -351,62 +350,73 @@ async fn upstream_checks(cfg: &Config, unset: &[UnsetVar], runnable: &[String]) 
         None => std::env::current_exe()
             .map_err(|e| format!("cannot find toolgate's own binary (the launcher): {e}")),
     };
-    for (name, server) in &cfg.servers {
-        let missing = needs_unset(name, unset);
-        if !missing.is_empty() {
-            out.push(check(
-                Verdict::Skip,
-                "upstream",
-                format!(
-                    "servers.{name}: not probed, it needs {} (unset, see above)",
-                    missing.join(", ")
-                ),
-            ));
-            continue;
-        }
-        let (target, result) = match &server.transport {
-            crate::config::Transport::Http(url) => {
-                let shown = shown_url(url);
-                let result = match &client {
-                    Ok(c) => probe::http(c, url, &server.headers, server.timeout).await,
-                    Err(e) => Err(e.clone()),
-                };
-                (shown, result)
-            }
-            crate::config::Transport::Stdio(cmd) => {
-                let shown = format!("`{}`", cmd.command.join(" "));
-                if !runnable.contains(name) {
-                    out.push(check(
-                        Verdict::Skip,
-                        "upstream",
-                        format!("servers.{name}: {shown} not started (see the stdio line above)"),
-                    ));
-                    continue;
-                }
-                let result = match &launcher {
-                    Ok(l) => probe::stdio(name, server, cmd, &cfg.stdio, l).await,
-                    Err(e) => Err(e.clone()),
-                };
-                (shown, result)
-            }
-        };
-        out.push(match result {
-            Ok(answer) => check(
-                Verdict::Ok,
-                "upstream",
-                format!("servers.{name}: {target} speaks MCP: {answer}"),
+    let probes = cfg.servers.iter().map(|(name, server)| {
+        let (client, launcher) = (&client, &launcher);
+        async move { upstream_check(cfg, name, server, unset, runnable, client, launcher).await }
+    });
+    futures_util::future::join_all(probes).await
+}
+
+/// The report line of one upstream.
+async fn upstream_check(
+    cfg: &Config,
+    name: &str,
+    server: &crate::config::Server,
+    unset: &[UnsetVar],
+    runnable: &[String],
+    client: &Result<reqwest::Client, String>,
+    launcher: &Result<PathBuf, String>,
+) -> Check {
+    let missing = needs_unset(name, unset);
+    if !missing.is_empty() {
+        return check(
+            Verdict::Skip,
+            "upstream",
+            format!(
+                "servers.{name}: not probed, it needs {} (unset, see above)",
+                missing.join(", ")
             ),
-            Err(why) => check(
-                Verdict::Fail,
-                "upstream",
-                format!(
-                    "servers.{name}: {target}: {why}; calls to it will fail until it answers \
-                     (is it running? is servers.{name} right?)"
-                ),
-            ),
-        });
+        );
     }
-    out
+    let (target, result) = match &server.transport {
+        crate::config::Transport::Http(url) => {
+            let result = match client {
+                Ok(c) => probe::http(c, url, &server.headers, server.timeout).await,
+                Err(e) => Err(e.clone()),
+            };
+            (shown_url(url), result)
+        }
+        crate::config::Transport::Stdio(cmd) => {
+            let shown = format!("`{}`", cmd.command.join(" "));
+            if !runnable.iter().any(|r| r == name) {
+                return check(
+                    Verdict::Skip,
+                    "upstream",
+                    format!("servers.{name}: {shown} not started (see the stdio line above)"),
+                );
+            }
+            let result = match launcher {
+                Ok(l) => probe::stdio(name, server, cmd, &cfg.stdio, l).await,
+                Err(e) => Err(e.clone()),
+            };
+            (shown, result)
+        }
+    };
+    match result {
+        Ok(answer) => check(
+            Verdict::Ok,
+            "upstream",
+            format!("servers.{name}: {target} speaks MCP: {answer}"),
+        ),
+        Err(why) => check(
+            Verdict::Fail,
+            "upstream",
+            format!(
+                "servers.{name}: {target}: {why}; calls to it will fail until it answers \
+                 (is it running? is servers.{name} right?)"
+            ),
+        ),
+    }
 }
 
 /// An upstream URL as the report shows it: without credentials or query.
