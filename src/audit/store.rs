@@ -589,6 +589,9 @@ fn anchor_from(
     })
 }
 
+/// Reads one stored row of a chained table.
+type RowFrom = fn(&Connection, &mut Names, &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow>;
+
 /// Up to `limit` chained rows with seq > `after`, in seq order, across the three tables
 /// (`prev_hash` left empty).
 pub(crate) fn read_after(
@@ -598,32 +601,25 @@ pub(crate) fn read_after(
     limit: usize,
 ) -> rusqlite::Result<Vec<StoredRow>> {
     let lim = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut out = Vec::new();
-    {
-        let mut st = c.prepare_cached(&format!(
-            "SELECT {DECISION_COLS} FROM decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-        ))?;
-        let mut rows = st.query(params![after, lim])?;
-        while let Some(r) = rows.next()? {
-            out.push(decision_from(c, n, r)?);
-        }
-    }
-    {
-        let mut st = c.prepare_cached(
+    let decisions =
+        format!("SELECT {DECISION_COLS} FROM decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+    let tables: [(&str, RowFrom); 3] = [
+        (&decisions, decision_from),
+        (
             "SELECT seq, decision, time, gateway, outcome, latency_us, detail, hash FROM outcomes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let mut rows = st.query(params![after, lim])?;
-        while let Some(r) = rows.next()? {
-            out.push(outcome_from(c, n, r)?);
-        }
-    }
-    {
-        let mut st = c.prepare_cached(
+            outcome_from,
+        ),
+        (
             "SELECT seq, time, gateway, through_seq, through_hash, pruned_rows, reason, hash FROM anchors WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
+            anchor_from,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (sql, from) in tables {
+        let mut st = c.prepare_cached(sql)?;
         let mut rows = st.query(params![after, lim])?;
         while let Some(r) = rows.next()? {
-            out.push(anchor_from(c, n, r)?);
+            out.push(from(c, n, r)?);
         }
     }
     out.sort_by_key(|r| r.seq);
