@@ -9,10 +9,12 @@
 )]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use serde_json::{Value, json};
-use toolgate::{config::Config, daemon, demo, sample};
+use toolgate::daemon;
+
+mod support;
+use support::demo_daemon;
 
 async fn get(from: [u8; 4], url: &str) -> (u16, Value) {
     let c = reqwest::Client::builder()
@@ -45,35 +47,18 @@ async fn call(from: [u8; 4], base: &str, tool: &str, args: Value) {
 
 #[tokio::test]
 async fn users_see_their_own_rows_admins_see_all() {
-    let _ = toolgate::gateway::http_client();
-    let dir = tempfile::tempdir().unwrap();
-    let up = sample::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(sample::Counters::default()),
-    )
-    .await
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg_path = demo::write_files(dir.path(), port, up).unwrap();
-    let ids = format!(
-        "{}\n\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{{roles: [admin]}}]\n",
-        demo::IDENTITIES
-    );
-    std::fs::write(dir.path().join("identities.yaml"), ids).unwrap();
-    let cfg = Config::load(&cfg_path).unwrap();
-    let listen = daemon::resolve_listen(&cfg, &[]).unwrap();
-    let identify = daemon::static_provider(&cfg, &listen).unwrap();
-    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None).unwrap();
+    let demo_daemon::Built {
+        dir: _dir,
+        addr,
+        daemon: built,
+    } = demo_daemon::build().await;
+    let port = addr.port();
     let audit = built.audit.clone();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(daemon::run(built, rx));
     let base = format!("http://127.0.0.1:{port}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    demo_daemon::wait_listening(addr).await;
     call(
         [127, 0, 0, 2],
         &base,
@@ -121,18 +106,6 @@ async fn users_see_their_own_rows_admins_see_all() {
     stop_daemon(stop, server).await;
 }
 
-/// Polls until the daemon accepts connections at `addr` (20 s deadline).
-async fn wait_listening(addr: SocketAddr) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon never listened at {addr}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Asks the daemon to stop and checks that it does, cleanly: `daemon::run` returns `Ok` (an
 /// error there, such as a failed final audit flush, fails the test) within 30 s.
 async fn stop_daemon(
@@ -174,29 +147,12 @@ fn reset_peak() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_bounded_streamed_and_complete() {
     const ROWS: usize = 100_000;
-    let _ = toolgate::gateway::http_client();
-    let dir = tempfile::tempdir().unwrap();
-    let up = sample::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(sample::Counters::default()),
-    )
-    .await
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg_path = demo::write_files(dir.path(), port, up).unwrap();
-    let ids = format!(
-        "{}\n\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{{roles: [admin]}}]\n",
-        demo::IDENTITIES
-    );
-    std::fs::write(dir.path().join("identities.yaml"), ids).unwrap();
-    let cfg = Config::load(&cfg_path).unwrap();
-    let listen = daemon::resolve_listen(&cfg, &[]).unwrap();
-    let identify = daemon::static_provider(&cfg, &listen).unwrap();
-    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None).unwrap();
+    let demo_daemon::Built {
+        dir: _dir,
+        addr,
+        daemon: built,
+    } = demo_daemon::build().await;
+    let port = addr.port();
     let audit = built.audit.clone();
     // 100k decisions: one in 50 is alice's; ~600 bytes each, ~80 MB as one JSON answer.
     let filler = "r".repeat(500);
@@ -228,7 +184,7 @@ async fn pages_are_bounded_streamed_and_complete() {
     let server = tokio::spawn(daemon::run(built, rx));
     let base = format!("http://127.0.0.1:{port}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    demo_daemon::wait_listening(addr).await;
     let carol = reqwest::Client::builder()
         .local_address(IpAddr::from([127, 0, 0, 5]))
         .build()

@@ -10,11 +10,13 @@
 )]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use toolgate::{config::Config, daemon, demo, sample};
+use toolgate::daemon;
+
+mod support;
+use support::demo_daemon;
 
 const ALICE: [u8; 4] = [127, 0, 0, 2];
 const BOB: [u8; 4] = [127, 0, 0, 3];
@@ -118,38 +120,17 @@ async fn start() -> (
     tokio::task::JoinHandle<Result<(), String>>,
     toolgate::audit::AuditLog,
 ) {
-    let _ = toolgate::gateway::http_client();
-    let dir = tempfile::tempdir().unwrap();
-    let up = sample::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(sample::Counters::default()),
-    )
-    .await
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg_path = demo::write_files(dir.path(), port, up).unwrap();
-    let ids = format!(
-        "{}\n\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{{roles: [admin]}}]\n",
-        demo::IDENTITIES
-    );
-    std::fs::write(dir.path().join("identities.yaml"), ids).unwrap();
-    let cfg = Config::load(&cfg_path).unwrap();
-    let listen = daemon::resolve_listen(&cfg, &[]).unwrap();
-    let identify = daemon::static_provider(&cfg, &listen).unwrap();
-    let built = daemon::build(cfg, identify, &daemon::NodeInfo::default(), listen, None).unwrap();
+    let demo_daemon::Built {
+        dir,
+        addr,
+        daemon: built,
+    } = demo_daemon::build().await;
+    let port = addr.port();
     let audit = built.audit.clone();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(daemon::run(built, rx));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "the daemon never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    demo_daemon::wait_listening(addr).await;
     (dir, format!("http://{addr}"), stop, server, audit)
 }
 

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests (`mod support;` in each test crate).
 //!
 //! - [`cerbos`]: the real Cerbos binary (`cerbos compile`) and its `TestResults` JSON.
+//! - [`demo_daemon`]: the demo's daemon in-process, with an admin viewer (the read-API tests).
 //! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
 //! - [`peers`]: the `TOOLGATE_REQUIRE_PEERS` switch: a missing peer skips loudly or fails.
 //! - [`rng`]: a seeded generator for generated inputs.
@@ -10,6 +11,7 @@
 )]
 
 pub mod cerbos;
+pub mod demo_daemon;
 pub mod fake_localapi;
 pub mod peers;
 pub mod rng;
