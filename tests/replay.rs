@@ -342,3 +342,193 @@ async fn digest_mode_needs_arguments_exactly_where_the_rules_read_them() {
     assert_eq!(s["needs_arguments"], 3);
     assert_eq!(s["changed"], 3);
 }
+
+fn toolgate(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// `audit export --since T --out FILE` of a real store, then `audit verify` on the file.
+fn export(db: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let key = db.parent().unwrap().join("audit.key");
+    let mut args = vec![
+        os("audit"),
+        os("export"),
+        os("--db"),
+        db.as_os_str(),
+        os("--key"),
+        key.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|s| os(s)));
+    toolgate(&args)
+}
+
+fn verify(db: &Path, key: &Path) -> (i32, String, String) {
+    toolgate(&[
+        os("audit"),
+        os("verify"),
+        os("--db"),
+        db.as_os_str(),
+        os("--key"),
+        key.as_os_str(),
+    ])
+}
+
+/// `policy replay ... --since T --format json` with the run-dependent fields dropped.
+fn replay_since(db: &Path, policies: &Path, since: &str) -> (i32, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["policy", "replay", "--db"])
+        .arg(db)
+        .arg("--policies")
+        .arg(policies)
+        .args(["--since", since, "--format", "jsonl"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code() != Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (rows, mut s) = lines(&text);
+    for k in ["db", "elapsed_ms"] {
+        s.as_object_mut().unwrap().remove(k);
+    }
+    (
+        out.status.code().unwrap(),
+        json!({"summary": s, "rows": rows}),
+        text,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_slice_verifies_and_replays_like_its_window_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, ids) = fill(dir.path(), "redacted").await;
+    let key = dir.path().join("audit.key");
+    let policies = dir.path().join("policies");
+    let next = dir.path().join("next");
+    candidate(&policies, &next);
+    // The window starts at the third call: the slice does not start at the chain's genesis.
+    let (code, row, err) = toolgate(&[
+        os("audit"),
+        os("query"),
+        os("--db"),
+        db.as_os_str(),
+        os("--id"),
+        os(&ids[2]),
+        os("--format"),
+        os("jsonl"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let row: Value = serde_json::from_str(row.trim()).unwrap();
+    let since = row["time"].as_str().unwrap().to_string();
+    assert!(row["seq"].as_i64().unwrap() > 1, "{row}");
+
+    let out = dir.path().join("slice.db");
+    let (code, said, err) = export(&db, &out, &["--since", &since, "--arguments", "redacted"]);
+    assert_eq!(code, 0, "{said}{err}");
+    assert!(said.contains("every row keeps its source hash"), "{said}");
+    let (code, said, err) = verify(&out, &key);
+    assert_eq!(code, 0, "{said}{err}");
+    assert!(
+        said.contains("chain intact") && said.contains("anchored"),
+        "{said}"
+    );
+
+    // The same report from the slice as from the store over the same window, with exactly the
+    // changes of the calls in it.
+    let (code_src, from_store, text) = replay_since(&db, &next, &since);
+    assert_eq!(code_src, 1, "{text}");
+    let (code_out, from_slice, text) = replay_since(&out, &next, &since);
+    assert_eq!(code_out, 1, "{text}");
+    assert_eq!(from_store, from_slice);
+    let (rows, _) = lines(&text);
+    assert_eq!(
+        reported(&rows),
+        want(
+            &ids,
+            &[
+                ("deny_to_allow", 3),
+                ("allow_to_deny", 5),
+                ("allow_to_deny", 6),
+            ]
+        ),
+        "{text}"
+    );
+    // Without --since the slice holds nothing earlier than the window.
+    let (_, all, _) = replay_since(&out, &next, "2000-01-01");
+    assert_eq!(
+        all["summary"]["decisions"],
+        from_slice["summary"]["decisions"]
+    );
+
+    // An existing file is not replaced without --force; bad windows are usage errors.
+    let (code, _, err) = export(&db, &out, &["--since", &since]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, err) = export(&db, &dir.path().join("x.db"), &["--since", "7x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--since"), "{err}");
+    let (code, _, err) = export(&db, &dir.path().join("x.db"), &["--since", "2099-01-01"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no decisions in the window"), "{err}");
+    assert!(!dir.path().join("x.db").exists());
+
+    // Stricter redaction (digest: no arguments) re-links the chain with the key: the file still
+    // verifies, and replay reports what now needs arguments.
+    let (code, said, err) = export(
+        &db,
+        &out,
+        &["--since", &since, "--arguments", "digest", "--force"],
+    );
+    assert_eq!(code, 0, "{said}{err}");
+    assert!(said.contains("redacted further than stored"), "{said}");
+    let (code, said, err) = verify(&out, &key);
+    assert_eq!(code, 0, "{said}{err}");
+    let c = rusqlite::Connection::open(&out).unwrap();
+    let kept: i64 = c
+        .query_row(
+            "SELECT count(*) FROM decisions WHERE arguments IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 0);
+
+    // A tampered export fails verify.
+    c.execute_batch(
+        "DROP TRIGGER decisions_no_update; UPDATE decisions SET effect = 1 - effect WHERE seq = (SELECT max(seq) FROM decisions);",
+    )
+    .unwrap();
+    drop(c);
+    let (code, said, _) = verify(&out, &key);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("BROKEN"), "{said}");
+
+    // A tampered store is refused, never re-signed into a clean export.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER decisions_no_update; UPDATE decisions SET effect = 1 - effect WHERE seq = (SELECT max(seq) FROM decisions);",
+    )
+    .unwrap();
+    drop(c);
+    let bad = dir.path().join("bad.db");
+    let (code, _, err) = export(&db, &bad, &["--since", &since]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("source chain breaks"), "{err}");
+    assert!(!bad.exists());
+}

@@ -1,4 +1,4 @@
-//! `toolgate audit query|stats|verify`: argument parsing and printing over [`super::query`],
+//! `toolgate audit query|stats|verify|export`: argument parsing and printing over [`super::query`],
 //! [`super::chain`] and [`super::postgres`]. Human output escapes control and bidi characters
 //! (names and reasons are caller-controlled); machine output is JSON- or CSV-encoded.
 
@@ -45,6 +45,53 @@ pub enum AuditCommand {
     /// the end) and the exit status is 6. --expect-head, and --against-postgres (the shipped
     /// copy), catch rows removed from the end together with the recorded head.
     Verify(VerifyArgs),
+    /// Write a window of the store as a new audit SQLite file, for `policy replay --db`.
+    ///
+    /// The file has the store's schema, its rows redacted per audit.arguments (from --config,
+    /// else the default `digest`; --arguments overrides), and an anchored chain: `audit verify
+    /// --db FILE --key KEY` passes on it with the store's key. The source chain is checked while
+    /// it is read; a broken source is refused. Needs the chain key.
+    ///
+    /// Example: toolgate audit export --config /etc/toolgate/toolgate.yaml --since 7d --out last-week.db
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArgumentsArg {
+    None,
+    Digest,
+    Redacted,
+    Full,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The audit database [default: audit.sqlite from --config, else /var/lib/toolgate/audit.db].
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    /// Take the database, chain key, redaction and gateway name from this toolgate config file.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Decisions from this time: a duration back from now (2h, 30m, 7d), RFC 3339, or a date.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Decisions before this time (same forms as --since) [default: to the end of the store].
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// The file to write (a new audit SQLite database).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// The chain key [default: audit.key_file from --config, else audit.key next to the
+    /// database].
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// What to keep of call arguments in the file (overrides the config's audit.arguments; a row
+    /// is never made less redacted than it was stored).
+    #[arg(long, value_enum)]
+    pub arguments: Option<ArgumentsArg>,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +228,7 @@ pub struct VerifyArgs {
 /// config 5, anything that fails while reading the store 1.
 pub fn run(cmd: AuditCommand) -> ExitCode {
     let (name, source, filter) = match &cmd {
+        AuditCommand::Export(a) => return run_export(a),
         AuditCommand::Query(a) => ("audit query", &a.source, Some(&a.filter)),
         AuditCommand::Stats(a) => ("audit stats", &a.source, Some(&a.filter)),
         AuditCommand::Verify(a) => ("audit verify", &a.source, None),
@@ -207,6 +255,7 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
         AuditCommand::Query(a) => run_query(a),
         AuditCommand::Stats(a) => run_stats(a),
         AuditCommand::Verify(a) => run_verify(a),
+        AuditCommand::Export(a) => return run_export(a),
     };
     match r {
         Ok(code) => code,
@@ -643,6 +692,138 @@ fn run_verify(a: &VerifyArgs) -> Result<ExitCode, String> {
             );
             Ok(code)
         }
+    }
+}
+
+/// `audit export`: bad flags exit 2 (a bad --since, an existing --out without --force), a bad
+/// config 5, anything else 1. A summary goes to stdout, a progress bar to a terminal's stderr.
+fn run_export(a: &ExportArgs) -> ExitCode {
+    let name = "audit export";
+    let now = chrono::Utc::now();
+    let bound = |flag: &str, v: &Option<String>| -> Result<Option<String>, String> {
+        v.as_deref()
+            .map(|s| parse_time_bound(s, now).map_err(|e| format!("--{flag}: {e}")))
+            .transpose()
+    };
+    let bounds = bound("since", &a.since).and_then(|s| Ok((s, bound("until", &a.until)?)));
+    let (since, until) = match bounds {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {name}: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let (Some(s), Some(u)) = (&since, &until)
+        && s >= u
+    {
+        eprintln!("error: {name}: --since ({s}) is not before --until ({u})");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if a.out.exists() && !a.force {
+        eprintln!(
+            "error: {name}: {} exists; pass --force to replace it",
+            a.out.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let audit = match &a.config {
+        Some(cfg) => match crate::config::load_audit(cfg) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {name}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => crate::config::AuditConfig::default(),
+    };
+    let db = a.db.clone().unwrap_or_else(|| {
+        if a.config.is_some() {
+            audit.sqlite.clone()
+        } else {
+            PathBuf::from(DEFAULT_DB)
+        }
+    });
+    if a.out == db {
+        eprintln!("error: {name}: --out is the store itself");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let key_path = a.key.clone().unwrap_or_else(|| {
+        audit
+            .key_file
+            .clone()
+            .filter(|_| a.config.is_some())
+            .unwrap_or_else(|| super::key::default_path(&db))
+    });
+    let fail = |e: &str| {
+        eprintln!("error: {name} ({}): {e}", db.display());
+        ExitCode::from(EXIT_BROKEN)
+    };
+    let key = match super::key::load(&key_path) {
+        Ok(k) => k,
+        Err(e) => {
+            return fail(&format!(
+                "{e}; the export needs the store's chain key to check the source chain and anchor the file (--key FILE)"
+            ));
+        }
+    };
+    let mut redaction = audit.clone();
+    if let Some(m) = a.arguments {
+        redaction.arguments = match m {
+            ArgumentsArg::None => crate::config::ArgumentsMode::None,
+            ArgumentsArg::Digest => crate::config::ArgumentsMode::Digest,
+            ArgumentsArg::Redacted => crate::config::ArgumentsMode::Redacted,
+            ArgumentsArg::Full => crate::config::ArgumentsMode::Full,
+        };
+    }
+    let opts = super::export::Options {
+        db: db.clone(),
+        out: a.out.clone(),
+        key,
+        redactor: super::Redactor::from_config(&redaction),
+        since,
+        until,
+        force: a.force,
+        gateway: audit.gateway.clone().unwrap_or_else(super::host_name),
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let total = match super::export::planned_rows(&opts) {
+            Ok(n) => n,
+            Err(e) => return fail(&e),
+        };
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} rows ({per_sec}, {eta} left)",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let r = super::export::export(&opts, &|n| bar.inc(n));
+    bar.finish_and_clear();
+    match r {
+        Ok(s) => {
+            let hashes = match s.rechained_from {
+                None => "every row keeps its source hash".to_string(),
+                Some(seq) => format!(
+                    "{} rows redacted further than stored; hashes match the source before seq {seq}",
+                    s.redacted
+                ),
+            };
+            println!(
+                "exported {} rows ({} decisions), seq {}..{}, from {} to {}; {hashes}; head {}",
+                s.rows,
+                s.decisions,
+                s.first_seq,
+                s.last_seq,
+                db.display(),
+                a.out.display(),
+                s.head
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 

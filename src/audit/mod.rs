@@ -9,12 +9,14 @@
 //! - [`redact`]: `audit.arguments` and secret scrubbing.
 //! - [`query`]: filters, `audit query`/`stats`, the `/api/audit` reader.
 //! - [`retention`]: pruning from the oldest end, with anchors.
+//! - [`export`]: a window of the store as a new, verifiable audit file (`audit export`).
 //! - [`postgres`]: the fleet shipper and fleet queries.
 //! - [`migrate`]: embedded SQL migrations; [`cli`]: `toolgate audit ...`.
 
 pub mod chain;
 pub mod cli;
 pub mod compact;
+pub mod export;
 pub mod key;
 pub mod links;
 pub mod migrate;

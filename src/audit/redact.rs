@@ -20,7 +20,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::chain::sha256_hex;
-use super::record::{Record, canonical_json};
+use super::record::{Record, StoredRow, canonical_json};
 use crate::config::ArgumentsMode;
 
 /// The replacement text for a redacted value.
@@ -489,6 +489,81 @@ impl Redactor {
         if let Cow::Owned(s) = cap_text(&rec.reason, MAX_REASON) {
             rec.reason = s;
         }
+    }
+
+    /// Applies this redactor to a row already in the store (`audit export`): the arguments and
+    /// their digest as the mode keeps them, the argument values not kept scrubbed out of
+    /// `reason` and `explain`, secret-looking values scrubbed (not in `full` mode). Never makes a
+    /// row less redacted than it was stored. Returns whether the row changed.
+    pub fn apply_stored(&self, row: &mut StoredRow) -> bool {
+        let before = (
+            row.args_digest.len(),
+            row.arguments.clone(),
+            row.reason.clone(),
+            row.explain.clone(),
+        );
+        if row.event != super::record::event::DECISION {
+            if let Cow::Owned(s) = self.scrub_text(&row.reason) {
+                row.reason = s;
+            }
+            return row.reason != before.2;
+        }
+        let stored: Option<Value> = match row.arguments.as_str() {
+            "" | "null" => None,
+            t => serde_json::from_str(t).ok(),
+        };
+        let mut needles = Vec::new();
+        match self.mode {
+            ArgumentsMode::None | ArgumentsMode::Digest => {
+                if self.mode == ArgumentsMode::None {
+                    row.args_digest.clear();
+                }
+                row.arguments = "null".to_string();
+                if let Some(a) = &stored {
+                    collect_strings(a, &mut needles);
+                }
+            }
+            ArgumentsMode::Redacted => {
+                // Stored arguments with nothing more to redact stay as stored (already capped).
+                if let Some(a) = &stored {
+                    let red = self.redact_value(a, false, &mut needles);
+                    if red != *a {
+                        row.arguments = canonical_json(&self.cap_value(red));
+                    }
+                }
+            }
+            ArgumentsMode::Full => {}
+        }
+        needles.retain(|n| n.chars().count() >= MIN_NEEDLE);
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        needles.dedup();
+        needles.truncate(MAX_NEEDLES);
+        let full = self.mode == ArgumentsMode::Full;
+        let scrub = |s: &str| -> String {
+            let s = replace_needles(s, &needles);
+            if full {
+                s.into_owned()
+            } else {
+                scrub_values(&s).into_owned()
+            }
+        };
+        row.reason = cap_text(&scrub(&row.reason), MAX_REASON).into_owned();
+        if !matches!(row.explain.as_str(), "" | "null")
+            && let Ok(mut v) = serde_json::from_str::<Value>(&row.explain)
+        {
+            let was = v.clone();
+            scrub_json(&mut v, &|s| Cow::Owned(scrub(s)));
+            if v != was {
+                row.explain = canonical_json(&v);
+                Redactor::cap_explain(&mut row.explain);
+            }
+        }
+        (
+            row.args_digest.len(),
+            &row.arguments,
+            &row.reason,
+            &row.explain,
+        ) != (before.0, &before.1, &before.2, &before.3)
     }
 
     /// Caps a stored explain trace (canonical JSON text) at [`MAX_EXPLAIN`] bytes.
