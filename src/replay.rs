@@ -16,8 +16,8 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
-use crate::audit::Redactor;
 use crate::audit::store::{digest_text, id_text, us_to_time};
 use crate::policy::compile::PolicySet;
 use crate::policy::input::{Params, Principal, Resource};
@@ -118,10 +118,73 @@ pub struct Report {
     pub changes: Vec<Change>,
 }
 
+/// A stored decision id (16 bytes, or text), formatted only when the row is reported.
+enum StoredId {
+    Uuid([u8; 16]),
+    Other(String),
+}
+
+impl StoredId {
+    fn read(v: ValueRef<'_>) -> StoredId {
+        match v {
+            ValueRef::Blob(b) => match <[u8; 16]>::try_from(b) {
+                Ok(u) => StoredId::Uuid(u),
+                Err(_) => StoredId::Other(id_text(v)),
+            },
+            other => StoredId::Other(id_text(other)),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            StoredId::Uuid(b) => id_text(ValueRef::Blob(b)),
+            StoredId::Other(s) => s.clone(),
+        }
+    }
+}
+
+/// A stored `args_digest`: SHA-256 bytes, other text, or none. Compared without formatting.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum StoredDigest {
+    None,
+    Sha256([u8; 32]),
+    Other(String),
+}
+
+impl StoredDigest {
+    fn read(v: ValueRef<'_>) -> StoredDigest {
+        match v {
+            ValueRef::Null => StoredDigest::None,
+            ValueRef::Blob(b) => match <[u8; 32]>::try_from(b) {
+                Ok(d) => StoredDigest::Sha256(d),
+                Err(_) => StoredDigest::Other(digest_text(v)),
+            },
+            other => match digest_text(other) {
+                t if t.is_empty() => StoredDigest::None,
+                t => StoredDigest::Other(t),
+            },
+        }
+    }
+
+    /// Whether this is the digest of the canonical JSON text `canonical`.
+    fn is_of(&self, canonical: &str) -> bool {
+        match self {
+            StoredDigest::None => false,
+            StoredDigest::Sha256(d) => Sha256::digest(canonical.as_bytes())[..] == d[..],
+            StoredDigest::Other(t) => crate::audit::chain::sha256_hex(canonical.as_bytes()) == *t,
+        }
+    }
+
+    /// Whether this is the digest of `v`, as `audit.arguments` computed it.
+    fn is_of_value(&self, v: &Value) -> bool {
+        self.is_of(&crate::audit::record::canonical_json(v))
+    }
+}
+
 /// One decision read from the store.
 struct Item {
     seq: i64,
-    id: String,
+    id: StoredId,
     time_us: i64,
     principal: Arc<str>,
     server: Arc<str>,
@@ -131,7 +194,7 @@ struct Item {
     allow: bool,
     policy: Arc<str>,
     rule: Arc<str>,
-    args_digest: String,
+    args_digest: StoredDigest,
     arguments: Option<String>,
     inputs: Option<(i64, i64, Arc<Principal>, Arc<Resource>)>,
 }
@@ -357,7 +420,7 @@ fn read_all(
         let action_id = g(6)?;
         chunk.push(Item {
             seq: g(0)?,
-            id: id_text(r.get_ref(1).map_err(err)?),
+            id: StoredId::read(r.get_ref(1).map_err(err)?),
             time_us: g(2)?,
             principal: lk.name(c, g(3)?)?,
             server: lk.name(c, g(4)?)?,
@@ -367,7 +430,7 @@ fn read_all(
             allow: g(7)? == 1,
             policy: lk.name(c, g(8)?)?,
             rule: lk.name(c, g(9)?)?,
-            args_digest: digest_text(r.get_ref(10).map_err(err)?),
+            args_digest: StoredDigest::read(r.get_ref(10).map_err(err)?),
             arguments: match r.get_ref(11).map_err(err)? {
                 ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
                 _ => None,
@@ -387,43 +450,75 @@ fn read_all(
     Ok(())
 }
 
-/// The exact value of `arguments`/`uri` when the stored form's digest is the recorded one.
-fn known(resource: &Resource, item: &Item) -> (Known, Known, u8) {
-    let exact = |v: &Value| !item.args_digest.is_empty() && Redactor::digest(v) == item.args_digest;
+/// The URI a `resources/read` decision names: from the stored arguments, else the action.
+fn stored_uri(stored: Option<&Value>, item: &Item) -> Option<String> {
+    stored
+        .and_then(|a| a.get("uri"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| item.action.split_once("::").map(|(_, u)| u.to_string()))
+}
+
+/// Which of `uri` (1) and `arguments` (2) the store has exactly: their digest is the recorded
+/// one. Cheap for the common rows (no parse when the stored text is what was digested).
+fn known_tag(resource: &Resource, item: &Item) -> u8 {
+    let mut tag = 0u8;
+    let parsed = || -> Option<Value> {
+        item.arguments
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+    };
+    if resource.attr.contains_key("uri")
+        && stored_uri(parsed().as_ref(), item).is_some_and(|u| {
+            item.args_digest
+                .is_of_value(&serde_json::json!({ "uri": u }))
+        })
+    {
+        tag |= 1;
+    }
+    if resource.attr.contains_key("arguments") {
+        let exact = match item.arguments.as_deref() {
+            // No stored arguments: `{}` (a call without any) is still known exactly.
+            None => item.args_digest.is_of("{}"),
+            // Stored canonical text whose digest is the recorded one; else the value re-encoded.
+            Some(t) => {
+                item.args_digest.is_of(t)
+                    || match parsed() {
+                        Some(v) => item.args_digest.is_of_value(&v),
+                        None => item.args_digest.is_of("{}"),
+                    }
+            }
+        };
+        if exact {
+            tag |= 2;
+        }
+    }
+    tag
+}
+
+/// The values of `arguments` and `uri` as [`known_tag`] found them.
+fn known(resource: &Resource, item: &Item, tag: u8) -> (Known, Known) {
     let stored: Option<Value> = item
         .arguments
         .as_deref()
         .and_then(|t| serde_json::from_str(t).ok());
-    let mut tag = 0u8;
-    let uri = if resource.attr.contains_key("uri") {
-        let u = stored
-            .as_ref()
-            .and_then(|a| a.get("uri"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .or_else(|| item.action.split_once("::").map(|(_, u)| u.to_string()));
-        match u {
-            Some(u) if exact(&serde_json::json!({ "uri": u })) => {
-                tag |= 1;
-                Known::Exact(Value::String(u))
-            }
-            _ => Known::Unknown,
-        }
-    } else {
+    let uri = if !resource.attr.contains_key("uri") {
         Known::Absent
-    };
-    let arguments = if resource.attr.contains_key("arguments") {
-        let a = stored.unwrap_or_else(|| Value::Object(Default::default()));
-        if exact(&a) {
-            tag |= 2;
-            Known::Exact(a)
-        } else {
-            Known::Unknown
-        }
+    } else if tag & 1 != 0 {
+        stored_uri(stored.as_ref(), item)
+            .map(|u| Known::Exact(Value::String(u)))
+            .unwrap_or(Known::Unknown)
     } else {
-        Known::Absent
+        Known::Unknown
     };
-    (arguments, uri, tag)
+    let arguments = if !resource.attr.contains_key("arguments") {
+        Known::Absent
+    } else if tag & 2 != 0 {
+        Known::Exact(stored.unwrap_or_else(|| Value::Object(Default::default())))
+    } else {
+        Known::Unknown
+    };
+    (arguments, uri)
 }
 
 fn effect_text(allow: bool) -> &'static str {
@@ -437,7 +532,7 @@ fn work(
 ) -> Partial {
     let mut out = Partial::default();
     // Keyed by (principal input, resource input, action, what is known, the args digest).
-    let mut memo: Memo<(i64, i64, i64, u8, String)> = Memo::new(MEMO);
+    let mut memo: Memo<(i64, i64, i64, u8, StoredDigest)> = Memo::new(MEMO);
     loop {
         let chunk = match rx.lock() {
             Ok(g) => match g.recv() {
@@ -453,38 +548,37 @@ fn work(
                 continue;
             };
             out.replayed += 1;
-            let (arguments, uri, tag) = known(resource, &item);
-            let now = chrono::DateTime::from_timestamp_micros(item.time_us).unwrap_or_default();
+            let tag = known_tag(resource, &item);
             let key = (*pid, *rid, item.action_id, tag, item.args_digest.clone());
             let answer = memo.get_or(key, || {
+                let (arguments, uri) = known(resource, &item, tag);
                 replayer.replay(&Case {
                     principal,
                     resource,
                     action: &item.action,
                     arguments,
                     uri,
-                    now,
+                    now: chrono::DateTime::from_timestamp_micros(item.time_us).unwrap_or_default(),
                 })
             });
-            let was = Verdict {
-                effect: effect_text(item.allow).to_string(),
-                policy: item.policy.to_string(),
-                rule: item.rule.to_string(),
-                reason: String::new(),
-            };
             let base = |status: &str, now: Option<Verdict>| Change {
-                id: item.id.clone(),
+                id: item.id.text(),
                 time: us_to_time(item.time_us),
                 principal: item.principal.to_string(),
                 server: item.server.to_string(),
                 tool: item.tool.to_string(),
                 action: item.action.to_string(),
                 status: status.to_string(),
-                was: was.clone(),
+                was: Verdict {
+                    effect: effect_text(item.allow).to_string(),
+                    policy: item.policy.to_string(),
+                    rule: item.rule.to_string(),
+                    reason: String::new(),
+                },
                 now,
                 seq: item.seq,
             };
-            match answer {
+            match &*answer {
                 Replayed::NeedsArguments => out.changes.push(base("needs_arguments", None)),
                 Replayed::Decided {
                     effect,
@@ -493,7 +587,7 @@ fn work(
                     reason,
                     ..
                 } => {
-                    let allow = effect == Effect::Allow;
+                    let allow = *effect == Effect::Allow;
                     if allow == item.allow {
                         out.unchanged += 1;
                     } else {
@@ -506,9 +600,9 @@ fn work(
                             status,
                             Some(Verdict {
                                 effect: effect_text(allow).to_string(),
-                                policy,
-                                rule,
-                                reason,
+                                policy: policy.clone(),
+                                rule: rule.clone(),
+                                reason: reason.clone(),
                             }),
                         ));
                     }

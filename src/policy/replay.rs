@@ -320,7 +320,7 @@ fn preceded_by_principal(src: &str, at: usize) -> bool {
 /// inputs exactly (the caller's choice: e.g. input ids, action and arguments text).
 #[derive(Debug)]
 pub struct Memo<K> {
-    map: HashMap<K, Replayed>,
+    map: HashMap<K, std::sync::Arc<Replayed>>,
     max: usize,
 }
 
@@ -333,12 +333,13 @@ impl<K: std::hash::Hash + Eq> Memo<K> {
     }
 
     /// The cached answer for `key`, or `f()` (cached unless it read the clock).
-    pub fn get_or(&mut self, key: K, f: impl FnOnce() -> Replayed) -> Replayed {
+    /// Shared, so a hit costs no copy of the answer's strings.
+    pub fn get_or(&mut self, key: K, f: impl FnOnce() -> Replayed) -> std::sync::Arc<Replayed> {
         if let Some(r) = self.map.get(&key) {
             return r.clone();
         }
-        let r = f();
-        let timeless = !matches!(r, Replayed::Decided { used_now: true, .. });
+        let r = std::sync::Arc::new(f());
+        let timeless = !matches!(*r, Replayed::Decided { used_now: true, .. });
         if timeless {
             if self.map.len() >= self.max {
                 self.map.clear();
