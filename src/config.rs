@@ -404,6 +404,11 @@ pub struct PoliciesConfig {
     /// Watch the directory and reload on change (SIGHUP always reloads).
     #[serde(default = "yes")]
     pub watch: bool,
+    /// A second policy set evaluated beside the live one, off the request path, for every
+    /// decision; differences become audit rows of kind `shadow` (see `crate::shadow`). Reloads
+    /// like `dir`. A broken shadow set never changes a live decision.
+    #[serde(default)]
+    pub shadow: Option<PathBuf>,
 }
 
 fn default_policy_dir() -> PathBuf {
@@ -421,6 +426,7 @@ impl Default for PoliciesConfig {
             schema_enforcement: SchemaEnforcement::None,
             globals: Default::default(),
             watch: true,
+            shadow: None,
         }
     }
 }
@@ -1245,6 +1251,9 @@ fn check_identity(mut c: IdentityConfig, cx: &Cx<'_>, p: &mut Problems) -> Ident
 
 fn check_policies(mut c: PoliciesConfig, cx: &Cx<'_>, _p: &mut Problems) -> PoliciesConfig {
     cx.rebase(&mut c.dir);
+    if let Some(d) = &mut c.shadow {
+        cx.rebase(d);
+    }
     c
 }
 

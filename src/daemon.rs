@@ -367,7 +367,20 @@ pub fn build_with(
         }
     }
     let budget = crate::budget::Budget::new(cfg.limits.in_flight_bytes);
+    let shadow = match &cfg.policies.shadow {
+        Some(dir) => {
+            let base = crate::policy::input::Params {
+                globals: cfg.policies.globals.clone(),
+                evaluation: cfg.policies.evaluation,
+                schema_enforcement: cfg.policies.schema_enforcement,
+                ..Default::default()
+            };
+            Some(Arc::new(crate::shadow::Shadow::start(dir, base)?))
+        }
+        None => None,
+    };
     let gateway = Arc::new(Gateway {
+        shadow,
         config: cfg,
         budget,
         store: Arc::new(store),
@@ -533,6 +546,8 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
         tokio::spawn(async move {
             let dir = gw.store.dir().to_path_buf();
             let mut seen = dir_fingerprint(&dir);
+            let shadow_dir = gw.shadow.as_ref().map(|s| s.dir().to_path_buf());
+            let mut shadow_seen = shadow_dir.as_deref().map(dir_fingerprint);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(POLICY_POLL) => {}
@@ -542,6 +557,13 @@ pub async fn run(built: Built, shutdown: watch::Receiver<bool>) -> Result<(), St
                 if now != seen {
                     seen = now;
                     reload(&gw, "files changed");
+                }
+                if let (Some(s), Some(d)) = (&gw.shadow, &shadow_dir) {
+                    let now = Some(dir_fingerprint(d));
+                    if now != shadow_seen {
+                        shadow_seen = now;
+                        s.reload("shadow files changed");
+                    }
                 }
             }
         });
@@ -664,13 +686,17 @@ pub fn stop_signals(stop: watch::Sender<bool>) -> Result<(), String> {
     Ok(())
 }
 
-/// SIGHUP: reload policies (a broken reload keeps the last good set).
+/// SIGHUP: reload policies, and the shadow policies after them (a broken reload keeps the last
+/// good set).
 pub fn reload_signal(gw: Arc<Gateway>) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             reload(&gw, "SIGHUP");
+            if let Some(s) = &gw.shadow {
+                s.reload("SIGHUP");
+            }
         }
     });
     Ok(())

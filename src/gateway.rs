@@ -221,6 +221,8 @@ pub struct Gateway {
     pub known_tools: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Bytes of client messages in flight, daemon-wide (`limits.in_flight_bytes`).
     pub budget: Arc<crate::budget::Budget>,
+    /// The shadow policy set (`policies.shadow`), when configured.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
 }
 
 /// An open stream whose caller is told when policy changes the tools it can see.
@@ -328,10 +330,78 @@ impl Gateway {
                 .unidentified
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.audit.submit(row).inspect_err(|_| {
+        let shadow = self
+            .shadow
+            .as_ref()
+            .and_then(|s| self.shadow_job(&row).map(|j| (s, j)));
+        let commit = self.audit.submit(row).inspect_err(|_| {
             self.metrics
                 .audit_refusals
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
+        // Only a decision that was taken is shadowed: its shadow row follows it in the chain.
+        if let Some((s, job)) = shadow {
+            s.offer(job);
+        }
+        Ok(commit)
+    }
+
+    /// The shadow job of a decision row (`None` for rows that are not one policy decision).
+    /// Its report writes the difference as a row of kind `shadow` linked to the decision.
+    fn shadow_job(&self, row: &AuditRow) -> Option<crate::shadow::Job> {
+        use crate::shadow::{Differs, Job, Verdict};
+        let input = row.input.clone()?;
+        let mut shadow_row = AuditRow {
+            id: crate::audit::record::new_id(),
+            kind: "shadow",
+            caller: row.caller.clone(),
+            principal: row.principal.clone(),
+            ip: row.ip.clone(),
+            server: row.server.clone(),
+            method: row.method.clone(),
+            tool: row.tool.clone(),
+            action: row.action.clone(),
+            effect: Effect::Deny,
+            policy: String::new(),
+            rule: String::new(),
+            reason: String::new(),
+            arguments: row.arguments.clone(),
+            uri: row.uri.clone(),
+            outcome: String::new(),
+            latency_us: 0,
+            policy_hash: String::new(),
+            explain: None,
+            input: None,
+            shadows: Some(row.id.clone()),
+        };
+        let live = Verdict {
+            effect: row.effect,
+            policy: row.policy.clone(),
+            rule: row.rule.clone(),
+        };
+        let side = crate::audit::shadow::Side {
+            effect: effect_text(row.effect).to_string(),
+            policy: row.policy.clone(),
+            rule: row.rule.clone(),
+        };
+        let audit = self.audit.clone();
+        let report = move |d: Differs| {
+            shadow_row.effect = d.verdict.effect;
+            shadow_row.policy = d.verdict.policy;
+            shadow_row.rule = d.verdict.rule;
+            shadow_row.reason = d.reason;
+            shadow_row.policy_hash = d.policy_hash;
+            shadow_row.explain = Some(crate::audit::shadow::explain(&side, d.trace));
+            audit.submit(shadow_row).is_ok()
+        };
+        Some(Job {
+            input,
+            arguments: row.arguments.clone(),
+            uri: row.uri.clone(),
+            action: row.action.clone(),
+            now: chrono::Utc::now(),
+            live,
+            report: Box::new(report),
         })
     }
 
@@ -356,6 +426,9 @@ impl Gateway {
         let mut s = self.metrics.render();
         s.push_str(&self.budget.prometheus());
         s.push_str(&self.audit.prometheus());
+        if let Some(sh) = &self.shadow {
+            s.push_str(&sh.prometheus());
+        }
         if let Some(w) = self.whois.get() {
             s.push_str(&w.snapshot().prometheus());
         }
@@ -496,6 +569,13 @@ impl Gateway {
     }
 }
 
+fn effect_text(e: Effect) -> &'static str {
+    match e {
+        Effect::Allow => "allow",
+        Effect::Deny => "deny",
+    }
+}
+
 /// A compact JSON view of a principal for logs and the audit row.
 pub fn principal_json(p: &Principal) -> Value {
     let mut m = Map::new();
@@ -508,7 +588,7 @@ pub fn principal_json(p: &Principal) -> Value {
 #[derive(Debug, Clone)]
 pub struct AuditRow {
     pub id: String,
-    /// `mcp`, `check`, `hook` or `identity`.
+    /// `mcp`, `check`, `hook`, `identity` or `shadow`.
     pub kind: &'static str,
     pub caller: Option<Arc<Caller>>,
     /// The principal the decision was made for, when the caller asserted one (check API);
@@ -539,6 +619,8 @@ pub struct AuditRow {
     /// The principal and resource of the decision (see [`Decision::input`]); `None` for rows
     /// that are not one policy decision.
     pub input: Option<Arc<(Principal, Resource)>>,
+    /// A `shadow` row's decision: the id of the decision it shadows.
+    pub shadows: Option<String>,
 }
 
 impl AuditRow {
@@ -567,6 +649,7 @@ impl AuditRow {
             policy_hash: String::new(),
             explain: None,
             input: None,
+            shadows: None,
         }
     }
 
@@ -686,6 +769,7 @@ impl AuditRow {
             "check" => Kind::Check,
             "hook" => Kind::Hook,
             "identity" => Kind::Identity,
+            "shadow" => Kind::Shadow,
             _ => Kind::Mcp,
         };
         let effect = match self.effect {
@@ -717,6 +801,7 @@ impl AuditRow {
         rec.policy_hash = self.policy_hash;
         rec.explain = self.explain.unwrap_or(Value::Null);
         rec.inputs = self.input.as_deref().map(|(p, r)| replay_inputs(p, r));
+        rec.decision_id = self.shadows.unwrap_or_default();
         if let Some(uri) = &self.uri {
             redactor.apply_uri(&mut rec, uri);
         } else if let Some(args) = &self.arguments {

@@ -5,6 +5,8 @@
 //!   no tokio, no HTTP, no SQL (the store reads files only when asked to load).
 //! - [`cli`]: the `toolgate` command line.
 //! - [`replay`]: `toolgate policy replay`, the audit history evaluated under candidate policies.
+//! - [`shadow`]: `policies.shadow`, a second policy set evaluated beside every live decision,
+//!   off the request path; differences become audit rows of kind `shadow`.
 
 pub mod audit;
 pub mod backoff;
@@ -29,6 +31,7 @@ pub mod read_api;
 pub mod replay;
 pub mod sample;
 pub mod server;
+pub mod shadow;
 pub mod stdio;
 pub mod systemd;
 pub mod tailnet;

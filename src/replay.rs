@@ -322,6 +322,11 @@ fn window_sql(
     use rusqlite::types::Value as V;
     let mut sql = format!("SELECT {cols} FROM decisions WHERE 1");
     let mut args: Vec<V> = Vec::new();
+    // Shadow rows (schema v5) are what-if answers about a decision, not decisions.
+    if let Some(shadow) = name_id(c, crate::audit::Kind::Shadow.as_str())? {
+        sql.push_str(" AND kind != ?");
+        args.push(V::Integer(shadow));
+    }
     let time =
         |t: &str| crate::audit::store::time_to_us(t).ok_or_else(|| format!("bad time bound {t:?}"));
     if let Some(s) = &o.since {

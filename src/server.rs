@@ -347,7 +347,15 @@ fn stream_page(
             buf.push(b',');
         }
         first = false;
-        if serde_json::to_writer(&mut buf, &row).is_err() {
+        let written = if filter.shadow_diff {
+            match crate::audit::shadow::ShadowDiff::from_row(&row) {
+                Some(d) => serde_json::to_writer(&mut buf, &d),
+                None => serde_json::to_writer(&mut buf, &row),
+            }
+        } else {
+            serde_json::to_writer(&mut buf, &row)
+        };
+        if written.is_err() {
             return false;
         }
         if buf.len() >= PAGE_CHUNK && !send(&mut buf) {

@@ -51,7 +51,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     let log = AuditLog::open(settings(&db)).unwrap();
     log.flush_blocking().unwrap();
     drop(log);
-    assert_eq!(version(&db), 4);
+    assert_eq!(version(&db), 5);
     let c = Connection::open(&db).unwrap();
     let tables: i64 = c
         .query_row(
@@ -178,7 +178,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
     assert!(e.contains("start toolgate"), "{e}");
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 4);
+    assert_eq!(version(&db), 5);
     for i in 0..4 {
         let mut r =
             toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);

@@ -120,6 +120,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let gw = Arc::new(Gateway {
         config,
         budget,
+        shadow: None,
         store: Arc::new(store),
         upstreams,
         http: toolgate::gateway::http_client().unwrap(),

@@ -107,6 +107,7 @@ async fn start_with(extra: &str) -> Harness {
         in_flight: Default::default(),
         aggregate: Default::default(),
         budget: toolgate::budget::Budget::new(64 << 20),
+        shadow: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

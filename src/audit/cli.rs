@@ -13,6 +13,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::postgres::{self, PgSettings};
 use super::query::{Filter, Reader, Stats, parse_time_bound};
 use super::record::{CONTRACT_KEYS, Row, outcome};
+use super::shadow::ShadowDiff;
 use super::{AuditError, chain};
 
 const DEFAULT_DB: &str = "/var/lib/toolgate/audit.db";
@@ -181,6 +182,10 @@ pub struct QueryArgs {
     /// Keep printing new rows as they are committed (starts with the newest --limit, default 10).
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// List the decisions the shadow policies (`policies.shadow`) decide differently: the
+    /// decision id, the live effect/policy/rule and the shadow effect/policy/rule.
+    #[arg(long, conflicts_with = "follow")]
+    pub shadow_diff: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -356,6 +361,31 @@ fn run_query(a: &QueryArgs) -> Result<ExitCode, String> {
     });
     let mut f = filter_from_args(&a.filter)?;
     f.limit = a.limit;
+    if a.shadow_diff {
+        f.kind = Some(super::Kind::Shadow.as_str().to_string());
+        let rows = match &a.source.postgres {
+            Some(url) => {
+                let pg = pg_settings(&a.source, url);
+                runtime()?
+                    .block_on(async {
+                        let mut c = postgres::connect_existing(&pg).await?;
+                        postgres::query(&mut c, &f).await
+                    })
+                    .map_err(|e| e.to_string())?
+            }
+            None => Reader::open(&db_path(&a.source)?)
+                .and_then(|r| r.query(&f))
+                .map_err(|e| e.to_string())?,
+        };
+        let diffs: Vec<ShadowDiff> = rows.iter().filter_map(ShadowDiff::from_row).collect();
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        return match print_diffs(format, &diffs, &mut out).and_then(|()| out.flush()) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+            Err(e) => Err(e.to_string()),
+        };
+    }
     if a.follow {
         if format == QueryFormat::Json {
             return Err(
@@ -1003,6 +1033,80 @@ fn clip(s: &str, w: usize) -> String {
     let n = t.chars().count();
     t.extend(std::iter::repeat_n(' ', w.saturating_sub(n)));
     t
+}
+
+/// `--shadow-diff`: the differences in one format (the table: one line per difference).
+fn print_diffs(
+    format: QueryFormat,
+    diffs: &[ShadowDiff],
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let json = |d: &ShadowDiff| serde_json::to_string(d).map_err(std::io::Error::other);
+    match format {
+        QueryFormat::Jsonl => {
+            for d in diffs {
+                writeln!(out, "{}", json(d)?)?;
+            }
+        }
+        QueryFormat::Json => {
+            let all = serde_json::to_string_pretty(diffs).map_err(std::io::Error::other)?;
+            writeln!(out, "{all}")?;
+        }
+        QueryFormat::Csv => {
+            writeln!(out, "{}", ShadowDiff::KEYS.join(","))?;
+            for d in diffs {
+                let cells: Vec<String> = d
+                    .cells()
+                    .iter()
+                    .map(|c| csv_field(c).into_owned())
+                    .collect();
+                writeln!(out, "{}", cells.join(","))?;
+            }
+        }
+        QueryFormat::Table => {
+            let side = |s: &super::shadow::Side| {
+                let by = if s.rule.is_empty() {
+                    s.policy.clone()
+                } else {
+                    format!("{}#{}", s.policy, s.rule)
+                };
+                format!("{:<5} {}", s.effect, escape_human(&by))
+            };
+            let lines: Vec<[String; 6]> = diffs
+                .iter()
+                .map(|d| {
+                    [
+                        d.time.clone(),
+                        d.decision_id.clone(),
+                        escape_human(&d.principal).into_owned(),
+                        escape_human(&d.action).into_owned(),
+                        side(&d.live),
+                        side(&d.shadow),
+                    ]
+                })
+                .collect();
+            let head = ["TIME", "DECISION", "PRINCIPAL", "ACTION", "LIVE", "SHADOW"];
+            let mut widths = head.map(str::len);
+            for l in &lines {
+                for (w, c) in widths.iter_mut().zip(l) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+            let print = |out: &mut dyn Write, cells: &[&str]| {
+                let line: Vec<String> = cells
+                    .iter()
+                    .zip(widths)
+                    .map(|(c, w)| clip(c, w))
+                    .collect();
+                writeln!(out, "{}", line.join("  ").trim_end())
+            };
+            print(out, &head)?;
+            for l in &lines {
+                print(out, &l.each_ref().map(String::as_str))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Streams rows in one format.

@@ -31,6 +31,10 @@ pub const SQLITE: &[(&str, &str)] = &[
         "0004_replay_inputs",
         include_str!("../../migrations/sqlite/0004_replay_inputs.sql"),
     ),
+    (
+        "0005_shadow",
+        include_str!("../../migrations/sqlite/0005_shadow.sql"),
+    ),
 ];
 
 /// The version the v1/v2 rebuild lands on; later migrations apply on top of it in order.

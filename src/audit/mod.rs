@@ -10,6 +10,7 @@
 //! - [`query`]: filters, `audit query`/`stats`, the `/api/audit` reader.
 //! - [`retention`]: pruning from the oldest end, with anchors.
 //! - [`export`]: a window of the store as a new, verifiable audit file (`audit export`).
+//! - [`shadow`]: shadow rows (`policies.shadow`) and the differences they record.
 //! - [`postgres`]: the fleet shipper and fleet queries.
 //! - [`migrate`]: embedded SQL migrations; [`cli`]: `toolgate audit ...`.
 
@@ -25,6 +26,7 @@ pub mod query;
 pub mod record;
 pub mod redact;
 pub mod retention;
+pub mod shadow;
 pub mod store;
 pub mod writer;
 

@@ -50,6 +50,10 @@ pub struct Filter {
     /// the keyset cursor of `/api/audit` paging ([`Cursor`]).
     #[serde(default)]
     pub before: Option<Cursor>,
+    /// `/api/audit?shadow=diff`: only shadow rows, answered as their differences
+    /// ([`super::shadow::ShadowDiff`]).
+    #[serde(default)]
+    pub shadow_diff: bool,
 }
 
 /// A position in the newest-first order of decisions (time, then chain position): the `next`
@@ -176,6 +180,11 @@ impl Filter {
                     )
                 }
                 "cursor" => f.before = Some(Cursor::parse(&v)?),
+                "shadow" if v == "diff" => {
+                    f.shadow_diff = true;
+                    f.kind = Some(super::Kind::Shadow.as_str().to_string());
+                }
+                "shadow" => return Err(format!("shadow: {v:?} is not diff")),
                 "after_seq" => f.after_seq = Some(int(&v)?),
                 "before_seq" => f.before_seq = Some(int(&v)?),
                 other => return Err(format!("unknown parameter {other:?}")),

@@ -19,6 +19,9 @@ pub enum Kind {
     Hook,
     /// An identity failure (no forward).
     Identity,
+    /// A decision the shadow policy set (`policies.shadow`) decides differently; `decision_id`
+    /// names the decision (schema v5).
+    Shadow,
 }
 
 impl Kind {
@@ -28,6 +31,7 @@ impl Kind {
             Kind::Check => "check",
             Kind::Hook => "hook",
             Kind::Identity => "identity",
+            Kind::Shadow => "shadow",
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct Record {
     /// that were not one policy decision (identity refusals, check-API batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<ReplayInputs>,
+    /// A shadow row's decision (the id of the decision it shadows); empty on every other row.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub decision_id: String,
 }
 
 /// The decision input beside the action and the arguments: the principal and the resource as
@@ -345,7 +352,7 @@ impl StoredRow {
         StoredRow {
             seq: 0,
             event: event::DECISION.to_string(),
-            decision_id: String::new(),
+            decision_id: r.decision_id,
             gateway: gateway.to_string(),
             kind: r.kind.as_str().to_string(),
             tags,
@@ -523,6 +530,9 @@ pub struct Row {
     pub gateway: String,
     pub explain: Value,
     pub arguments: Value,
+    /// A shadow row's decision: the id of the decision it shadows (absent on other rows).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub decision_id: String,
 }
 
 /// The contract keys, in order (csv header and table columns draw from these).
@@ -587,6 +597,7 @@ impl Row {
             prev_hash: s.prev_hash,
             seq: s.seq,
             gateway: s.gateway,
+            decision_id: s.decision_id,
         }
     }
 
@@ -618,6 +629,7 @@ impl Row {
             "prev_hash" => self.prev_hash.clone(),
             "seq" => self.seq.to_string(),
             "gateway" => self.gateway.clone(),
+            "decision_id" => self.decision_id.clone(),
             _ => String::new(),
         }
     }

@@ -214,7 +214,7 @@ impl Lookups {
     }
 }
 
-const INSERT_DECISION: &str = "INSERT INTO decisions (seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, principal_input, resource_input) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
+const INSERT_DECISION: &str = "INSERT INTO decisions (seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, principal_input, resource_input, shadows) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)";
 const INSERT_OUTCOME: &str = "INSERT INTO outcomes (seq, decision, time, gateway, outcome, latency_us, detail, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 const INSERT_ANCHOR: &str = "INSERT INTO anchors (seq, time, gateway, through_seq, through_hash, pruned_rows, reason, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
@@ -308,6 +308,9 @@ pub(crate) fn insert_compact(
             };
             let key = row.key_bytes.as_ref().map(|b| &b[..]);
             let args = row.args_bytes.as_ref().map(|b| &b[..]);
+            // A shadow row's decision (schema v5); rare, so parsed here.
+            let shadowed = row.get(Field::DecisionId);
+            let shadowed_bytes = uuid_bytes(shadowed);
             let [
                 kind,
                 principal,
@@ -355,6 +358,7 @@ pub(crate) fn insert_compact(
                 &hash[..],
                 principal_input,
                 resource_input,
+                bytes_or_text(shadowed_bytes.as_ref().map(|b| &b[..]), shadowed, true),
             ])?;
         }
     }
@@ -483,9 +487,9 @@ fn hash32(v: ValueRef<'_>) -> [u8; 32] {
 }
 
 /// The decision columns [`decision_from`] reads, in order.
-pub const DECISION_COLS: &str = "seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash";
+pub const DECISION_COLS: &str = "seq, id, time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, shadows";
 /// The number of [`DECISION_COLS`].
-pub const DECISION_NCOLS: usize = 26;
+pub const DECISION_NCOLS: usize = 27;
 
 /// Reads a decision selected with [`DECISION_COLS`] (prefixed or not) from index 0; `prev_hash`
 /// is left empty.
@@ -499,7 +503,10 @@ pub(crate) fn decision_from(
         seq: r.get(0)?,
         event: event::DECISION.to_string(),
         id: id_text(r.get_ref(1)?),
-        decision_id: String::new(),
+        decision_id: match r.get_ref(26)? {
+            ValueRef::Null => String::new(),
+            v => id_text(v),
+        },
         time: us_to_time(r.get(2)?),
         gateway: name(3)?,
         kind: name(4)?,
