@@ -112,7 +112,10 @@ impl Shadow {
     /// is an error.
     pub fn start(dir: &Path, base: Params) -> Result<Shadow, String> {
         let (store, res) = Store::open(dir);
-        let loaded = match res.map_err(|e| first_errors(&e)).and_then(|()| usable(&store)) {
+        let loaded = match res
+            .map_err(|e| first_errors(&e))
+            .and_then(|()| usable(&store))
+        {
             Ok(()) => {
                 tracing::info!(dir = %dir.display(), snapshot = %&store.current().hash[..12], "shadow policies loaded");
                 true
@@ -167,11 +170,8 @@ impl Shadow {
 
     /// Reloads the shadow directory; a failed reload keeps the last good set (or none).
     pub fn reload(&self, why: &str) {
-        let result = usable(&self.store).and_then(|()| {
-            self.store
-                .reload()
-                .map_err(|errors| first_errors(&errors))
-        });
+        let result = usable(&self.store)
+            .and_then(|()| self.store.reload().map_err(|errors| first_errors(&errors)));
         match result {
             Ok(set) => {
                 self.loaded.store(true, Ordering::Relaxed);
@@ -261,9 +261,8 @@ fn work(store: &Store, base: &Params, c: &Counters, rx: &Receiver<Job>) {
             actions: &actions,
             aux_data: &Value::Null,
         };
-        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            eval::check_ref(&set, input, &params)
-        }));
+        let out =
+            std::panic::catch_unwind(AssertUnwindSafe(|| eval::check_ref(&set, input, &params)));
         let out = match out {
             Ok(out) if !errored(&out) => out,
             Ok(out) => {
@@ -348,6 +347,81 @@ fn describe(out: &CheckOutput) -> String {
 fn error(c: &Counters, action: &str, what: &str) {
     let n = c.errors.fetch_add(1, Ordering::Relaxed) + 1;
     if n.is_power_of_two() {
-        tracing::warn!(errors = n, action, error = what, "a shadow policy evaluation failed; it is counted, not recorded (live decisions are unaffected)");
+        tracing::warn!(
+            errors = n,
+            action,
+            error = what,
+            "a shadow policy evaluation failed; it is counted, not recorded (live decisions are unaffected)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOW_ALL: &str = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: k\n  version: default\n  rules:\n    - name: all\n      actions: [\"*\"]\n      effect: EFFECT_ALLOW\n      roles: [\"*\"]\n";
+
+    fn job(report: Box<dyn FnOnce(Differs) -> bool + Send>) -> Job {
+        Job {
+            input: Arc::new((
+                Principal {
+                    id: "p".into(),
+                    roles: vec!["user".into()],
+                    ..Principal::default()
+                },
+                Resource {
+                    kind: "k".into(),
+                    id: "r".into(),
+                    ..Resource::default()
+                },
+            )),
+            arguments: None,
+            uri: None,
+            action: "a".into(),
+            now: chrono::Utc::now(),
+            live: Verdict {
+                effect: Effect::Deny,
+                policy: String::new(),
+                rule: String::new(),
+            },
+            report,
+        }
+    }
+
+    /// The thread is stuck on one job: offers beyond the queue are dropped and counted at once,
+    /// never waited for.
+    #[test]
+    fn a_full_queue_drops_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.yaml"), ALLOW_ALL).unwrap();
+        let s = Shadow::start(dir.path(), Params::default()).unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        s.offer(job(Box::new(move |d| {
+            assert_eq!(d.verdict.effect, Effect::Allow);
+            assert_eq!(d.verdict.rule, "all");
+            started_tx.send(()).unwrap();
+            release_rx.recv().is_ok()
+        })));
+        started_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..QUEUE + 10 {
+            s.offer(job(Box::new(|_| true)));
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(s.counters.queue_full.load(Ordering::Relaxed), 10);
+        release_tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.counters.differs.load(Ordering::Relaxed) < 1 + QUEUE as u64 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            s.prometheus()
+                .contains("toolgate_shadow_skipped_total{reason=\"queue_full\"} 10")
+        );
     }
 }

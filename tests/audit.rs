@@ -627,7 +627,7 @@ fn the_chain_detects_edited_deleted_inserted_and_truncated_rows() {
     // moved along with it: the forged row's hash is not the key's.
     let t = tamper(
         &db,
-        "INSERT INTO decisions SELECT 21, randomblob(16), time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, principal_input, resource_input FROM decisions WHERE seq = 5;
+        "INSERT INTO decisions SELECT 21, randomblob(16), time, gateway, kind, principal, login, node, node_id, tags, ip, server, method, tool, action, effect, policy, rule, reason, args_digest, outcome, latency_us, policy_hash, explain, arguments, hash, principal_input, resource_input, shadows FROM decisions WHERE seq = 5;
          UPDATE meta SET value = '21:' || lower(hex((SELECT hash FROM decisions WHERE seq = 5))) || ':00' WHERE key = 'head';",
     );
     let b = Reader::open(&t).unwrap().verify().unwrap().broken.unwrap();

@@ -169,6 +169,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
     c.execute_batch(
         "DROP TRIGGER inputs_no_update; DROP TRIGGER inputs_no_delete; DROP TABLE inputs;
          ALTER TABLE decisions DROP COLUMN principal_input; ALTER TABLE decisions DROP COLUMN resource_input;
+         ALTER TABLE decisions DROP COLUMN shadows;
          PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -230,4 +231,62 @@ fn a_broken_v2_chain_is_refused_not_re_keyed() {
     let e = AuditLog::open(settings(&db)).unwrap_err().to_string();
     assert!(e.contains("broken") && e.contains("refusing"), "{e}");
     assert_eq!(version(&db), 2, "the evidence is left as it was");
+}
+
+/// A v4 store (v5's column taken back out) upgrades to v5 in place: its rows keep their chain
+/// and read with no `decision_id`; a shadow row written after links its decision, and the chain
+/// (which hashes the link) verifies; editing the link breaks it.
+#[test]
+fn a_v4_store_upgrades_to_v5_with_shadow_links() {
+    use toolgate::audit::{Effect, Kind, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = AuditLog::open(settings(&db)).unwrap();
+    let mut live = Record::new(Kind::Mcp, Effect::Allow);
+    live.principal = "v4@example.com".into();
+    log.submit(live.clone()).unwrap().wait_blocking().unwrap();
+    drop(log);
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch("ALTER TABLE decisions DROP COLUMN shadows; PRAGMA user_version = 4;")
+        .unwrap();
+    drop(c);
+    assert_eq!(version(&db), 4);
+
+    let log = AuditLog::open(settings(&db)).unwrap();
+    assert_eq!(version(&db), 5);
+    let mut shadow = Record::new(Kind::Shadow, Effect::Deny);
+    shadow.principal = live.principal.clone();
+    shadow.decision_id = live.id.clone();
+    log.submit(shadow.clone()).unwrap().wait_blocking().unwrap();
+    drop(log);
+    let r = Reader::open(&db).unwrap();
+    assert!(r.verify().unwrap().broken.is_none());
+    let rows = r.query(&Filter::default()).unwrap();
+    let links: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.kind.as_str(), r.decision_id.as_str()))
+        .collect();
+    assert_eq!(
+        links,
+        [
+            (live.id.as_str(), "mcp", ""),
+            (shadow.id.as_str(), "shadow", live.id.as_str())
+        ]
+    );
+    drop(r);
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER decisions_no_update; UPDATE decisions SET shadows = randomblob(16) WHERE shadows IS NOT NULL;",
+    )
+    .unwrap();
+    drop(c);
+    assert!(
+        Reader::open(&db)
+            .unwrap()
+            .verify()
+            .unwrap()
+            .broken
+            .is_some(),
+        "the link is part of the chained row"
+    );
 }

@@ -262,8 +262,7 @@ fn toolgate(args: &[&str], db: &Path) -> (i32, String) {
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 
@@ -338,7 +337,10 @@ async fn shadow_rows_record_exactly_the_differences_and_follow_reloads() {
             assert_eq!(s.explain["live"]["effect"], live.effect.as_str());
             assert_eq!(s.explain["live"]["rule"], live.rule.as_str());
             assert_ne!(s.effect, live.effect);
-            assert_ne!(s.policy_hash, live.policy_hash, "the shadow snapshot's hash");
+            assert_ne!(
+                s.policy_hash, live.policy_hash,
+                "the shadow snapshot's hash"
+            );
             (
                 s.decision_id.clone(),
                 live.effect.clone(),

@@ -1093,11 +1093,7 @@ fn print_diffs(
                 }
             }
             let print = |out: &mut dyn Write, cells: &[&str]| {
-                let line: Vec<String> = cells
-                    .iter()
-                    .zip(widths)
-                    .map(|(c, w)| clip(c, w))
-                    .collect();
+                let line: Vec<String> = cells.iter().zip(widths).map(|(c, w)| clip(c, w)).collect();
                 writeln!(out, "{}", line.join("  ").trim_end())
             };
             print(out, &head)?;
