@@ -522,7 +522,19 @@ fn cross_check_cases(url: &str, schema: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("a.db");
     let log = AuditLog::open(settings(&db, "gw-x", url, schema)).unwrap();
-    write(&log, 20, "alice@example.com");
+    let alice = write(&log, 20, "alice@example.com");
+    // A shadow row (schema v5) ships like any decision, its link to the decision included.
+    let mut shadow = Record::new(Kind::Shadow, Effect::Allow);
+    shadow.principal = "alice@example.com".into();
+    shadow.decision_id = alice[0].clone();
+    shadow.rule = "candidate_rule".into();
+    let live = toolgate::audit::shadow::Side {
+        effect: "deny".into(),
+        policy: "resource.mcp_server.vdefault".into(),
+        rule: String::new(),
+    };
+    shadow.explain = toolgate::audit::shadow::explain(&live, serde_json::Value::Null);
+    log.submit(shadow).unwrap().wait_blocking().unwrap();
     log.flush_blocking().unwrap();
     // The head record as it was at this point (what an attacker could have saved).
     let meta_head = |db: &Path| -> String {
@@ -560,6 +572,27 @@ fn cross_check_cases(url: &str, schema: &str) {
     // The intact store matches its copy.
     let (code, out) = run(db_s);
     assert_eq!(code, 0, "{out}");
+    // The fleet lists the shadow row's difference.
+    let diff = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["audit", "query", "--shadow-diff", "--format", "csv"])
+        .args(["--postgres", url, "--postgres-schema", schema])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&diff.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "{text}{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    assert!(
+        lines[1].starts_with(&format!("{},", alice[0]))
+            && lines[1].ends_with(
+                ",alice@example.com,,,,deny,resource.mcp_server.vdefault,,allow,,candidate_rule"
+            ),
+        "{text}"
+    );
     assert!(out.contains("ok: matches its PostgreSQL copy ("), "{out}");
     assert!(out.contains("local head seq"), "{out}");
 
