@@ -443,6 +443,19 @@ async fn shadow_rows_record_exactly_the_differences_and_follow_reloads() {
         && l["shadow"]["rule"] == "bob_may_file_issues"
         && l["live"]["effect"] == "deny"));
 
+    // Nor does `audit stats`, unless asked for them.
+    let (code, out) = toolgate(&["audit", "stats", "--format", "json"], &gw_db(dir.path()));
+    assert_eq!(code, 0, "{out}");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["decisions"], 2 * DECISIONS + 1, "{out}");
+    let (code, out) = toolgate(
+        &["audit", "stats", "--kind", "shadow", "--format", "json"],
+        &gw_db(dir.path()),
+    );
+    assert_eq!(code, 0, "{out}");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["decisions"], 4, "{out}");
+
     // Replay does not count shadow rows as decisions: the same set changes nothing.
     let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args(["policy", "replay", "--format", "json", "--db"])

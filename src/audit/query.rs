@@ -827,9 +827,16 @@ impl Reader {
             until: f.until.clone(),
             ..Stats::default()
         };
-        let Some(w) = sqlite_where(&self.conn, &f, false)? else {
+        let Some(mut w) = sqlite_where(&self.conn, &f, false)? else {
             return Ok(st);
         };
+        // Shadow rows are what-if answers about decisions, not decisions: counted only when
+        // asked for (`--kind shadow`).
+        if f.kind.is_none()
+            && let Some(id) = store::name_id(&self.conn, super::Kind::Shadow.as_str())?
+        {
+            w.conds.push(format!("d.kind != {id}"));
+        }
         let from = format!(
             "FROM decisions d {OUTCOME_JOIN} WHERE {}",
             w.conds.join(" AND ")
