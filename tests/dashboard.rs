@@ -47,6 +47,8 @@ struct Stream {
     resp: reqwest::Response,
     buf: String,
     rows: Vec<Value>,
+    /// The `backfilled` event's row count, and how many rows had arrived before it.
+    backfilled: Option<(u64, usize)>,
 }
 
 impl Stream {
@@ -61,6 +63,7 @@ impl Stream {
             resp,
             buf: String::new(),
             rows: Vec::new(),
+            backfilled: None,
         }
     }
 
@@ -77,29 +80,41 @@ impl Stream {
                 .unwrap()
                 .expect("the stream ended");
             self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            while let Some(end) = self.buf.find("\n\n") {
-                let ev: String = self.buf.drain(..end + 2).collect();
-                let mut name = "message";
-                let mut data = None;
-                let mut id = None;
-                for line in ev.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        name = if v == "decision" { "decision" } else { "other" };
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(v.to_string());
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.to_string());
-                    }
+            self.parse();
+        }
+    }
+
+    /// Moves the complete events in the buffer into `rows` (and `backfilled`).
+    fn parse(&mut self) {
+        while let Some(end) = self.buf.find("\n\n") {
+            let ev: String = self.buf.drain(..end + 2).collect();
+            let mut name = "message";
+            let mut data = None;
+            let mut id = None;
+            for line in ev.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    name = match v {
+                        "decision" => "decision",
+                        "backfilled" => "backfilled",
+                        _ => "other",
+                    };
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_string());
                 }
-                if name == "decision" {
-                    let row: Value = serde_json::from_str(&data.unwrap()).unwrap();
-                    assert_eq!(
-                        id.unwrap(),
-                        row["seq"].to_string(),
-                        "the event id is the seq"
-                    );
-                    self.rows.push(row);
-                }
+            }
+            if name == "backfilled" {
+                let v: Value = serde_json::from_str(&data.unwrap()).unwrap();
+                self.backfilled = Some((v["rows"].as_u64().unwrap(), self.rows.len()));
+            } else if name == "decision" {
+                let row: Value = serde_json::from_str(&data.unwrap()).unwrap();
+                assert_eq!(
+                    id.unwrap(),
+                    row["seq"].to_string(),
+                    "the event id is the seq"
+                );
+                self.rows.push(row);
             }
         }
     }
@@ -226,6 +241,23 @@ async fn decisions_stream_live_filtered_by_policy() {
     alice
         .until("backfill", |r| has_call(r, "alice@example.com", "a-old"))
         .await;
+    // The backfill ends with its `backfilled` event, which counts the rows before it.
+    for s in [&mut admin, &mut alice] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.backfilled.is_none() {
+            assert!(Instant::now() < deadline, "no backfilled event");
+            let chunk = tokio::time::timeout(Duration::from_secs(10), s.resp.chunk())
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("the stream ended");
+            s.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            s.parse();
+        }
+        let (n, before) = s.backfilled.unwrap();
+        assert_eq!(n as usize, before, "backfilled counts the rows before it");
+        assert!(n >= 1);
+    }
 
     // New decisions, after the streams opened: bob's first, then alice's.
     call(BOB, &base, "search_repositories", json!({"query": "b-new"})).await;

@@ -10,7 +10,11 @@
 //!   `principal`, `node`, `server`, `tool`, `effect`, `kind` narrow it. Without `after` (or a
 //!   `Last-Event-ID`), it starts with the newest [`BACKFILL`] readable rows; then it sends each
 //!   new row once, in chain order. An event's `id` is the row's chain position, so a browser
-//!   that reconnects resumes where it stopped.
+//!   that reconnects resumes where it stopped. The backfill ends with one `backfilled` event
+//!   (`{"rows":N}`), so the page knows when its table is filled (and marks it painted). The
+//!   backfill is one newest-first index walk: for a viewer the policy lets read only their own
+//!   rows ([`crate::read_api::readable`]), the (principal, time) index, so a user owning 1% of
+//!   the store does not read the other 99%.
 //!
 //! The row detail (explain trace, redacted arguments, outcome, latency) is read through
 //! `GET /api/audit?id=..`, which carries the same per-row authorization.
@@ -29,7 +33,7 @@ use crate::audit::query::{Filter, Reader};
 use crate::audit::record::Row;
 use crate::gateway::{Conn, Gateway};
 use crate::policy::input::Principal;
-use crate::read_api::{forbidden, may_read, query_pairs};
+use crate::read_api::{Readable, forbidden, may_read, query_pairs, readable};
 
 /// Rows a new stream starts with (the newest the viewer may read), at most.
 pub const BACKFILL: usize = 100;
@@ -231,7 +235,8 @@ fn event(text: &mut String, row: &Row) {
 }
 
 /// The newest [`BACKFILL`] rows the viewer may read at or before the chain head, oldest
-/// first; continues after the head.
+/// first, then the `backfilled` event; continues after the head. The query is narrowed to the
+/// rows the policy could let the viewer read ([`readable`]); each row is still checked.
 fn backfill(
     gw: &Gateway,
     reader: &Reader,
@@ -239,27 +244,42 @@ fn backfill(
     viewer: &Principal,
 ) -> Result<Batch, String> {
     let head = reader.head_seq().map_err(|e| e.to_string())?;
-    let f = Filter {
+    let mut f = Filter {
         before_seq: Some(head.saturating_add(1)),
         ..filter.clone()
     };
     let mut rows = Vec::new();
-    reader
-        .page(
-            &f,
-            BACKFILL,
-            crate::audit::query::PAGE_SCAN_BUDGET,
-            &mut |r| may_read(gw, viewer, r),
-            &mut |r| {
-                rows.push(r);
-                true
-            },
-        )
-        .map_err(|e| e.to_string())?;
+    let none = match readable(gw, viewer) {
+        Readable::All | Readable::Unknown => false,
+        Readable::Nothing => true,
+        Readable::Principal(p) => {
+            let other = f.principal.as_ref().is_some_and(|asked| *asked != p);
+            f.principal = Some(p);
+            other
+        }
+    };
+    if !none {
+        reader
+            .page(
+                &f,
+                BACKFILL,
+                crate::audit::query::PAGE_SCAN_BUDGET,
+                &mut |r| may_read(gw, viewer, r),
+                &mut |r| {
+                    rows.push(r);
+                    true
+                },
+            )
+            .map_err(|e| e.to_string())?;
+    }
     let mut text = String::new();
     for r in rows.iter().rev() {
         event(&mut text, r);
     }
+    text.push_str(&format!(
+        "event: backfilled\ndata: {{\"rows\":{}}}\n\n",
+        rows.len()
+    ));
     Ok(Batch { text, after: head })
 }
 

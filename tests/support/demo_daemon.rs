@@ -15,8 +15,17 @@ pub struct Built {
     pub daemon: daemon::Built,
 }
 
+/// carol (127.0.0.5), an admin viewer.
+pub const CAROL_ADMIN: &str = "\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{roles: [admin]}]\n";
+
 /// Writes the demo's files (identities plus carol as admin) and builds the daemon.
 pub async fn build() -> Built {
+    build_with(CAROL_ADMIN).await
+}
+
+/// Writes the demo's files, with `extra` (YAML entries: address → identity) appended to the
+/// demo's static identities, and builds the daemon.
+pub async fn build_with(extra: &str) -> Built {
     let _ = toolgate::gateway::http_client();
     let dir = tempfile::tempdir().unwrap();
     let up = sample::spawn(
@@ -31,10 +40,7 @@ pub async fn build() -> Built {
         .unwrap()
         .port();
     let cfg_path = demo::write_files(dir.path(), port, up).unwrap();
-    let ids = format!(
-        "{}\n\"127.0.0.5\":\n  login: carol@example.com\n  node: carol.example.ts.net\n  caps: [{{roles: [admin]}}]\n",
-        demo::IDENTITIES
-    );
+    let ids = format!("{}{extra}", demo::IDENTITIES);
     std::fs::write(dir.path().join("identities.yaml"), ids).unwrap();
     let cfg = Config::load(&cfg_path).unwrap();
     let listen = daemon::resolve_listen(&cfg, &[]).unwrap();

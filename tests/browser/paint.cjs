@@ -1,0 +1,41 @@
+// Paint speed of the dashboard's Live view (benches/dashboard.rs, scripts/bench-dashboard): one
+// headless Chromium, `runs` fresh page loads of `url`, each timed from navigation start to the
+// page's `toolgate:live-painted` mark (the backfill in the table, that frame painted).
+//
+//   node paint.cjs '{"playwright": DIR, "chromium": PATH, "url": URL, "runs": N}'
+"use strict";
+
+const path = require("path");
+const spec = JSON.parse(process.argv[2]);
+const { chromium } = require(path.join(spec.playwright, "playwright-core"));
+
+(async () => {
+  const browser = await chromium.launch({ executablePath: spec.chromium, args: ["--no-sandbox"] });
+  const version = browser.version();
+  const runs = [];
+  try {
+    for (let i = 0; i < spec.runs; i++) {
+      // A fresh context each time: no cache, no open stream from the previous load.
+      const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const page = await context.newPage();
+      await page.goto(spec.url);
+      await page.waitForSelector("body[data-live=painted]", { timeout: 30000 });
+      runs.push(await page.evaluate(() => {
+        const nav = performance.getEntriesByType("navigation")[0];
+        return {
+          painted_ms: performance.getEntriesByName("toolgate:live-painted")[0].startTime,
+          dom_content_loaded_ms: nav.domContentLoadedEventEnd,
+          response_end_ms: nav.responseEnd,
+          rows: document.querySelectorAll("#decisions tbody tr").length,
+        };
+      }));
+      await context.close();
+    }
+  } finally {
+    await browser.close();
+  }
+  process.stdout.write(JSON.stringify({ browser: version, runs }) + "\n");
+})().catch((e) => {
+  process.stderr.write(`paint.cjs: ${e && e.stack ? e.stack : e}\n`);
+  process.exit(1);
+});
