@@ -97,7 +97,8 @@ fn store(dir: &Path) -> PathBuf {
             .connection()
             .query_row("SELECT count(*) FROM decisions", [], |x| x.get(0))
             .unwrap_or(0);
-        if have as u64 == n {
+        // Each page view adds its own stream's audit row: a store with more rows is reused.
+        if have as u64 >= n && have as u64 <= n + 10_000 {
             return path;
         }
     }
@@ -324,12 +325,16 @@ fn main() {
             let mut painted = pick("painted_ms");
             let mut dcl = pick("dom_content_loaded_ms");
             let shown = loads[1]["rows"].as_u64().unwrap_or(0);
+            let mut steps = String::new();
+            for k in ["response_end_ms", "stream_created_ms", "stream_open_ms", "first_row_ms", "backfilled_ms"] {
+                steps.push_str(&format!(" {} {:.1};", k.trim_end_matches("_ms"), median(&mut pick(k))));
+            }
             let (lo, hi) = (
                 painted.iter().cloned().fold(f64::MAX, f64::min),
                 painted.iter().cloned().fold(0.0, f64::max),
             );
             println!(
-                "  {name}: Live view painted {:.1} ms after navigation start (median; min {lo:.1}, max {hi:.1}; DOMContentLoaded {:.1}); {shown} rows shown; the stream's backfill alone {:.1} ms (median, {streamed} rows) -> target 200 ms {}",
+                "  {name}: Live view painted {:.1} ms after navigation start (median; min {lo:.1}, max {hi:.1}; DOMContentLoaded {:.1};{steps}); {shown} rows shown; the stream's backfill alone {:.1} ms (median, {streamed} rows) -> target 200 ms {}",
                 median(&mut painted),
                 median(&mut dcl),
                 median(&mut stream),

@@ -17,6 +17,21 @@ const { chromium } = require(path.join(spec.playwright, "playwright-core"));
     for (let i = 0; i < spec.runs; i++) {
       // A fresh context each time: no cache, no open stream from the previous load.
       const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      // Where the time goes: when the page's EventSource was created, opened, got its first
+      // row and the backfilled event.
+      await context.addInitScript(() => {
+        const ES = window.EventSource;
+        window.__es = {};
+        window.EventSource = function (url) {
+          const es = new ES(url);
+          const t = window.__es;
+          t.created = performance.now();
+          es.addEventListener("open", () => { t.open = performance.now(); });
+          es.addEventListener("decision", () => { if (!t.first) t.first = performance.now(); });
+          es.addEventListener("backfilled", () => { t.backfilled = performance.now(); });
+          return es;
+        };
+      });
       const page = await context.newPage();
       await page.goto(spec.url);
       await page.waitForSelector("body[data-live=painted]", { timeout: 30000 });
@@ -27,6 +42,10 @@ const { chromium } = require(path.join(spec.playwright, "playwright-core"));
           dom_content_loaded_ms: nav.domContentLoadedEventEnd,
           response_end_ms: nav.responseEnd,
           rows: document.querySelectorAll("#decisions tbody tr").length,
+          stream_created_ms: window.__es.created,
+          stream_open_ms: window.__es.open,
+          first_row_ms: window.__es.first,
+          backfilled_ms: window.__es.backfilled,
         };
       }));
       await context.close();
