@@ -7,6 +7,9 @@
 //! bench_proxy            # the benchmark (env: TOOLGATE_BIN, ROUNDS=5, SECONDS=3, CONNS="1 32",
 //!                        #   PROXY_CPU=0, GEN_CPU=1, NGINX_BIN)
 //! bench_proxy upstream   # (the upstream) a tiny HTTP/1.1 JSON-RPC echo; prints its port
+//! bench_proxy load ADDR CONNS SECONDS [PID]
+//!                        # (profiling) load one running proxy; with PID, its CPU per call
+//!                        #   and each of its threads' (from /proc/PID/task)
 //! ```
 //!
 //! The load generator is one thread (tokio, current-thread) holding N keep-alive HTTP/1.1
@@ -400,10 +403,70 @@ fn spread(v: &[f64]) -> (f64, f64) {
         .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
 }
 
+/// Each thread of `pid`: (name, CPU µs).
+fn threads(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    if let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in d.flatten() {
+            let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let text = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
+            let f: Vec<&str> = tail.split_whitespace().collect();
+            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            out.push((name.trim().to_string(), ticks * 10_000));
+        }
+    }
+    out
+}
+
+/// `bench_proxy load ADDR CONNS SECONDS [PID]`: one path, for profiling.
+fn load_main(args: &[String]) {
+    let addr: SocketAddr = args[0].parse().unwrap();
+    let conns: usize = args[1].parse().unwrap();
+    let secs: f64 = args[2].parse().unwrap();
+    let pid: Option<u32> = args.get(3).map(|p| p.parse().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = pid.map(threads).unwrap_or_default();
+    let x = rt.block_on(round(
+        addr,
+        conns,
+        secs,
+        &pid.into_iter().collect::<Vec<_>>(),
+        0,
+    ));
+    println!(
+        "{addr} conns {conns}: {:.0} calls/s  p50 {:.1} µs  p99 {:.1} µs  cpu {:.1} µs/call",
+        x.rps, x.p50, x.p99, x.cpu
+    );
+    if let Some(pid) = pid {
+        // Per thread name (tokio's workers share one): each one's share of the process's CPU
+        // over the whole run (warm-up included), times the measured CPU per call.
+        let mut by: std::collections::BTreeMap<String, i64> = Default::default();
+        for (n, us) in threads(pid) {
+            *by.entry(n).or_default() += us as i64;
+        }
+        for (n, us) in before {
+            *by.entry(n).or_default() -= us as i64;
+        }
+        let total = by.values().sum::<i64>().max(1) as f64;
+        for (n, us) in by {
+            println!("  thread {n:<20} {:.1} µs/call", us as f64 / total * x.cpu);
+        }
+    }
+}
+
 fn main() {
     let me = std::env::current_exe().unwrap();
     if std::env::args().nth(1).as_deref() == Some("upstream") {
         upstream_main();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("load") {
+        load_main(&std::env::args().skip(2).collect::<Vec<_>>());
         return;
     }
     let bin: PathBuf = std::env::var_os("TOOLGATE_BIN")

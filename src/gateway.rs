@@ -5,11 +5,13 @@
 //! and how they answer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use crate::audit::record::ReplayInputs;
+use crate::audit::redact::RenderedExplain;
 pub use crate::caller::{Caller, Conn};
 use crate::config::Config;
 pub use crate::mcp::transport::Upstream;
@@ -25,9 +27,12 @@ pub struct Decision {
     pub policy_hash: String,
     pub elapsed: Duration,
     /// The principal and resource decided on (the resource's `arguments` and `uri` as null
-    /// placeholders: the row stores them only as `audit.arguments` allows): the row's replay
-    /// inputs.
-    pub input: Arc<(Principal, Resource)>,
+    /// placeholders: the row stores them only as `audit.arguments` allows), for the shadow
+    /// policy set to decide again; `None` when no shadow set is configured (no copy per call).
+    pub input: Option<Arc<(Principal, Resource)>>,
+    /// The same principal and resource as the canonical JSON the row stores: its replay
+    /// inputs (written directly, the principal's once per distinct principal).
+    pub replay: Arc<ReplayInputs>,
 }
 
 impl Decision {
@@ -286,27 +291,18 @@ impl Gateway {
         let output = eval::check_ref(&set, input, &self.params());
         let elapsed = started.elapsed();
         self.metrics.decision_latency.observe(elapsed);
-        let r = input.resource;
-        let recorded = Resource {
-            kind: r.kind.clone(),
-            id: r.id.clone(),
-            // `arguments` and `uri` stay as null placeholders: replay knows they were there.
-            attr: r
-                .attr
-                .iter()
-                .map(|(k, v)| match k.as_str() {
-                    "arguments" | "uri" => (k.clone(), Value::Null),
-                    _ => (k.clone(), v.clone()),
-                })
-                .collect(),
-            policy_version: r.policy_version.clone(),
-            scope: r.scope.clone(),
-        };
         let decision = Decision {
             output,
             policy_hash: set.hash.clone(),
             elapsed,
-            input: Arc::new((principal.clone(), recorded)),
+            input: self
+                .shadow
+                .is_some()
+                .then(|| Arc::new((principal.clone(), recorded(&resource)))),
+            replay: Arc::new(ReplayInputs {
+                principal: principal_input(principal),
+                resource: resource_input(&resource),
+            }),
         };
         (decision, resource)
     }
@@ -371,7 +367,9 @@ impl Gateway {
             latency_us: 0,
             policy_hash: String::new(),
             explain: None,
+            explain_rendered: None,
             input: None,
+            replay: None,
             shadows: Some(row.id.clone()),
         };
         let live = Verdict {
@@ -616,9 +614,14 @@ pub struct AuditRow {
     pub policy_hash: String,
     /// The explain trace of the decision.
     pub explain: Option<Value>,
+    /// The explain trace of the decision, rendered once per distinct trace (used when
+    /// `explain` is `None`).
+    pub explain_rendered: Option<Arc<RenderedExplain>>,
     /// The principal and resource of the decision (see [`Decision::input`]); `None` for rows
     /// that are not one policy decision.
     pub input: Option<Arc<(Principal, Resource)>>,
+    /// The replay inputs of the decision (see [`Decision::replay`]).
+    pub replay: Option<Arc<ReplayInputs>>,
     /// A `shadow` row's decision: the id of the decision it shadows.
     pub shadows: Option<String>,
 }
@@ -648,7 +651,9 @@ impl AuditRow {
             latency_us: 0,
             policy_hash: String::new(),
             explain: None,
+            explain_rendered: None,
             input: None,
+            replay: None,
             shadows: None,
         }
     }
@@ -669,8 +674,13 @@ impl AuditRow {
             self.rule = r.rule.clone();
             self.reason = r.reason.clone();
         }
-        self.explain = serde_json::to_value(&d.output.trace).ok();
-        self.input = Some(d.input.clone());
+        self.explain_rendered = rendered_explain(&d.output.trace);
+        self.explain = match self.explain_rendered {
+            Some(_) => None,
+            None => serde_json::to_value(&d.output.trace).ok(),
+        };
+        self.input = d.input.clone();
+        self.replay = Some(d.replay.clone());
     }
 }
 
@@ -776,8 +786,7 @@ impl AuditRow {
             Effect::Allow => crate::audit::Effect::Allow,
             Effect::Deny => crate::audit::Effect::Deny,
         };
-        let mut rec = Record::new(kind, effect);
-        rec.id = self.id;
+        let mut rec = Record::with_id(self.id, kind, effect);
         if let Some(c) = &self.caller {
             rec.principal = c.principal.id.clone();
             rec.login = c.identity.login.clone();
@@ -799,8 +808,11 @@ impl AuditRow {
         rec.outcome = self.outcome;
         rec.latency_us = (self.latency_us > 0).then_some(self.latency_us);
         rec.policy_hash = self.policy_hash;
-        rec.explain = self.explain.unwrap_or(Value::Null);
-        rec.inputs = self.input.as_deref().map(|(p, r)| replay_inputs(p, r));
+        match self.explain {
+            Some(v) => rec.explain = v,
+            None => rec.explain_rendered = self.explain_rendered,
+        }
+        rec.inputs = self.replay.as_deref().cloned();
         rec.decision_id = self.shadows.unwrap_or_default();
         if let Some(uri) = &self.uri {
             redactor.apply_uri(&mut rec, uri);
@@ -814,17 +826,165 @@ impl AuditRow {
     }
 }
 
-/// The stored replay inputs of a decision: canonical JSON of the principal and the resource.
-fn replay_inputs(p: &Principal, r: &Resource) -> crate::audit::record::ReplayInputs {
-    use crate::audit::record::canonical_json;
-    let json = |v: Result<Value, serde_json::Error>| match v {
-        Ok(v) => canonical_json(&v),
-        Err(_) => "null".to_string(),
-    };
-    crate::audit::record::ReplayInputs {
-        principal: json(serde_json::to_value(p)),
-        resource: json(serde_json::to_value(r)),
+/// The resource as recorded: `arguments` and `uri` stay as null placeholders (replay and the
+/// shadow set know they were there; the row stores them only as `audit.arguments` allows).
+fn recorded(r: &Resource) -> Resource {
+    Resource {
+        kind: r.kind.clone(),
+        id: r.id.clone(),
+        attr: r
+            .attr
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                "arguments" | "uri" => (k.clone(), Value::Null),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect(),
+        policy_version: r.policy_version.clone(),
+        scope: r.scope.clone(),
     }
+}
+
+/// The principal's replay input: its canonical JSON (as `canonical_json(to_value(p))` writes
+/// it), rendered once per distinct principal (a caller's principal is the same on every call).
+fn principal_input(p: &Principal) -> String {
+    static CACHE: LazyLock<Mutex<HashMap<String, (Principal, String)>>> =
+        LazyLock::new(Default::default);
+    if let Ok(c) = CACHE.lock()
+        && let Some((known, json)) = c.get(&p.id)
+        && known == p
+    {
+        return json.clone();
+    }
+    let json = write_principal(p);
+    if let Ok(mut c) = CACHE.lock() {
+        if c.len() >= MAX_CACHED_INPUTS {
+            c.clear();
+        }
+        c.insert(p.id.clone(), (p.clone(), json.clone()));
+    }
+    json
+}
+
+/// Distinct principals (explain traces) whose rendered form is kept.
+const MAX_CACHED_INPUTS: usize = 4096;
+
+/// Canonical JSON of a principal, written directly (keys sorted, serde's omissions kept).
+fn write_principal(p: &Principal) -> String {
+    use crate::audit::record::write_str;
+    let mut o = String::with_capacity(64 + p.id.len());
+    o.push('{');
+    if !p.attr.is_empty() {
+        o.push_str("\"attr\":");
+        write_attr(&mut o, &p.attr, |_| false);
+        o.push(',');
+    }
+    o.push_str("\"id\":");
+    write_str(&mut o, &p.id);
+    if !p.policy_version.is_empty() {
+        o.push_str(",\"policyVersion\":");
+        write_str(&mut o, &p.policy_version);
+    }
+    o.push_str(",\"roles\":[");
+    for (i, r) in p.roles.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        write_str(&mut o, r);
+    }
+    o.push(']');
+    if !p.scope.is_empty() {
+        o.push_str(",\"scope\":");
+        write_str(&mut o, &p.scope);
+    }
+    o.push('}');
+    o
+}
+/// The resource's replay input: canonical JSON (as `canonical_json(to_value(r))` writes it)
+/// with its `arguments` and `uri` attributes as null placeholders (replay knows they were
+/// there; the row stores them only as `audit.arguments` allows). Written directly: no copy
+/// of the resource, no intermediate value.
+fn resource_input(r: &Resource) -> String {
+    use crate::audit::record::write_str;
+    let mut o = String::with_capacity(128);
+    o.push('{');
+    if !r.attr.is_empty() {
+        o.push_str("\"attr\":");
+        write_attr(&mut o, &r.attr, |k| matches!(k, "arguments" | "uri"));
+        o.push(',');
+    }
+    o.push_str("\"id\":");
+    write_str(&mut o, &r.id);
+    o.push_str(",\"kind\":");
+    write_str(&mut o, &r.kind);
+    if !r.policy_version.is_empty() {
+        o.push_str(",\"policyVersion\":");
+        write_str(&mut o, &r.policy_version);
+    }
+    if !r.scope.is_empty() {
+        o.push_str(",\"scope\":");
+        write_str(&mut o, &r.scope);
+    }
+    o.push('}');
+    o
+}
+
+/// An attribute map as canonical JSON (keys sorted by bytes); `null_out` keys are written as
+/// null.
+fn write_attr(o: &mut String, m: &Map<String, Value>, null_out: impl Fn(&str) -> bool) {
+    use crate::audit::record::{write_canonical, write_str};
+    let mut keys: Vec<&String> = m.keys().collect();
+    keys.sort();
+    o.push('{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        write_str(o, k);
+        o.push(':');
+        match m.get(k) {
+            Some(v) if !null_out(k) => write_canonical(o, v),
+            _ => o.push_str("null"),
+        }
+    }
+    o.push('}');
+}
+
+/// The explain trace rendered for the audit row (scrubbed, canonical, digested) once per
+/// distinct trace: the same policy snapshot and rule path give the same trace on every call.
+/// `None` for a trace too large to store whole (the row renders it itself).
+fn rendered_explain(t: &eval::Trace) -> Option<Arc<RenderedExplain>> {
+    use std::hash::{Hash, Hasher};
+    type Rendered = (eval::Trace, Arc<RenderedExplain>);
+    static CACHE: LazyLock<Mutex<HashMap<u64, Rendered>>> = LazyLock::new(Default::default);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.policies.hash(&mut h);
+    for d in &t.derived_roles {
+        (&d.name, &d.scope, d.active, &d.error).hash(&mut h);
+    }
+    for s in &t.steps {
+        (
+            &s.action, s.pass, &s.role, &s.policy, &s.scope, &s.rule, &s.error,
+        )
+            .hash(&mut h);
+        std::mem::discriminant(&s.effect).hash(&mut h);
+        std::mem::discriminant(&s.outcome).hash(&mut h);
+    }
+    let key = h.finish();
+    if let Ok(c) = CACHE.lock()
+        && let Some((known, r)) = c.get(&key)
+        && known == t
+    {
+        return Some(r.clone());
+    }
+    let r = Arc::new(RenderedExplain::new(&serde_json::to_value(t).ok()?)?);
+    if let Ok(mut c) = CACHE.lock() {
+        if c.len() >= MAX_CACHED_INPUTS {
+            c.clear();
+        }
+        c.insert(key, (t.clone(), r.clone()));
+    }
+    Some(r)
 }
 
 impl AuditSink for crate::audit::AuditLog {
@@ -870,5 +1030,119 @@ impl AuditSink for crate::audit::AuditLog {
                 .last_error
                 .unwrap_or_else(|| "audit store unhealthy".into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::canonical_json;
+    use serde_json::json;
+
+    fn attrs(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// The replay inputs written directly are byte for byte what `canonical_json(to_value(..))`
+    /// wrote before (stored rows and `policy replay` read them).
+    #[test]
+    fn replay_inputs_match_the_value_round_trip() {
+        let odd = json!({"z": [1, 2.5, -3, {"b": null, "a": "é\n\"q\""}], "A": true, "tags": ["tag:x"], "n": 1e300});
+        let principals = [
+            Principal::default(),
+            Principal {
+                id: "alice@example.com".into(),
+                roles: vec!["user".into(), "admin".into()],
+                attr: attrs(odd.clone()),
+                policy_version: "v2".into(),
+                scope: "acme.eu".into(),
+            },
+            Principal {
+                id: "\u{1}x".into(),
+                roles: vec![],
+                attr: attrs(json!({"login": "a@b", "node": "n"})),
+                ..Principal::default()
+            },
+        ];
+        for p in &principals {
+            let old = canonical_json(&serde_json::to_value(p).unwrap());
+            assert_eq!(write_principal(p), old);
+            assert_eq!(principal_input(p), old, "cached");
+            assert_eq!(principal_input(p), old, "from the cache");
+        }
+        let mut changed = principals[1].clone();
+        changed.roles.push("more".into());
+        assert_ne!(principal_input(&changed), principal_input(&principals[1]));
+        let mut attr = attrs(odd);
+        attr.insert("arguments".into(), json!({"secret": "s3cret"}));
+        attr.insert("uri".into(), json!("file:///k?key=1"));
+        for r in [
+            Resource::default(),
+            Resource {
+                kind: "mcp_server".into(),
+                id: "github".into(),
+                attr,
+                policy_version: "default".into(),
+                scope: "acme".into(),
+            },
+        ] {
+            let mut recorded = r.clone();
+            for (k, v) in recorded.attr.iter_mut() {
+                if k == "arguments" || k == "uri" {
+                    *v = Value::Null;
+                }
+            }
+            let old = canonical_json(&serde_json::to_value(&recorded).unwrap());
+            assert_eq!(resource_input(&r), old);
+        }
+    }
+
+    /// A rendered trace is what the per-row path stored: scrubbed unless `full`, and found
+    /// again for an equal trace.
+    #[test]
+    fn rendered_explains_are_shared_and_scrubbed() {
+        use crate::config::ArgumentsMode;
+        use crate::policy::eval::{Step, StepOutcome, Trace};
+        let secret = "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB";
+        let t = Trace {
+            policies: vec!["resource.mcp_server.vdefault".into()],
+            derived_roles: vec![],
+            steps: vec![Step {
+                action: "tools/call::echo".into(),
+                pass: "resource",
+                role: Some("user".into()),
+                policy: "resource.mcp_server.vdefault".into(),
+                scope: String::new(),
+                rule: "rule-001".into(),
+                effect: Effect::Allow,
+                outcome: StepOutcome::Activated,
+                error: Some(format!("no such key: {secret}")),
+            }],
+        };
+        let a = rendered_explain(&t).unwrap();
+        let b = rendered_explain(&t.clone()).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "one rendering per distinct trace");
+        let v = serde_json::to_value(&t).unwrap();
+        let (full, _) = a.stored(ArgumentsMode::Full);
+        assert_eq!(full, canonical_json(&v));
+        let mut rec = crate::audit::Record {
+            explain: v,
+            ..Default::default()
+        };
+        crate::audit::Redactor::new(ArgumentsMode::Digest, &[], 4096).scrub_record(&mut rec);
+        let (digest_mode, d) = a.stored(ArgumentsMode::Digest);
+        assert_eq!(digest_mode, canonical_json(&rec.explain));
+        assert!(!digest_mode.contains(secret));
+        use sha2::Digest as _;
+        assert_eq!(
+            d,
+            <[u8; 32]>::from(sha2::Sha256::digest(digest_mode.as_bytes()))
+        );
+        assert!(a.may_contain(&["tools/call".into()]));
+        assert!(!a.may_contain(&["absent-needle".into()]));
+        assert!(a.may_contain(&["has\"quote".into()]));
     }
 }

@@ -125,7 +125,9 @@ impl CompactRow {
         };
         let explain_digest = match r.explain.as_str() {
             "" | "null" => None,
-            t if ev == Event::Decision => Some(Sha256::digest(t.as_bytes()).into()),
+            t if ev == Event::Decision => r
+                .explain_digest
+                .or_else(|| Some(Sha256::digest(t.as_bytes()).into())),
             _ => None,
         };
         Some(CompactRow {

@@ -303,6 +303,7 @@ fn stored_from_pg(r: &sqlx::postgres::PgRow) -> Result<StoredRow, sqlx::Error> {
         hash: r.try_get(27)?,
         prev_hash: r.try_get(28)?,
         inputs: None,
+        explain_digest: None,
     })
 }
 

@@ -23,6 +23,78 @@ use super::chain::sha256_hex;
 use super::record::{Record, StoredRow, canonical_json};
 use crate::config::ArgumentsMode;
 
+/// An explain trace in the forms a row may store, rendered once per distinct trace (the
+/// gateway caches it, see `crate::gateway::AuditRow::set_decision`) instead of once per row:
+/// canonical JSON as evaluated (kept in `full` mode) and scrubbed of secret-looking values
+/// (every other mode), each with its SHA-256 (the `explains` dedup key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedExplain {
+    raw: Box<str>,
+    raw_digest: [u8; 32],
+    /// `None`: scrubbing changed nothing (the raw text is stored).
+    scrubbed: Option<(Box<str>, [u8; 32])>,
+}
+
+impl RenderedExplain {
+    /// `None` for a trace over [`MAX_EXPLAIN`] bytes (such rows take the per-row path).
+    pub fn new(trace: &Value) -> Option<RenderedExplain> {
+        use sha2::{Digest, Sha256};
+        let raw = canonical_json(trace);
+        if raw.len() > MAX_EXPLAIN {
+            return None;
+        }
+        let mut v = trace.clone();
+        scrub_json(&mut v, &scrub_values);
+        let mut scrubbed = canonical_json(&v);
+        Redactor::cap_explain(&mut scrubbed);
+        let scrubbed = (scrubbed != raw)
+            .then(|| {
+                (
+                    Sha256::digest(scrubbed.as_bytes()).into(),
+                    scrubbed.into_boxed_str(),
+                )
+            })
+            .map(|(d, t)| (t, d));
+        Some(RenderedExplain {
+            raw_digest: Sha256::digest(raw.as_bytes()).into(),
+            raw: raw.into_boxed_str(),
+            scrubbed,
+        })
+    }
+
+    /// The stored text and its SHA-256: as evaluated when `audit.arguments` is `full`,
+    /// scrubbed otherwise (what [`Redactor::scrub_record`] makes of the trace's value).
+    pub fn stored(&self, mode: ArgumentsMode) -> (&str, [u8; 32]) {
+        match &self.scrubbed {
+            Some((t, d)) if mode != ArgumentsMode::Full => (t, *d),
+            _ => (&self.raw, self.raw_digest),
+        }
+    }
+
+    /// Whether replacing `needles` could change the trace: one occurs in its text, or one
+    /// would be escaped in JSON (then only the value can tell).
+    pub fn may_contain(&self, needles: &[String]) -> bool {
+        needles.iter().any(|n| {
+            n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) || self.raw.contains(n.as_str())
+        })
+    }
+
+    /// The trace as a value again (for the per-row path).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.raw).unwrap_or(Value::Null)
+    }
+}
+
+/// Turns a record's rendered explain back into its value, before a change only the value
+/// path makes (needles, a URI shown redacted).
+fn materialize(rec: &mut Record) {
+    if let Some(r) = rec.explain_rendered.take() {
+        if rec.explain.is_null() {
+            rec.explain = r.value();
+        }
+    }
+}
+
 /// The replacement text for a redacted value.
 pub fn marker(why: &str) -> String {
     format!("[REDACTED:{why}]")
@@ -285,6 +357,13 @@ impl Redactor {
         needles.truncate(MAX_NEEDLES);
         if !needles.is_empty() {
             rec.reason = replace_needles(&rec.reason, &needles).into_owned();
+            if rec
+                .explain_rendered
+                .as_ref()
+                .is_some_and(|r| r.may_contain(&needles))
+            {
+                materialize(rec);
+            }
             scrub_json(&mut rec.explain, &|s| replace_needles(s, &needles));
         }
     }
@@ -317,6 +396,7 @@ impl Redactor {
         if value.chars().count() >= MIN_URI_NEEDLE {
             let needles = [value.to_string()];
             rec.reason = replace_needles(&rec.reason, &needles).into_owned();
+            materialize(rec);
             scrub_json(&mut rec.explain, &|s| replace_needles(s, &needles));
         }
     }
@@ -335,6 +415,7 @@ impl Redactor {
             if let Cow::Owned(r) = replace_all(&rec.reason, uri, &shown) {
                 rec.reason = r;
             }
+            materialize(rec);
             scrub_json(&mut rec.explain, &|s| replace_all(s, uri, &shown));
             let mut needles: Vec<String> = removed
                 .into_iter()

@@ -540,6 +540,7 @@ pub(crate) fn decision_from(
         hash: hex(&hash32(r.get_ref(25)?)),
         prev_hash: String::new(),
         inputs: None,
+        explain_digest: None,
     };
     let explain = n.explain(c, r.get(23)?)?;
     Ok(StoredRow { explain, ..row })

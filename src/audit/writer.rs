@@ -626,9 +626,21 @@ impl AuditLog {
         if rec.time.len() != 27 || !rec.time.ends_with('Z') {
             rec.time = normalize_time(&rec.time).unwrap_or_else(now_text);
         }
+        let rendered = rec
+            .explain_rendered
+            .take()
+            .filter(|_| rec.explain.is_null());
         self.inner.redactor.scrub_record(&mut rec);
         let mut row = StoredRow::from_record(rec, &self.inner.gateway);
-        super::Redactor::cap_explain(&mut row.explain);
+        match rendered {
+            // Rendered (scrubbed, capped, digested) once per distinct trace.
+            Some(r) => {
+                let (text, digest) = r.stored(self.inner.redactor.mode());
+                row.explain = text.to_string();
+                row.explain_digest = Some(digest);
+            }
+            None => super::Redactor::cap_explain(&mut row.explain),
+        }
         if !store::to_logical(&mut row) {
             row.time = now_text();
             store::to_logical(&mut row);
