@@ -91,7 +91,8 @@ fn decision(i: u64, time: String) -> Record {
 /// audit writer (async, durability normal), most allows with an outcome.
 fn store(dir: &Path) -> PathBuf {
     let n = rows();
-    let path = dir.join(format!("dashboard-bench-{n}.db"));
+    // A folder per size: the chain key (audit.key) sits next to the database.
+    let path = dir.join(format!("dashboard-bench-{n}")).join("audit.db");
     if let Ok(r) = Reader::open(&path) {
         let have: i64 = r
             .connection()
@@ -102,12 +103,9 @@ fn store(dir: &Path) -> PathBuf {
             return path;
         }
     }
-    for suffix in ["", "-wal", "-shm", ".lock", ".key"] {
-        let mut p = path.clone().into_os_string();
-        p.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(p));
+    if let Some(d) = path.parent() {
+        let _ = std::fs::remove_dir_all(d);
     }
-    let _ = std::fs::remove_file(path.with_file_name("audit.key"));
     let t0 = Instant::now();
     let mut s = Settings::for_path(&path);
     s.mode = AuditMode::Async;
