@@ -1,5 +1,6 @@
 //! `toolgate serve` as a process: SIGTERM stops accepting, lets an in-flight call finish,
-//! flushes the audit store and exits 0; SIGHUP reloads policies.
+//! flushes the audit store and exits 0; SIGHUP reloads policies, and the shadow policies
+//! (`policies.shadow`) after them.
 //!
 //! No sleeps for synchronisation: with the file watcher off, each SIGHUP is proven handled by
 //! the reload counters on the loopback metrics listener, and the slow call is proven in flight
@@ -50,6 +51,12 @@ fn connect_from(from: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 const RELOADS: &str = "toolgate_policy_reloads_total";
 const RELOAD_FAILURES: &str = "toolgate_policy_reload_failures_total";
+const SHADOW_RELOADS: &str = "toolgate_shadow_reloads_total";
+const SHADOW_RELOAD_FAILURES: &str = "toolgate_shadow_reload_failures_total";
+const SHADOW_LOADED: &str = "toolgate_shadow_loaded";
+const SHADOW_SAME: &str = "toolgate_shadow_evaluations_total{result=\"same\"}";
+const SHADOW_DIFFERS: &str = "toolgate_shadow_evaluations_total{result=\"differs\"}";
+const SHADOW_NOT_LOADED: &str = "toolgate_shadow_skipped_total{reason=\"not_loaded\"}";
 
 /// The value of counter `name` in a Prometheus text page.
 fn counter(page: &str, name: &str) -> Option<u64> {
@@ -105,44 +112,9 @@ fn sigterm_drains_and_flushes_sighup_reloads() {
             counters.clone(),
         ))
         .unwrap();
-    let port = free_port();
-    let metrics_port = free_port();
-    let cfg = toolgate::demo::write_files(dir.path(), port, upstream).unwrap();
     // The file watcher off, so only SIGHUP can move the reload counters; a metrics listener
     // to read them.
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let edited = text.replace(
-        "policies:\n  dir: policies\n",
-        "policies:\n  dir: policies\n  watch: false\n",
-    );
-    assert_ne!(
-        edited, text,
-        "the demo config's policies block changed shape"
-    );
-    std::fs::write(
-        &cfg,
-        format!("{edited}metrics:\n  listen: \"127.0.0.1:{metrics_port}\"\n"),
-    )
-    .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-    let bin = env!("CARGO_BIN_EXE_toolgate");
-    let child = Command::new(bin)
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env("TOOLGATE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = Guard(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let start = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "toolgate did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut guard, addr, metrics) = serve(dir.path(), upstream, "");
     wait_for_metrics(metrics, &[(RELOADS, 0), (RELOAD_FAILURES, 0)]);
     // SIGHUP with a broken policy file keeps the old policies: alice still reads.
     std::fs::write(dir.path().join("policies/broken.yaml"), "apiVersion: [").unwrap();
@@ -207,5 +179,192 @@ fn sigterm_drains_and_flushes_sighup_reloads() {
             .tool_calls
             .load(std::sync::atomic::Ordering::Relaxed),
         2
+    );
+}
+
+/// Writes the demo's files into `dir` with the file watcher off (only SIGHUP reloads), a
+/// metrics listener, and `extra` added to the `policies` block; starts `toolgate serve` on them
+/// and waits until it accepts. Returns the process, the gateway's and the metrics address.
+fn serve(
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    extra: &str,
+) -> (Guard, SocketAddr, SocketAddr) {
+    let port = free_port();
+    let metrics_port = free_port();
+    let cfg = toolgate::demo::write_files(dir, port, upstream).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let edited = text.replace(
+        "policies:\n  dir: policies\n",
+        &format!("policies:\n  dir: policies\n  watch: false\n{extra}"),
+    );
+    assert_ne!(
+        edited, text,
+        "the demo config's policies block changed shape"
+    );
+    std::fs::write(
+        &cfg,
+        format!("{edited}metrics:\n  listen: \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("TOOLGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let guard = Guard(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "toolgate did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    (guard, addr, metrics)
+}
+
+/// A shadow set whose one `mcp_server` policy denies every action: every call the live set
+/// allows is a difference under it.
+const DENY_ALL: &str = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: mcp_server\n  version: default\n  rules:\n    - name: deny_everything\n      actions: [\"*\"]\n      effect: EFFECT_DENY\n      roles: [\"*\"]\n";
+
+/// SIGHUP reloads the shadow set after the live one: a set that did not load at start loads,
+/// a broken one is a counted failure that keeps the last good set (still evaluated, its old
+/// content, not the new valid files next to the broken one) while the live set reloads, and
+/// fixing it puts the new content in effect. Each step is proven by the counters, and the
+/// content in effect by how alice's allowed call is shadow-evaluated (same or differs).
+#[test]
+fn sighup_reloads_the_shadow_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt
+        .block_on(toolgate::sample::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(toolgate::sample::Counters::default()),
+        ))
+        .unwrap();
+    let shadow = dir.path().join("shadow");
+    std::fs::create_dir_all(&shadow).unwrap();
+    std::fs::write(shadow.join("broken.yaml"), "apiVersion: [not a policy\n").unwrap();
+    let (mut guard, addr, metrics) = serve(dir.path(), upstream, "  shadow: shadow\n");
+    let pid = guard.0.id().to_string();
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let call = || {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_repositories","arguments":{"query":"x"}}}"#;
+        let out = post(addr, [127, 0, 0, 2], body).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(
+            out.contains("\"isError\":false"),
+            "the live set allows it: {out}"
+        );
+    };
+    // A shadow set that does not load at start: the gateway serves, nothing is shadow-evaluated.
+    call();
+    wait_for_metrics(
+        metrics,
+        &[
+            (RELOADS, 0),
+            (SHADOW_LOADED, 0),
+            (SHADOW_RELOADS, 0),
+            (SHADOW_RELOAD_FAILURES, 0),
+            (SHADOW_NOT_LOADED, 1),
+            (SHADOW_SAME, 0),
+        ],
+    );
+    // Fixed on disk (the live policies, copied): SIGHUP loads it, and it is evaluated.
+    std::fs::remove_file(shadow.join("broken.yaml")).unwrap();
+    for e in std::fs::read_dir(dir.path().join("policies")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), shadow.join(e.file_name())).unwrap();
+        }
+    }
+    hup();
+    wait_for_metrics(
+        metrics,
+        &[
+            (RELOADS, 1),
+            (RELOAD_FAILURES, 0),
+            (SHADOW_LOADED, 1),
+            (SHADOW_RELOADS, 1),
+            (SHADOW_RELOAD_FAILURES, 0),
+        ],
+    );
+    call();
+    wait_for_metrics(
+        metrics,
+        &[
+            (SHADOW_NOT_LOADED, 1),
+            (SHADOW_SAME, 1),
+            (SHADOW_DIFFERS, 0),
+        ],
+    );
+    // New content with a broken file beside it: SIGHUP reloads the live set, the shadow reload
+    // fails and is counted, and the last good shadow set stays, unchanged: the call is still
+    // the same under it, not denied by the new mcp_server policy.
+    std::fs::remove_file(shadow.join("mcp_server_test.yaml")).unwrap();
+    std::fs::write(shadow.join("mcp_server.yaml"), DENY_ALL).unwrap();
+    std::fs::write(shadow.join("broken.yaml"), "apiVersion: [not a policy\n").unwrap();
+    hup();
+    wait_for_metrics(
+        metrics,
+        &[
+            (RELOADS, 2),
+            (RELOAD_FAILURES, 0),
+            (SHADOW_LOADED, 1),
+            (SHADOW_RELOADS, 1),
+            (SHADOW_RELOAD_FAILURES, 1),
+        ],
+    );
+    call();
+    wait_for_metrics(metrics, &[(SHADOW_SAME, 2), (SHADOW_DIFFERS, 0)]);
+    // The broken file gone: SIGHUP puts the new content in effect; the call now differs.
+    std::fs::remove_file(shadow.join("broken.yaml")).unwrap();
+    hup();
+    wait_for_metrics(
+        metrics,
+        &[
+            (RELOADS, 3),
+            (RELOAD_FAILURES, 0),
+            (SHADOW_LOADED, 1),
+            (SHADOW_RELOADS, 2),
+            (SHADOW_RELOAD_FAILURES, 1),
+        ],
+    );
+    call();
+    wait_for_metrics(
+        metrics,
+        &[
+            (SHADOW_NOT_LOADED, 1),
+            (SHADOW_SAME, 2),
+            (SHADOW_DIFFERS, 1),
+        ],
+    );
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = guard.0.wait().unwrap();
+    let mut stderr = String::new();
+    guard
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("shadow policy reload failed (SIGHUP)"),
+        "{stderr}"
     );
 }
