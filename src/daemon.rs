@@ -213,13 +213,15 @@ fn reload(gw: &Gateway, why: &str) {
         Ok(contents) if contents.policies.is_empty()
     );
     let result = if emptied {
-        Err(vec![crate::policy::compile::CompileError {
+        let e = vec![crate::policy::compile::CompileError {
             file: gw.store.dir().display().to_string(),
             path: "$".into(),
             line: None,
             column: None,
             message: "the directory holds no policies".into(),
-        }])
+        }];
+        gw.store.failed(&e);
+        Err(e)
     } else {
         gw.store.reload()
     };

@@ -39,6 +39,14 @@ pub const POLICIES: &[(&str, &str)] = &[
         include_str!("../policies/toolgate_metrics.yaml"),
     ),
     (
+        "toolgate_policy.yaml",
+        include_str!("../policies/toolgate_policy.yaml"),
+    ),
+    (
+        "toolgate_policy_test.yaml",
+        include_str!("../policies/toolgate_policy_test.yaml"),
+    ),
+    (
         "toolgate_metrics_test.yaml",
         include_str!("../policies/toolgate_metrics_test.yaml"),
     ),

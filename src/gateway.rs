@@ -707,6 +707,11 @@ pub trait AuditSink: Send + Sync + 'static {
     fn writable(&self) -> Result<(), String> {
         Ok(())
     }
+    /// The chain head after each commit, for readers that wait for new rows (the dashboard's
+    /// stream); `None` when the sink has no such signal (they poll).
+    fn committed(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        None
+    }
     /// The queue is full right now: a row submitted now would be refused. Lets an overloaded
     /// gateway answer 503 before spending a policy decision and a row on a call it cannot run.
     fn saturated(&self) -> bool {
@@ -1019,6 +1024,10 @@ impl AuditSink for crate::audit::AuditLog {
 
     fn saturated(&self) -> bool {
         self.queue_depth() >= self.queue_capacity()
+    }
+
+    fn committed(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        Some(self.head_watch())
     }
 
     fn writable(&self) -> Result<(), String> {

@@ -109,6 +109,13 @@ fn readable_from(
     }
 }
 
+/// May the viewer read every audit row (an admin, an auditor)? Decided by the
+/// `toolgate_audit`/`read` policy's query plan being unconditional ([`Readable::All`]), never
+/// by a role name. Such a viewer's dashboard aggregates come from the writer's rollups.
+pub(crate) fn reads_every_row(gw: &Gateway, viewer: &crate::policy::input::Principal) -> bool {
+    readable(gw, viewer) == Readable::All
+}
+
 /// `application/x-www-form-urlencoded` query pairs, decoded by the WHATWG URL standard's
 /// parser (the `url` crate's): `+` is a space, `%XX` a byte, and a `%` not followed by two hex
 /// digits stays literal (`%+A` is `%`, ` `, `A`, never a byte made from `+A`).

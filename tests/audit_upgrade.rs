@@ -51,7 +51,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     let log = AuditLog::open(settings(&db)).unwrap();
     log.flush_blocking().unwrap();
     drop(log);
-    assert_eq!(version(&db), 5);
+    assert_eq!(version(&db), 6);
     let c = Connection::open(&db).unwrap();
     let tables: i64 = c
         .query_row(
@@ -170,6 +170,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
         "DROP TRIGGER inputs_no_update; DROP TRIGGER inputs_no_delete; DROP TABLE inputs;
          ALTER TABLE decisions DROP COLUMN principal_input; ALTER TABLE decisions DROP COLUMN resource_input;
          ALTER TABLE decisions DROP COLUMN shadows;
+         DROP TABLE rollups;
          PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -179,7 +180,15 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
     assert!(e.contains("start toolgate"), "{e}");
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 5);
+    assert_eq!(version(&db), 6);
+    let rolled: i64 = Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT sum(calls) FROM rollups", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        rolled, 3,
+        "the upgrade built the rollups of the rows it found"
+    );
     for i in 0..4 {
         let mut r =
             toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
@@ -247,13 +256,15 @@ fn a_v4_store_upgrades_to_v5_with_shadow_links() {
     log.submit(live.clone()).unwrap().wait_blocking().unwrap();
     drop(log);
     let c = Connection::open(&db).unwrap();
-    c.execute_batch("ALTER TABLE decisions DROP COLUMN shadows; PRAGMA user_version = 4;")
-        .unwrap();
+    c.execute_batch(
+        "ALTER TABLE decisions DROP COLUMN shadows; DROP TABLE rollups; PRAGMA user_version = 4;",
+    )
+    .unwrap();
     drop(c);
     assert_eq!(version(&db), 4);
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 5);
+    assert_eq!(version(&db), 6);
     let mut shadow = Record::new(Kind::Shadow, Effect::Deny);
     shadow.principal = live.principal.clone();
     shadow.decision_id = live.id.clone();

@@ -333,3 +333,289 @@ async fn decisions_stream_live_filtered_by_policy() {
     drop((admin, alice, bob_only, resumed));
     stop_daemon(stop, server).await;
 }
+
+/// A call whose answer is not checked (a denied one answers a JSON-RPC error).
+async fn call_any(from: [u8; 4], base: &str, tool: &str, args: Value) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+    client(from)
+        .post(format!("{base}/mcp/github"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn get_json(from: [u8; 4], url: &str) -> (u16, Value) {
+    let r = client(from).get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+fn principals(v: &Value) -> Vec<String> {
+    v["principals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["principal"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn tool<'a>(v: &'a Value, server: &str, name: &str) -> Option<&'a Value> {
+    v["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["server"] == server && t["tool"] == name)
+}
+
+/// Agents, Tools and Charts count only what the viewer may read: an admin gets every row
+/// (from the writer's rollups), a user only their own (from an indexed scan of their rows);
+/// bob's calls never show in alice's numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_count_only_rows_the_viewer_may_read() {
+    let (_dir, base, stop, server, audit) = start().await;
+    for q in ["a1", "a2"] {
+        call(ALICE, &base, "search_repositories", json!({"query": q})).await;
+    }
+    call_any(
+        ALICE,
+        &base,
+        "delete_repository",
+        json!({"owner": "acme", "repo": "x"}),
+    )
+    .await;
+    call(BOB, &base, "search_repositories", json!({"query": "b1"})).await;
+    // Outcome rows (the calls' latency) ride with the next commit or within 50 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    audit.flush().await.unwrap();
+
+    for view in ["agents", "tools", "chart", "policies"] {
+        let (status, _) = get_json(NOBODY, &format!("{base}/api/dashboard/{view}")).await;
+        assert_eq!(status, 403, "{view} without an identity");
+    }
+    let (status, body) = get_json(ALICE, &format!("{base}/api/dashboard/agents?window=2y")).await;
+    assert_eq!(status, 400, "{body}");
+
+    // The admin: every principal, from rollups.
+    let (status, a) = get_json(
+        CAROL_ADMIN,
+        &format!("{base}/api/dashboard/agents?window=1h"),
+    )
+    .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["source"], "rollups", "{a}");
+    let ps = principals(&a);
+    assert!(
+        ps.contains(&"alice@example.com".to_string())
+            && ps.contains(&"bob@example.com".to_string()),
+        "{a}"
+    );
+    let alice = a["principals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["principal"] == "alice@example.com")
+        .unwrap();
+    assert!(alice["calls"].as_u64().unwrap() >= 3, "{alice}");
+    assert!(alice["denials"].as_u64().unwrap() >= 1, "{alice}");
+    assert_eq!(alice["nodes"], json!(["alice-laptop.example.ts.net"]));
+    assert!(
+        a["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "bob-desktop.example.ts.net"),
+        "{a}"
+    );
+
+    let (_, t) = get_json(
+        CAROL_ADMIN,
+        &format!("{base}/api/dashboard/tools?window=1h"),
+    )
+    .await;
+    assert_eq!(t["source"], "rollups");
+    let search = tool(&t, "github", "search_repositories").unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(search["calls"], 3, "{t}");
+    assert_eq!(search["denials"], 0, "{t}");
+    assert!(
+        search["p50_us"].as_u64().unwrap() > 0
+            && search["p99_us"].as_u64().unwrap() >= search["p50_us"].as_u64().unwrap(),
+        "{search}"
+    );
+    let delete = tool(&t, "github", "delete_repository").unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(delete["denials"], 1, "{t}");
+
+    // The user: only their own rows, from a scan of them.
+    let (status, a) = get_json(ALICE, &format!("{base}/api/dashboard/agents?window=1h")).await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["source"], "rows", "{a}");
+    assert_eq!(principals(&a), vec!["alice@example.com".to_string()], "{a}");
+    assert!(
+        !a.to_string().contains("bob"),
+        "nothing of bob's reaches alice: {a}"
+    );
+    let (_, t) = get_json(ALICE, &format!("{base}/api/dashboard/tools?window=1h")).await;
+    assert_eq!(
+        tool(&t, "github", "search_repositories").unwrap()["calls"],
+        2,
+        "{t}"
+    );
+    let (_, t) = get_json(BOB, &format!("{base}/api/dashboard/tools?window=1h")).await;
+    assert_eq!(
+        tool(&t, "github", "search_repositories").unwrap()["calls"],
+        1,
+        "{t}"
+    );
+    assert!(tool(&t, "github", "delete_repository").is_none(), "{t}");
+
+    // Charts: per minute, allow and deny; alice's counts only her rows.
+    let (status, c) = get_json(ALICE, &format!("{base}/api/dashboard/chart?range=hour")).await;
+    assert_eq!(status, 200, "{c}");
+    let s = &c["series"];
+    assert_eq!(s["t"].as_array().unwrap().len(), 60);
+    let sum = |k: &str| {
+        s[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert!(sum("allow") >= 2 && sum("deny") >= 1, "{c}");
+    let (_, a) = get_json(ALICE, &format!("{base}/api/dashboard/agents?window=1h")).await;
+    let (_, day) = get_json(
+        CAROL_ADMIN,
+        &format!("{base}/api/dashboard/chart?range=day"),
+    )
+    .await;
+    assert_eq!(day["series"]["t"].as_array().unwrap().len(), 1440);
+    assert!(
+        a["principals"][0]["calls"].as_u64().unwrap() >= sum("allow") + sum("deny") - 2,
+        "{a} {c}"
+    );
+    let (status, _) = get_json(ALICE, &format!("{base}/api/dashboard/chart?range=week")).await;
+    assert_eq!(status, 400);
+    stop_daemon(stop, server).await;
+}
+
+/// The rollups the writer keeps equal an aggregate of the stored rows, minute by minute, key
+/// by key, latency histogram included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_equal_a_scan_of_the_rows() {
+    let (_dir, base, stop, server, audit) = start().await;
+    for (who, q) in [(ALICE, "x"), (BOB, "y"), (ALICE, "z"), (CAROL_ADMIN, "w")] {
+        call(who, &base, "search_repositories", json!({"query": q})).await;
+    }
+    call_any(
+        BOB,
+        &base,
+        "delete_repository",
+        json!({"owner": "acme", "repo": "x"}),
+    )
+    .await;
+    let _ = get_json(ALICE, &format!("{base}/api/dashboard/agents")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    audit.flush().await.unwrap();
+    stop_daemon(stop, server).await;
+    let reader = toolgate::audit::query::Reader::open(audit.path()).unwrap();
+    let c = reader.connection();
+    let now = chrono::Utc::now().timestamp() / 60 + 1;
+    let rolled = toolgate::audit::summary::from_rollups(c, 0, now).unwrap();
+    let scanned = toolgate::audit::summary::from_rows(
+        c,
+        0,
+        now,
+        None,
+        usize::MAX / 2,
+        &mut |_: &toolgate::audit::Row| true,
+    )
+    .unwrap();
+    assert!(!scanned.truncated);
+    assert!(rolled.cells.len() >= 4, "{:?}", rolled.cells);
+    let sorted = |mut v: Vec<toolgate::audit::summary::Cell>| {
+        v.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        v
+    };
+    assert_eq!(sorted(rolled.cells.clone()), sorted(scanned.cells));
+    assert!(
+        rolled
+            .cells
+            .iter()
+            .any(|c| c.tool == "search_repositories" && c.latency.total() > 0),
+        "the calls' latency (from their outcome rows) is in the rollups: {:?}",
+        rolled.cells
+    );
+}
+
+/// The Policies view shows the loaded snapshot; its "try a decision" form needs
+/// `toolgate_policy`/`explain`, which the demo policies give admins only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_view_and_the_try_a_decision_form() {
+    let (_dir, base, stop, server, _audit) = start().await;
+    let (status, p) = get_json(ALICE, &format!("{base}/api/dashboard/policies")).await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["hash"].as_str().unwrap().len(), 64, "{p}");
+    assert!(p["loaded_at"].as_str().unwrap().ends_with('Z'), "{p}");
+    assert!(
+        p["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().ends_with("toolgate_policy.yaml")),
+        "{p}"
+    );
+    assert!(p["last_error"].is_null(), "{p}");
+    assert_eq!(p["may_explain"], false);
+    assert!(
+        p["servers"].as_array().unwrap().contains(&json!("github")),
+        "{p}"
+    );
+    let (_, p) = get_json(CAROL_ADMIN, &format!("{base}/api/dashboard/policies")).await;
+    assert_eq!(p["may_explain"], true);
+
+    let form = json!({
+        "principal": {"id": "alice@example.com", "roles": ["user", "developer"], "attr": {"tags": [], "login": "alice@example.com"}},
+        "server": "github",
+        "tool": "delete_repository",
+        "arguments": {"owner": "acme", "repo": "x"},
+    });
+    let post = |from: [u8; 4], body: Value, ty: &'static str| {
+        let url = format!("{base}/api/dashboard/explain");
+        async move {
+            let r = client(from)
+                .post(url)
+                .header("content-type", ty)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            (
+                s,
+                serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = post(ALICE, form.clone(), "application/json").await;
+    assert_eq!(status, 403, "a user without the role is refused: {body}");
+    let (status, _) = post(NOBODY, form.clone(), "application/json").await;
+    assert_eq!(status, 403);
+    let (status, d) = post(CAROL_ADMIN, form.clone(), "application/json").await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["action"], "tools/call::delete_repository");
+    assert_eq!(d["effect"], "deny", "{d}");
+    assert!(!d["trace"]["steps"].as_array().unwrap().is_empty(), "{d}");
+    let mut allowed = form.clone();
+    allowed["tool"] = json!("search_repositories");
+    let (status, d) = post(CAROL_ADMIN, allowed, "application/json").await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["effect"], "allow", "{d}");
+    let mut bad = form.clone();
+    bad["server"] = json!("nope");
+    assert_eq!(post(CAROL_ADMIN, bad, "application/json").await.0, 400);
+    assert_eq!(post(CAROL_ADMIN, form, "text/plain").await.0, 415);
+    stop_daemon(stop, server).await;
+}

@@ -35,7 +35,14 @@ pub const SQLITE: &[(&str, &str)] = &[
         "0005_shadow",
         include_str!("../../migrations/sqlite/0005_shadow.sql"),
     ),
+    (
+        "0006_rollups",
+        include_str!("../../migrations/sqlite/0006_rollups.sql"),
+    ),
 ];
+
+/// The version that adds the rollups: a store below it gets them built from its rows.
+const ROLLUPS: usize = 6;
 
 /// The version the v1/v2 rebuild lands on; later migrations apply on top of it in order.
 const V3: usize = 3;
@@ -98,6 +105,9 @@ pub fn sqlite(conn: &mut Connection, key: &ChainKey) -> Result<usize, String> {
         upgrade_v2(&tx, key)?;
     } else {
         after_v3(&tx, current)?;
+    }
+    if current < ROLLUPS {
+        super::rollup::backfill(&tx).map_err(|e| format!("migration 0006_rollups: {e}"))?;
     }
     tx.execute_batch(&format!(
         "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",

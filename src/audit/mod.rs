@@ -11,6 +11,8 @@
 //! - [`retention`]: pruning from the oldest end, with anchors.
 //! - [`export`]: a window of the store as a new, verifiable audit file (`audit export`).
 //! - [`shadow`]: shadow rows (`policies.shadow`) and the differences they record.
+//! - [`summary`]: the dashboard's aggregates over a window, from rollups or an indexed scan.
+//! - [`rollup`]: per-minute counts and latency histograms the writer keeps for the dashboard.
 //! - [`postgres`]: the fleet shipper and fleet queries.
 //! - [`migrate`]: embedded SQL migrations; [`cli`]: `toolgate audit ...`.
 
@@ -26,8 +28,10 @@ pub mod query;
 pub mod record;
 pub mod redact;
 pub mod retention;
+pub mod rollup;
 pub mod shadow;
 pub mod store;
+pub mod summary;
 pub mod writer;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use super::compact::{CompactRow, Event, Field};
 use super::links::{Anchor, hex, unhex32};
 pub use super::links::{time_to_us, uuid_bytes};
 use super::record::{StoredRow, canonical_json, event, format_time};
+use super::rollup::{Key, MINUTE_US, Rollups};
 
 /// Fixed name ids (0003_v3.sql): partial indexes name the common values with ranges.
 pub const NAME_EMPTY: i64 = 1;
@@ -231,17 +232,18 @@ pub(crate) fn insert(
     hash: &[u8; 32],
 ) -> rusqlite::Result<()> {
     let compact = CompactRow::new(row).ok_or_else(|| bad_time(&row.time))?;
-    insert_compact(c, lk, seq, &compact, hash)
+    insert_compact(c, lk, seq, &compact, hash, None)
 }
 
 /// [`insert`] for a queued row (the writer's path: statements prepared once per connection,
-/// lookups from the cache, nothing parsed).
+/// lookups from the cache, nothing parsed), counted in the batch's `rollups` when given.
 pub(crate) fn insert_compact(
     c: &Connection,
     lk: &mut Lookups,
     seq: i64,
     row: &CompactRow,
     hash: &[u8; 32],
+    rollups: Option<&mut Rollups>,
 ) -> rusqlite::Result<()> {
     let time = row.time_us;
     let gateway = lk.name(c, row.get(Field::Gateway))?;
@@ -250,9 +252,10 @@ pub(crate) fn insert_compact(
             let outcome = lk.name(c, row.get(Field::Outcome))?;
             let detail = lk.name(c, row.get(Field::Reason))?;
             let key = row.key_bytes.as_ref().map(|b| &b[..]);
+            let decision = bytes_or_text(key, row.get(Field::DecisionId), false);
             c.prepare_cached(INSERT_OUTCOME)?.execute(params![
                 seq,
-                bytes_or_text(key, row.get(Field::DecisionId), false),
+                decision,
                 time,
                 gateway,
                 outcome,
@@ -260,6 +263,12 @@ pub(crate) fn insert_compact(
                 detail,
                 &hash[..],
             ])?;
+            if let Some(r) = rollups {
+                let ToSqlOutput::Borrowed(d) = decision else {
+                    return Ok(());
+                };
+                r.outcome(c, row.key_bytes, d, row.latency_us)?;
+            }
         }
         Event::Anchor => {
             let a: Anchor = serde_json::from_str(row.get(Field::Explain)).map_err(|e| {
@@ -360,6 +369,20 @@ pub(crate) fn insert_compact(
                 resource_input,
                 bytes_or_text(shadowed_bytes.as_ref().map(|b| &b[..]), shadowed, true),
             ])?;
+            if let Some(r) = rollups {
+                let key = Key {
+                    minute: time.div_euclid(MINUTE_US),
+                    kind,
+                    principal,
+                    node,
+                    server,
+                    tool,
+                    method,
+                    effect: i64::from(row.get(Field::Effect) == "allow"),
+                };
+                let pending = (outcome == NAME_PENDING).then_some(row.key_bytes).flatten();
+                r.decision(key, row.latency_us, pending);
+            }
         }
     }
     Ok(())

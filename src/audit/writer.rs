@@ -35,6 +35,7 @@ use super::chain::{self, content_digest, link};
 use super::compact::{CompactRow, Event};
 use super::key::ChainKey;
 use super::record::{Record, StoredRow, new_id, normalize_time, now_text, outcome};
+use super::rollup::Rollups;
 use super::store::{self, Lookups};
 use super::{AuditError, Settings, migrate, postgres, retention};
 use crate::config::{AuditMode, Durability};
@@ -142,6 +143,8 @@ pub(crate) struct Shared {
     pub ship_lag_ms: AtomicU64,
     pub stop: AtomicBool,
     pub stop_notify: tokio::sync::Notify,
+    /// The chain head after each commit: readers (the dashboard's stream) wake on it.
+    pub committed: tokio::sync::watch::Sender<i64>,
 }
 
 impl Shared {
@@ -168,6 +171,7 @@ impl Shared {
             ship_lag_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stop_notify: tokio::sync::Notify::new(),
+            committed: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -399,6 +403,7 @@ pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Resul
         "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES};"
     ))?;
     conn.set_prepared_statement_cache_capacity(32);
+    super::rollup::register(&conn)?;
     Ok(conn)
 }
 
@@ -518,6 +523,7 @@ impl AuditLog {
 
         let shared = Arc::new(Shared::new());
         shared.head_seq.store(head_seq, Ordering::Relaxed);
+        shared.committed.send_replace(head_seq);
         shared
             .shipped_seq
             .store(shipped.unwrap_or(0), Ordering::Relaxed);
@@ -537,6 +543,7 @@ impl AuditLog {
             head_hash,
             key,
             lookups: Lookups::default(),
+            rollups: Rollups::default(),
             gateway: settings.gateway.clone(),
             watermark: None,
             shipped: if settings.postgres.is_some() {
@@ -787,6 +794,11 @@ impl AuditLog {
             .map_err(|_| AuditError::Closed)
     }
 
+    /// The chain head, updated right after each commit: wait on it to see new rows at once.
+    pub fn head_watch(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.inner.shared.committed.subscribe()
+    }
+
     /// Rows waiting for the writer now.
     pub fn queue_depth(&self) -> usize {
         usize::try_from(self.inner.shared.queued.load(Ordering::Relaxed)).unwrap_or(0)
@@ -856,6 +868,8 @@ struct Writer {
     head_hash: [u8; 32],
     key: ChainKey,
     lookups: Lookups,
+    /// This batch's rollup aggregate and the calls awaiting an outcome.
+    rollups: Rollups,
     gateway: String,
     /// A shipped watermark to persist with the next transaction.
     watermark: Option<i64>,
@@ -1106,8 +1120,16 @@ impl Writer {
             seq += 1;
             p.seq = seq;
             hash = link(&self.key, &hash, seq, &p.digest);
-            store::insert_compact(&tx, &mut self.lookups, seq, &p.row, &hash)?;
+            store::insert_compact(
+                &tx,
+                &mut self.lookups,
+                seq,
+                &p.row,
+                &hash,
+                Some(&mut self.rollups),
+            )?;
         }
+        self.rollups.flush(&tx)?;
         if seq != self.head_seq {
             chain::set_head(&tx, &self.key, seq, &hash)?;
         }
@@ -1126,7 +1148,10 @@ impl Writer {
         let result = self.write_batch(&mut batch);
         match &result {
             Ok(_) => self.lookups.commit(),
-            Err(_) => self.lookups.rollback(),
+            Err(_) => {
+                self.lookups.rollback();
+                self.rollups.rollback();
+            }
         }
         let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.shared.commit_us_total.fetch_add(us, Ordering::Relaxed);
@@ -1137,6 +1162,7 @@ impl Writer {
                 self.head_hash = hash;
                 self.watermark = None;
                 self.shared.head_seq.store(seq, Ordering::Relaxed);
+                self.shared.committed.send_replace(seq);
                 self.shared.committed_rows.fetch_add(n, Ordering::Relaxed);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 if !self.shared.healthy.swap(true, Ordering::SeqCst) {
@@ -1249,6 +1275,9 @@ impl Writer {
             self.head_seq = seq;
             self.head_hash = hash;
             self.shared.head_seq.store(seq, Ordering::Relaxed);
+        }
+        if step.pruned > 0 {
+            super::rollup::prune(&self.conn, cutoff)?;
         }
         self.shared
             .pruned_rows

@@ -18,6 +18,16 @@
 //!
 //! The row detail (explain trace, redacted arguments, outcome, latency) is read through
 //! `GET /api/audit?id=..`, which carries the same per-row authorization.
+//!
+//! The stream wakes when the audit writer commits (a watch of the chain head), so a new row is
+//! sent right after its commit; it also looks every [`POLL_EVERY`] in case a wake-up is
+//! missed. The other views are JSON read by the page: [`views`] (Agents, Tools, Charts,
+//! Policies) and [`explain`] (the "try a decision" form). The charts are drawn by uPlot, a
+//! vendored build embedded here ([`UPLOT_VERSION`], checked against the npm registry by
+//! `scripts/dashboard-assets check`).
+
+pub mod explain;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +47,11 @@ use crate::read_api::{Readable, forbidden, may_read, query_pairs, readable};
 
 /// Rows a new stream starts with (the newest the viewer may read), at most.
 pub const BACKFILL: usize = 100;
-/// How often a stream looks for new rows in the store.
-pub const POLL_EVERY: Duration = Duration::from_millis(250);
+/// How often a stream looks for new rows in the store when no commit woke it (a fallback:
+/// the writer's commits wake it at once).
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+/// Looks at the store at most this often however fast commits come.
+pub const MIN_GAP: Duration = Duration::from_millis(20);
 /// Rows one poll examines at most (readable or not); the rest wait for the next poll.
 pub const POLL_BATCH: usize = 1_000;
 /// A stream with nothing to send sends an SSE comment this often (proxies, dead peers).
@@ -53,6 +66,13 @@ const STREAM_KEYS: [&str; 6] = ["principal", "node", "server", "tool", "effect",
 const PAGE: &str = include_str!("page.html");
 const SCRIPT: &str = include_str!("dashboard.js");
 const STYLE: &str = include_str!("dashboard.css");
+/// uPlot (MIT), the charts: its published `dist/uPlot.iife.min.js` and `dist/uPlot.min.css`,
+/// byte for byte (`scripts/dashboard-assets check` compares them with the npm package).
+const UPLOT_JS: &str = include_str!("vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("vendor/uPlot.min.css");
+/// The vendored uPlot's npm version (pinned with its files' SHA-256 in
+/// `src/dashboard/vendor/uplot.lock`).
+pub const UPLOT_VERSION: &str = "1.6.32";
 
 /// The dashboard's routes (merged into [`crate::server::router`], behind its Host/Origin check).
 pub fn routes() -> Router<Arc<Gateway>> {
@@ -63,7 +83,23 @@ pub fn routes() -> Router<Arc<Gateway>> {
             get(|| async { asset("text/javascript", SCRIPT) }),
         )
         .route("/dashboard.css", get(|| async { asset("text/css", STYLE) }))
+        .route(
+            "/vendor/uPlot.iife.min.js",
+            get(|| async { asset("text/javascript", UPLOT_JS) }),
+        )
+        .route(
+            "/vendor/uPlot.min.css",
+            get(|| async { asset("text/css", UPLOT_CSS) }),
+        )
         .route("/api/audit/stream", get(stream))
+        .route("/api/dashboard/agents", get(views::agents))
+        .route("/api/dashboard/tools", get(views::tools))
+        .route("/api/dashboard/chart", get(views::chart))
+        .route("/api/dashboard/policies", get(views::policies))
+        .route(
+            "/api/dashboard/explain",
+            axum::routing::post(explain::try_decision),
+        )
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -131,6 +167,21 @@ fn json_error(status: StatusCode, e: String) -> Response {
         status,
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::json!({"error": e}).to_string(),
+    )
+        .into_response()
+}
+
+fn json_ok(v: &serde_json::Value) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        v.to_string(),
     )
         .into_response()
 }
@@ -313,6 +364,14 @@ fn poll(
     Ok(Batch { text, after: last })
 }
 
+/// Waits for the next commit; false when the writer stopped (never resolves without one).
+async fn wait_commit(rx: &mut Option<tokio::sync::watch::Receiver<i64>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 /// Feeds one stream until the client goes away, the store fails or [`STREAM_LIFETIME`] ends.
 async fn pump(
     gw: Arc<Gateway>,
@@ -335,11 +394,29 @@ async fn pump(
     }
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut committed = gw.audit.committed();
+    let mut first = true;
+    let mut last_look = Instant::now();
     while started.elapsed() < STREAM_LIFETIME {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tx.closed() => return,
+        if first {
+            first = false;
+        } else {
+            let woke = tokio::select! {
+                _ = tick.tick() => None,
+                c = wait_commit(&mut committed) => Some(c),
+                _ = tx.closed() => return,
+            };
+            if woke == Some(false) {
+                // The writer is gone: only the fallback poll is left.
+                committed = None;
+            }
+            // A burst of commits wakes the stream once per MIN_GAP, not once per commit.
+            let since = last_look.elapsed();
+            if since < MIN_GAP {
+                tokio::time::sleep(MIN_GAP - since).await;
+            }
         }
+        last_look = Instant::now();
         let Some((reader, filter, viewer)) = state.take() else {
             return;
         };

@@ -195,6 +195,26 @@ fn compile_on_big_stack(contents: DirContents) -> Result<PolicySet, Vec<CompileE
 pub struct Store {
     dir: PathBuf,
     current: ArcSwap<PolicySet>,
+    status: std::sync::Mutex<Status>,
+}
+
+/// When the snapshot was loaded and how the last reload went (the dashboard's Policies view).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    /// When the current snapshot was compiled (RFC 3339).
+    pub loaded_at: String,
+    /// The last failed load or reload, if it came after the current snapshot.
+    pub last_error: Option<ReloadError>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadError {
+    pub at: String,
+    pub errors: Vec<String>,
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl Store {
@@ -205,9 +225,20 @@ impl Store {
             Ok(set) => (set, Ok(())),
             Err(e) => (PolicySet::empty(), Err(e)),
         };
+        let mut status = Status {
+            loaded_at: now_text(),
+            last_error: None,
+        };
+        if let Err(e) = &res {
+            status.last_error = Some(ReloadError {
+                at: now_text(),
+                errors: e.iter().map(|e| e.to_string()).collect(),
+            });
+        }
         let store = Store {
             dir: dir.to_path_buf(),
             current: ArcSwap::from_pointee(set),
+            status: std::sync::Mutex::new(status),
         };
         (store, res)
     }
@@ -219,9 +250,36 @@ impl Store {
 
     /// Recompiles the directory; swaps only on success (invariant I3).
     pub fn reload(&self) -> Result<Arc<PolicySet>, Vec<CompileError>> {
-        let set = Arc::new(load_dir(&self.dir)?);
+        let set = match load_dir(&self.dir) {
+            Ok(set) => Arc::new(set),
+            Err(e) => {
+                self.failed(&e);
+                return Err(e);
+            }
+        };
         self.current.store(set.clone());
+        if let Ok(mut st) = self.status.lock() {
+            *st = Status {
+                loaded_at: now_text(),
+                last_error: None,
+            };
+        }
         Ok(set)
+    }
+
+    /// Records a reload refused before compiling (the last good snapshot stays).
+    pub fn failed(&self, errors: &[CompileError]) {
+        if let Ok(mut st) = self.status.lock() {
+            st.last_error = Some(ReloadError {
+                at: now_text(),
+                errors: errors.iter().map(|e| e.to_string()).collect(),
+            });
+        }
+    }
+
+    /// When the snapshot was loaded, and the last reload error since.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     pub fn dir(&self) -> &Path {
