@@ -6,8 +6,10 @@
 //! Chromium connects from 127.0.0.1, so two daemons map 127.0.0.1 to two viewers: an admin
 //! (sees every row) and alice (a user: only her own rows). Each page: the Live view's backfill
 //! is painted, a row's detail opens, a decision made through the gateway after the page loaded
-//! shows without a reload, and a user never sees another principal's row. Screenshots of each
-//! view land in target/browser-screenshots/ (kept as CI artifacts).
+//! shows without a reload, and a user never sees another principal's row; then the Agents,
+//! Tools, Policies and Charts views each open from the nav and reach `data-state=ready` (the
+//! user's Agents view names only alice). Screenshots of each view land in
+//! target/browser-screenshots/ (kept as CI artifacts).
 
 #![allow(
     clippy::unwrap_used,
@@ -108,10 +110,19 @@ async fn call(from: &str, base: &str, query: &str) {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-/// The views besides Live that the page offers (issue 16 part 2), by their nav link and an
-/// element that shows once the view is filled.
+/// The views besides Live (issue 16 part 2; their hooks are listed at the top of
+/// src/dashboard/dashboard.js): each is opened from its nav link, and counts as shown once its
+/// section says `data-state=ready` (its data painted).
+const VIEWS: [&str; 4] = ["agents", "tools", "policies", "charts"];
+
 fn views() -> Value {
-    json!([])
+    VIEWS
+        .iter()
+        .map(|v| {
+            json!({"name": v, "nav": format!("#nav a[data-view={v}]"),
+                   "wait": format!("#view-{v}[data-state=ready]"), "root": format!("#view-{v}")})
+        })
+        .collect()
 }
 
 fn session(name: &str, base: &str, calls: &[(&str, &str)], expect_new: &[&str]) -> Value {
@@ -243,14 +254,33 @@ async fn dashboard_in_a_real_browser() {
         );
     }
 
-    for (name, view) in s
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|v| v["views"].as_object().unwrap().iter())
-    {
-        assert_eq!(view["ok"], true, "view {name}: {view}");
+    for v in s.as_array().unwrap() {
+        for name in VIEWS {
+            let view = &v["views"][name];
+            assert_eq!(view["ok"], true, "{} view {name}: {view}", v["name"]);
+            let p = shots.join(format!("{}-{name}.png", v["name"].as_str().unwrap()));
+            assert!(p.exists(), "{}: no screenshot", p.display());
+        }
     }
+    // Agents: the admin sees both principals; alice only herself.
+    let agents = a["views"]["agents"]["text"].as_str().unwrap();
+    for p in ["alice@example.com", "bob@example.com"] {
+        assert!(agents.contains(p), "admin agents view: {agents}");
+    }
+    let agents = u["views"]["agents"]["text"].as_str().unwrap();
+    assert!(
+        agents.contains("alice@example.com"),
+        "user agents view: {agents}"
+    );
+    assert!(
+        !agents.contains("bob@example.com"),
+        "user agents view: {agents}"
+    );
+    let tools = u["views"]["tools"]["text"].as_str().unwrap();
+    assert!(
+        tools.contains("search_repositories"),
+        "user tools view: {tools}"
+    );
 
     eprintln!(
         "browser suite: chromium {} launched in {} ms, node run {} ms, test {:.1} s; Live painted at {} / {} ms after navigation start (admin / user), new rows shown {} / {} ms after the calls",
