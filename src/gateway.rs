@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use crate::audit::record::RenderedExplain;
 use crate::audit::record::ReplayInputs;
-use crate::audit::redact::RenderedExplain;
 pub use crate::caller::{Caller, Conn};
 use crate::config::Config;
 pub use crate::mcp::transport::Upstream;

@@ -6,6 +6,43 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// An explain trace in the forms a row may store, rendered once per distinct trace (the
+/// gateway caches it, see `crate::gateway::AuditRow::set_decision`) instead of once per row:
+/// canonical JSON as evaluated (kept in `full` mode) and scrubbed of secret-looking values
+/// (every other mode), each with its SHA-256 (the `explains` dedup key). Built by
+/// `RenderedExplain::new` in `redact`, which owns the scrubbing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedExplain {
+    pub(super) raw: Box<str>,
+    pub(super) raw_digest: [u8; 32],
+    /// `None`: scrubbing changed nothing (the raw text is stored).
+    pub(super) scrubbed: Option<(Box<str>, [u8; 32])>,
+}
+
+impl RenderedExplain {
+    /// The stored text and its SHA-256: as evaluated when `audit.arguments` is `full`,
+    /// scrubbed otherwise (what `Redactor::scrub_record` makes of the trace's value).
+    pub fn stored(&self, mode: crate::config::ArgumentsMode) -> (&str, [u8; 32]) {
+        match &self.scrubbed {
+            Some((t, d)) if mode != crate::config::ArgumentsMode::Full => (t, *d),
+            _ => (&self.raw, self.raw_digest),
+        }
+    }
+
+    /// Whether replacing `needles` could change the trace: one occurs in its text, or one
+    /// would be escaped in JSON (then only the value can tell).
+    pub fn may_contain(&self, needles: &[String]) -> bool {
+        needles.iter().any(|n| {
+            n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) || self.raw.contains(n.as_str())
+        })
+    }
+
+    /// The trace as a value again (for the per-row path).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.raw).unwrap_or(Value::Null)
+    }
+}
+
 /// What produced a decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -112,9 +149,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub decision_id: String,
     /// The explain trace rendered once for every row that carries it (used when `explain` is
-    /// null); see [`super::redact::RenderedExplain`].
+    /// null); see [`RenderedExplain`].
     #[serde(skip)]
-    pub explain_rendered: Option<std::sync::Arc<super::redact::RenderedExplain>>,
+    pub explain_rendered: Option<std::sync::Arc<RenderedExplain>>,
 }
 
 /// The decision input beside the action and the arguments: the principal and the resource as

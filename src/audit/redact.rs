@@ -20,21 +20,10 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::chain::sha256_hex;
-use super::record::{Record, StoredRow, canonical_json};
+use super::record::{Record, RenderedExplain, StoredRow, canonical_json};
 use crate::config::ArgumentsMode;
 
-/// An explain trace in the forms a row may store, rendered once per distinct trace (the
-/// gateway caches it, see `crate::gateway::AuditRow::set_decision`) instead of once per row:
-/// canonical JSON as evaluated (kept in `full` mode) and scrubbed of secret-looking values
-/// (every other mode), each with its SHA-256 (the `explains` dedup key).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderedExplain {
-    raw: Box<str>,
-    raw_digest: [u8; 32],
-    /// `None`: scrubbing changed nothing (the raw text is stored).
-    scrubbed: Option<(Box<str>, [u8; 32])>,
-}
-
+// The rendering of a [`RenderedExplain`] (defined with the row it rides on, in `record`).
 impl RenderedExplain {
     /// `None` for a trace over [`MAX_EXPLAIN`] bytes (such rows take the per-row path).
     pub fn new(trace: &Value) -> Option<RenderedExplain> {
@@ -60,28 +49,6 @@ impl RenderedExplain {
             raw: raw.into_boxed_str(),
             scrubbed,
         })
-    }
-
-    /// The stored text and its SHA-256: as evaluated when `audit.arguments` is `full`,
-    /// scrubbed otherwise (what [`Redactor::scrub_record`] makes of the trace's value).
-    pub fn stored(&self, mode: ArgumentsMode) -> (&str, [u8; 32]) {
-        match &self.scrubbed {
-            Some((t, d)) if mode != ArgumentsMode::Full => (t, *d),
-            _ => (&self.raw, self.raw_digest),
-        }
-    }
-
-    /// Whether replacing `needles` could change the trace: one occurs in its text, or one
-    /// would be escaped in JSON (then only the value can tell).
-    pub fn may_contain(&self, needles: &[String]) -> bool {
-        needles.iter().any(|n| {
-            n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) || self.raw.contains(n.as_str())
-        })
-    }
-
-    /// The trace as a value again (for the per-row path).
-    pub fn value(&self) -> Value {
-        serde_json::from_str(&self.raw).unwrap_or(Value::Null)
     }
 }
 
