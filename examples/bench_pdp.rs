@@ -28,6 +28,10 @@
     reason = "benchmark tool"
 )]
 
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+
+use bench_common::{cpu_us, env_u64, free_port, median, pct, spread};
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,23 +41,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// utime + stime of `pid` and its threads, in microseconds (USER_HZ is 100 on Linux).
-fn cpu_us(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
-    let f: Vec<&str> = tail.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks * 10_000
-}
 
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.1 framing (Content-Length or chunked: Go's net/http chunks bodies over 2 KiB).
@@ -210,11 +197,6 @@ struct Round {
     cpu: f64,
 }
 
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)])
-}
-
 async fn round(
     addr: SocketAddr,
     req: &std::sync::Arc<Vec<u8>>,
@@ -279,14 +261,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_listening(addr: SocketAddr, p: &mut Proc) {
@@ -507,16 +481,6 @@ fn effects(v: &Value) -> Vec<(String, Value)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
-}
 
 /// Median and spread of one figure over rounds.
 fn summary(rs: &[Round], g: fn(&Round) -> f64) -> (f64, f64, f64) {

@@ -29,6 +29,10 @@
     reason = "benchmark tool"
 )]
 
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+
+use bench_common::{cpu_us, env_u64, free_port, median, pct, spread};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,23 +41,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// utime + stime of `pid`, in microseconds (USER_HZ is 100 on Linux).
-fn cpu_us(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
-    let f: Vec<&str> = tail.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks * 10_000
-}
 
 /// `pid` and its direct children (nginx's workers).
 fn family(pid: u32) -> Vec<u32> {
@@ -225,11 +212,6 @@ struct Round {
     up_cpu: f64,
 }
 
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)])
-}
-
 async fn round(addr: SocketAddr, conns: usize, secs: f64, proxy: &[u32], upstream: u32) -> Round {
     let host = format!("{addr}");
     // Warm the connections' first calls out of the measurement.
@@ -290,14 +272,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_listening(addr: SocketAddr, child: &mut Child) {
@@ -391,16 +365,6 @@ fn start_nginx(bin: &Path, cpu: &str, upstream: SocketAddr) -> (Proc, SocketAddr
         },
         addr,
     )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
 }
 
 /// Each thread of `pid`: (name, CPU µs).

@@ -22,18 +22,15 @@
     reason = "benchmark tool"
 )]
 
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+
+use bench_common::{cpu_us, env_u64, median};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The child: newline-delimited JSON-RPC; `initialize`, `tools/list`, `tools/call` (echo).
 fn echo_server() {
@@ -63,17 +60,6 @@ fn echo_server() {
         let _ = writeln!(out, "{answer}");
         let _ = out.flush();
     }
-}
-
-/// utime + stime of `pid`, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let tail = text.rsplit_once(')').map(|(_, t)| t).unwrap_or_default();
-    let f: Vec<&str> = tail.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    ticks * 10_000
 }
 
 fn call_body(i: u64) -> String {
@@ -282,11 +268,6 @@ fn child_pids(toolgate: u32) -> Vec<u32> {
         .filter(|s| !s.is_zombie())
         .map(|s| s.pid)
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -73,6 +73,19 @@ struct Summed {
     to_minute: i64,
 }
 
+/// [`summarize`] over the request's `window` (default 24h); a bad window is a 400.
+async fn summarize_window(
+    gw: &Arc<Gateway>,
+    conn: &Conn,
+    view: &str,
+    query: Option<&str>,
+) -> Result<(Summed, i64), Response> {
+    let minutes = one_param(query.unwrap_or(""), "window", "24h")
+        .and_then(|w| parse_window(&w))
+        .map_err(|e| json_error(StatusCode::BAD_REQUEST, e))?;
+    Ok((summarize(gw, conn, view, minutes).await?, minutes))
+}
+
 /// Audits the view request, then sums the last `minutes` minutes (the current one included)
 /// of the rows the viewer may read.
 async fn summarize(
@@ -266,13 +279,7 @@ pub async fn agents(
     Extension(conn): Extension<Conn>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let minutes = match one_param(query.as_deref().unwrap_or(""), "window", "24h")
-        .and_then(|w| parse_window(&w))
-    {
-        Ok(m) => m,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
-    };
-    let s = match summarize(&gw, &conn, "agents", minutes).await {
+    let (s, minutes) = match summarize_window(&gw, &conn, "agents", query.as_deref()).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -289,13 +296,7 @@ pub async fn tools(
     Extension(conn): Extension<Conn>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let minutes = match one_param(query.as_deref().unwrap_or(""), "window", "24h")
-        .and_then(|w| parse_window(&w))
-    {
-        Ok(m) => m,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
-    };
-    let s = match summarize(&gw, &conn, "tools", minutes).await {
+    let (s, minutes) = match summarize_window(&gw, &conn, "tools", query.as_deref()).await {
         Ok(s) => s,
         Err(r) => return r,
     };
