@@ -11,6 +11,8 @@
     reason = "test code"
 )]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -146,39 +148,6 @@ async fn fill(dir: &Path, arguments: &str) -> (PathBuf, Vec<String>) {
     (dir.join(db), ids)
 }
 
-/// The candidate: CI runners lose GitHub reads, the organisation is renamed (alice's own-org
-/// issue is now another organisation's), and bob may create issues.
-fn candidate(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-    let edit = |name: &str, from: &str, to_text: &str| {
-        let p = to.join(name);
-        let t = std::fs::read_to_string(&p).unwrap();
-        assert!(t.contains(from), "{name} has {from:?}");
-        std::fs::write(&p, t.replacen(from, to_text, 1)).unwrap();
-    };
-    edit(
-        "constants.yaml",
-        "github_org: example",
-        "github_org: example-renamed",
-    );
-    edit(
-        "mcp_server.yaml",
-        "      derivedRoles: [tailnet_person, ci_runner]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
-        "      derivedRoles: [tailnet_person]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
-    );
-    edit(
-        "mcp_server.yaml",
-        "  rules:\n",
-        "  rules:\n    - name: bob_may_file_issues\n      actions: [\"tools/call::create_issue\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n      condition:\n        match:\n          expr: P.attr.login == \"bob@example.com\"\n",
-    );
-}
-
 fn replay(db: &Path, policies: &Path, format: &str) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args(["policy", "replay", "--db"])
@@ -230,7 +199,7 @@ async fn replay_reports_exactly_the_changes_of_a_policy_edit() {
     let (db, ids) = fill(dir.path(), "redacted").await;
     let policies = dir.path().join("policies");
     let next = dir.path().join("next");
-    candidate(&policies, &next);
+    support::candidate::candidate(&policies, &next);
 
     // The same policies: every replayable row decides as recorded.
     let (code, out) = replay(&db, &policies, "jsonl");
@@ -304,7 +273,7 @@ async fn digest_mode_needs_arguments_exactly_where_the_rules_read_them() {
     let (db, ids) = fill(dir.path(), "digest").await;
     let policies = dir.path().join("policies");
     let next = dir.path().join("next");
-    candidate(&policies, &next);
+    support::candidate::candidate(&policies, &next);
 
     // The same policies: alice's create_issue calls (github_write_own_org reads the owner) and
     // bob's read_file (files_in_workspace reads the path) need their arguments; the rest
@@ -421,7 +390,7 @@ async fn an_exported_slice_verifies_and_replays_like_its_window_in_the_store() {
     let key = dir.path().join("audit.key");
     let policies = dir.path().join("policies");
     let next = dir.path().join("next");
-    candidate(&policies, &next);
+    support::candidate::candidate(&policies, &next);
     // The window starts at the third call: the slice does not start at the chain's genesis.
     let (code, row, err) = toolgate(&[
         os("audit"),

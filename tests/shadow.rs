@@ -12,6 +12,8 @@
     reason = "test code"
 )]
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -205,39 +207,6 @@ async fn start(dir: &Path, shadow: bool) -> Running {
     }
 }
 
-/// The candidate of tests/replay.rs: CI runners lose GitHub reads, the organisation is renamed
-/// (alice's own-org issue is now another organisation's), and bob may create issues.
-fn candidate(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-    let edit = |name: &str, from: &str, to_text: &str| {
-        let p = to.join(name);
-        let t = std::fs::read_to_string(&p).unwrap();
-        assert!(t.contains(from), "{name} has {from:?}");
-        std::fs::write(&p, t.replacen(from, to_text, 1)).unwrap();
-    };
-    edit(
-        "constants.yaml",
-        "github_org: example",
-        "github_org: example-renamed",
-    );
-    edit(
-        "mcp_server.yaml",
-        "      derivedRoles: [tailnet_person, ci_runner]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
-        "      derivedRoles: [tailnet_person]\n      condition:\n        match:\n          expr: R.attr.server == \"github\"",
-    );
-    edit(
-        "mcp_server.yaml",
-        "  rules:\n",
-        "  rules:\n    - name: bob_may_file_issues\n      actions: [\"tools/call::create_issue\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n      condition:\n        match:\n          expr: P.attr.login == \"bob@example.com\"\n",
-    );
-}
-
 /// A set whose one rule matches every action and role and errors on every evaluation.
 const ERRORING: &str = r#"apiVersion: api.cerbos.dev/v1
 resourcePolicy:
@@ -299,7 +268,7 @@ async fn shadow_rows_record_exactly_the_differences_and_follow_reloads() {
 
     // Fixed on disk (swapped in whole): the watcher reloads it.
     let next = dir.path().join("next");
-    candidate(&dir.path().join("policies"), &next);
+    support::candidate::candidate(&dir.path().join("policies"), &next);
     std::fs::remove_dir_all(&shadow).unwrap();
     std::fs::rename(&next, &shadow).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests (`mod support;` in each test crate).
 //!
+//! - [`candidate`]: the changed policy set of the replay and shadow tests.
 //! - [`cerbos`]: the real Cerbos binary (`cerbos compile`) and its `TestResults` JSON.
 //! - [`demo_daemon`]: the demo's daemon in-process, with an admin viewer (the read-API tests).
 //! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
@@ -10,6 +11,7 @@
     reason = "each test binary uses a different part of the support code"
 )]
 
+pub mod candidate;
 pub mod cerbos;
 pub mod demo_daemon;
 pub mod fake_localapi;
