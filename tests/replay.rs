@@ -70,26 +70,6 @@ const CALLS: &[(&str, &str, &str, &str, &str)] = &[
     ("ci", "127.0.0.4", "github", "get_issue", "{}"),
 ];
 
-async fn rpc(client: &reqwest::Client, base: &str, server: &str, body: Value) -> String {
-    let r = client
-        .post(format!("{base}/mcp/{server}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let id = r
-        .headers()
-        .get("toolgate-decision-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let _ = r.text().await.unwrap();
-    id
-}
-
 /// Runs the real gateway with `arguments` mode over the shipped policies, makes [`CALLS`], and
 /// returns the store and each call's decision id.
 async fn fill(dir: &Path, arguments: &str) -> (PathBuf, Vec<String>) {
@@ -135,10 +115,10 @@ async fn fill(dir: &Path, arguments: &str) -> (PathBuf, Vec<String>) {
             .build()
             .unwrap();
         let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "replay-test", "version": "1"}}});
-        rpc(&client, &base, server, init).await;
+        support::mcp_client::rpc(&client, &base, server, init).await;
         let args: Value = serde_json::from_str(args).unwrap();
         let body = json!({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
-        let id = rpc(&client, &base, server, body).await;
+        let id = support::mcp_client::rpc(&client, &base, server, body).await;
         assert!(!id.is_empty(), "call {i} has a decision id");
         ids.push(id);
     }

@@ -119,10 +119,10 @@ impl Running {
         for (i, (ip, server, tool, args)) in CALLS.iter().enumerate() {
             let client = client(ip);
             let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "shadow-test", "version": "1"}}});
-            rpc(&client, &self.base, server, init).await;
+            support::mcp_client::rpc(&client, &self.base, server, init).await;
             let args: Value = serde_json::from_str(args).unwrap();
             let body = json!({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
-            let id = rpc(&client, &self.base, server, body).await;
+            let id = support::mcp_client::rpc(&client, &self.base, server, body).await;
             assert!(!id.is_empty(), "call {i} has a decision id");
             ids.push(id);
         }
@@ -136,26 +136,6 @@ fn client(ip: &str) -> reqwest::Client {
         .local_address(ip)
         .build()
         .unwrap()
-}
-
-async fn rpc(client: &reqwest::Client, base: &str, server: &str, body: Value) -> String {
-    let r = client
-        .post(format!("{base}/mcp/{server}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let id = r
-        .headers()
-        .get("toolgate-decision-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let _ = r.text().await.unwrap();
-    id
 }
 
 /// Writes the demo's files into `dir` (with `policies.shadow: shadow` when `shadow`) and

@@ -4,6 +4,7 @@
 //! - [`cerbos`]: the real Cerbos binary (`cerbos compile`) and its `TestResults` JSON.
 //! - [`demo_daemon`]: the demo's daemon in-process, with an admin viewer (the read-API tests).
 //! - [`fake_localapi`]: a fake tailscaled LocalAPI on a unix socket.
+//! - [`mcp_client`]: one MCP POST through the gateway, returning its decision id.
 //! - [`peers`]: the `TOOLGATE_REQUIRE_PEERS` switch: a missing peer skips loudly or fails.
 //! - [`rng`]: a seeded generator for generated inputs.
 #![allow(
@@ -15,5 +16,6 @@ pub mod candidate;
 pub mod cerbos;
 pub mod demo_daemon;
 pub mod fake_localapi;
+pub mod mcp_client;
 pub mod peers;
 pub mod rng;
