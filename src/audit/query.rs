@@ -790,6 +790,27 @@ impl Reader {
         Ok(self.query(&f)?.into_iter().next())
     }
 
+    /// Outcome rows with a chain position in (`after`, `through`], oldest first, at most
+    /// `limit`: each as (its position, its decision's position). One range of the outcomes'
+    /// primary key, each joined to its decision by id (the unique `decisions_id` index); the
+    /// live stream sends them so a `pending` row is updated in place. Outcomes whose decision
+    /// is not in the store are skipped.
+    pub fn outcomes_between(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, i64)>, AuditError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT o.seq, d.seq FROM outcomes o JOIN decisions d ON d.id = o.decision WHERE o.seq > ?1 AND o.seq <= ?2 ORDER BY o.seq LIMIT ?3",
+        )?;
+        let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(rusqlite::params![after, through, lim], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The last committed chain position (for `--follow`).
     pub fn head_seq(&self) -> Result<i64, AuditError> {
         Ok(store::tail(&self.conn)?.0)

@@ -1,6 +1,10 @@
-// The toolgate dashboard. Hand-written; the charts are drawn by the vendored uPlot.
-// Every number and row comes from the daemon already filtered by policy for this viewer; data
-// is only ever set as text, never as HTML.
+// The toolgate dashboard. Hand-written and loaded with `defer`; uPlot (the charts) is loaded
+// only when the Charts view opens. Every number and row comes from the daemon already filtered
+// by policy for this viewer; data is only ever set as text, never as HTML.
+//
+// The Live table arrives filled: the daemon renders the viewer's newest rows into the page, so
+// they paint before any script runs. This script adopts them, then opens the stream after the
+// chain position they were read at (#live-state[data-after]): no row twice, none missed.
 //
 // Stable hooks (tests/browser* target these; keep them):
 //   nav:      #nav a[data-view=live|agents|tools|policies|charts]   (the current one has .current)
@@ -8,9 +12,13 @@
 //             [data-view=...]; each non-live view has data-state = idle|loading|ready|error
 //             (ready once its data is painted); the shown view has no `hidden` attribute
 //   live:     form#filters (inputs name=principal,node,server,tool,effect,kind), #status,
-//             table#decisions tbody tr[data-id] (cells: time kind principal node server tool
-//             effect outcome latency), body[data-live=filling|painted] and the performance mark
-//             toolgate:live-painted once the backfill is painted, aside#detail with #d-id #d-effect #d-rule #d-reason
+//             table#decisions tbody tr[data-id][data-seq] (cells: time kind principal node
+//             server tool effect outcome latency; td.outcome and td.latency change when the
+//             row's outcome arrives on the stream), button#older ("load older", hidden when no
+//             older row is left), body[data-live=filling|painted] and the performance mark
+//             toolgate:live-painted at the frame that first painted the rows (the
+//             server-rendered rows: from Element Timing; after a filter change: the frame after
+//             the stream's backfill), aside#detail with #d-id #d-effect #d-rule #d-reason
 //             #d-outcome #d-latency #d-explain #d-arguments
 //   agents:   select#agents-window, #agents-source (rollups|rows),
 //             table#agents-principals tbody tr[data-principal] and table#agents-nodes tbody
@@ -27,9 +35,15 @@
 "use strict";
 
 const MAX_ROWS = 500;
+const PAGE_ROWS = 100;
 const REFRESH_MS = 15000;
 let source = null;
+// id -> the row as streamed (null for a server-rendered row: its detail is fetched), and its tr.
 const rows = new Map();
+const trs = new Map();
+// "Load older": the cursor of the next older page, and rows loaded that way (kept, not trimmed).
+let older = "";
+let olderRows = 0;
 
 function cell(tr, text, cls) {
   const td = document.createElement("td");
@@ -38,22 +52,30 @@ function cell(tr, text, cls) {
   tr.appendChild(td);
 }
 
+// Like the daemon's live::latency_text (the server-rendered rows).
 function latency(us) {
   if (us === null || us === undefined) return "";
-  return us >= 1000 ? (us / 1000).toFixed(1) + " ms" : us + " µs";
+  if (us < 1000) return us + " µs";
+  const tenths = Math.floor((us + 50) / 100);
+  return Math.floor(tenths / 10) + "." + (tenths % 10) + " ms";
 }
 
 function when(t) {
   return t ? t.replace("T", " ").replace("Z", "") : "";
 }
 
+function tbody() {
+  return document.querySelector("#decisions tbody");
+}
+
 // ---- Live decisions ----
 
-function addRow(row) {
-  if (rows.has(row.id)) return;
-  const body = document.querySelector("#decisions tbody");
+function addRow(row, atEnd) {
+  if (trs.has(row.id)) return;
+  const body = tbody();
   const tr = document.createElement("tr");
   tr.dataset.id = row.id;
+  tr.dataset.seq = row.seq;
   cell(tr, row.time.replace("T", " ").slice(0, 23));
   cell(tr, row.kind);
   cell(tr, row.principal);
@@ -61,15 +83,30 @@ function addRow(row) {
   cell(tr, row.server);
   cell(tr, row.tool || row.method);
   cell(tr, row.effect, row.effect);
-  cell(tr, row.outcome);
-  cell(tr, latency(row.latency_us));
-  tr.addEventListener("click", () => showDetail(row.id, tr));
-  body.insertBefore(tr, body.firstChild);
+  cell(tr, row.outcome, "outcome");
+  cell(tr, latency(row.latency_us), "latency");
+  if (atEnd) body.appendChild(tr);
+  else body.insertBefore(tr, body.firstChild);
   rows.set(row.id, row);
-  while (body.rows.length > MAX_ROWS) {
+  trs.set(row.id, tr);
+  while (body.rows.length > MAX_ROWS + olderRows) {
     const last = body.rows[body.rows.length - 1];
     rows.delete(last.dataset.id);
+    trs.delete(last.dataset.id);
     body.removeChild(last);
+  }
+}
+
+// A row's outcome arrived (`outcome` event): update it in place.
+function updateOutcome(o) {
+  const tr = trs.get(o.id);
+  if (!tr) return;
+  tr.querySelector("td.outcome").textContent = o.outcome;
+  tr.querySelector("td.latency").textContent = latency(o.latency_us);
+  const row = rows.get(o.id);
+  if (row) {
+    row.outcome = o.outcome;
+    row.latency_us = o.latency_us;
   }
 }
 
@@ -92,8 +129,9 @@ function fill(row) {
 async function showDetail(id, tr) {
   document.querySelectorAll("#decisions tr.selected").forEach((t) => t.classList.remove("selected"));
   tr.classList.add("selected");
-  fill(rows.get(id));
-  // The latest outcome and latency may have arrived after the row was streamed.
+  if (rows.get(id)) fill(rows.get(id));
+  // The latest outcome and latency may have arrived after the row was streamed; a
+  // server-rendered row carries only its cells.
   try {
     const r = await fetch("/api/audit?id=" + encodeURIComponent(id), { credentials: "same-origin" });
     if (!r.ok) return;
@@ -107,29 +145,138 @@ async function showDetail(id, tr) {
   }
 }
 
-function connect() {
-  if (source) source.close();
-  rows.clear();
-  document.querySelector("#decisions tbody").replaceChildren();
-  document.getElementById("detail").hidden = true;
+function filterParams() {
   const params = new URLSearchParams();
   new FormData(document.getElementById("filters")).forEach((v, k) => {
     if (v) params.set(k, v);
   });
+  return params;
+}
+
+function setOlder(cursor) {
+  older = cursor || "";
+  document.getElementById("older").hidden = !older;
+}
+
+// The next older page through /api/audit (keyset paging: `cursor` = the previous page's
+// `next`; a user's pages name their principal, so they walk the (principal, time) index, like
+// the backfill).
+async function loadOlder() {
+  const btn = document.getElementById("older");
+  if (!older || btn.disabled) return;
+  btn.disabled = true;
+  const params = filterParams();
+  const own = document.getElementById("live-state").dataset.own;
+  if (own && !params.has("principal")) params.set("principal", own);
+  params.set("limit", String(PAGE_ROWS));
+  params.set("cursor", older);
+  try {
+    const d = await getJSON("/api/audit?" + params.toString());
+    for (const r of d.rows) {
+      if (!trs.has(r.id)) olderRows++;
+      addRow(r, true);
+    }
+    setOlder(d.next);
+  } catch (e) {
+    set("status", "older: " + (e.message || e));
+  } finally {
+    btn.disabled = false;
+  }
+}
+
+// Marks the Live view painted once (body[data-live=painted] and the performance mark
+// toolgate:live-painted); `at` is the frame's time when known.
+function painted(at) {
+  if (document.body.dataset.live === "painted") return;
+  if (at === undefined) performance.mark("toolgate:live-painted");
+  else performance.mark("toolgate:live-painted", { startTime: at });
+  document.body.dataset.live = "painted";
+}
+
+// The frame after now (rows just put in the table by this script).
+function paintedNextFrame() {
+  requestAnimationFrame(() => setTimeout(() => painted(), 0));
+}
+
+// The server-rendered rows were painted before this script ran: each time cell carries
+// `elementtiming`, so the frame that painted the last of those in the viewport is known.
+// Without Element Timing (or no report within 3 s), the next frame is a late, safe bound.
+function markServerRowsPainted() {
+  const supported = typeof PerformanceObserver !== "undefined"
+    && (PerformanceObserver.supportedEntryTypes || []).includes("element");
+  const want = new Set();
+  for (const tr of tbody().rows) {
+    const r = tr.getBoundingClientRect();
+    if (r.bottom > 0 && r.top < window.innerHeight) want.add(tr);
+  }
+  if (!supported || want.size === 0) {
+    paintedNextFrame();
+    return;
+  }
+  let at = 0;
+  const obs = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      const tr = e.element && e.element.closest("tr");
+      if (e.identifier !== "row" || !tr || !want.has(tr)) continue;
+      want.delete(tr);
+      at = Math.max(at, e.renderTime || e.startTime);
+    }
+    if (want.size === 0) {
+      obs.disconnect();
+      painted(at);
+    }
+  });
+  obs.observe({ type: "element", buffered: true });
+  setTimeout(() => {
+    obs.disconnect();
+    paintedNextFrame();
+  }, 3000);
+}
+
+// The stream: after `after` (the rows in the table were read at it), or, without it, from
+// the stream's own backfill (a filter changed: the table starts empty).
+function connect(after) {
+  if (source) source.close();
+  const params = filterParams();
+  if (after === undefined) {
+    rows.clear();
+    trs.clear();
+    olderRows = 0;
+    tbody().replaceChildren();
+    document.getElementById("detail").hidden = true;
+    setOlder("");
+    document.body.dataset.live = "filling";
+  } else {
+    params.set("after", after);
+  }
   set("status", "connecting…");
   source = new EventSource("/api/audit/stream?" + params.toString());
   source.addEventListener("open", () => set("status", "live"));
   source.addEventListener("error", () => set("status", "reconnecting…"));
   source.addEventListener("decision", (e) => addRow(JSON.parse(e.data)));
-  // The backfill is in the table: once the frame showing it is painted, mark it (the browser
-  // tests and scripts/bench-dashboard read `toolgate:live-painted` and body[data-live]).
-  document.body.dataset.live = "filling";
-  source.addEventListener("backfilled", () => {
-    requestAnimationFrame(() => setTimeout(() => {
-      performance.mark("toolgate:live-painted");
-      document.body.dataset.live = "painted";
-    }, 0));
+  source.addEventListener("outcome", (e) => updateOutcome(JSON.parse(e.data)));
+  source.addEventListener("backfilled", (e) => {
+    const d = JSON.parse(e.data);
+    setOlder(d.next);
+    paintedNextFrame();
   });
+}
+
+// Adopts the server-rendered rows and streams on from where they were read.
+function startLive() {
+  document.body.dataset.live = "filling";
+  for (const tr of tbody().rows) {
+    rows.set(tr.dataset.id, null);
+    trs.set(tr.dataset.id, tr);
+  }
+  const state = document.getElementById("live-state").dataset;
+  if (state.after === "" || state.after === undefined) {
+    connect();
+    return;
+  }
+  setOlder(document.getElementById("older").dataset.before);
+  markServerRowsPainted();
+  connect(state.after);
 }
 
 // ---- JSON views ----
@@ -231,7 +378,8 @@ const views = {
     if (!form.elements.principal.value) form.elements.principal.value = document.getElementById("viewer").textContent;
   }),
   charts: () => load("charts", async () => {
-    const [h, d] = await Promise.all([
+    const [, h, d] = await Promise.all([
+      loadUPlot(),
       getJSON("/api/dashboard/chart?range=hour"),
       getJSON("/api/dashboard/chart?range=day"),
     ]);
@@ -242,6 +390,29 @@ const views = {
 };
 
 const charts = {};
+let uplot = null;
+
+// uPlot and its stylesheet, loaded once, the first time the Charts view opens.
+function loadUPlot() {
+  if (window.uPlot) return Promise.resolve();
+  if (!uplot) {
+    uplot = new Promise((resolve, reject) => {
+      const css = document.createElement("link");
+      css.rel = "stylesheet";
+      css.href = "/vendor/uPlot.min.css";
+      document.head.appendChild(css);
+      const js = document.createElement("script");
+      js.src = "/vendor/uPlot.iife.min.js";
+      js.onload = () => resolve();
+      js.onerror = () => {
+        uplot = null;
+        reject(new Error("uPlot did not load"));
+      };
+      document.head.appendChild(js);
+    });
+  }
+  return uplot;
+}
 
 function draw(id, s) {
   const el = document.getElementById(id);
@@ -334,7 +505,12 @@ document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("agents-window").addEventListener("change", () => views.agents());
   document.getElementById("tools-window").addEventListener("change", () => views.tools());
   document.getElementById("try-form").addEventListener("submit", tryDecision);
+  document.getElementById("older").addEventListener("click", loadOlder);
+  tbody().addEventListener("click", (e) => {
+    const tr = e.target.closest("tr[data-id]");
+    if (tr) showDetail(tr.dataset.id, tr);
+  });
   window.addEventListener("hashchange", show);
-  connect();
+  startLive();
   show();
 });

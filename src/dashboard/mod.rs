@@ -2,16 +2,24 @@
 //! embedded in the binary (no CDN, nothing fetched at run time), and the live stream of
 //! decisions it reads.
 //!
-//! - `GET /`: the page, server-rendered for the viewer (their principal and roles), plus
-//!   `/dashboard.js` and `/dashboard.css` (hand-written, [`include_str!`]-embedded).
+//! - `GET /`: the page, server-rendered for the viewer: their principal and roles, and the Live
+//!   table already filled with their newest readable rows ([`live::newest`], the query the
+//!   stream's backfill uses, narrowed by the page URL's filters), so it paints with no script
+//!   run. The page's head is sent before the rows are read, so the browser fetches
+//!   `/dashboard.css` and `/dashboard.js` (hand-written, [`include_str!`]-embedded, `defer`)
+//!   meanwhile. The page then opens the stream with `after` = the chain head the rows were read
+//!   at: nothing repeated, nothing missed. The request is audited like the stream's.
 //! - `GET /api/audit/stream`: Server-Sent Events, one `decision` event per audit row the
 //!   viewer may read (the `toolgate_audit`/`read` policy, asked per row by
 //!   [`crate::read_api::may_read`]: rows a viewer may not see never leave the daemon). Filters
 //!   `principal`, `node`, `server`, `tool`, `effect`, `kind` narrow it. Without `after` (or a
 //!   `Last-Event-ID`), it starts with the newest [`BACKFILL`] readable rows; then it sends each
-//!   new row once, in chain order. An event's `id` is the row's chain position, so a browser
-//!   that reconnects resumes where it stopped. The backfill ends with one `backfilled` event
-//!   (`{"rows":N}`), so the page knows when its table is filled (and marks it painted). The
+//!   new row once, in chain order, and one `outcome` event (`{"id","seq","outcome",
+//!   "latency_us"}`) when a row already sent gets its outcome, so a `pending` row is updated in
+//!   place. An event's `id` is its chain position, so a browser that reconnects resumes where it
+//!   stopped (a `Last-Event-ID` past `after` wins). The backfill ends with one `backfilled` event
+//!   (`{"rows":N,"next":cursor}`), so the page knows when its table is filled (and where "load
+//!   older" continues, through `/api/audit?cursor=..`). The
 //!   backfill is one newest-first index walk: for a viewer the policy lets read only their own
 //!   rows ([`crate::read_api::readable`]), the (principal, time) index, so a user owning 1% of
 //!   the store does not read the other 99%.
@@ -24,9 +32,10 @@
 //! missed. The other views are JSON read by the page: [`views`] (Agents, Tools, Charts,
 //! Policies) and [`explain`] (the "try a decision" form). The charts are drawn by uPlot, a
 //! vendored build embedded here ([`UPLOT_VERSION`], checked against the npm registry by
-//! `scripts/dashboard-assets check`).
+//! `scripts/dashboard-assets check`), which the page loads only when the Charts view opens.
 
 pub mod explain;
+pub mod live;
 pub mod views;
 
 use std::sync::Arc;
@@ -43,7 +52,7 @@ use crate::audit::query::{Filter, Reader};
 use crate::audit::record::Row;
 use crate::gateway::{Conn, Gateway};
 use crate::policy::input::Principal;
-use crate::read_api::{Readable, forbidden, may_read, query_pairs, readable};
+use crate::read_api::{forbidden, may_read, query_pairs};
 
 /// Rows a new stream starts with (the newest the viewer may read), at most.
 pub const BACKFILL: usize = 100;
@@ -113,37 +122,110 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// `GET /`: the page, for an identified viewer only.
-async fn page(State(gw): State<Arc<Gateway>>, Extension(conn): Extension<Conn>) -> Response {
+/// `GET /?principal=..&tool=..`: the page, for an identified viewer only, with their newest
+/// readable rows (see the module docs). The head goes out at once; the rows follow when read.
+/// A store that cannot be read, or filters the stream would refuse, leave the table empty and
+/// the page's script falls back to the stream's own backfill (which reports the error).
+async fn page(
+    State(gw): State<Arc<Gateway>>,
+    Extension(conn): Extension<Conn>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let Some(caller) = conn.caller.clone() else {
         return forbidden("no verified tailnet identity");
     };
+    let viewer = caller.principal.clone();
+    let filter = match parse_stream(query.as_deref().unwrap_or(""), None) {
+        Ok((f, None)) => Some(f),
+        _ => None,
+    };
+    if filter.is_some() {
+        let mut row = crate::gateway::AuditRow::new("check", &conn);
+        row.method = "GET /".into();
+        row.action = "read".into();
+        row.effect = crate::policy::model::Effect::Allow;
+        row.outcome = "answered".into();
+        row.reason = format!(
+            "the dashboard page with up to {BACKFILL} row(s), each authorized by policy toolgate_audit/read"
+        );
+        row.policy_hash = gw.store.current().hash.clone();
+        if gw.submit(row).is_err() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "audit unavailable").into_response();
+        }
+    }
     let hash = gw.store.current().hash.clone();
-    let html = render(&caller.principal, hash.get(..12).unwrap_or(&hash));
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-                ),
-            ),
-        ],
-        html,
-    )
-        .into_response()
+    let (head, tail) = render(&viewer, hash.get(..12).unwrap_or(&hash));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(2);
+    // Capacity 2: this first send never waits.
+    let _ = tx.try_send(Ok(bytes::Bytes::from(head)));
+    let db = gw.config.audit.sqlite.clone();
+    let own = live::own_principal(&gw, &viewer);
+    tokio::task::spawn_blocking(move || {
+        let newest = filter.and_then(|f| {
+            let got = Reader::open(&db)
+                .map_err(|e| e.to_string())
+                .and_then(|reader| live::newest(&gw, &reader, &f, &viewer, BACKFILL));
+            match got {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "GET /: the store failed; the page's stream backfills");
+                    None
+                }
+            }
+        });
+        let rest = render_rows(&tail, newest.as_ref(), own.as_deref());
+        let _ = tx.blocking_send(Ok(bytes::Bytes::from(rest)));
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    r
 }
 
-/// The page with the viewer's principal, roles and the policy snapshot filled in (escaped).
-fn render(viewer: &Principal, snapshot: &str) -> String {
-    PAGE.replace("{{principal}}", &escape(&viewer.id))
+/// The page with the viewer's principal, roles and the policy snapshot filled in (escaped),
+/// split where the Live table's rows go: (everything before them, the template after them).
+fn render(viewer: &Principal, snapshot: &str) -> (String, String) {
+    let page = PAGE
+        .replace("{{principal}}", &escape(&viewer.id))
         .replace("{{roles}}", &escape(&viewer.roles.join(", ")))
-        .replace("{{snapshot}}", &escape(snapshot))
+        .replace("{{snapshot}}", &escape(snapshot));
+    match page.split_once("{{rows}}") {
+        Some((head, tail)) => (head.to_string(), tail.to_string()),
+        None => (page, String::new()),
+    }
+}
+
+/// The rows (escaped, newest first) and the rest of the page: where the stream starts
+/// (`data-after`, empty when no rows were read), where "load older" continues
+/// (`data-older`), and the principal a user's rows are narrowed to (`data-own`).
+fn render_rows(tail: &str, newest: Option<&live::Newest>, own: Option<&str>) -> String {
+    let mut rows = String::new();
+    for r in newest.map(|n| n.rows.as_slice()).unwrap_or_default() {
+        live::row_html(&mut rows, r);
+    }
+    let after = newest.map(|n| n.head.to_string()).unwrap_or_default();
+    let older = newest
+        .and_then(|n| n.next.as_ref())
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    rows + &tail
+        .replace("{{after}}", &after)
+        .replace("{{older}}", &escape(&older))
+        .replace("{{own}}", &escape(own.unwrap_or("")))
+        .replace("{{count}}", &newest.map_or(0, |n| n.rows.len()).to_string())
 }
 
 /// HTML text escaping (element content and double-quoted attributes).
@@ -205,14 +287,19 @@ fn parse_stream(query: &str, last_event_id: Option<&str>) -> Result<(Filter, Opt
         }
     }
     let filter = Filter::from_pairs(pairs)?;
-    let after = match after.as_deref().or(last_event_id) {
-        None => None,
-        Some(v) => Some(
-            v.parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| format!("after: {v:?} is not a chain position"))?,
-        ),
+    let position = |v: &str| {
+        v.parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| format!("after: {v:?} is not a chain position"))
+    };
+    let after = after.as_deref().map(position).transpose()?;
+    // A browser reconnecting sends the URL it started with (its `after`) and the last event it
+    // got: resume from the later of the two.
+    let resumed = last_event_id.and_then(|v| position(v).ok());
+    let after = match (after, resumed) {
+        (Some(a), Some(r)) => Some(a.max(r)),
+        (a, r) => a.or(r),
     };
     Ok((filter, after))
 }
@@ -285,57 +372,33 @@ fn event(text: &mut String, row: &Row) {
     }
 }
 
-/// The newest [`BACKFILL`] rows the viewer may read at or before the chain head, oldest
-/// first, then the `backfilled` event; continues after the head. The query is narrowed to the
-/// rows the policy could let the viewer read ([`readable`]); each row is still checked.
+/// The newest [`BACKFILL`] rows the viewer may read at or before the chain head
+/// ([`live::newest`]), oldest first, then the `backfilled` event; continues after the head.
 fn backfill(
     gw: &Gateway,
     reader: &Reader,
     filter: &Filter,
     viewer: &Principal,
 ) -> Result<Batch, String> {
-    let head = reader.head_seq().map_err(|e| e.to_string())?;
-    let mut f = Filter {
-        before_seq: Some(head.saturating_add(1)),
-        ..filter.clone()
-    };
-    let mut rows = Vec::new();
-    let none = match readable(gw, viewer) {
-        Readable::All | Readable::Unknown => false,
-        Readable::Nothing => true,
-        Readable::Principal(p) => {
-            let other = f.principal.as_ref().is_some_and(|asked| *asked != p);
-            f.principal = Some(p);
-            other
-        }
-    };
-    if !none {
-        reader
-            .page(
-                &f,
-                BACKFILL,
-                crate::audit::query::PAGE_SCAN_BUDGET,
-                &mut |r| may_read(gw, viewer, r),
-                &mut |r| {
-                    rows.push(r);
-                    true
-                },
-            )
-            .map_err(|e| e.to_string())?;
-    }
+    let n = live::newest(gw, reader, filter, viewer, BACKFILL)?;
     let mut text = String::new();
-    for r in rows.iter().rev() {
+    for r in n.rows.iter().rev() {
         event(&mut text, r);
     }
-    text.push_str(&format!(
-        "event: backfilled\ndata: {{\"rows\":{}}}\n\n",
-        rows.len()
-    ));
-    Ok(Batch { text, after: head })
+    let done = serde_json::json!({
+        "rows": n.rows.len(),
+        "next": n.next.map(|c| c.to_string()),
+    });
+    text.push_str(&format!("event: backfilled\ndata: {done}\n\n"));
+    Ok(Batch {
+        text,
+        after: n.head,
+    })
 }
 
 /// The rows after chain position `after` that the viewer may read, oldest first, examining
-/// at most [`POLL_BATCH`].
+/// at most [`POLL_BATCH`], and the outcomes recorded since for rows already sent
+/// ([`live::outcome_events`]); all in chain order, up to the head read first.
 fn poll(
     gw: &Gateway,
     reader: &Reader,
@@ -343,12 +406,20 @@ fn poll(
     viewer: &Principal,
     after: i64,
 ) -> Result<Batch, String> {
+    let head = reader.head_seq().map_err(|e| e.to_string())?;
+    if head <= after {
+        return Ok(Batch {
+            text: String::new(),
+            after,
+        });
+    }
     let f = Filter {
         after_seq: Some(after),
+        before_seq: Some(head.saturating_add(1)),
         limit: None,
         ..filter.clone()
     };
-    let mut text = String::new();
+    let mut events: Vec<(i64, String)> = Vec::new();
     let mut last = after;
     let mut examined = 0usize;
     reader
@@ -356,12 +427,24 @@ fn poll(
             examined += 1;
             last = last.max(r.seq);
             if may_read(gw, viewer, &r) {
+                let mut text = String::new();
                 event(&mut text, &r);
+                events.push((r.seq, text));
             }
             examined < POLL_BATCH
         })
         .map_err(|e| e.to_string())?;
-    Ok(Batch { text, after: last })
+    let through = if examined >= POLL_BATCH { last } else { head };
+    let (outcomes, through) =
+        live::outcome_events(gw, reader, filter, viewer, after, through, POLL_BATCH)?;
+    events.retain(|(seq, _)| *seq <= through);
+    events.extend(outcomes);
+    events.sort_by_key(|(seq, _)| *seq);
+    let text = events.into_iter().map(|(_, t)| t).collect();
+    Ok(Batch {
+        text,
+        after: through,
+    })
 }
 
 /// Waits for the next commit; false when the writer stopped (never resolves without one).
@@ -482,7 +565,8 @@ mod tests {
         assert_eq!(f.tool, None);
         assert_eq!(a, None);
         assert_eq!(parse_stream("", Some("42")).unwrap().1, Some(42));
-        assert_eq!(parse_stream("after=7", Some("42")).unwrap().1, Some(7));
+        assert_eq!(parse_stream("after=7", Some("42")).unwrap().1, Some(42));
+        assert_eq!(parse_stream("after=50", Some("42")).unwrap().1, Some(50));
         assert!(
             parse_stream("after=-1", None)
                 .unwrap_err()
@@ -503,8 +587,9 @@ mod tests {
             roles: vec!["user".into()],
             ..Default::default()
         };
-        let html = render(&p, "abc");
-        assert!(html.contains("&lt;script&gt;"));
-        assert!(!html.contains("{{"));
+        let (head, tail) = render(&p, "abc");
+        assert!(head.contains("&lt;script&gt;"));
+        let html = head + &render_rows(&tail, None, None);
+        assert!(!html.contains("{{"), "{html}");
     }
 }
