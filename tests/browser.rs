@@ -4,12 +4,15 @@
 //! reports JSON and the assertions are here.
 //!
 //! Chromium connects from 127.0.0.1, so two daemons map 127.0.0.1 to two viewers: an admin
-//! (sees every row) and alice (a user: only her own rows). Each page: the Live view's backfill
-//! is painted, a row's detail opens, a decision made through the gateway after the page loaded
-//! shows without a reload, and a user never sees another principal's row; then the Agents,
-//! Tools, Policies and Charts views each open from the nav and reach `data-state=ready` (the
-//! user's Agents view names only alice). Screenshots of each view land in
-//! target/browser-screenshots/ (kept as CI artifacts).
+//! (sees every row) and alice (a user: only her own rows). Each page: the Live rows arrive in
+//! the HTML itself (server-rendered; a principal or tool name with markup in it shows as text),
+//! a row's detail opens, a row still `pending` when the page loaded shows its outcome once it
+//! is recorded, a decision made through the gateway after the page loaded shows without a
+//! reload, "load older" appends the next older rows, and a user never sees another principal's
+//! row; then the Agents, Tools, Policies and Charts views each open from the nav and reach
+//! `data-state=ready` (the user's Agents view names only alice; Charts loads uPlot only then,
+//! and draws). Screenshots of each view land in target/browser-screenshots/ (kept as CI
+//! artifacts).
 
 #![allow(
     clippy::unwrap_used,
@@ -23,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use toolgate::audit::{Effect, Kind, Record};
 use toolgate::daemon;
 
 mod support;
@@ -125,13 +130,61 @@ fn views() -> Value {
         .collect()
 }
 
-fn session(name: &str, base: &str, calls: &[(&str, &str)], expect_new: &[&str]) -> Value {
+fn session(
+    name: &str,
+    base: &str,
+    pending: &str,
+    calls: &[(&str, &str)],
+    expect_new: &[&str],
+) -> Value {
     let calls: Vec<Value> = calls
         .iter()
         .map(|(from, q)| json!({"from": from, "path": "/mcp/github", "body": tools_call(q)}))
         .collect();
-    json!({"name": name, "base": base, "calls": calls, "expect_new": expect_new, "views": views()})
+    json!({"name": name, "base": base, "pending": pending, "calls": calls,
+           "expect_new": expect_new, "views": views()})
 }
+
+/// Rows written straight to the audit store (as the gateway writes them).
+fn record(principal: &str, tool: &str, outcome: &str) -> Record {
+    let mut r = Record::new(Kind::Mcp, Effect::Allow);
+    r.principal = principal.into();
+    r.login = principal.into();
+    r.node = "alice-laptop.example.ts.net".into();
+    r.server = "github".into();
+    r.method = "tools/call".into();
+    r.tool = tool.into();
+    r.action = format!("tools/call::{tool}");
+    r.outcome = outcome.into();
+    r.explain = json!({"written": "by the test"});
+    r
+}
+
+/// More of alice's rows than a page holds (so "load older" has rows to load), a principal and
+/// a tool name with markup in them, and one of alice's calls still `pending`; returns its id.
+async fn seed(d: &Running) -> String {
+    for i in 0..150 {
+        d.audit
+            .submit(record(ALICE_ID, &format!("bulk_{i}"), "forwarded"))
+            .unwrap();
+    }
+    d.audit
+        .submit(record(XSS_PRINCIPAL, "search_repositories", "forwarded"))
+        .unwrap();
+    d.audit
+        .submit(record(ALICE_ID, XSS_TOOL, "forwarded"))
+        .unwrap();
+    let pending = d
+        .audit
+        .submit(record(ALICE_ID, "search_repositories", "pending"))
+        .unwrap();
+    pending.id().to_string()
+}
+
+const ALICE_ID: &str = "alice@example.com";
+/// Names that would run script if the page put them in as HTML (the CSP would also refuse).
+const XSS_PRINCIPAL: &str = "<script>window.__xss=1</script>@example.com";
+const XSS_TOOL: &str = "<img src=x onerror=\"window.__xss=2\">";
 
 fn principals(rows: &Value) -> Vec<String> {
     rows.as_array()
@@ -156,8 +209,11 @@ async fn dashboard_in_a_real_browser() {
     let t0 = Instant::now();
     let admin = start(BROWSER_ADMIN).await;
     let user = start(BROWSER_ALICE).await;
-    // Rows before the pages load (the backfill): one each by alice and bob.
+    // Rows before the pages load (server-rendered): alice's many, the markup names, a pending
+    // call, and one call each by alice and bob.
+    let mut pending = Vec::new();
     for d in [&admin, &user] {
+        pending.push(seed(d).await);
         call(ALICE, &d.base, "alice-before").await;
         call(BOB, &d.base, "bob-before").await;
         d.audit.flush().await.unwrap();
@@ -171,32 +227,55 @@ async fn dashboard_in_a_real_browser() {
         "budget_ms": BUDGET.as_millis() as u64,
         "sessions": [
             // The admin: bob's and alice's new decisions both show.
-            session("admin", &admin.base, &[(BOB, "bob-live"), (ALICE, "alice-live")],
+            session("admin", &admin.base, &pending[0], &[(BOB, "bob-live"), (ALICE, "alice-live")],
                     &["bob@example.com", "alice@example.com"]),
             // alice: bob's decision comes first in the chain; hers shows, his never does.
-            session("user", &user.base, &[(BOB, "bob-live"), (ALICE, "alice-live")],
+            session("user", &user.base, &pending[1], &[(BOB, "bob-live"), (ALICE, "alice-live")],
                     &["alice@example.com"]),
         ],
     });
     let spec_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(spec_file.path(), spec.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.cjs");
-    let child = tokio::process::Command::new("node")
+    let mut child = tokio::process::Command::new("node")
         .arg(&script)
         .arg(spec_file.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(BUDGET + Duration::from_secs(10), child)
-        .await
-        .unwrap_or_else(|_| panic!("the browser run took over {BUDGET:?}"))
+        .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let daemons = [(&admin, &pending[0]), (&user, &pending[1])];
+    // Each `{"await_outcome": session}` line: the page shows that session's pending row; record
+    // its outcome now. The last line is the report.
+    let run = async {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut last = String::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if let Some(name) = v["await_outcome"].as_str() {
+                let (d, id) = daemons[usize::from(name != "admin")];
+                d.audit
+                    .record_outcome(id, "forwarded", Some(4321), "")
+                    .unwrap();
+                continue;
+            }
+            last = line;
+        }
+        let out = child.wait_with_output().await.unwrap();
+        (last, out)
+    };
+    let (last, out) = tokio::time::timeout(BUDGET + Duration::from_secs(10), run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser run took over {BUDGET:?}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "dashboard.cjs failed ({}): {stderr}",
         out.status
     );
-    let report: Value = serde_json::from_slice(&out.stdout)
+    let report: Value = serde_json::from_str(&last)
         .unwrap_or_else(|e| panic!("dashboard.cjs printed no JSON ({e}): {stderr}"));
     let s = &report["sessions"];
 
@@ -222,7 +301,55 @@ async fn dashboard_in_a_real_browser() {
             "{name}: the detail shows no explain trace: {}",
             v["detail"]
         );
-        for shot in ["live", "live-detail", "live-new"] {
+        // Server-rendered: the rows are in the HTML, and no chart library was loaded for them.
+        assert!(
+            v["html_rows"].as_u64().unwrap() >= 100,
+            "{name}: {} rows in the HTML",
+            v["html_rows"]
+        );
+        assert_eq!(
+            v["uplot_at_load"], "undefined",
+            "{name}: uPlot loaded eagerly"
+        );
+        assert!(
+            v["scripts_at_load"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| !s.as_str().unwrap().contains("uPlot")),
+            "{name}: {}",
+            v["scripts_at_load"]
+        );
+        // The pending row: `pending` on the page, then its outcome, live.
+        assert_eq!(v["pending_before"], json!(["pending", ""]), "{name}");
+        assert_eq!(v["pending_after"], json!(["forwarded", "4.3 ms"]), "{name}");
+        // "Load older": older rows than any shown before, appended below, each once.
+        assert_eq!(v["older_visible"], true, "{name}");
+        let shown_min = v["all"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_i64().unwrap())
+            .min()
+            .unwrap();
+        let older = v["older"].as_array().unwrap();
+        assert!(!older.is_empty(), "{name}: load older loaded nothing");
+        for r in older {
+            assert!(r["seq"].as_i64().unwrap() < shown_min, "{name}: {r}");
+        }
+        let all = v["older_then"].as_array().unwrap();
+        let ids: std::collections::HashSet<&str> =
+            all.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), all.len(), "{name}: a row shows twice");
+        // Charts: uPlot was loaded when the view opened, and drew both charts.
+        assert_eq!(v["charts_drawn"]["uplot"], "function", "{name}");
+        assert!(
+            v["charts_drawn"]["canvases"].as_u64().unwrap() >= 2,
+            "{name}: {}",
+            v["charts_drawn"]
+        );
+        assert_eq!(v["xss"], Value::Null, "{name}: markup in a name ran");
+        for shot in ["live", "live-detail", "live-new", "live-older"] {
             let p = shots.join(format!("{name}-{shot}.png"));
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             assert!(len > 1000, "{}: no screenshot", p.display());
@@ -233,7 +360,7 @@ async fn dashboard_in_a_real_browser() {
     let a = &s[0];
     assert_eq!(a["viewer"], "admin@example.com");
     let before = principals(&a["backfill"]);
-    for p in ["alice@example.com", "bob@example.com"] {
+    for p in ["alice@example.com", "bob@example.com", XSS_PRINCIPAL] {
         assert!(before.iter().any(|x| x == p), "admin backfill: {before:?}");
     }
     let live = principals(&a["after"]);
@@ -245,7 +372,14 @@ async fn dashboard_in_a_real_browser() {
     // (bob's live row preceded hers in the chain, so had it been sent it would be there).
     let u = &s[1];
     assert_eq!(u["viewer"], "alice@example.com");
-    for key in ["backfill", "after", "all"] {
+    let tools: Vec<&str> = u["backfill"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["tool"].as_str().unwrap())
+        .collect();
+    assert!(tools.contains(&XSS_TOOL), "user backfill tools: {tools:?}");
+    for key in ["backfill", "after", "all", "older", "older_then"] {
         let ps = principals(&u[key]);
         assert!(!ps.is_empty(), "user {key}: no rows");
         assert!(

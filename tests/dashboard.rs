@@ -47,6 +47,8 @@ struct Stream {
     resp: reqwest::Response,
     buf: String,
     rows: Vec<Value>,
+    /// The `outcome` events (a row already sent got its outcome).
+    outcomes: Vec<Value>,
     /// The `backfilled` event's row count, and how many rows had arrived before it.
     backfilled: Option<(u64, usize)>,
 }
@@ -63,14 +65,20 @@ impl Stream {
             resp,
             buf: String::new(),
             rows: Vec::new(),
+            outcomes: Vec::new(),
             backfilled: None,
         }
     }
 
     /// Reads events until `done` holds for the rows so far (10 s deadline).
     async fn until(&mut self, what: &str, done: impl Fn(&[Value]) -> bool) {
+        self.until_with(what, |s| done(&s.rows)).await;
+    }
+
+    /// Reads events until `done` holds for the stream so far (10 s deadline).
+    async fn until_with(&mut self, what: &str, done: impl Fn(&Stream) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !done(&self.rows) {
+        while !done(self) {
             let left = deadline
                 .checked_duration_since(Instant::now())
                 .unwrap_or_else(|| panic!("no {what} on the stream within 10 s: {:?}", self.rows));
@@ -96,6 +104,7 @@ impl Stream {
                     name = match v {
                         "decision" => "decision",
                         "backfilled" => "backfilled",
+                        "outcome" => "outcome",
                         _ => "other",
                     };
                 } else if let Some(v) = line.strip_prefix("data: ") {
@@ -104,7 +113,13 @@ impl Stream {
                     id = Some(v.to_string());
                 }
             }
-            if name == "backfilled" {
+            if name == "outcome" {
+                let v: Value = serde_json::from_str(&data.unwrap()).unwrap();
+                // Its id is the outcome row's own chain position, after its decision's.
+                let at: i64 = id.unwrap().parse().unwrap();
+                assert!(at > v["seq"].as_i64().unwrap(), "{v}");
+                self.outcomes.push(v);
+            } else if name == "backfilled" {
                 let v: Value = serde_json::from_str(&data.unwrap()).unwrap();
                 self.backfilled = Some((v["rows"].as_u64().unwrap(), self.rows.len()));
             } else if name == "decision" {
@@ -617,5 +632,205 @@ async fn policies_view_and_the_try_a_decision_form() {
     bad["server"] = json!("nope");
     assert_eq!(post(CAROL_ADMIN, bad, "application/json").await.0, 400);
     assert_eq!(post(CAROL_ADMIN, form, "text/plain").await.0, 415);
+    stop_daemon(stop, server).await;
+}
+
+/// The HTML of `/` as `from` sees it.
+async fn page_html(from: [u8; 4], base: &str) -> String {
+    let r = client(from).get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.text().await.unwrap()
+}
+
+/// The value of the first `name="..."` attribute in `html`.
+fn attr<'a>(html: &'a str, name: &str) -> &'a str {
+    let key = format!("{name}=\"");
+    let at = html
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {html}"))
+        + key.len();
+    let end = html[at..].find('"').unwrap();
+    &html[at..at + end]
+}
+
+/// The ids of the server-rendered Live rows (`<tr data-id="..">`), newest first.
+fn rendered_ids(html: &str) -> Vec<String> {
+    html.split("<tr data-id=\"")
+        .skip(1)
+        .map(|s| s[..s.find('"').unwrap()].to_string())
+        .collect()
+}
+
+/// The ids of `principal`'s rows, as the admin reads them through `/api/audit`.
+async fn ids_of(base: &str, principal: &str) -> Vec<(String, i64)> {
+    let (status, v) = get_json(
+        CAROL_ADMIN,
+        &format!("{base}/api/audit?principal={principal}&limit=1000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The page arrives with the viewer's newest rows already in its table, server-rendered and
+/// escaped: a user's page holds none of another user's rows (not their principal, not their
+/// row ids), an admin's holds everyone's, and a name with markup in it is text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_renders_only_the_viewers_rows() {
+    let (_dir, base, stop, server, audit) = start().await;
+    call(ALICE, &base, "search_repositories", json!({"query": "a"})).await;
+    call(BOB, &base, "search_repositories", json!({"query": "b"})).await;
+    // A decision whose principal and tool carry markup (a name is whatever an identity says).
+    let mut r =
+        toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Deny);
+    r.principal = "<script>alert(1)</script>@example.com".into();
+    r.server = "github".into();
+    r.method = "tools/call".into();
+    r.tool = "<img src=x onerror=alert(2)>".into();
+    r.outcome = "denied".into();
+    audit.submit(r).unwrap();
+    audit.flush().await.unwrap();
+
+    let alice = page_html(ALICE, &base).await;
+    let ids = rendered_ids(&alice);
+    assert!(!ids.is_empty(), "{alice}");
+    assert!(alice.contains("<td>alice@example.com</td>"), "{alice}");
+    assert!(!alice.contains("bob@example.com"), "{alice}");
+    assert!(!alice.contains("alert("), "{alice}");
+    let bobs = ids_of(&base, "bob@example.com").await;
+    assert!(!bobs.is_empty());
+    for (id, _) in &bobs {
+        assert!(
+            !alice.contains(id.as_str()),
+            "bob's row {id} in alice's page"
+        );
+    }
+    let alices = ids_of(&base, "alice@example.com").await;
+    for id in &ids {
+        assert!(alices.iter().any(|(a, _)| a == id), "{id} is not alice's");
+    }
+    // She reads only her own rows: "load older" asks /api/audit for them by principal.
+    assert_eq!(attr(&alice, "data-own"), "alice@example.com");
+
+    let admin = page_html(CAROL_ADMIN, &base).await;
+    assert!(admin.contains("<td>bob@example.com</td>"), "{admin}");
+    assert!(admin.contains("<td>alice@example.com</td>"), "{admin}");
+    assert!(
+        admin.contains("<td>&lt;script&gt;alert(1)&lt;/script&gt;@example.com</td>"),
+        "{admin}"
+    );
+    assert!(admin.contains("<td>&lt;img src=x onerror=alert(2)&gt;</td>"));
+    assert!(!admin.contains("<script>alert") && !admin.contains("<img src=x"));
+    assert_eq!(attr(&admin, "data-own"), "");
+    // The page's filters narrow the rendered rows like the stream's.
+    let r = client(CAROL_ADMIN)
+        .get(format!("{base}/?principal=bob@example.com&kind=mcp"))
+        .send()
+        .await
+        .unwrap();
+    let only_bob = r.text().await.unwrap();
+    assert!(only_bob.contains("<td>bob@example.com</td>"));
+    assert!(
+        !only_bob.contains("<td>alice@example.com</td>"),
+        "{only_bob}"
+    );
+    stop_daemon(stop, server).await;
+}
+
+/// The page's stream starts after the chain position its rows were read at: a row committed
+/// between the page and the stream arrives (no gap), no rendered row comes again (no
+/// duplicate); and when a row already shown gets its outcome, an `outcome` event says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_continues_after_the_rendered_rows() {
+    let (_dir, base, stop, server, audit) = start().await;
+    call(ALICE, &base, "search_repositories", json!({"query": "a-1"})).await;
+    call(BOB, &base, "search_repositories", json!({"query": "b-1"})).await;
+    // A decision still waiting for its outcome.
+    let mut r =
+        toolgate::audit::Record::new(toolgate::audit::Kind::Mcp, toolgate::audit::Effect::Allow);
+    r.principal = "alice@example.com".into();
+    r.server = "github".into();
+    r.method = "tools/call".into();
+    r.tool = "search_repositories".into();
+    r.outcome = "pending".into();
+    let pending = audit.submit(r).unwrap().id().to_string();
+    audit.flush().await.unwrap();
+
+    let html = page_html(ALICE, &base).await;
+    let shown = rendered_ids(&html);
+    let after: i64 = attr(&html, "data-after").parse().unwrap();
+    assert!(shown.contains(&pending), "{html}");
+    assert!(
+        html.contains("<td class=\"outcome\">pending</td>"),
+        "{html}"
+    );
+    // Every row of alice's up to `after` is on the page (fewer than a page of them).
+    for (id, seq) in ids_of(&base, "alice@example.com").await {
+        if seq <= after {
+            assert!(
+                shown.contains(&id),
+                "alice's row {id} (seq {seq}) is missing"
+            );
+        }
+    }
+
+    // Committed after the page was rendered, before its stream opens.
+    call(BOB, &base, "search_repositories", json!({"query": "b-2"})).await;
+    call(ALICE, &base, "search_repositories", json!({"query": "a-2"})).await;
+    audit.flush().await.unwrap();
+    let mut s = Stream::open(ALICE, &format!("{base}/api/audit/stream?after={after}")).await;
+    s.until("the row committed in between", |r| {
+        has_call(r, "alice@example.com", "a-2")
+    })
+    .await;
+    audit
+        .record_outcome(&pending, "forwarded", Some(1234), "")
+        .unwrap();
+    audit.flush().await.unwrap();
+    s.until_with("the pending row's outcome", |s| {
+        s.outcomes.iter().any(|o| o["id"] == pending.as_str())
+    })
+    .await;
+    let o = s
+        .outcomes
+        .iter()
+        .find(|o| o["id"] == pending.as_str())
+        .unwrap();
+    assert_eq!(o["outcome"], "forwarded", "{o}");
+    assert_eq!(o["latency_us"], 1234, "{o}");
+    // No duplicate: nothing on the page comes again; only alice's rows, each once.
+    for r in &s.rows {
+        let id = r["id"].as_str().unwrap().to_string();
+        assert!(
+            !shown.contains(&id),
+            "{id} was on the page and streamed again"
+        );
+        assert!(r["seq"].as_i64().unwrap() > after);
+        assert_eq!(r["principal"], "alice@example.com", "{r}");
+    }
+    let ids: std::collections::HashSet<&str> =
+        s.rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), s.rows.len(), "a row came twice");
+    // Outcomes of others' rows never reach alice.
+    for o in &s.outcomes {
+        assert!(
+            ids_of(&base, "alice@example.com")
+                .await
+                .iter()
+                .any(|(id, _)| o["id"] == id.as_str()),
+            "{o}"
+        );
+    }
+    drop(s);
     stop_daemon(stop, server).await;
 }
