@@ -2,10 +2,12 @@
 //! dashboard`). With 1,000,000 decisions in the audit store (100 principals: each owns 1%), the
 //! daemon serves the page and a real headless Chromium (tests/browser/paint.cjs, the peers of
 //! `scripts/peers-browser`) loads it; the figure is the time from navigation start to the
-//! page's `toolgate:live-painted` mark (the Live table filled by the stream's backfill and that
-//! frame painted), median over runs, for an admin and for a user owning 1% of the rows. Target:
-//! ≤ 200 ms. Also: the stream's backfill alone (request → `backfilled` event) and, for the
-//! user, what the backfill cost before it went to the (principal, time) index.
+//! page's `toolgate:live-painted` mark (the frame that first painted the Live rows, which the
+//! daemon renders into the page's HTML; the page reads that frame's time from Element Timing),
+//! median over runs, for an admin and for a user owning 1% of the rows. Target: ≤ 200 ms.
+//! Also: the page's HTML alone (request → last byte, rows included), the stream's backfill
+//! alone (request → `backfilled` event; the page no longer waits for it) and, for the user,
+//! what the backfill cost before it went to the (principal, time) index.
 //!
 //! The store is built once through the audit writer under the cargo target tmp dir and reused.
 //! `TOOLGATE_BENCH_QUICK=1`: 20,000 rows and 5 runs (a smoke run). `TOOLGATE_BENCH_RUNS=N`.
@@ -194,6 +196,23 @@ async fn start(db: &Path, identity: &str) -> Running {
     }
 }
 
+/// The page's HTML alone (its rows rendered in): the request until its last byte, in ms, and
+/// how many rows it holds.
+async fn html_ms(addr: SocketAddr) -> (f64, usize) {
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 1]))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let resp = client.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.unwrap();
+    (
+        t.elapsed().as_secs_f64() * 1e3,
+        text.matches("<tr data-id=").count(),
+    )
+}
+
 /// The stream's backfill alone: the request until its `backfilled` event, in ms.
 async fn backfill_ms(addr: SocketAddr) -> (f64, u64) {
     let client = reqwest::Client::builder()
@@ -296,10 +315,15 @@ fn main() {
             let d = start(&db, &identity).await;
             let mut stream = Vec::new();
             let mut streamed = 0;
+            let mut html = Vec::new();
+            let mut rendered = 0;
             for _ in 0..runs {
                 let (ms, n) = backfill_ms(d.addr).await;
                 stream.push(ms);
                 streamed = n;
+                let (ms, n) = html_ms(d.addr).await;
+                html.push(ms);
+                rendered = n;
             }
             let spec = json!({"playwright": modules, "chromium": chromium,
                               "url": format!("http://{}/", d.addr), "runs": runs + 1});
@@ -318,13 +342,13 @@ fn main() {
             let report: Value = serde_json::from_slice(&out.stdout).unwrap();
             let loads = report["runs"].as_array().unwrap();
             let pick = |k: &str| -> Vec<f64> {
-                loads[1..].iter().map(|r| r[k].as_f64().unwrap()).collect()
+                loads[1..].iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect()
             };
             let mut painted = pick("painted_ms");
             let mut dcl = pick("dom_content_loaded_ms");
             let shown = loads[1]["rows"].as_u64().unwrap_or(0);
             let mut steps = String::new();
-            for k in ["response_end_ms", "stream_created_ms", "stream_open_ms", "first_row_ms", "backfilled_ms"] {
+            for k in ["response_start_ms", "response_end_ms", "first_contentful_paint_ms", "stream_created_ms", "stream_open_ms"] {
                 steps.push_str(&format!(" {} {:.1};", k.trim_end_matches("_ms"), median(&mut pick(k))));
             }
             let (lo, hi) = (
@@ -332,9 +356,10 @@ fn main() {
                 painted.iter().cloned().fold(0.0, f64::max),
             );
             println!(
-                "  {name}: Live view painted {:.1} ms after navigation start (median; min {lo:.1}, max {hi:.1}; DOMContentLoaded {:.1};{steps}); {shown} rows shown; the stream's backfill alone {:.1} ms (median, {streamed} rows) -> target 200 ms {}",
+                "  {name}: Live view painted {:.1} ms after navigation start (median; min {lo:.1}, max {hi:.1}; DOMContentLoaded {:.1};{steps}); {shown} rows shown; the page's HTML alone {:.1} ms ({rendered} rows in it); the stream's backfill alone {:.1} ms (median, {streamed} rows) -> target 200 ms {}",
                 median(&mut painted),
                 median(&mut dcl),
+                median(&mut html),
                 median(&mut stream),
                 if median(&mut painted) <= 200.0 { "met" } else { "MISSED" }
             );
