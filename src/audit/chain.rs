@@ -112,12 +112,17 @@ pub(crate) fn set_head(
     seq: i64,
     hash: &[u8; 32],
 ) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?1)")?
-        .execute(params![format!(
-            "{seq}:{}:{}",
-            hex(hash),
-            hex(&head_mac(key, seq, hash))
-        )])?;
+    let value = format!("{seq}:{}:{}", hex(hash), hex(&head_mac(key, seq, hash)));
+    // An UPDATE in place dirties the one `meta` table page; `INSERT OR REPLACE` (a delete and
+    // an insert under a new rowid) also dirtied the key's index page, one more WAL page on
+    // every commit.
+    let updated = conn
+        .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'head'")?
+        .execute(params![value])?;
+    if updated == 0 {
+        conn.prepare_cached("INSERT INTO meta (key, value) VALUES ('head', ?1)")?
+            .execute(params![value])?;
+    }
     Ok(())
 }
 

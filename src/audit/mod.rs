@@ -104,6 +104,10 @@ pub struct Settings {
     pub redactor: Redactor,
     /// The chain key file (`audit.key_file`; default `audit.key` next to the database).
     pub key_file: PathBuf,
+    /// The writer connection's page cache, KiB ([`writer::WRITER_CACHE_KIB`]; benchmarks vary
+    /// it).
+    #[doc(hidden)]
+    pub cache_kib: u32,
 }
 
 impl Settings {
@@ -129,6 +133,7 @@ impl Settings {
                 .key_file
                 .clone()
                 .unwrap_or_else(|| key::default_path(&cfg.sqlite)),
+            cache_kib: writer::WRITER_CACHE_KIB,
         }
     }
 

@@ -8,12 +8,14 @@
 //! for more rows. Each queued row is one [`CompactRow`] (one allocation, packed and digested on
 //! the submitting thread); statements are prepared once per connection and lookups are cached.
 //!
-//! Outcome rows (what happened after an allowed call) are never waited for and never get a
-//! channel. They never start a commit of their own while decisions flow: they ride with the next
-//! decision's transaction, so a call's decision commit never waits behind a separate outcome
-//! commit. On an idle gateway a timer commits them within [`OUTCOME_FLUSH`] (50 ms), so no call
-//! stays `pending`. A kill -9 can lose uncommitted outcome rows (never an acknowledged decision):
-//! the next start marks those calls `unknown`.
+//! Outcome rows (what happened after an allowed call) are never waited for, never get a
+//! channel and never wake the writer: they go to a side buffer ([`OutcomeBuffer`], a mutex and a
+//! vector) that the writer drains into its next transaction, so a tools/call costs the writer
+//! one wake-up (its decision), not two. They never start a commit of their own while decisions
+//! flow, so a call's decision commit never waits behind a separate outcome commit. On an idle
+//! gateway the writer's timer tick ([`OUTCOME_FLUSH`], 50 ms) commits them, so no call stays
+//! `pending` for more than about that. A kill -9 can lose uncommitted outcome rows (never an
+//! acknowledged decision): the next start marks those calls `unknown`.
 //!
 //! Failure: a failed commit answers every waiting ticket of that batch with
 //! [`AuditError::Unavailable`] (the gateway answers 503 and forwards nothing), marks the store
@@ -50,9 +52,67 @@ pub struct Committed {
 type Reply0 = Result<Committed, AuditError>;
 type Reply = oneshot::Sender<Reply0>;
 
-/// How long an outcome row may wait for a decision commit to ride with before the writer
-/// commits it on its own (an idle gateway): well inside the 100 ms promised to readers.
+/// The writer's timer tick while no row arrives: buffered outcome rows commit on it (an idle
+/// gateway), well inside the 100 ms promised to readers.
 pub const OUTCOME_FLUSH: Duration = Duration::from_millis(50);
+
+/// The side buffer's bound is the queue's, but never below this: an outcome row is refused
+/// (and its call left `pending`) only when this many wait for one commit.
+const OUTCOME_BUFFER_MIN: usize = 4096;
+
+/// Outcome rows waiting for the writer's next transaction. Submitting one takes the lock for a
+/// push and wakes nobody; the writer swaps the vector out when it commits or on its tick.
+struct OutcomeBuffer {
+    rows: Mutex<Vec<Pending>>,
+    cap: usize,
+}
+
+impl OutcomeBuffer {
+    fn new(queue: usize) -> OutcomeBuffer {
+        OutcomeBuffer {
+            rows: Mutex::new(Vec::new()),
+            cap: queue.max(OUTCOME_BUFFER_MIN),
+        }
+    }
+
+    /// Queues `p`; false (and `p` dropped) when the buffer is full.
+    fn push(&self, p: Pending) -> bool {
+        let Ok(mut g) = self.rows.lock() else {
+            return false;
+        };
+        if g.len() >= self.cap {
+            return false;
+        }
+        g.push(p);
+        true
+    }
+
+    /// Appends everything buffered to `into` (in submission order).
+    fn drain_into(&self, into: &mut Vec<Pending>) {
+        if let Ok(mut g) = self.rows.lock() {
+            if into.is_empty() {
+                std::mem::swap(&mut *g, into);
+            } else {
+                into.append(&mut g);
+            }
+        }
+    }
+
+    /// Puts rows taken by [`OutcomeBuffer::drain_into`] back in front of newer ones.
+    fn put_back(&self, mut rows: Vec<Pending>) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Ok(mut g) = self.rows.lock() {
+            rows.append(&mut g);
+            *g = rows;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.lock().map(|g| g.len()).unwrap_or(0)
+    }
+}
 
 enum TicketState {
     Ready(Result<Committed, AuditError>),
@@ -135,6 +195,8 @@ pub(crate) struct Shared {
     pub pruned_rows: AtomicU64,
     pub head_seq: AtomicI64,
     pub commit_us_total: AtomicU64,
+    /// Times the writer thread was woken by a queued message (not by its timer).
+    pub woken: AtomicU64,
     pub shipping: AtomicBool,
     pub ship_healthy: AtomicBool,
     pub shipped_seq: AtomicI64,
@@ -163,6 +225,7 @@ impl Shared {
             pruned_rows: AtomicU64::new(0),
             head_seq: AtomicI64::new(0),
             commit_us_total: AtomicU64::new(0),
+            woken: AtomicU64::new(0),
             shipping: AtomicBool::new(false),
             ship_healthy: AtomicBool::new(true),
             shipped_seq: AtomicI64::new(0),
@@ -341,6 +404,7 @@ impl Metrics {
 
 struct Inner {
     tx: SyncSender<Msg>,
+    outcomes: Arc<OutcomeBuffer>,
     shared: Arc<Shared>,
     mode: AuditMode,
     gateway: String,
@@ -380,8 +444,19 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// The writer connection's page cache (KiB). Every insert touches the right edge of the table
+/// and of the time index, and one leaf per distinct caller in each of the principal and node
+/// indexes (and the rollups): with 1,000 callers that is ~2,000 hot 4 KiB pages, so the old
+/// 8 MiB cache evicted pages that the next batch read back (docs/benchmarks.md). The cache
+/// grows only as pages are used: a gateway with few callers stays small.
+pub const WRITER_CACHE_KIB: u32 = 32 * 1024;
+
 /// Opens the write connection with the store's pragmas.
-pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+pub(crate) fn open_write(
+    path: &Path,
+    durability: Durability,
+    cache_kib: u32,
+) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -397,10 +472,8 @@ pub(crate) fn open_write(path: &Path, durability: Durability) -> rusqlite::Resul
         Durability::Normal => "NORMAL",
         Durability::Full => "FULL",
     };
-    // cache_size 8 MiB: inserts touch only the right edge of the table and the hot index
-    // pages; 64 MiB bought no speed and was a third of the daemon's RSS after a load run.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES};"
+        "PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES};"
     ))?;
     conn.set_prepared_statement_cache_capacity(32);
     super::rollup::register(&conn)?;
@@ -504,7 +577,8 @@ impl AuditLog {
         super::prepare_dir(&path).map_err(err)?;
         let lock = take_lock(&path).map_err(err)?;
         let key = super::key::load_or_create(&settings.key_file).map_err(err)?;
-        let mut conn = open_write(&path, settings.durability).map_err(|e| err(e.to_string()))?;
+        let mut conn = open_write(&path, settings.durability, settings.cache_kib)
+            .map_err(|e| err(e.to_string()))?;
         restrict_file(&path);
         migrate::sqlite(&mut conn, &key).map_err(err)?;
         conn.execute(
@@ -528,11 +602,14 @@ impl AuditLog {
             .shipped_seq
             .store(shipped.unwrap_or(0), Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(settings.queue);
+        let outcomes = Arc::new(OutcomeBuffer::new(settings.queue));
         let writer = Writer {
             conn,
+            outcomes: outcomes.clone(),
             _lock: lock,
             path: path.clone(),
             durability: settings.durability,
+            cache_kib: settings.cache_kib,
             max_bytes: settings.max_db_bytes,
             rx,
             shared: shared.clone(),
@@ -595,6 +672,7 @@ impl AuditLog {
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 tx,
+                outcomes,
                 shared,
                 mode: settings.mode,
                 gateway: settings.gateway,
@@ -667,9 +745,10 @@ impl AuditLog {
     /// `upstream_error:<kind>`, ...), as its own chained row; queries merge the latest outcome
     /// into the decision. `detail` is scrubbed of secrets and capped.
     ///
-    /// Nothing waits for an outcome row: it commits with the next decision's transaction, or
-    /// on its own within [`OUTCOME_FLUSH`] when no decision comes (an idle gateway), so no
-    /// call stays `pending`. `Err` only when the queue is full or the writer has stopped.
+    /// Nothing waits for an outcome row and it wakes no thread: it commits with the next
+    /// decision's transaction, or on the writer's tick ([`OUTCOME_FLUSH`]) when no decision
+    /// comes (an idle gateway), so no call stays `pending`. `Err` only when the outcome buffer
+    /// is full or the writer has stopped.
     pub fn record_outcome(
         &self,
         decision_id: &str,
@@ -735,6 +814,17 @@ impl AuditLog {
             reply,
             acked: !wait && decision,
         };
+        if !decision {
+            if inner.shared.stop.load(Ordering::Relaxed) {
+                return Err(AuditError::Closed);
+            }
+            if !inner.outcomes.push(pending) {
+                inner.shared.rejected_full.fetch_add(1, Ordering::Relaxed);
+                return Err(AuditError::QueueFull);
+            }
+            inner.shared.submitted.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         inner.shared.queued.fetch_add(1, Ordering::Relaxed);
         match inner.tx.try_send(Msg::Write(pending)) {
             Ok(()) => {
@@ -799,7 +889,20 @@ impl AuditLog {
         self.inner.shared.committed.subscribe()
     }
 
-    /// Rows waiting for the writer now.
+    /// Outcome rows waiting for the writer's next transaction (not counted in
+    /// [`AuditLog::queue_depth`]: they never hold a call back).
+    pub fn outcomes_buffered(&self) -> usize {
+        self.inner.outcomes.len()
+    }
+
+    /// How often the writer thread was woken by a queued message so far (a decision, a flush,
+    /// ...; not its timer ticks): outcome rows never wake it.
+    #[doc(hidden)]
+    pub fn writer_wakeups(&self) -> u64 {
+        self.inner.shared.woken.load(Ordering::Relaxed)
+    }
+
+    /// Decision rows waiting for the writer now.
     pub fn queue_depth(&self) -> usize {
         usize::try_from(self.inner.shared.queued.load(Ordering::Relaxed)).unwrap_or(0)
     }
@@ -858,8 +961,11 @@ struct Writer {
     _lock: Connection,
     path: PathBuf,
     durability: Durability,
+    cache_kib: u32,
     max_bytes: Option<u64>,
     rx: Receiver<Msg>,
+    /// Outcome rows submitted since the last drain.
+    outcomes: Arc<OutcomeBuffer>,
     shared: Arc<Shared>,
     sync: bool,
     batch_rows: usize,
@@ -894,22 +1000,8 @@ struct Batch {
     rows: Vec<Pending>,
     /// Decisions among `rows`: any one makes the batch commit now.
     decisions: usize,
-    /// When the oldest uncommitted outcome row must commit even if no decision comes.
-    outcomes_due: Option<Instant>,
     /// Flush and prune requests, answered after the commit.
     after: Vec<After>,
-}
-
-impl Batch {
-    fn due(&self, now: Instant) -> bool {
-        self.outcomes_due.is_some_and(|d| now >= d)
-    }
-
-    fn take_rows(&mut self) -> Vec<Pending> {
-        self.decisions = 0;
-        self.outcomes_due = None;
-        std::mem::take(&mut self.rows)
-    }
 }
 
 /// Errors after which the connection is reopened (not disk-full or busy).
@@ -925,29 +1017,37 @@ impl Writer {
     fn run(mut self) {
         let mut shutdown = false;
         let mut b = Batch::default();
+        // Outcome rows taken from the side buffer for the next transaction.
+        let mut outcomes: Vec<Pending> = Vec::new();
         while !shutdown {
-            let now = Instant::now();
-            let mut tick = if self.prune_more {
+            let tick = if self.prune_more {
                 Duration::ZERO
             } else {
-                Duration::from_millis(500)
+                OUTCOME_FLUSH
             };
-            if let Some(due) = b.outcomes_due {
-                tick = tick.min(due.saturating_duration_since(now));
-            }
-            match self.rx.recv_timeout(tick) {
-                Ok(m) => shutdown = self.take(m, &mut b),
+            let first = self.rx.recv_timeout(tick);
+            // Take the buffered outcome rows before draining the queue: each was submitted after
+            // its decision was queued, so once the queue has been seen empty below, every
+            // decision these rows refer to is in this batch or already committed, and the chain
+            // never holds an outcome before its decision.
+            self.outcomes.drain_into(&mut outcomes);
+            match first {
+                Ok(m) => {
+                    self.shared.woken.fetch_add(1, Ordering::Relaxed);
+                    shutdown = self.take(m, &mut b);
+                }
                 Err(RecvTimeoutError::Timeout) => {
-                    if !b.due(Instant::now()) {
+                    if outcomes.is_empty() {
                         self.idle();
                         continue;
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => shutdown = true,
             }
             // Group commit: take what else is queued (and, in `async` mode, linger for more
-            // decisions). Outcome rows alone never start a commit: they wait for a decision.
+            // decisions). Outcome rows alone never start a commit while a message keeps coming.
             let started = Instant::now();
+            let mut drained = false;
             while !shutdown && b.rows.len() < self.batch_rows && b.after.is_empty() {
                 let m = match self.rx.try_recv() {
                     Ok(m) => m,
@@ -963,11 +1063,18 @@ impl Writer {
                         };
                         let waited = started.elapsed();
                         if b.decisions == 0 || waited >= linger {
+                            drained = true;
                             break;
                         }
                         match self.rx.recv_timeout(linger - waited) {
-                            Ok(m) => m,
-                            Err(RecvTimeoutError::Timeout) => break,
+                            Ok(m) => {
+                                self.shared.woken.fetch_add(1, Ordering::Relaxed);
+                                m
+                            }
+                            Err(RecvTimeoutError::Timeout) => {
+                                drained = true;
+                                break;
+                            }
                             Err(RecvTimeoutError::Disconnected) => {
                                 shutdown = true;
                                 break;
@@ -977,15 +1084,27 @@ impl Writer {
                 };
                 shutdown = self.take(m, &mut b);
             }
+            if shutdown || !b.after.is_empty() {
+                // A flush (or the last commit) covers every outcome row submitted before it:
+                // all queued messages ahead of it are taken, so their decisions are here too.
+                self.outcomes.drain_into(&mut outcomes);
+            } else if !drained {
+                // The batch filled up with the queue not seen empty: some of these rows'
+                // decisions may still be queued. They go with the next transaction.
+                self.outcomes.put_back(std::mem::take(&mut outcomes));
+            }
             let commit_now = shutdown
                 || b.decisions > 0
                 || !b.after.is_empty()
-                || b.rows.len() >= self.batch_rows
-                || b.due(Instant::now());
+                || !outcomes.is_empty()
+                || b.rows.len() >= self.batch_rows;
             if !commit_now {
                 continue;
             }
-            self.commit(b.take_rows());
+            let mut rows = std::mem::take(&mut b.rows);
+            b.decisions = 0;
+            rows.append(&mut outcomes);
+            self.commit(rows);
             for a in std::mem::take(&mut b.after) {
                 match a {
                     After::Flush(t) => {
@@ -1001,8 +1120,11 @@ impl Writer {
                 self.prune_step();
             }
         }
-        if !b.rows.is_empty() || self.watermark.is_some() {
-            self.commit(b.take_rows());
+        self.outcomes.drain_into(&mut outcomes);
+        if !b.rows.is_empty() || !outcomes.is_empty() || self.watermark.is_some() {
+            let mut rows = std::mem::take(&mut b.rows);
+            rows.append(&mut outcomes);
+            self.commit(rows);
         }
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
         self.log_head(true);
@@ -1067,8 +1189,6 @@ impl Writer {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                 if p.row.event == Event::Decision {
                     b.decisions += 1;
-                } else if b.outcomes_due.is_none() {
-                    b.outcomes_due = Some(Instant::now() + OUTCOME_FLUSH);
                 }
                 b.rows.push(p);
             }
@@ -1211,7 +1331,7 @@ impl Writer {
     }
 
     fn reopen(&mut self) {
-        match open_write(&self.path, self.durability) {
+        match open_write(&self.path, self.durability, self.cache_kib) {
             Ok(c) => {
                 if set_max_bytes(&c, self.max_bytes).is_ok()
                     && let Ok((s, h)) = chain::tail(&c)
