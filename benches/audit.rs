@@ -9,7 +9,8 @@
 //! 3. Filtered query latency over 1,000,000 decisions (p50/p99 per query, then criterion).
 //!
 //! The 1M-row database is built once under the cargo target tmp dir and reused.
-//! `TOOLGATE_BENCH_QUICK=1` shrinks every size for a smoke run.
+//! `TOOLGATE_BENCH_QUICK=1` shrinks every size for a smoke run; `TOOLGATE_BENCH_CACHE_KIB=N`
+//! sets the writer's page cache (default: the shipped `WRITER_CACHE_KIB`).
 
 #![allow(
     clippy::unwrap_used,
@@ -129,6 +130,13 @@ fn settings(path: &Path, mode: AuditMode, durability: Durability) -> Settings {
     s.gateway = "bench".into();
     s.batch_rows = 1024;
     s.queue = 8192;
+    // `TOOLGATE_BENCH_CACHE_KIB=8192` measures another writer page cache than the shipped one.
+    if let Some(kib) = std::env::var("TOOLGATE_BENCH_CACHE_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        s.cache_kib = kib;
+    }
     s
 }
 
@@ -329,7 +337,7 @@ const BIG: u64 = 1_000_000;
 
 fn big_db_path() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v6-{n}.db"))
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v7-{n}.db"))
 }
 
 fn big_db() -> PathBuf {

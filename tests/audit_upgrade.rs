@@ -51,7 +51,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     let log = AuditLog::open(settings(&db)).unwrap();
     log.flush_blocking().unwrap();
     drop(log);
-    assert_eq!(version(&db), 6);
+    assert_eq!(version(&db), 7);
     let c = Connection::open(&db).unwrap();
     let tables: i64 = c
         .query_row(
@@ -170,7 +170,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
         "DROP TRIGGER inputs_no_update; DROP TRIGGER inputs_no_delete; DROP TABLE inputs;
          ALTER TABLE decisions DROP COLUMN principal_input; ALTER TABLE decisions DROP COLUMN resource_input;
          ALTER TABLE decisions DROP COLUMN shadows;
-         DROP TABLE rollups;
+         DROP TABLE rollups; DROP INDEX decisions_node;
          PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -180,7 +180,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
     assert!(e.contains("start toolgate"), "{e}");
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 6);
+    assert_eq!(version(&db), 7);
     let rolled: i64 = Connection::open(&db)
         .unwrap()
         .query_row("SELECT sum(calls) FROM rollups", [], |r| r.get(0))
@@ -257,14 +257,14 @@ fn a_v4_store_upgrades_to_v5_with_shadow_links() {
     drop(log);
     let c = Connection::open(&db).unwrap();
     c.execute_batch(
-        "ALTER TABLE decisions DROP COLUMN shadows; DROP TABLE rollups; PRAGMA user_version = 4;",
+        "ALTER TABLE decisions DROP COLUMN shadows; DROP TABLE rollups; DROP INDEX decisions_node; PRAGMA user_version = 4;",
     )
     .unwrap();
     drop(c);
     assert_eq!(version(&db), 4);
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 6);
+    assert_eq!(version(&db), 7);
     let mut shadow = Record::new(Kind::Shadow, Effect::Deny);
     shadow.principal = live.principal.clone();
     shadow.decision_id = live.id.clone();
@@ -300,4 +300,60 @@ fn a_v4_store_upgrades_to_v5_with_shadow_links() {
             .is_some(),
         "the link is part of the chained row"
     );
+}
+
+/// A v6 store (v7's index taken back out) upgrades to v7 in place: the `(node, time)` index is
+/// built from the rows already there, `--node` queries use it, and the chain still verifies.
+#[test]
+fn a_v6_store_upgrades_to_v7_with_the_node_index() {
+    use toolgate::audit::{Effect, Kind, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = AuditLog::open(settings(&db)).unwrap();
+    for i in 0..6 {
+        let mut r = Record::new(Kind::Mcp, Effect::Allow);
+        r.principal = format!("v6-{i}@example.com");
+        r.node = format!("host{}.example.ts.net", i % 2);
+        log.submit(r).unwrap().wait_blocking().unwrap();
+    }
+    drop(log);
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch("DROP INDEX decisions_node; PRAGMA user_version = 6;")
+        .unwrap();
+    drop(c);
+    assert_eq!(version(&db), 6);
+    let e = Reader::open(&db).unwrap_err().to_string();
+    assert!(e.contains("start toolgate"), "{e}");
+
+    let log = AuditLog::open(settings(&db)).unwrap();
+    assert_eq!(version(&db), 7);
+    let mut r = Record::new(Kind::Mcp, Effect::Deny);
+    r.node = "host1.example.ts.net".into();
+    log.submit(r).unwrap().wait_blocking().unwrap();
+    drop(log);
+    let c = Connection::open(&db).unwrap();
+    let (entries, plan): (i64, String) = (
+        c.query_row(
+            "SELECT count(*) FROM decisions INDEXED BY decisions_node WHERE node > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap(),
+        c.query_row(
+            "EXPLAIN QUERY PLAN SELECT seq FROM decisions WHERE node = 5 ORDER BY time DESC LIMIT 10",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap(),
+    );
+    assert_eq!(entries, 7, "the index holds the old rows and the new one");
+    assert!(plan.contains("decisions_node"), "{plan}");
+    drop(c);
+    let reader = Reader::open(&db).unwrap();
+    assert!(reader.verify().unwrap().broken.is_none());
+    let f = Filter {
+        node: Some("host1.example.ts.net".into()),
+        ..Filter::default()
+    };
+    assert_eq!(reader.query(&f).unwrap().len(), 4);
 }

@@ -39,6 +39,10 @@ pub const SQLITE: &[(&str, &str)] = &[
         "0006_rollups",
         include_str!("../../migrations/sqlite/0006_rollups.sql"),
     ),
+    (
+        "0007_node_index",
+        include_str!("../../migrations/sqlite/0007_node_index.sql"),
+    ),
 ];
 
 /// The version that adds the rollups: a store below it gets them built from its rows.

@@ -368,12 +368,13 @@ fn sqlite_where(
     }
     // SQLite has no statistics here (ANALYZE would hold the write lock for seconds), so steer
     // it: a unary `+` keeps a column's index out of play when a more selective one applies
-    // (id > principal > tool > effect > time).
-    let selective = f.id.is_some() || f.principal.is_some() || f.tool.is_some();
+    // (id > principal > node > tool > effect > time).
+    let selective = f.id.is_some() || f.principal.is_some() || f.node.is_some() || f.tool.is_some();
     let skip = |col: &str| -> &'static str {
         let skip = match col {
             "principal" => f.id.is_some(),
-            "tool" => f.id.is_some() || f.principal.is_some(),
+            "node" => f.id.is_some() || f.principal.is_some(),
+            "tool" => f.id.is_some() || f.principal.is_some() || f.node.is_some(),
             "effect" => selective,
             _ => false,
         };
