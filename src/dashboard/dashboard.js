@@ -511,6 +511,9 @@ document.addEventListener("DOMContentLoaded", () => {
     if (tr) showDetail(tr.dataset.id, tr);
   });
   window.addEventListener("hashchange", show);
-  startLive();
-  show();
+  // The server-rendered rows paint first; the stream and the other views start after that
+  // frame (at once in a hidden tab, which has no frames).
+  const start = () => { startLive(); show(); };
+  if (document.visibilityState === "hidden") start();
+  else requestAnimationFrame(() => setTimeout(start, 0));
 });

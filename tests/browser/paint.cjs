@@ -37,7 +37,17 @@ const { chromium } = require(path.join(spec.playwright, "playwright-core"));
       await page.goto(spec.url);
       await page.waitForSelector("body[data-live=painted]", { timeout: 30000 });
       await page.waitForFunction(() => window.__es && window.__es.open, null, { timeout: 30000 });
-      runs.push(await page.evaluate(() => {
+      // The rows' Element Timing entries (buffered): when the first and the last row was painted.
+      const rowPaints = await page.evaluate(() => new Promise((resolve) => {
+        const obs = new PerformanceObserver((list) => {
+          const t = list.getEntries().filter((e) => e.identifier === "row").map((e) => e.renderTime || e.startTime);
+          obs.disconnect();
+          resolve(t.length ? [Math.min(...t), Math.max(...t), t.length] : [null, null, 0]);
+        });
+        obs.observe({ type: "element", buffered: true });
+        setTimeout(() => resolve([null, null, 0]), 2000);
+      }));
+      runs.push(await page.evaluate((rowPaints) => {
         const nav = performance.getEntriesByType("navigation")[0];
         const fcp = performance.getEntriesByName("first-contentful-paint")[0];
         return {
@@ -49,8 +59,11 @@ const { chromium } = require(path.join(spec.playwright, "playwright-core"));
           rows: document.querySelectorAll("#decisions tbody tr").length,
           stream_created_ms: window.__es.created,
           stream_open_ms: window.__es.open,
+          first_row_paint_ms: rowPaints[0],
+          last_row_paint_ms: rowPaints[1],
+          row_paints: rowPaints[2],
         };
-      }));
+      }, rowPaints));
       await context.close();
     }
   } finally {
