@@ -141,6 +141,10 @@ struct ReplayArgs {
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Evaluate every decision, even when one with identical inputs was evaluated before
+    /// (checks the memo: the report is the same, only slower).
+    #[arg(long, hide = true)]
+    no_memo: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -400,24 +404,19 @@ fn policy_test(args: &TestArgs) -> ExitCode {
     }
 }
 
-/// `policy replay`: 0 unchanged, 1 changed, 3 error.
+/// `policy replay`: 0 unchanged, 1 changed, 3 error. `jsonl` streams the changed rows as the
+/// replay finds them (oldest first), then the summary line.
 fn policy_replay(a: &ReplayArgs) -> ExitCode {
-    match replay_report(a) {
+    let lines: Option<Box<dyn std::io::Write + Send>> = match a.format {
+        ReplayFormat::Jsonl => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+        _ => None,
+    };
+    match replay_report(a, lines) {
         Ok(r) => {
             let out = match a.format {
                 ReplayFormat::Table => crate::replay::table(&r),
                 ReplayFormat::Json => serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
-                ReplayFormat::Jsonl => {
-                    let mut s = String::new();
-                    for c in &r.changes {
-                        s.push_str(&serde_json::to_string(c).unwrap_or_default());
-                        s.push('\n');
-                    }
-                    let summary = serde_json::json!({ "summary": &r });
-                    s.push_str(&summary.to_string());
-                    s.push('\n');
-                    s
-                }
+                ReplayFormat::Jsonl => serde_json::json!({ "summary": &r }).to_string() + "\n",
             };
             print!("{out}");
             ExitCode::from(u8::from(r.changed > 0))
@@ -429,7 +428,10 @@ fn policy_replay(a: &ReplayArgs) -> ExitCode {
     }
 }
 
-fn replay_report(a: &ReplayArgs) -> Result<crate::replay::Report, String> {
+fn replay_report(
+    a: &ReplayArgs,
+    lines: Option<Box<dyn std::io::Write + Send>>,
+) -> Result<crate::replay::Report, String> {
     use std::io::IsTerminal;
     let now = chrono::Utc::now();
     let bound = |v: &Option<String>| -> Result<Option<String>, String> {
@@ -454,6 +456,7 @@ fn replay_report(a: &ReplayArgs) -> Result<crate::replay::Report, String> {
         server: a.server.clone(),
         tool: a.tool.clone(),
         threads: a.threads,
+        no_memo: a.no_memo,
     };
     let bar = if std::io::stderr().is_terminal() {
         let total = crate::replay::count(&opts.db, &opts)?;
@@ -467,7 +470,7 @@ fn replay_report(a: &ReplayArgs) -> Result<crate::replay::Report, String> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let report = crate::replay::run(&opts, &|n| bar.inc(n));
+    let report = crate::replay::run(&opts, &|n| bar.inc(n), lines);
     bar.finish_and_clear();
     report
 }

@@ -128,13 +128,27 @@ async fn fill(dir: &Path, arguments: &str) -> (PathBuf, Vec<String>) {
     (dir.join(db), ids)
 }
 
+/// `policy replay` in `format`, checked against the same replay without the memo (every row
+/// evaluated): the reports are identical but for the timing.
 fn replay(db: &Path, policies: &Path, format: &str) -> (i32, String) {
+    let (code, out) = replay_once(db, policies, format, false);
+    let (code_all, out_all) = replay_once(db, policies, format, true);
+    assert_eq!(
+        (code, comparable(format, &out)),
+        (code_all, comparable(format, &out_all)),
+        "the memo changes the report"
+    );
+    (code, out)
+}
+
+fn replay_once(db: &Path, policies: &Path, format: &str, no_memo: bool) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args(["policy", "replay", "--db"])
         .arg(db)
         .arg("--policies")
         .arg(policies)
         .args(["--format", format])
+        .args(if no_memo { &["--no-memo"][..] } else { &[] })
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -143,6 +157,28 @@ fn replay(db: &Path, policies: &Path, format: &str) -> (i32, String) {
         out.status.code().unwrap(),
         String::from_utf8(out.stdout).unwrap(),
     )
+}
+
+/// A report without what differs between runs (the elapsed time).
+fn comparable(format: &str, out: &str) -> String {
+    let strip = |mut v: Value| {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("elapsed_ms");
+            if let Some(s) = o.get_mut("summary").and_then(Value::as_object_mut) {
+                s.remove("elapsed_ms");
+            }
+        }
+        v.to_string()
+    };
+    match format {
+        "table" => out.lines().skip(1).collect::<Vec<_>>().join("\n"),
+        "json" => strip(serde_json::from_str(out).unwrap()),
+        _ => out
+            .lines()
+            .map(|l| strip(serde_json::from_str(l).unwrap()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
 }
 
 fn lines(out: &str) -> (Vec<Value>, Value) {
@@ -480,4 +516,90 @@ async fn an_exported_slice_verifies_and_replays_like_its_window_in_the_store() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("source chain breaks"), "{err}");
     assert!(!bad.exists());
+}
+
+/// A candidate whose answer depends on the time: every decision is evaluated at its recorded
+/// time, so identical inputs at different times get different answers (the memo never reuses
+/// an answer that read the clock; `replay` checks the memo-less run gives the same report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_reading_candidate_replays_each_decision_at_its_recorded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = fill(dir.path(), "redacted").await;
+    // The initialize rows (alice's three share one input), oldest first: (id, time).
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let mut st = c
+        .prepare(
+            "SELECT d.id, d.time, p.text FROM decisions d JOIN names a ON a.id = d.action \
+             JOIN names p ON p.id = d.principal WHERE a.text = 'initialize' ORDER BY d.seq",
+        )
+        .unwrap();
+    let rows: Vec<(String, i64, String)> = st
+        .query_map([], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            Ok((
+                uuid::Uuid::from_slice(&id).unwrap().hyphenated().to_string(),
+                r.get(1)?,
+                r.get(2)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    drop(st);
+    // Alice's three share the memo's key (inputs, action, arguments digest): only the time
+    // tells them apart.
+    let keys: BTreeSet<(i64, i64, Option<Vec<u8>>)> = c
+        .prepare(
+            "SELECT d.principal_input, d.resource_input, d.args_digest FROM decisions d \
+             JOIN names a ON a.id = d.action JOIN names p ON p.id = d.principal \
+             WHERE a.text = 'initialize' AND p.text LIKE 'alice%'",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    drop(c);
+    let alice: Vec<&(String, i64, String)> =
+        rows.iter().filter(|r| r.2.starts_with("alice")).collect();
+    assert_eq!(alice.len(), 3, "{rows:?}");
+    // Sessions may be opened until alice's second one: it and every later one now deny.
+    let cut = alice[1].1;
+    assert!(alice[0].1 < cut, "{rows:?}");
+    let at = chrono::DateTime::from_timestamp_micros(cut)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let policies = dir.path().join("policies");
+    let timed = dir.path().join("timed");
+    support::candidate::candidate(&policies, &timed);
+    let p = timed.join("mcp_server.yaml");
+    let t = std::fs::read_to_string(&p).unwrap();
+    assert!(t.contains("actions: [initialize, ping,"));
+    let t = t.replacen("actions: [initialize, ping,", "actions: [ping,", 1).replacen(
+        "  rules:\n",
+        &format!(
+            "  rules:\n    - name: sessions_until\n      actions: [initialize]\n      effect: EFFECT_ALLOW\n      roles: [user, tagged]\n      condition:\n        match:\n          expr: now() < timestamp(\"{at}\")\n"
+        ),
+        1,
+    );
+    std::fs::write(&p, t).unwrap();
+
+    let (code, out) = replay(&db, &timed, "jsonl");
+    assert_eq!(code, 1, "{out}");
+    let (changed, _) = lines(&out);
+    let initialize: BTreeSet<(String, String)> = reported(&changed)
+        .into_iter()
+        .filter(|(_, id)| rows.iter().any(|r| &r.0 == id))
+        .collect();
+    let expected: BTreeSet<(String, String)> = rows
+        .iter()
+        .filter(|r| r.1 >= cut)
+        .map(|r| ("allow_to_deny".to_string(), r.0.clone()))
+        .collect();
+    assert_eq!(initialize, expected, "{out}");
+    assert!(expected.contains(&("allow_to_deny".to_string(), alice[2].0.clone())));
+    assert!(!initialize.iter().any(|(_, id)| id == &alice[0].0));
+    let (code, out) = replay(&db, &timed, "json");
+    assert_eq!(code, 1, "{out}");
 }

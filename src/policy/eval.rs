@@ -154,6 +154,11 @@ pub struct CheckOutput {
     /// Test suites without `options.now` report such checks as errored, as Cerbos does.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub used_now: bool,
+    /// Whether an evaluated expression actually resolved `now()` (narrower than
+    /// [`CheckOutput::used_now`]: a visited policy's unread clock variable does not count).
+    /// An evaluation that did not read it gives the same answer at any time (replay's memo).
+    #[serde(skip)]
+    pub read_clock: bool,
 }
 
 impl CheckOutput {
@@ -328,10 +333,11 @@ pub fn check_ref(set: &PolicySet, input: CheckRef<'_>, params: &Params) -> Check
         out: CheckOutput::default(),
     };
     c.run();
-    c.out.used_now |= c
+    c.out.read_clock = c
         .request
         .clock_read
         .load(std::sync::atomic::Ordering::Relaxed);
+    c.out.used_now |= c.out.read_clock;
     c.out
 }
 

@@ -7,8 +7,11 @@
 //! on them: a rule, derived role or variable consulted on the way may read them
 //! ([`may_read_unknown`], a conservative reading of the expression's source), an evaluation
 //! error occurred (possibly on the missing value), or a schema consulted would validate them.
+//!
+//! Each answer says whether it could differ at another recorded time ([`Answer::timed`]), so a
+//! caller may reuse a timeless answer for every decision with the same inputs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde_json::Value;
 
@@ -51,11 +54,21 @@ pub enum Replayed {
         policy: String,
         rule: String,
         reason: String,
-        /// Whether deciding read the clock (the answer holds only for this `now`).
-        used_now: bool,
     },
     /// The answer could depend on arguments the store does not hold exactly.
     NeedsArguments,
+}
+
+/// [`Replayer::replay`]'s answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub replayed: Replayed,
+    /// Whether the answer could depend on the recorded time: evaluating it resolved `now()`,
+    /// or consulted a rule (condition or output) or derived role whose expressions, or the
+    /// variables they read, call `now()` or `timeSince` (a static, conservative reading of the
+    /// compiled set). An untimed answer is the answer at every time: evaluation is
+    /// deterministic, and it never reached the clock.
+    pub timed: bool,
 }
 
 /// A candidate set prepared for replay: which rules, derived roles and policies may read the
@@ -70,6 +83,10 @@ pub struct Replayer<'s> {
     derived: HashSet<String>,
     /// Policy keys with a resource schema (validation reads every attribute).
     schemas: HashSet<String>,
+    /// (policy key, rule name) of rules whose condition or outputs may read the clock.
+    clock_rules: HashSet<(String, String)>,
+    /// Derived role names (any set) whose condition may read the clock.
+    clock_derived: HashSet<String>,
 }
 
 impl<'s> Replayer<'s> {
@@ -78,8 +95,19 @@ impl<'s> Replayer<'s> {
         let mut rules = HashSet::new();
         let mut derived = HashSet::new();
         let mut schemas = HashSet::new();
+        let mut clock_rules = HashSet::new();
+        let mut clock_derived = HashSet::new();
         for p in &set.all {
             for r in &p.rules {
+                let clock = |e: &Expr| expr_reads_clock(e, &p.variables, &mut HashSet::new());
+                if r.condition
+                    .as_ref()
+                    .is_some_and(|c| cond_reads_clock(c, &p.variables))
+                    || r.output_activated.as_ref().is_some_and(clock)
+                    || r.output_not_met.as_ref().is_some_and(clock)
+                {
+                    clock_rules.insert((p.key.clone(), r.name.clone()));
+                }
                 if r.condition
                     .as_ref()
                     .is_some_and(|c| cond_may_read(c, &p.variables))
@@ -94,6 +122,12 @@ impl<'s> Replayer<'s> {
                 {
                     derived.insert(d.name.clone());
                 }
+                if d.condition
+                    .as_ref()
+                    .is_some_and(|c| cond_reads_clock(c, &d.variables))
+                {
+                    clock_derived.insert(d.name.clone());
+                }
             }
             if p.resource_schema.is_some() {
                 schemas.insert(p.key.clone());
@@ -105,11 +139,13 @@ impl<'s> Replayer<'s> {
             rules,
             derived,
             schemas,
+            clock_rules,
+            clock_derived,
         }
     }
 
     /// The candidate's answer for `case`.
-    pub fn replay(&self, case: &Case<'_>) -> Replayed {
+    pub fn replay(&self, case: &Case<'_>) -> Answer {
         let mut resource = case.resource.clone();
         let mut unknown = false;
         for (key, known) in [("arguments", &case.arguments), ("uri", &case.uri)] {
@@ -128,7 +164,10 @@ impl<'s> Replayer<'s> {
         }
         // The action names the URI (`resources/read::U`): an unknown URI is an unknown action.
         if case.uri == Known::Unknown {
-            return Replayed::NeedsArguments;
+            return Answer {
+                replayed: Replayed::NeedsArguments,
+                timed: false,
+            };
         }
         let input = CheckInput {
             principal: case.principal.clone(),
@@ -141,25 +180,41 @@ impl<'s> Replayer<'s> {
             ..self.params.clone()
         };
         let out = eval::check(self.set, &input, &params);
+        let timed = out.read_clock || self.consulted_clock(&out);
         if unknown && self.depends_on_unknown(&out) {
-            return Replayed::NeedsArguments;
+            return Answer {
+                replayed: Replayed::NeedsArguments,
+                timed,
+            };
         }
-        match out.actions.into_iter().find(|a| a.action == case.action) {
+        let replayed = match out.actions.into_iter().find(|a| a.action == case.action) {
             Some(a) => Replayed::Decided {
                 effect: a.effect,
                 policy: a.policy,
                 rule: a.rule,
                 reason: a.reason,
-                used_now: out.used_now,
             },
             None => Replayed::Decided {
                 effect: Effect::Deny,
                 policy: eval::NO_MATCH.to_string(),
                 rule: String::new(),
                 reason: "no decision for the action".to_string(),
-                used_now: out.used_now,
             },
-        }
+        };
+        Answer { replayed, timed }
+    }
+
+    /// Did this evaluation consult a rule or derived role that may read the clock?
+    fn consulted_clock(&self, out: &eval::CheckOutput) -> bool {
+        out.trace
+            .steps
+            .iter()
+            .any(|s| self.clock_rules.contains(&(s.policy.clone(), s.rule.clone())))
+            || out
+                .trace
+                .derived_roles
+                .iter()
+                .any(|d| self.clock_derived.contains(&d.name))
     }
 
     /// Could this evaluation's result change with the value it did not have?
@@ -193,6 +248,24 @@ fn cond_may_read(c: &Cond, vars: &Variables) -> bool {
         Cond::Expr(e) => expr_may_read(e, vars, &mut HashSet::new()),
         Cond::All(v) | Cond::Any(v) | Cond::None(v) => v.iter().any(|c| cond_may_read(c, vars)),
     }
+}
+
+/// Whether any expression of a condition tree (or a variable it reads) may read the clock.
+fn cond_reads_clock(c: &Cond, vars: &Variables) -> bool {
+    match c {
+        Cond::Expr(e) => expr_reads_clock(e, vars, &mut HashSet::new()),
+        Cond::All(v) | Cond::Any(v) | Cond::None(v) => v.iter().any(|c| cond_reads_clock(c, vars)),
+    }
+}
+
+fn expr_reads_clock(e: &Expr, vars: &Variables, seen: &mut HashSet<String>) -> bool {
+    e.uses_now()
+        || e.variables_used().iter().any(|name| {
+            seen.insert(name.clone())
+                && vars
+                    .expr(name)
+                    .is_some_and(|v| expr_reads_clock(v, vars, seen))
+        })
 }
 
 fn expr_may_read(e: &Expr, vars: &Variables, seen: &mut HashSet<String>) -> bool {
@@ -316,43 +389,87 @@ fn preceded_by_principal(src: &str, at: usize) -> bool {
     tail == "P" || tail == "principal"
 }
 
-/// A cache of answers that did not read the clock, keyed by whatever identifies a case's
-/// inputs exactly (the caller's choice: e.g. input ids, action and arguments text).
-#[derive(Debug)]
-pub struct Memo<K> {
-    map: HashMap<K, std::sync::Arc<Replayed>>,
-    max: usize,
-}
-
-impl<K: std::hash::Hash + Eq> Memo<K> {
-    pub fn new(max: usize) -> Memo<K> {
-        Memo {
-            map: HashMap::new(),
-            max,
-        }
-    }
-
-    /// The cached answer for `key`, or `f()` (cached unless it read the clock).
-    /// Shared, so a hit costs no copy of the answer's strings.
-    pub fn get_or(&mut self, key: K, f: impl FnOnce() -> Replayed) -> std::sync::Arc<Replayed> {
-        if let Some(r) = self.map.get(&key) {
-            return r.clone();
-        }
-        let r = std::sync::Arc::new(f());
-        let timeless = !matches!(*r, Replayed::Decided { used_now: true, .. });
-        if timeless {
-            if self.map.len() >= self.max {
-                self.map.clear();
-            }
-            self.map.insert(key, r.clone());
-        }
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::compile::{SourceFile, compile};
+
+    const TIMED: &str = r#"
+apiVersion: api.cerbos.dev/v1
+resourcePolicy:
+  resource: doc
+  version: default
+  variables:
+    local:
+      morning: now().getHours() < 12
+      unread_clock: timeSince(timestamp("2020-01-01T00:00:00Z")) > duration("1h")
+  rules:
+    - name: read_any_time
+      actions: [read]
+      effect: EFFECT_ALLOW
+      roles: [user]
+    - name: write_mornings
+      actions: [write]
+      effect: EFFECT_ALLOW
+      roles: [user]
+      condition:
+        match:
+          expr: V.morning
+    - name: stamp_outputs_the_time
+      actions: [stamp]
+      effect: EFFECT_ALLOW
+      roles: [user]
+      output:
+        when:
+          ruleActivated: string(now())
+"#;
+
+    fn answer(set: &PolicySet, action: &str, hour: u32) -> Answer {
+        let principal: Principal =
+            serde_json::from_value(serde_json::json!({"id": "a", "roles": ["user"]})).unwrap();
+        let resource: Resource =
+            serde_json::from_value(serde_json::json!({"kind": "doc", "id": "d"})).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339(&format!("2026-01-05T{hour:02}:00:00Z"))
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        Replayer::new(set, Params::default()).replay(&Case {
+            principal: &principal,
+            resource: &resource,
+            action,
+            arguments: Known::Absent,
+            uri: Known::Absent,
+            now,
+        })
+    }
+
+    /// `timed` is what lets the memo reuse an answer for another time: set exactly when the
+    /// answer could differ (not merely because the policy has a clock variable it never read).
+    #[test]
+    fn answers_that_read_the_clock_are_timed_and_only_those() {
+        let set = compile(
+            &[SourceFile {
+                name: "doc.yaml".into(),
+                bytes: TIMED.as_bytes().to_vec(),
+            }],
+            &Default::default(),
+        )
+        .unwrap();
+        let read = answer(&set, "read", 9);
+        assert!(!read.timed, "{read:?}");
+        assert_eq!(read, answer(&set, "read", 15));
+        let (morning, evening) = (answer(&set, "write", 9), answer(&set, "write", 15));
+        assert!(morning.timed && evening.timed);
+        assert_ne!(morning.replayed, evening.replayed);
+        assert!(answer(&set, "stamp", 9).timed);
+        // The static reading alone (the rules consulted) marks them too.
+        let r = Replayer::new(&set, Params::default());
+        assert!(r.clock_rules.contains(&("resource.doc.vdefault".into(), "write_mornings".into())));
+        assert!(r.clock_rules.contains(&(
+            "resource.doc.vdefault".into(),
+            "stamp_outputs_the_time".into()
+        )));
+        assert!(!r.clock_rules.contains(&("resource.doc.vdefault".into(), "read_any_time".into())));
+    }
 
     #[test]
     fn sources_that_may_read_arguments() {
