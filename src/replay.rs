@@ -390,7 +390,10 @@ pub fn run(
             Some(out) => {
                 let (ltx, lrx) = mpsc::channel::<(u64, String)>();
                 let failed = &failed;
-                (Some(ltx), Some(s.spawn(move || write_lines(out, lrx, failed))))
+                (
+                    Some(ltx),
+                    Some(s.spawn(move || write_lines(out, lrx, failed))),
+                )
             }
             None => (None, None),
         };
@@ -874,9 +877,7 @@ impl<'a> Worker<'a> {
         let status = match replayed {
             Replayed::NeedsArguments => {
                 self.out.needs_arguments += 1;
-                self.out
-                    .needs_arguments_examples
-                    .offer(item.seq, &item.id);
+                self.out.needs_arguments_examples.offer(item.seq, &item.id);
                 2
             }
             Replayed::Decided { effect, .. } => {
@@ -976,7 +977,11 @@ fn report(
         r.needs_arguments += p.needs_arguments;
         needs.merge(p.needs_arguments_examples);
         for ((status, principal, tool, verdict), t) in p.groups {
-            let (policy, rule) = p.verdicts.get(verdict as usize).cloned().unwrap_or_default();
+            let (policy, rule) = p
+                .verdicts
+                .get(verdict as usize)
+                .cloned()
+                .unwrap_or_default();
             let key = (
                 status_text(status).to_string(),
                 tables.name(principal)?.to_string(),

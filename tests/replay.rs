@@ -537,7 +537,10 @@ async fn a_clock_reading_candidate_replays_each_decision_at_its_recorded_time() 
         .query_map([], |r| {
             let id: Vec<u8> = r.get(0)?;
             Ok((
-                uuid::Uuid::from_slice(&id).unwrap().hyphenated().to_string(),
+                uuid::Uuid::from_slice(&id)
+                    .unwrap()
+                    .hyphenated()
+                    .to_string(),
                 r.get(1)?,
                 r.get(2)?,
             ))

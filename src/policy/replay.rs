@@ -206,15 +206,14 @@ impl<'s> Replayer<'s> {
 
     /// Did this evaluation consult a rule or derived role that may read the clock?
     fn consulted_clock(&self, out: &eval::CheckOutput) -> bool {
-        out.trace
-            .steps
+        out.trace.steps.iter().any(|s| {
+            self.clock_rules
+                .contains(&(s.policy.clone(), s.rule.clone()))
+        }) || out
+            .trace
+            .derived_roles
             .iter()
-            .any(|s| self.clock_rules.contains(&(s.policy.clone(), s.rule.clone())))
-            || out
-                .trace
-                .derived_roles
-                .iter()
-                .any(|d| self.clock_derived.contains(&d.name))
+            .any(|d| self.clock_derived.contains(&d.name))
     }
 
     /// Could this evaluation's result change with the value it did not have?
@@ -463,12 +462,18 @@ resourcePolicy:
         assert!(answer(&set, "stamp", 9).timed);
         // The static reading alone (the rules consulted) marks them too.
         let r = Replayer::new(&set, Params::default());
-        assert!(r.clock_rules.contains(&("resource.doc.vdefault".into(), "write_mornings".into())));
+        assert!(
+            r.clock_rules
+                .contains(&("resource.doc.vdefault".into(), "write_mornings".into()))
+        );
         assert!(r.clock_rules.contains(&(
             "resource.doc.vdefault".into(),
             "stamp_outputs_the_time".into()
         )));
-        assert!(!r.clock_rules.contains(&("resource.doc.vdefault".into(), "read_any_time".into())));
+        assert!(
+            !r.clock_rules
+                .contains(&("resource.doc.vdefault".into(), "read_any_time".into()))
+        );
     }
 
     #[test]
