@@ -196,6 +196,17 @@ fn matches(re: &LazyLock<Option<regex::Regex>>, s: &str) -> bool {
     re.as_ref().is_some_and(|r| r.is_match(s))
 }
 
+/// `policyVersion` matches [`VERSION_PATTERN`]. The empty default and plain ASCII word
+/// characters (a subset of `\w`) match without running the regex.
+fn version_ok(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || matches(&VERSION_RE, s)
+}
+
+/// `scope` matches [`SCOPE_PATTERN`]; the empty default (the root scope) without the regex.
+fn scope_ok(s: &str) -> bool {
+    s.is_empty() || matches(&SCOPE_RE, s)
+}
+
 /// Collects violations in proto field order, as protovalidate reports them.
 #[derive(Default)]
 struct Check {
@@ -220,7 +231,7 @@ impl Check {
                 Rule::Required,
             );
         }
-        if !matches(&VERSION_RE, &p.policy_version) {
+        if !version_ok(&p.policy_version) {
             self.add(
                 "principal.policy_version".into(),
                 f(F::new(2, "policy_version", "TYPE_STRING")),
@@ -243,7 +254,7 @@ impl Check {
             }
         }
         self.attr("principal", &base, &p.attr);
-        if !matches(&SCOPE_RE, &p.scope) {
+        if !scope_ok(&p.scope) {
             self.add(
                 "principal.scope".into(),
                 f(F::new(5, "scope", "TYPE_STRING")),
@@ -297,16 +308,17 @@ pub fn validate_check(
     for (i, e) in r.resources.iter().enumerate() {
         let at = resources.clone().at(i);
         let actions = F::new(1, "actions", "TYPE_STRING");
-        let path = format!("resources[{i}]");
+        // Built only for a violation (the common request has none).
+        let path = || format!("resources[{i}]");
         if e.actions.is_empty() {
             c.add(
-                format!("{path}.actions"),
+                format!("{}.actions", path()),
                 vec![at.clone(), actions.clone()],
                 Rule::Required,
             );
         } else if has_duplicates(&e.actions) {
             c.add(
-                format!("{path}.actions"),
+                format!("{}.actions", path()),
                 vec![at.clone(), actions.clone()],
                 Rule::Unique,
             );
@@ -314,7 +326,7 @@ pub fn validate_check(
         for (j, a) in e.actions.iter().enumerate() {
             if a.is_empty() {
                 c.add(
-                    format!("{path}.actions[{j}]"),
+                    format!("{}.actions[{j}]", path()),
                     vec![at.clone(), actions.clone().at(j)],
                     Rule::ItemMinLen,
                 );
@@ -323,7 +335,7 @@ pub fn validate_check(
         let res = F::new(2, "resource", "TYPE_MESSAGE");
         let Some(x) = &e.resource else {
             c.add(
-                format!("{path}.resource"),
+                format!("{}.resource", path()),
                 vec![at.clone(), res],
                 Rule::Required,
             );
@@ -332,21 +344,21 @@ pub fn validate_check(
         let f = |el: F| vec![at.clone(), res.clone(), el];
         if x.kind.is_empty() {
             c.add(
-                format!("{path}.resource.kind"),
+                format!("{}.resource.kind", path()),
                 f(F::new(1, "kind", "TYPE_STRING")),
                 Rule::Required,
             );
         }
-        if !matches(&VERSION_RE, &x.policy_version) {
+        if !version_ok(&x.policy_version) {
             c.add(
-                format!("{path}.resource.policy_version"),
+                format!("{}.resource.policy_version", path()),
                 f(F::new(2, "policy_version", "TYPE_STRING")),
                 Rule::Pattern(VERSION_PATTERN),
             );
         }
         if x.id.is_empty() {
             c.add(
-                format!("{path}.resource.id"),
+                format!("{}.resource.id", path()),
                 f(F::new(3, "id", "TYPE_STRING")),
                 Rule::Required,
             );
@@ -355,14 +367,14 @@ pub fn validate_check(
             let mut el = F::new(4, "attr", "TYPE_MESSAGE");
             el.key = Some(String::new());
             c.add(
-                format!("{path}.resource.attr[\"\"]"),
+                format!("{}.resource.attr[\"\"]", path()),
                 f(el),
                 Rule::KeyMinLen,
             );
         }
-        if !matches(&SCOPE_RE, &x.scope) {
+        if !scope_ok(&x.scope) {
             c.add(
-                format!("{path}.resource.scope"),
+                format!("{}.resource.scope", path()),
                 f(F::new(5, "scope", "TYPE_STRING")),
                 Rule::Pattern(SCOPE_PATTERN),
             );
@@ -419,14 +431,14 @@ pub fn validate_plan(r: &PlanRequest, max_actions: usize) -> Result<(), Status> 
                     Rule::Required,
                 );
             }
-            if !matches(&VERSION_RE, &x.policy_version) {
+            if !version_ok(&x.policy_version) {
                 c.add(
                     "resource.policy_version".into(),
                     f(F::new(3, "policy_version", "TYPE_STRING")),
                     Rule::Pattern(VERSION_PATTERN),
                 );
             }
-            if !matches(&SCOPE_RE, &x.scope) {
+            if !scope_ok(&x.scope) {
                 c.add(
                     "resource.scope".into(),
                     f(F::new(4, "scope", "TYPE_STRING")),
@@ -499,5 +511,20 @@ mod tests {
             .map(|s| s.message)
             .unwrap_or_default();
         assert!(e.starts_with("validation errors:\n - resources[0].actions: repeated value must contain unique items\n - resources[0].resource.scope: does not match regex pattern"), "{e}");
+    }
+
+    /// The shortcuts that skip the regexes agree with them.
+    #[test]
+    fn pattern_shortcuts_agree_with_the_patterns() {
+        for v in [
+            "", "default", "v1", "V_2", "é", "v-1", "v.1", " ", "a b", "ü_x9",
+        ] {
+            assert_eq!(version_ok(v), matches(&VERSION_RE, v), "{v:?}");
+        }
+        for sc in [
+            "", ".", "acme", "acme.eu", "a..b", ".a", "a-b.c_d", "-a", "é",
+        ] {
+            assert_eq!(scope_ok(sc), matches(&SCOPE_RE, sc), "{sc:?}");
+        }
     }
 }
