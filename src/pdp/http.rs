@@ -4,6 +4,7 @@
 //! accepted (and, with `audit.mode: sync`, committed): a full or failed audit store answers
 //! 503 `UNAVAILABLE`, never an unaudited decision.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -333,7 +334,7 @@ fn audit_row(
                 }
             };
             if reason.len() < MAX_REASON {
-                reason.push_str(&format!(" {}/{} {}={e};", res.kind, res.id, a.action));
+                let _ = write!(reason, " {}/{} {}={e};", res.kind, res.id, a.action);
             }
             all_actions.push(a.action.as_str());
             actions.insert(
