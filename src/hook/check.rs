@@ -50,6 +50,29 @@ pub fn tool_resource(
     }
 }
 
+/// [`tool_resource`] taking the arguments by value (a call's params are moved into the check,
+/// not copied).
+pub fn tool_resource_owned(
+    kind: &str,
+    scope: &str,
+    tool: &str,
+    arguments: Map<String, Value>,
+    meta: &Metadata,
+) -> Resource {
+    let mut attr = Map::new();
+    attr.insert("tool_name".into(), Value::String(tool.to_string()));
+    attr.insert("arguments".into(), Value::Object(arguments));
+    attr.insert("model".into(), Value::String(meta.model.clone()));
+    attr.insert("provider".into(), Value::String(meta.provider.clone()));
+    Resource {
+        kind: kind.to_string(),
+        id: tool.to_string(),
+        attr,
+        policy_version: String::new(),
+        scope: scope.to_string(),
+    }
+}
+
 /// Is the login one that must be resolved through the node (`tagged-devices`)?
 pub fn is_tagged_login(meta: &Metadata) -> bool {
     meta.login_name.trim() == TAGGED_DEVICES

@@ -291,6 +291,7 @@ async fn handle(h: Arc<HookState>, route: Option<Event>, req: Request) -> Respon
         Ok(c) => Arc::new(c),
         Err(e) => return fail(cfg.block_status, e).await,
     };
+    let context = context(&conn, &call);
     let cx = Cx {
         gw,
         cfg,
@@ -298,6 +299,7 @@ async fn handle(h: Arc<HookState>, route: Option<Event>, req: Request) -> Respon
         caller,
         call: &call,
         event,
+        context,
     };
     match event {
         Event::PreRequest => pre_request(&cx).await,
@@ -436,6 +438,17 @@ async fn principal(h: &HookState, call: &HookCall) -> Result<Caller, String> {
     })
 }
 
+/// The context every row of a call ends its reason with: the Aperture node, the model, the
+/// request and the session.
+fn context(conn: &Conn, call: &HookCall) -> String {
+    let m = &call.metadata;
+    let via = conn.caller.as_ref().map_or("", |c| c.principal.id.as_str());
+    format!(
+        "via Aperture {via}; model {:?}; request {:?}; session {:?}",
+        m.model, m.request_id, m.session_id
+    )
+}
+
 /// One decided call's context.
 struct Cx<'a> {
     gw: &'a Gateway,
@@ -444,20 +457,65 @@ struct Cx<'a> {
     caller: Arc<Caller>,
     call: &'a HookCall,
     event: Event,
+    /// What every row's reason ends with (see [`Cx::context`]), rendered once per call.
+    context: String,
 }
 
 impl Cx<'_> {
-    /// The decision on `action` of `tool`.
-    fn decide(&self, tool: &str, action: &str, args: Option<&Map<String, Value>>) -> Decision {
-        let resource = check::tool_resource(
+    /// The decision on `action` of `tool` with `args`, and the arguments back (lent to the
+    /// check as `R.attr.arguments`, then kept by the audit row: never copied).
+    fn decide(&self, tool: &str, action: &str, args: Map<String, Value>) -> (Decision, Value) {
+        let resource = check::tool_resource_owned(
             &self.cfg.resource_kind,
             &self.cfg.scope,
             tool,
             args,
             &self.call.metadata,
         );
-        self.gw
-            .decide(&self.caller.principal, resource, vec![action.to_string()])
+        let (d, mut resource) =
+            self.gw
+                .decide_lent(&self.caller.principal, resource, vec![action.to_string()]);
+        let args = resource
+            .attr
+            .remove("arguments")
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        (d, args)
+    }
+
+    /// Which of `offered` this caller may not list (`tools/list::<name>`), decided against
+    /// one policy snapshot; the listing's row carries the result, so no per-tool decision
+    /// record (replay inputs, trace) is built. Returns the snapshot's hash too.
+    fn hidden_tools(&self, offered: &[String]) -> (BTreeSet<String>, String) {
+        let started = Instant::now();
+        let set = self.gw.store.current();
+        let params = self.gw.params();
+        let mut hidden = BTreeSet::new();
+        let mut actions = vec![String::new()];
+        for name in offered {
+            let resource = check::tool_resource(
+                &self.cfg.resource_kind,
+                &self.cfg.scope,
+                name,
+                None,
+                &self.call.metadata,
+            );
+            actions[0] = check::list_action(name);
+            let out = crate::policy::eval::check_ref(
+                &set,
+                crate::policy::eval::CheckRef {
+                    principal: &self.caller.principal,
+                    resource: &resource,
+                    actions: &actions,
+                    aux_data: &Value::Null,
+                },
+                &params,
+            );
+            if out.effect(&actions[0]) != Some(Effect::Allow) {
+                hidden.insert(name.clone());
+            }
+        }
+        self.gw.metrics.decision_latency.observe(started.elapsed());
+        (hidden, set.hash.clone())
     }
 
     /// A row for the asserted principal, naming the Aperture node and the request.
@@ -475,17 +533,8 @@ impl Cx<'_> {
     }
 
     /// The context every row's reason ends with.
-    fn context(&self) -> String {
-        let m = &self.call.metadata;
-        let via = self
-            .conn
-            .caller
-            .as_ref()
-            .map_or("", |c| c.principal.id.as_str());
-        format!(
-            "via Aperture {via}; model {:?}; request {:?}; session {:?}",
-            m.model, m.request_id, m.session_id
-        )
+    fn context(&self) -> &str {
+        &self.context
     }
 
     fn tool_row(
@@ -493,19 +542,21 @@ impl Cx<'_> {
         d: &Decision,
         tool: &str,
         action: &str,
-        args: Option<&Map<String, Value>>,
+        args: Value,
         outcome: &str,
     ) -> AuditRow {
         let mut row = self.row().decided(d, action);
         row.tool = tool.to_string();
-        row.arguments = args.map(|a| std::sync::Arc::new(Value::Object(a.clone())));
+        row.arguments = Some(Arc::new(args));
         row.outcome = outcome.to_string();
         row.latency_us = d.elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-        row.reason = if row.reason.is_empty() {
-            self.context()
+        if row.reason.is_empty() {
+            row.reason = self.context.clone();
         } else {
-            format!("{}; {}", row.reason, self.context())
-        };
+            row.reason.reserve(2 + self.context.len());
+            row.reason.push_str("; ");
+            row.reason.push_str(&self.context);
+        }
         row
     }
 
@@ -565,17 +616,17 @@ async fn pre_request(cx: &Cx<'_>) -> Response {
         Ok(x) => x,
         Err(e) => return cx.fail(400, e).await,
     };
-    let mut rows = Vec::new();
+    let mut rows = Vec::with_capacity(uses.len() + 1);
     let mut denied: Vec<(String, String, String)> = Vec::new();
-    for u in &uses {
+    for u in uses {
         let action = check::call_action(&u.name);
-        let d = cx.decide(&u.name, &action, Some(&u.params));
+        let (d, args) = cx.decide(&u.name, &action, u.params);
         let allowed = d.effect(&action) == Effect::Allow;
         let row = cx.tool_row(
             &d,
             &u.name,
             &action,
-            Some(&u.params),
+            args,
             if allowed { "answered" } else { "blocked" },
         );
         if !allowed {
@@ -583,7 +634,7 @@ async fn pre_request(cx: &Cx<'_>) -> Response {
                 .result(&action)
                 .map(|r| r.reason.clone())
                 .unwrap_or_default();
-            denied.push((u.name.clone(), row.id.clone(), reason));
+            denied.push((u.name, row.id.clone(), reason));
         }
         rows.push(row);
     }
@@ -621,15 +672,8 @@ async fn pre_request(cx: &Cx<'_>) -> Response {
     let mut list_row = None;
     if !offered.is_empty() {
         let started = Instant::now();
-        let mut last = None;
-        for name in &offered {
-            let action = check::list_action(name);
-            let d = cx.decide(name, &action, None);
-            if d.effect(&action) != Effect::Allow {
-                hidden.insert(name.clone());
-            }
-            last = Some(d);
-        }
+        let (h, policy_hash) = cx.hidden_tools(&offered);
+        hidden = h;
         let mut row = cx.row();
         row.action = "tools/list".into();
         row.effect = Effect::Allow;
@@ -638,7 +682,7 @@ async fn pre_request(cx: &Cx<'_>) -> Response {
         } else {
             "modified".into()
         };
-        row.policy_hash = last.map(|d| d.policy_hash).unwrap_or_default();
+        row.policy_hash = policy_hash;
         row.latency_us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
         let shown = offered.len() - hidden.len();
         row.reason = if hidden.is_empty() {
@@ -728,10 +772,10 @@ async fn post_response(cx: &Cx<'_>) -> Response {
         (None, None) => Vec::new(),
     };
     let mut rows = Vec::with_capacity(uses.len().max(1));
-    for u in &uses {
+    for u in uses {
         let action = check::call_action(&u.name);
-        let d = cx.decide(&u.name, &action, Some(&u.params));
-        rows.push(cx.tool_row(&d, &u.name, &action, Some(&u.params), "observed"));
+        let (d, args) = cx.decide(&u.name, &action, u.params);
+        rows.push(cx.tool_row(&d, &u.name, &action, args, "observed"));
     }
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     if rows.is_empty() {
