@@ -387,7 +387,7 @@ pub fn build_with(
         budget,
         store: Arc::new(store),
         upstreams,
-        http: crate::gateway::http_client_via(proxy)?,
+        http: crate::gateway::upstream_client_via(proxy)?,
         sessions: Sessions::default(),
         server_requests: Default::default(),
         annotations: Default::default(),

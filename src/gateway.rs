@@ -202,7 +202,7 @@ pub struct Gateway {
     pub config: Config,
     pub store: Arc<Store>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
-    pub http: reqwest::Client,
+    pub http: crate::mcp::transport::Client,
     pub sessions: Sessions,
     /// Server→client requests delivered to callers and not answered yet.
     pub server_requests: ServerRequests,
@@ -751,6 +751,27 @@ pub fn is_tailnet_host(host: &str, suffix: Option<&str>) -> bool {
             && host[..host.len() - s.len()].ends_with('.')
     };
     under("ts.net") || suffix.is_some_and(under)
+}
+
+/// The upstream client of a gateway ([`crate::mcp::transport::Client`]): plain `http://`
+/// calls on hyper's pool, the rest on [`http_client_via`]`(proxy)`.
+pub fn upstream_client_via(
+    proxy: Option<TailnetProxy>,
+) -> Result<crate::mcp::transport::Client, String> {
+    type Proxied = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+    let proxied = proxy.as_ref().map(|p| {
+        let suffix = p.magic_dns_suffix.clone();
+        Arc::new(move |host: &str| is_tailnet_host(host, suffix.as_deref())) as Proxied
+    });
+    Ok(crate::mcp::transport::Client::new(
+        http_client_via(proxy)?,
+        proxied,
+    ))
+}
+
+/// [`upstream_client_via`] without a tailnet proxy.
+pub fn upstream_client() -> Result<crate::mcp::transport::Client, String> {
+    upstream_client_via(None)
 }
 
 /// [`http_client`], with tailnet hosts dialed through `proxy` when given.

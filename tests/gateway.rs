@@ -123,7 +123,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
         shadow: None,
         store: Arc::new(store),
         upstreams,
-        http: toolgate::gateway::http_client().unwrap(),
+        http: toolgate::gateway::upstream_client().unwrap(),
         sessions: Sessions::default(),
         server_requests: Default::default(),
         annotations: Default::default(),

@@ -93,7 +93,7 @@ async fn start_with(extra: &str) -> Harness {
         config,
         store: Arc::new(store),
         upstreams: Default::default(),
-        http: toolgate::gateway::http_client().unwrap(),
+        http: toolgate::gateway::upstream_client().unwrap(),
         sessions: Sessions::default(),
         server_requests: Default::default(),
         annotations: Default::default(),
