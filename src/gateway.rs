@@ -758,7 +758,7 @@ pub fn is_tailnet_host(host: &str, suffix: Option<&str>) -> bool {
 pub fn upstream_client_via(
     proxy: Option<TailnetProxy>,
 ) -> Result<crate::mcp::transport::Client, String> {
-    type Proxied = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+    use crate::mcp::transport::Proxied;
     let proxied = proxy.as_ref().map(|p| {
         let suffix = p.magic_dns_suffix.clone();
         Arc::new(move |host: &str| is_tailnet_host(host, suffix.as_deref())) as Proxied

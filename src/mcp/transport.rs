@@ -118,6 +118,9 @@ fn plain_uri(url: &reqwest::Url) -> Option<Uri> {
 /// Plain `http://` POSTs on hyper's pooled HTTP/1.1 client (the request path's hop).
 type Plain = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
+/// Says whether a host is dialed through a proxy (then the plain pool never serves it).
+pub type Proxied = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The client for HTTP upstreams. A tool call to a plain `http://` upstream goes through
 /// hyper's pooled HTTP/1.1 client: reqwest's request builder, header map copies and body
 /// wrapper cost ~43k instructions per call, hyper's ~half of that (docs/benchmarks.md).
@@ -131,7 +134,7 @@ pub struct Client {
     pub reqwest: reqwest::Client,
     plain: Plain,
     /// Hosts that must go through the SOCKS5 proxy (reqwest has it configured).
-    proxied: Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>,
+    proxied: Option<Proxied>,
 }
 
 impl std::fmt::Debug for Client {
@@ -145,10 +148,7 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// `reqwest` for what the plain pool does not serve; `proxied` names the hosts that
     /// reqwest dials through a proxy (those never use the plain pool).
-    pub fn new(
-        reqwest: reqwest::Client,
-        proxied: Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>,
-    ) -> Client {
+    pub fn new(reqwest: reqwest::Client, proxied: Option<Proxied>) -> Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let plain = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
