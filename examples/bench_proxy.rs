@@ -7,9 +7,15 @@
 //! bench_proxy            # the benchmark (env: TOOLGATE_BIN, ROUNDS=5, SECONDS=3, CONNS="1 32",
 //!                        #   PROXY_CPU=0, GEN_CPU=1, NGINX_BIN)
 //! bench_proxy upstream   # (the upstream) a tiny HTTP/1.1 JSON-RPC echo; prints its port
+//! bench_proxy floor PORT # (a proxy) hyper server + hyper's pooled client, bytes unchanged
+//!                        #   to 127.0.0.1:PORT; prints its port
+//! bench_proxy noaudit PORT
+//!                        # (a proxy) toolgate's own request path (server, identity, parse,
+//!                        #   policy, forward, answer check) with a null audit sink
 //! bench_proxy load ADDR CONNS SECONDS [PID]
 //!                        # (profiling) load one running proxy; with PID, its CPU per call
-//!                        #   and each of its threads' (from /proc/PID/task)
+//!                        #   and each of its threads' (from /proc/PID/task); env CALLS=N
+//!                        #   stops after N calls (the warm-up's and the run's each)
 //! ```
 //!
 //! The load generator is one thread (tokio, current-thread) holding N keep-alive HTTP/1.1
@@ -18,7 +24,13 @@
 //! result carrying the call's id. Paths, interleaved in every round (their order rotates):
 //! `direct` (generator → upstream), `nginx` (`proxy_pass`, keep-alive to the upstream, one
 //! worker), `toolgate full` and `toolgate normal` (static identity, one policy allowing the
-//! call, sync audit, `durability: full` (the default) or `normal`). Per path and round:
+//! call, sync audit, `durability: full` (the default) or `normal`). Unless `FLOORS=0`, two
+//! more proxies on the proxies' core show where toolgate's cost is: `floor` (the HTTP stack
+//! toolgate is built on and nothing else: hyper's server with toolgate's settings, reading the
+//! body, POSTing the same bytes through hyper's pooled client, reading the answer, answering
+//! it; no JSON, no policy, no audit) and `toolgate noaudit` (toolgate's request path, axum,
+//! identity, JSON-RPC parse, policy, forward and answer check included, with an audit sink
+//! that keeps nothing: the cost of everything but the audit rows). Per path and round:
 //! calls/s, p50 and p99 of wall time per call, and CPU per call of the proxy's processes and of
 //! the upstream from `/proc/<pid>/stat`. The summary is the median over rounds, with the spread.
 
@@ -160,15 +172,21 @@ fn call(i: u64, host: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Sends calls on one connection until `until`; returns each call's wall time (µs).
-async fn client(addr: SocketAddr, host: String, until: Instant, start_id: u64) -> Vec<u32> {
+/// Sends calls on one connection until `until` or `max` calls; returns each call's wall time (µs).
+async fn client(
+    addr: SocketAddr,
+    host: String,
+    until: Instant,
+    start_id: u64,
+    max: u64,
+) -> Vec<u32> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
     let mut times = Vec::with_capacity(100_000);
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];
     let mut i = start_id;
-    while Instant::now() < until {
+    while Instant::now() < until && i - start_id < max {
         i += 1;
         let req = call(i, &host);
         let t = Instant::now();
@@ -212,12 +230,19 @@ struct Round {
     up_cpu: f64,
 }
 
-async fn round(addr: SocketAddr, conns: usize, secs: f64, proxy: &[u32], upstream: u32) -> Round {
+async fn round(
+    addr: SocketAddr,
+    conns: usize,
+    secs: f64,
+    max: u64,
+    proxy: &[u32],
+    upstream: u32,
+) -> Round {
     let host = format!("{addr}");
     // Warm the connections' first calls out of the measurement.
     let warm = Instant::now() + Duration::from_millis(200);
     let tasks: Vec<_> = (0..conns)
-        .map(|c| tokio::spawn(client(addr, host.clone(), warm, (c as u64) << 40)))
+        .map(|c| tokio::spawn(client(addr, host.clone(), warm, (c as u64) << 40, max)))
         .collect();
     for t in tasks {
         t.await.unwrap();
@@ -227,7 +252,15 @@ async fn round(addr: SocketAddr, conns: usize, secs: f64, proxy: &[u32], upstrea
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..conns)
-        .map(|c| tokio::spawn(client(addr, host.clone(), until, (c as u64 + 64) << 40)))
+        .map(|c| {
+            tokio::spawn(client(
+                addr,
+                host.clone(),
+                until,
+                (c as u64 + 64) << 40,
+                max,
+            ))
+        })
         .collect();
     let mut all = Vec::new();
     for t in tasks {
@@ -292,6 +325,12 @@ fn pinned(cpu: &str, bin: &Path) -> Command {
     c
 }
 
+/// The one rule every toolgate path runs: allow `echo` for users.
+const POLICY: &str = "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: mcp_server\n  version: default\n  rules:\n    - actions: [\"tools/list::echo\", \"tools/call::echo\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n";
+/// The load generator's identity (static provider).
+const IDS: &str =
+    "\"127.0.0.1\": {login: bench@example.com, node: bench.example.ts.net, node_id: nB}\n";
+
 fn start_toolgate(
     bin: &Path,
     cpu: &str,
@@ -301,16 +340,8 @@ fn start_toolgate(
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("policies")).unwrap();
-    std::fs::write(
-        d.join("policies/echo.yaml"),
-        "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: mcp_server\n  version: default\n  rules:\n    - actions: [\"tools/list::echo\", \"tools/call::echo\"]\n      effect: EFFECT_ALLOW\n      roles: [user]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        d.join("ids.yaml"),
-        "\"127.0.0.1\": {login: bench@example.com, node: bench.example.ts.net, node_id: nB}\n",
-    )
-    .unwrap();
+    std::fs::write(d.join("policies/echo.yaml"), POLICY).unwrap();
+    std::fs::write(d.join("ids.yaml"), IDS).unwrap();
     let port = free_port();
     let cfg = format!(
         "listen: [\"127.0.0.1:{port}\"]\ntls: off\nlog: {{level: warn, format: text}}\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: policies, watch: false}}\n\
@@ -367,6 +398,175 @@ fn start_nginx(bin: &Path, cpu: &str, upstream: SocketAddr) -> (Proc, SocketAddr
     )
 }
 
+/// `bench_proxy floor|noaudit PORT`, pinned like the other proxies; its address.
+fn start_sub(me: &Path, cpu: &str, mode: &str, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let mut child = pinned(cpu, me)
+        .arg(mode)
+        .arg(upstream.port().to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    wait_listening(addr, &mut child);
+    (Proc { child, _dir: None }, addr)
+}
+
+/// A runtime like `toolgate serve`'s (multi-thread; one worker when pinned to one core).
+fn proxy_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The floor: the HTTP stack toolgate is built on, doing nothing else. hyper's server
+/// (`auto::Builder`, HTTP/1 with a header read timeout, as `server.rs`), the request body read
+/// whole, POSTed unchanged through hyper's pooled HTTP/1.1 client (as `mcp/transport.rs`: nodelay,
+/// 256 idle per host, 90 s), the answer read whole and sent back.
+fn floor_main(port: u16) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+    let rt = proxy_runtime();
+    rt.block_on(async move {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .build(connector);
+        let uri: hyper::Uri = format!("http://127.0.0.1:{port}/mcp").parse().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            let client = client.clone();
+            let uri = uri.clone();
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let client = client.clone();
+                    let uri = uri.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut up = hyper::Request::new(Full::new(body));
+                        *up.method_mut() = hyper::Method::POST;
+                        *up.uri_mut() = uri;
+                        up.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        let resp = client.request(up).await.unwrap();
+                        let answer = resp.into_body().collect().await?.to_bytes();
+                        let mut r = hyper::Response::new(Full::new(answer));
+                        r.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, hyper::Error>(r)
+                    }
+                });
+            tokio::spawn(async move {
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                b.http1()
+                    .header_read_timeout(Duration::from_secs(10))
+                    .timer(TokioTimer::new());
+                let _ = b
+                    .serve_connection_with_upgrades(TokioIo::new(s), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// An audit sink that keeps nothing: every row "committed" at once.
+struct NullSink;
+
+impl toolgate::gateway::AuditSink for NullSink {
+    fn submit(
+        &self,
+        _row: toolgate::gateway::AuditRow,
+    ) -> Result<toolgate::gateway::Commit, toolgate::gateway::AuditUnavailable> {
+        Ok(Box::pin(async { Ok(()) }))
+    }
+    fn outcome(&self, _id: &str, _outcome: &str, _latency_us: u64) {}
+}
+
+/// toolgate's request path without audit: the gateway `toolgate serve` builds for the bench's
+/// config (static identity, the one allow rule, the echo upstream), served by `server.rs`,
+/// with [`NullSink`] in place of the SQLite store.
+fn noaudit_main(port: u16) {
+    use std::sync::Arc;
+    use toolgate::config::{Config, RoleMappings};
+    use toolgate::gateway::{Gateway, Upstream};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("policies")).unwrap();
+    std::fs::write(d.join("policies/echo.yaml"), POLICY).unwrap();
+    let cfg_text = format!(
+        "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: policies, watch: false}}\nservers:\n  echo: {{url: \"http://127.0.0.1:{port}/mcp\"}}\n"
+    );
+    let config = Config::parse("bench.yaml", cfg_text.as_bytes(), d).unwrap();
+    let (store, res) = toolgate::policy::store::Store::open(&config.policies.dir);
+    res.unwrap();
+    let upstreams = config
+        .servers
+        .iter()
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                Arc::new(Upstream::from_config(n, c, None).unwrap()),
+            )
+        })
+        .collect();
+    let budget = toolgate::budget::Budget::new(config.limits.in_flight_bytes);
+    let rt = proxy_runtime();
+    rt.block_on(async move {
+        let gw = Arc::new(Gateway {
+            config,
+            budget,
+            shadow: None,
+            store: Arc::new(store),
+            upstreams,
+            http: toolgate::gateway::upstream_client().unwrap(),
+            sessions: Default::default(),
+            server_requests: Default::default(),
+            annotations: Default::default(),
+            allowed_hosts: Vec::new(),
+            audit: Arc::new(NullSink),
+            metrics: Default::default(),
+            localapi: None,
+            whois: Default::default(),
+            list_watchers: Default::default(),
+            known_tools: Default::default(),
+            in_flight: Default::default(),
+            aggregate: Default::default(),
+        });
+        let ids = toolgate::identity::StaticIdentities::parse("ids.yaml", IDS.as_bytes()).unwrap();
+        let provider = Arc::new(toolgate::server::StaticProvider {
+            identities: ids,
+            mappings: RoleMappings::default(),
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        toolgate::server::serve_listener(l, toolgate::server::router(gw), provider, None, rx).await;
+        drop(dir);
+    });
+}
+
 /// Each thread of `pid`: (name, CPU µs).
 fn threads(pid: u32) -> Vec<(String, u64)> {
     let mut out = Vec::new();
@@ -399,6 +599,7 @@ fn load_main(args: &[String]) {
         addr,
         conns,
         secs,
+        env_u64("CALLS", u64::MAX) / conns as u64,
         &pid.into_iter().collect::<Vec<_>>(),
         0,
     ));
@@ -427,6 +628,14 @@ fn main() {
     let me = std::env::current_exe().unwrap();
     if std::env::args().nth(1).as_deref() == Some("upstream") {
         upstream_main();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("floor") {
+        floor_main(std::env::args().nth(2).unwrap().parse().unwrap());
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("noaudit") {
+        noaudit_main(std::env::args().nth(2).unwrap().parse().unwrap());
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("load") {
@@ -469,12 +678,20 @@ fn main() {
     let (tg_full, full_addr) = start_toolgate(&bin, &proxy_cpu, up_addr, "full");
     let (tg_normal, normal_addr) = start_toolgate(&bin, &proxy_cpu, up_addr, "normal");
     let nginx_pids = family(nginx.child.id());
-    let paths: Vec<(&str, SocketAddr, Vec<u32>)> = vec![
+    let mut paths: Vec<(&str, SocketAddr, Vec<u32>)> = vec![
         ("direct", up_addr, vec![]),
         ("nginx", nginx_addr, nginx_pids),
         ("toolgate full", full_addr, vec![tg_full.child.id()]),
         ("toolgate normal", normal_addr, vec![tg_normal.child.id()]),
     ];
+    let mut floors = Vec::new();
+    if env_u64("FLOORS", 1) != 0 {
+        for (name, mode) in [("floor", "floor"), ("toolgate noaudit", "noaudit")] {
+            let (p, addr) = start_sub(&me, &proxy_cpu, mode, up_addr);
+            paths.push((name, addr, vec![p.child.id()]));
+            floors.push(p);
+        }
+    }
     println!(
         "proxies on cpu {proxy_cpu}; generator and upstream on cpu {gen_cpu}; {rounds} rounds of {secs} s per path and connection count"
     );
@@ -489,7 +706,7 @@ fn main() {
             for k in 0..paths.len() {
                 let pi = (k + r) % paths.len();
                 let (name, addr, pids) = &paths[pi];
-                let x = rt.block_on(round(*addr, c, secs, pids, up_pid));
+                let x = rt.block_on(round(*addr, c, secs, u64::MAX, pids, up_pid));
                 println!(
                     "round {r} conns {c:>2} {name:<16} {:>8.0} calls/s  p50 {:>7.1} µs  p99 {:>7.1} µs  proxy cpu {:>6.1} µs/call  upstream cpu {:>5.1} µs/call",
                     x.rps, x.p50, x.p99, x.cpu, x.up_cpu
@@ -548,6 +765,30 @@ fn main() {
         println!(
             "conns {c:>2}: toolgate full / nginx: throughput {tm:.2}× ({t0:.2} … {t1:.2}), p99 {qm:.2}× ({q0:.2} … {q1:.2}), CPU per call {cm:.1}× ({c0:.1} … {c1:.1})"
         );
+        // Where toolgate's CPU goes: the HTTP stack's floor, the request path without audit,
+        // and the audit rows (toolgate minus noaudit), each against nginx's CPU per call.
+        let med = |i: usize, g: fn(&Round) -> f64| median(results[ci][i].iter().map(g).collect());
+        if let (Some(fl), Some(na)) = (
+            paths.iter().position(|p| p.0 == "floor"),
+            paths.iter().position(|p| p.0 == "toolgate noaudit"),
+        ) {
+            let (cn, cfl, cna) = (med(n, |x| x.cpu), med(fl, |x| x.cpu), med(na, |x| x.cpu));
+            let (cf, cm) = (med(f, |x| x.cpu), med(m, |x| x.cpu));
+            println!(
+                "conns {c:>2}: CPU µs per call: nginx {cn:.1}, floor {cfl:.1} ({:.1}× nginx), toolgate noaudit {cna:.1} (+{:.1} over the floor), toolgate normal {cm:.1} (+{:.1} for audit), full {cf:.1} (+{:.1})",
+                cfl / cn,
+                cna - cfl,
+                cm - cna,
+                cf - cna
+            );
+            println!(
+                "conns {c:>2}: throughput / nginx: floor {:.2}×, toolgate noaudit {:.2}×; p99 / nginx: floor {:.2}×, noaudit {:.2}×",
+                median(per(fl, n, |x| x.rps)),
+                median(per(na, n, |x| x.rps)),
+                median(per(fl, n, |x| x.p99)),
+                median(per(na, n, |x| x.p99)),
+            );
+        }
         if c == 32 {
             target(
                 format!("32 conns throughput >= 0.3x nginx ({tm:.2}x)"),
@@ -574,7 +815,7 @@ fn main() {
             }
         }
     }
-    drop((nginx, tg_full, tg_normal));
+    drop((nginx, tg_full, tg_normal, floors));
     if missed {
         std::process::exit(1);
     }
