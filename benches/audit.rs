@@ -29,7 +29,7 @@ use criterion::Criterion;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use toolgate::audit::query::{Filter, Reader, parse_time_bound};
 use toolgate::audit::record::format_time;
-use toolgate::audit::{AuditLog, Effect, Kind, Record, Settings};
+use toolgate::audit::{AuditError, AuditLog, Effect, Kind, Record, Settings};
 use toolgate::config::{AuditMode, Durability};
 
 fn quick() -> bool {
@@ -386,7 +386,12 @@ fn big_db() -> PathBuf {
             // The outcome follows its decision by the call's latency, as in the gateway.
             let latency = 1000 + i % 5000;
             let at = format_time(t + chrono::Duration::microseconds(latency as i64));
-            log.record_outcome_at(&id, o, Some(latency), at).unwrap();
+            // Outcome rows have their own bounded buffer (not counted in `queue_depth`):
+            // a full one is `QueueFull` at once, so wait for the writer's next drain.
+            while let Err(e) = log.record_outcome_at(&id, o, Some(latency), at.clone()) {
+                assert!(matches!(e, AuditError::QueueFull), "outcome row: {e}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
     log.flush_blocking().unwrap();

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use toolgate::audit::query::{Filter, PAGE_SCAN_BUDGET, Reader};
 use toolgate::audit::record::format_time;
-use toolgate::audit::{AuditLog, Effect, Kind, Record, Settings};
+use toolgate::audit::{AuditError, AuditLog, Effect, Kind, Record, Settings};
 use toolgate::config::{AuditMode, Config, Durability};
 use toolgate::{daemon, demo, sample};
 
@@ -129,8 +129,12 @@ fn store(dir: &Path) -> PathBuf {
         if allow && i % 10 != 1 {
             let latency = 1000 + i % 5000;
             let at = format_time(t + chrono::Duration::microseconds(latency as i64));
-            log.record_outcome_at(&id, "forwarded", Some(latency), at)
-                .unwrap();
+            // Outcome rows have their own bounded buffer (not counted in `queue_depth`):
+            // a full one is `QueueFull` at once, so wait for the writer's next drain.
+            while let Err(e) = log.record_outcome_at(&id, "forwarded", Some(latency), at.clone()) {
+                assert!(matches!(e, AuditError::QueueFull), "outcome row: {e}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
     log.flush_blocking().unwrap();
