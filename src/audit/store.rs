@@ -645,6 +645,15 @@ pub(crate) fn read_after(
             anchor_from,
         ),
     ];
+    // The three reads see one snapshot. Read one by one, a commit landing between them (a
+    // decision in seq 101, its outcome in 102) could show this reader outcome 102 but not
+    // decision 101, and a shipper that moved its watermark to 102 would skip 101 for good.
+    // (A caller already inside a transaction has its snapshot.)
+    let snapshot = if c.is_autocommit() {
+        Some(c.unchecked_transaction()?)
+    } else {
+        None
+    };
     let mut out = Vec::new();
     for (sql, from) in tables {
         let mut st = c.prepare_cached(sql)?;
@@ -653,6 +662,7 @@ pub(crate) fn read_after(
             out.push(from(c, n, r)?);
         }
     }
+    drop(snapshot); // a read-only transaction: its rollback ends it
     out.sort_by_key(|r| r.seq);
     out.truncate(limit);
     Ok(out)
