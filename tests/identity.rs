@@ -472,6 +472,10 @@ async fn a_netmap_change_on_the_bus_flushes_the_cache() {
     let r = WhoisResolver::new(f.client(), settings());
     let watcher = r.spawn_netmap_watch();
     wait_for(|| f.bus_watchers() == 1).await;
+    // The watcher flushes once when the bus has opened (it may have missed changes while it was
+    // closed). The fake counts the watcher when the request arrives, before that flush: wait
+    // for it, or it can land between the two resolves below and cost a second WhoIs.
+    wait_for(|| r.snapshot().cache_flushes >= 1).await;
     let flushes = r.snapshot().cache_flushes;
     let a = r.resolve(sa("100.64.0.1:1")).await.unwrap();
     r.resolve(sa("100.64.0.1:2")).await.unwrap();
@@ -1690,6 +1694,8 @@ async fn a_revoked_grant_stops_working_on_an_open_connection() {
     let r = WhoisResolver::new(f.client(), s);
     let _watch = r.spawn_netmap_watch();
     wait_for(|| f.bus_watchers() == 1).await;
+    // The watcher's flush when the bus opens comes after the fake counts it: wait for it.
+    wait_for(|| r.snapshot().cache_flushes >= 1).await;
     let (addr, stats, _stop) = limited_server(r.clone(), None, server::ConnLimits::default()).await;
 
     // Two connections of alice (userspace mode: 127.0.0.1, told apart by port), one HTTP/1.1
