@@ -176,9 +176,7 @@ async fn page(
         let rest = render_rows(&tail, newest.as_ref(), own.as_deref());
         let _ = tx.blocking_send(Ok(bytes::Bytes::from(rest)));
     });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    }));
+    let body = channel_body(rx);
     let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
@@ -341,9 +339,7 @@ async fn stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let viewer = caller.principal.clone();
     tokio::spawn(pump(gw, reader, filter, viewer, after, tx));
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    }));
+    let body = channel_body(rx);
     let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
@@ -543,6 +539,13 @@ async fn pump(
             return;
         }
     }
+}
+
+/// A response body streamed from what a producer task sends on `rx`, until it hangs up.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>) -> Body {
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }))
 }
 
 #[cfg(test)]

@@ -33,21 +33,13 @@ pub fn tool_resource(
     arguments: Option<&Map<String, Value>>,
     meta: &Metadata,
 ) -> Resource {
-    let mut attr = Map::new();
-    attr.insert("tool_name".into(), Value::String(tool.to_string()));
-    attr.insert(
-        "arguments".into(),
-        Value::Object(arguments.cloned().unwrap_or_default()),
-    );
-    attr.insert("model".into(), Value::String(meta.model.clone()));
-    attr.insert("provider".into(), Value::String(meta.provider.clone()));
-    Resource {
-        kind: kind.to_string(),
-        id: tool.to_string(),
-        attr,
-        policy_version: String::new(),
-        scope: scope.to_string(),
-    }
+    tool_resource_owned(
+        kind,
+        scope,
+        tool,
+        arguments.cloned().unwrap_or_default(),
+        meta,
+    )
 }
 
 /// [`tool_resource`] taking the arguments by value (a call's params are moved into the check,
