@@ -352,7 +352,7 @@ fn main() {
             let mut dcl = pick("dom_content_loaded_ms");
             let shown = loads[1]["rows"].as_u64().unwrap_or(0);
             let mut steps = String::new();
-            for k in ["response_start_ms", "response_end_ms", "first_contentful_paint_ms", "first_row_paint_ms", "last_row_paint_ms", "stream_created_ms", "stream_open_ms"] {
+            for k in ["response_start_ms", "response_end_ms", "css_start_ms", "css_end_ms", "js_end_ms", "first_contentful_paint_ms", "first_row_paint_ms", "last_row_paint_ms", "stream_created_ms", "stream_open_ms"] {
                 steps.push_str(&format!(" {} {:.1};", k.trim_end_matches("_ms"), median(&mut pick(k))));
             }
             let (lo, hi) = (

@@ -307,6 +307,24 @@ async fn dashboard_in_a_real_browser() {
             "{name}: {} rows in the HTML",
             v["html_rows"]
         );
+        // Past the first screenful the rendered rows wait in a <template>; once painted, every
+        // rendered row is in the table, newest first, each once.
+        let seqs: Vec<i64> = v["backfill"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_i64().unwrap())
+            .collect();
+        assert!(
+            seqs.len() as u64 >= v["html_rows"].as_u64().unwrap(),
+            "{name}: {} of {} rendered rows in the table",
+            seqs.len(),
+            v["html_rows"]
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[0] > w[1]),
+            "{name}: the table's rows are not newest first, each once: {seqs:?}"
+        );
         assert_eq!(
             v["uplot_at_load"], "undefined",
             "{name}: uPlot loaded eagerly"

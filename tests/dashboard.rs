@@ -189,7 +189,28 @@ async fn the_page_is_served_to_identified_viewers() {
             .unwrap()
             .starts_with("text/html")
     );
+    // The stylesheet is inline, and the page's CSP allows exactly it (by its SHA-256) and no
+    // other inline style or any inline script.
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let html = r.text().await.unwrap();
+    let style = html
+        .split_once("<style>")
+        .and_then(|(_, rest)| rest.split_once("</style>"))
+        .map(|(style, _)| style)
+        .expect("an inline stylesheet");
+    let hash = {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(style))
+    };
+    assert!(
+        csp.contains(&format!("style-src 'self' 'sha256-{hash}';")),
+        "{csp}"
+    );
+    assert!(csp.contains("script-src 'self';"), "{csp}");
     assert!(html.contains("alice@example.com"), "{html}");
     assert!(html.contains("/dashboard.js") && html.contains("Live decisions"));
     assert!(!html.contains("{{"), "every placeholder is filled");

@@ -1,10 +1,12 @@
-// The toolgate dashboard. Hand-written and loaded with `defer`; uPlot (the charts) is loaded
-// only when the Charts view opens. Every number and row comes from the daemon already filtered
-// by policy for this viewer; data is only ever set as text, never as HTML.
+// The toolgate dashboard. Hand-written and loaded `async` at the end of the body; uPlot (the
+// charts) is loaded only when the Charts view opens. Every number and row comes from the daemon
+// already filtered by policy for this viewer; data is only ever set as text, never as HTML.
 //
-// The Live table arrives filled: the daemon renders the viewer's newest rows into the page, so
-// they paint before any script runs. This script adopts them, then opens the stream after the
-// chain position they were read at (#live-state[data-after]): no row twice, none missed.
+// The Live table arrives filled: the daemon renders the viewer's newest rows into the page (a
+// screenful in the table, the rest in template#more-rows), so they paint before any script
+// runs. After the first frame this script moves the rest in and adopts them all, then opens the
+// stream after the chain position they were read at (#live-state[data-after]): no row twice,
+// none missed.
 //
 // Stable hooks (tests/browser* target these; keep them):
 //   nav:      #nav a[data-view=live|agents|tools|policies|charts]   (the current one has .current)
@@ -265,6 +267,12 @@ function connect(after) {
 // Adopts the server-rendered rows and streams on from where they were read.
 function startLive() {
   document.body.dataset.live = "filling";
+  // The rendered rows below the first screenful (they were kept out of the first frame).
+  const more = document.getElementById("more-rows");
+  if (more) {
+    tbody().append(more.content);
+    more.remove();
+  }
   for (const tr of tbody().rows) {
     rows.set(tr.dataset.id, null);
     trs.set(tr.dataset.id, tr);
@@ -495,7 +503,9 @@ function show() {
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+// The script is `async` at the end of the body: the document above it is parsed, and
+// DOMContentLoaded may or may not have fired yet.
+function init() {
   const form = document.getElementById("filters");
   form.addEventListener("submit", (e) => { e.preventDefault(); connect(); });
   const q = new URLSearchParams(location.search);
@@ -516,4 +526,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const start = () => { startLive(); show(); };
   if (document.visibilityState === "hidden") start();
   else requestAnimationFrame(() => setTimeout(start, 0));
-});
+}
+
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+else init();

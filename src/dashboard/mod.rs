@@ -5,10 +5,13 @@
 //! - `GET /`: the page, server-rendered for the viewer: their principal and roles, and the Live
 //!   table already filled with their newest readable rows ([`live::newest`], the query the
 //!   stream's backfill uses, narrowed by the page URL's filters), so it paints with no script
-//!   run. The page's head is sent before the rows are read, so the browser fetches
-//!   `/dashboard.css` and `/dashboard.js` (hand-written, [`include_str!`]-embedded, `defer`)
-//!   meanwhile. The page then opens the stream with `after` = the chain head the rows were read
-//!   at: nothing repeated, nothing missed. The request is audited like the stream's.
+//!   run. The page's head, with the stylesheet inline (allowed by its hash in the page's CSP),
+//!   is sent before the rows are read. The first [`SCREEN_ROWS`] rows go in the table; the rest
+//!   wait in a `<template>` for the script (`/dashboard.js`, hand-written,
+//!   [`include_str!`]-embedded, `async` at the end of the body, so it is off the first frame's
+//!   path), which moves them into the table after the first frame and then opens the stream
+//!   with `after` = the chain head the rows were read at: nothing repeated, nothing missed. The
+//!   request is audited like the stream's. `/dashboard.css` is also served on its own.
 //! - `GET /api/audit/stream`: Server-Sent Events, one `decision` event per audit row the
 //!   viewer may read (the `toolgate_audit`/`read` policy, asked per row by
 //!   [`crate::read_api::may_read`]: rows a viewer may not see never leave the daemon). Filters
@@ -184,19 +187,39 @@ async fn page(
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-        ),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, PAGE_CSP.clone());
     r
 }
+
+/// The page's Content-Security-Policy: nothing from elsewhere, no inline script, and of inline
+/// styles only the stylesheet this binary embeds (by its SHA-256, CSP Level 2 hash source).
+static PAGE_CSP: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(STYLE));
+    HeaderValue::from_str(&format!(
+        "default-src 'self'; script-src 'self'; style-src 'self' 'sha256-{hash}'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+    ))
+    // Unreachable (base64 is header-safe); the page then renders unstyled, never less strict.
+    .unwrap_or_else(|_| {
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        )
+    })
+});
+
+/// How many of the rendered rows go into the table itself; the rest of them ride in the page
+/// inside a `<template>` (parsed, never laid out or painted) and the script moves them into
+/// the table after the first frame. A screenful (a 1300-pixel-tall window's worth): laying out
+/// and painting the rows below the fold before the first frame cost ~0.5 ms per row in
+/// headless Chromium (docs/benchmarks.md, "Dashboard paint").
+pub const SCREEN_ROWS: usize = 50;
 
 /// The page with the viewer's principal, roles and the policy snapshot filled in (escaped),
 /// split where the Live table's rows go: (everything before them, the template after them).
 fn render(viewer: &Principal, snapshot: &str) -> (String, String) {
     let page = PAGE
+        .replace("{{style}}", STYLE)
         .replace("{{principal}}", &escape(&viewer.id))
         .replace("{{roles}}", &escape(&viewer.roles.join(", ")))
         .replace("{{snapshot}}", &escape(snapshot));
@@ -210,9 +233,15 @@ fn render(viewer: &Principal, snapshot: &str) -> (String, String) {
 /// (`data-after`, empty when no rows were read), where "load older" continues
 /// (`data-older`), and the principal a user's rows are narrowed to (`data-own`).
 fn render_rows(tail: &str, newest: Option<&live::Newest>, own: Option<&str>) -> String {
+    let all = newest.map(|n| n.rows.as_slice()).unwrap_or_default();
+    let (screen, below) = all.split_at(all.len().min(SCREEN_ROWS));
     let mut rows = String::new();
-    for r in newest.map(|n| n.rows.as_slice()).unwrap_or_default() {
+    for r in screen {
         live::row_html(&mut rows, r);
+    }
+    let mut more = String::new();
+    for r in below {
+        live::row_html(&mut more, r);
     }
     let after = newest.map(|n| n.head.to_string()).unwrap_or_default();
     let older = newest
@@ -220,6 +249,7 @@ fn render_rows(tail: &str, newest: Option<&live::Newest>, own: Option<&str>) -> 
         .map(|c| c.to_string())
         .unwrap_or_default();
     rows + &tail
+        .replace("{{more}}", &more)
         .replace("{{after}}", &after)
         .replace("{{older}}", &escape(&older))
         .replace("{{own}}", &escape(own.unwrap_or("")))
@@ -581,6 +611,44 @@ mod tests {
                 .contains("unknown")
         );
         assert!(parse_stream("effect=maybe", None).is_err());
+    }
+
+    #[test]
+    fn rows_past_a_screenful_wait_in_the_template() {
+        let p = Principal {
+            id: "a".into(),
+            ..Default::default()
+        };
+        let (head, tail) = render(&p, "abc");
+        let rows = (0..SCREEN_ROWS + 7)
+            .map(|i| crate::audit::record::Row {
+                id: format!("id-{i}"),
+                seq: 1000 - i as i64,
+                ..Default::default()
+            })
+            .collect();
+        let newest = live::Newest {
+            rows,
+            head: 1000,
+            next: None,
+        };
+        let html = head + &render_rows(&tail, Some(&newest), None);
+        let (table, rest) = html.split_once("</tbody>").unwrap();
+        let (template, _) = rest
+            .split_once("<template id=\"more-rows\">")
+            .unwrap()
+            .1
+            .split_once("</template>")
+            .unwrap();
+        assert_eq!(table.matches("<tr data-id").count(), SCREEN_ROWS);
+        assert_eq!(template.matches("<tr data-id").count(), 7);
+        // Newest first, none twice: the table ends where the template begins.
+        assert!(table.contains("\"id-0\"") && !table.contains(&format!("\"id-{SCREEN_ROWS}\"")));
+        assert!(template.starts_with(&format!("<tr data-id=\"id-{SCREEN_ROWS}\"")));
+        assert!(
+            html.contains("data-rows=\"57\""),
+            "every rendered row is counted"
+        );
     }
 
     #[test]

@@ -50,7 +50,13 @@ const { chromium } = require(path.join(spec.playwright, "playwright-core"));
       runs.push(await page.evaluate((rowPaints) => {
         const nav = performance.getEntriesByType("navigation")[0];
         const fcp = performance.getEntriesByName("first-contentful-paint")[0];
+        const res = (suffix) => performance.getEntriesByType("resource").find((e) => e.name.endsWith(suffix));
+        const css = res("/dashboard.css");
+        const js = res("/dashboard.js");
         return {
+          css_start_ms: css ? css.startTime : null,
+          css_end_ms: css ? css.responseEnd : null,
+          js_end_ms: js ? js.responseEnd : null,
           painted_ms: performance.getEntriesByName("toolgate:live-painted")[0].startTime,
           response_start_ms: nav.responseStart,
           response_end_ms: nav.responseEnd,
