@@ -52,6 +52,59 @@ impl RenderedExplain {
     }
 }
 
+/// Canonical JSON text written directly by its producer (keys in sorted order, no
+/// intermediate `Value`), every string checked as it is written: when scrubbing would change
+/// none of them, the text is what the per-row path (`Value`, [`Redactor::scrub_record`],
+/// canonical JSON) would store, and it becomes a [`RenderedExplain`] with one digest. A
+/// string that scrubbing would change makes [`CleanJson::finish`] answer `None`, and the
+/// producer takes the `Value` path, which scrubs it.
+#[derive(Debug, Default)]
+pub struct CleanJson {
+    out: String,
+    clean: bool,
+}
+
+impl CleanJson {
+    pub fn with_capacity(n: usize) -> CleanJson {
+        CleanJson {
+            out: String::with_capacity(n),
+            clean: true,
+        }
+    }
+
+    /// JSON punctuation (`{`, `:`, `,` ...), appended as it is: the producer's to get right.
+    pub fn punct(&mut self, p: &str) {
+        self.out.push_str(p);
+    }
+
+    /// A string (a value or an object key), escaped as canonical JSON escapes it.
+    pub fn str(&mut self, s: &str) {
+        if self.clean && matches!(scrub_values(s), Cow::Owned(_)) {
+            self.clean = false;
+        }
+        super::record::write_str(&mut self.out, s);
+    }
+
+    /// Whether every string written so far is one scrubbing leaves as it is.
+    pub fn is_clean(&self) -> bool {
+        self.clean
+    }
+
+    /// The rendered trace; `None` when a string needs scrubbing or the text is over
+    /// [`MAX_EXPLAIN`] (both are the per-row path's).
+    pub fn finish(self) -> Option<RenderedExplain> {
+        use sha2::{Digest, Sha256};
+        if !self.clean || self.out.len() > MAX_EXPLAIN {
+            return None;
+        }
+        Some(RenderedExplain {
+            raw_digest: Sha256::digest(self.out.as_bytes()).into(),
+            raw: self.out.into_boxed_str(),
+            scrubbed: None,
+        })
+    }
+}
+
 /// Turns a record's rendered explain back into its value, before a change only the value
 /// path makes (needles, a URI shown redacted).
 fn materialize(rec: &mut Record) {

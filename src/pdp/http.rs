@@ -20,6 +20,8 @@ use super::access::{Access, access};
 use super::request::{self, CheckRequest};
 use super::response::{self, CheckResponse};
 use super::status::{Status, code};
+use crate::audit::record::RenderedExplain;
+use crate::audit::redact::CleanJson;
 use crate::gateway::{AuditRow, Caller, Conn, Gateway};
 use crate::policy::eval::{self, CheckOutput};
 use crate::policy::input::CheckInput;
@@ -309,7 +311,6 @@ fn audit_row(
     row.principal = Some(principal.to_string());
     row.outcome = "answered".into();
     let mut effect = Effect::Allow;
-    let mut results = Vec::with_capacity(resources.len());
     let mut reason = format!(
         "caller {} ({}) asked for {principal}:",
         caller.principal.id,
@@ -319,9 +320,9 @@ fn audit_row(
         }
     );
     let mut first_deny: Option<(&str, &str, &str)> = None;
-    let mut all_actions = Vec::new();
+    let n_actions: usize = outputs.iter().map(|o| o.actions.len()).sum();
+    let mut action = String::with_capacity(n_actions * 24);
     for (res, out) in resources.iter().zip(outputs) {
-        let mut actions = Map::new();
         for a in &out.actions {
             let e = match a.effect {
                 Effect::Allow => "allow",
@@ -336,13 +337,11 @@ fn audit_row(
             if reason.len() < MAX_REASON {
                 let _ = write!(reason, " {}/{} {}={e};", res.kind, res.id, a.action);
             }
-            all_actions.push(a.action.as_str());
-            actions.insert(
-                a.action.clone(),
-                json!({"effect": e, "policy": a.policy, "rule": a.rule}),
-            );
+            if !action.is_empty() {
+                action.push(',');
+            }
+            action.push_str(&a.action);
         }
-        results.push(json!({"kind": res.kind, "id": res.id, "actions": actions}));
     }
     if reason.len() > MAX_REASON {
         let mut cut = MAX_REASON;
@@ -363,22 +362,121 @@ fn audit_row(
     if let [one] = resources {
         row.tool = format!("{}/{}", one.kind, one.id);
     }
-    row.action = all_actions.join(",");
-    if row.action.len() > MAX_REASON {
-        row.action.truncate(
+    if action.len() > MAX_REASON {
+        action.truncate(
             (0..=MAX_REASON)
                 .rev()
-                .find(|&i| row.action.is_char_boundary(i))
+                .find(|&i| action.is_char_boundary(i))
                 .unwrap_or(0),
         );
     }
+    row.action = action;
     row.reason = reason;
-    row.explain = Some(json!({
-        "caller": caller.principal.id,
+    match explain_text(&caller.principal.id, principal, resources, outputs) {
+        Some(rendered) => row.explain_rendered = Some(Arc::new(rendered)),
+        None => {
+            row.explain = Some(explain_value(
+                &caller.principal.id,
+                principal,
+                resources,
+                outputs,
+            ))
+        }
+    }
+    row
+}
+
+/// The check row's `explain`, `{"caller", "principal", "results": [{"kind", "id", "actions":
+/// {<action>: {"effect", "policy", "rule"}}}]}`, as a value: the per-row path, which the
+/// audit writer scrubs and writes as canonical JSON. Taken when [`explain_text`] cannot.
+fn explain_value(
+    caller: &str,
+    principal: &str,
+    resources: &[request::Resource],
+    outputs: &[CheckOutput],
+) -> serde_json::Value {
+    let results: Vec<serde_json::Value> = resources
+        .iter()
+        .zip(outputs)
+        .map(|(res, out)| {
+            let mut actions = Map::new();
+            for a in &out.actions {
+                let e = match a.effect {
+                    Effect::Allow => "allow",
+                    Effect::Deny => "deny",
+                };
+                actions.insert(
+                    a.action.clone(),
+                    json!({"effect": e, "policy": a.policy, "rule": a.rule}),
+                );
+            }
+            json!({"kind": res.kind, "id": res.id, "actions": actions})
+        })
+        .collect();
+    json!({
+        "caller": caller,
         "principal": principal,
         "results": results,
-    }));
-    row
+    })
+}
+
+/// [`explain_value`]'s stored form written straight from the outputs: canonical JSON (keys in
+/// byte order; of equal action keys the last, as a map insert keeps it), each string checked
+/// against the scrubber as it is written. `None` when one would be scrubbed (or the text is
+/// over the explain cap): the caller then takes the value path, which scrubs it. Saves the
+/// value tree, its scrub walk and its canonical rewrite on every check (unit-tested equal).
+fn explain_text(
+    caller: &str,
+    principal: &str,
+    resources: &[request::Resource],
+    outputs: &[CheckOutput],
+) -> Option<RenderedExplain> {
+    let n: usize = outputs.iter().map(|o| o.actions.len()).sum();
+    let mut t = CleanJson::with_capacity(64 + resources.len() * 48 + n * 112);
+    t.punct("{\"caller\":");
+    t.str(caller);
+    t.punct(",\"principal\":");
+    t.str(principal);
+    t.punct(",\"results\":[");
+    let mut order: Vec<&eval::ActionResult> = Vec::new();
+    for (i, (res, out)) in resources.iter().zip(outputs).enumerate() {
+        if i > 0 {
+            t.punct(",");
+        }
+        t.punct("{\"actions\":{");
+        order.clear();
+        order.extend(out.actions.iter());
+        order.sort_by(|a, b| a.action.cmp(&b.action));
+        let mut first = true;
+        for (j, a) in order.iter().enumerate() {
+            if order.get(j + 1).is_some_and(|next| next.action == a.action) {
+                continue;
+            }
+            if !first {
+                t.punct(",");
+            }
+            first = false;
+            t.str(&a.action);
+            t.punct(match a.effect {
+                Effect::Allow => ":{\"effect\":\"allow\",\"policy\":",
+                Effect::Deny => ":{\"effect\":\"deny\",\"policy\":",
+            });
+            t.str(&a.policy);
+            t.punct(",\"rule\":");
+            t.str(&a.rule);
+            t.punct("}");
+        }
+        t.punct("},\"id\":");
+        t.str(&res.id);
+        t.punct(",\"kind\":");
+        t.str(&res.kind);
+        t.punct("}");
+        if !t.is_clean() {
+            return None;
+        }
+    }
+    t.punct("]}");
+    t.finish()
 }
 
 /// `POST /api/plan/resources`: a query plan for one resource kind (policy/plan.rs), one audit
@@ -525,5 +623,188 @@ mod tests {
         assert!(explain_requested(Some("explain=true")));
         assert!(!explain_requested(Some("explain=false")));
         assert!(!explain_requested(None));
+    }
+
+    fn act(action: &str, effect: Effect, policy: &str, rule: &str) -> eval::ActionResult {
+        eval::ActionResult {
+            action: action.into(),
+            effect,
+            policy: policy.into(),
+            scope: String::new(),
+            rule: rule.into(),
+            reason: String::new(),
+        }
+    }
+
+    fn res(kind: &str, id: &str) -> request::Resource {
+        request::Resource {
+            kind: kind.into(),
+            id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    fn out(actions: Vec<eval::ActionResult>) -> CheckOutput {
+        CheckOutput {
+            actions,
+            ..Default::default()
+        }
+    }
+
+    /// The explain written as text is, in every `audit.arguments` mode, byte for byte what
+    /// the value path stored (the value scrubbed by `scrub_record`, canonical JSON, capped),
+    /// with the digest of what is stored; a string the scrubber would change sends the row
+    /// down the value path, so no secret-looking request string is stored in clear.
+    #[test]
+    fn explain_text_is_what_the_value_path_stored() {
+        use crate::audit::Redactor;
+        use crate::audit::record::{Record, canonical_json};
+        use crate::config::ArgumentsMode;
+        use sha2::Digest as _;
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl";
+        let ghp = "ghp_0123456789abcdefghijABCDEFGHIJ";
+        let p = "resource.mcp_tool.vdefault";
+        // The bench's 5 × 2 shape.
+        let tools = [
+            "read_file",
+            "search_code",
+            "write_file",
+            "deploy",
+            "delete_repo",
+        ];
+        let five: Vec<request::Resource> = tools.iter().map(|t| res("mcp_tool", t)).collect();
+        let five_out: Vec<CheckOutput> = tools
+            .iter()
+            .map(|t| {
+                let call = if *t == "delete_repo" {
+                    act(
+                        &format!("tools/call::{t}"),
+                        Effect::Deny,
+                        p,
+                        "deny-destructive",
+                    )
+                } else {
+                    act(
+                        &format!("tools/call::{t}"),
+                        Effect::Allow,
+                        p,
+                        "allow-dev-tools",
+                    )
+                };
+                out(vec![
+                    act(&format!("tools/list::{t}"), Effect::Allow, p, "list"),
+                    call,
+                ])
+            })
+            .collect();
+        type Case = (
+            &'static str,
+            String,
+            Vec<request::Resource>,
+            Vec<CheckOutput>,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            ("5x2", "alice".into(), five, five_out, true),
+            (
+                "keys sort by bytes, escapes, unicode, a duplicate action (the last wins)",
+                "bob \"the\" \\ builder\n\u{1}é".into(),
+                vec![res("kïnd/\"q\"", "id\t1"), res("", "")],
+                vec![
+                    out(vec![
+                        act("b", Effect::Allow, "p1", "r1"),
+                        act("B", Effect::Deny, "p2", ""),
+                        act("a", Effect::Allow, "NO_MATCH", ""),
+                        act("é", Effect::Allow, "p3", "r3"),
+                        act("a", Effect::Deny, "p4", "r4"),
+                        act("tools/call::x", Effect::Deny, "p5", "r5"),
+                    ]),
+                    out(vec![]),
+                ],
+                true,
+            ),
+            ("no resources", "carol".into(), vec![], vec![], true),
+            (
+                "a JWT as the resource id",
+                "alice".into(),
+                vec![res("mcp_tool", jwt)],
+                vec![out(vec![act("tools/call::x", Effect::Allow, p, "r")])],
+                false,
+            ),
+            (
+                "a token in an action (an object key)",
+                "alice".into(),
+                vec![res("mcp_tool", "x")],
+                vec![out(vec![
+                    act(&format!("tools/call::{ghp}"), Effect::Deny, p, "r"),
+                    act("tools/call::a", Effect::Allow, p, "r"),
+                ])],
+                false,
+            ),
+            (
+                "a bearer header as the principal",
+                "Authorization: Bearer abcdefghijklmnop123".into(),
+                vec![res("mcp_tool", "x")],
+                vec![out(vec![act("a", Effect::Allow, p, "r")])],
+                false,
+            ),
+            (
+                "a secret-looking policy and rule",
+                "alice".into(),
+                vec![res("mcp_tool", "x")],
+                vec![out(vec![act(
+                    "a",
+                    Effect::Allow,
+                    "password=correcthorse",
+                    ghp,
+                )])],
+                false,
+            ),
+            (
+                "a large request over the explain cap",
+                "alice".into(),
+                (0..50).map(|i| res("mcp_tool", &format!("t{i}"))).collect(),
+                (0..50)
+                    .map(|i| {
+                        out((0..50)
+                            .map(|j| act(&format!("tools/call::{i}::{j}"), Effect::Allow, p, "r"))
+                            .collect())
+                    })
+                    .collect(),
+                false,
+            ),
+        ];
+        for (name, principal, resources, outputs, fast) in &cases {
+            let caller = "pep.example.ts.net";
+            let text = explain_text(caller, principal, resources, outputs);
+            assert_eq!(text.is_some(), *fast, "{name}: which path");
+            for mode in [
+                ArgumentsMode::None,
+                ArgumentsMode::Digest,
+                ArgumentsMode::Redacted,
+                ArgumentsMode::Full,
+            ] {
+                let mut rec = Record {
+                    explain: explain_value(caller, principal, resources, outputs),
+                    ..Default::default()
+                };
+                Redactor::new(mode, &[], 4096).scrub_record(&mut rec);
+                let mut old = canonical_json(&rec.explain);
+                Redactor::cap_explain(&mut old);
+                if let Some(r) = &text {
+                    let (stored, digest) = r.stored(mode);
+                    assert_eq!(stored, old, "{name} {mode:?}");
+                    assert_eq!(
+                        digest,
+                        <[u8; 32]>::from(sha2::Sha256::digest(stored.as_bytes())),
+                        "{name} {mode:?}"
+                    );
+                } else if mode != ArgumentsMode::Full {
+                    for secret in [jwt, ghp, "abcdefghijklmnop123", "correcthorse"] {
+                        assert!(!old.contains(secret), "{name} {mode:?}: {old}");
+                    }
+                }
+            }
+        }
     }
 }
