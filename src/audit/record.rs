@@ -289,10 +289,39 @@ pub(crate) fn write_canonical(out: &mut String, v: &Value) {
     }
 }
 
+/// Whether `s` has a byte JSON escapes (`"`, `\\`, or a control byte below 0x20), eight
+/// bytes at a time: the "has a byte less than n" and "has a zero byte" word tests of Sean
+/// Eron Anderson's Bit Twiddling Hacks (public domain), exact as a yes/no answer.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        let w = u64::from_ne_bytes(word);
+        let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+        if control | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || b < 0x20)
+}
+
 /// A JSON string literal (serde_json's escaping, which is deterministic).
 pub(crate) fn write_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
+    if !needs_escape(s.as_bytes()) {
+        // The common case: nothing to escape, one copy.
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
         let esc: Option<&str> = match b {
@@ -769,6 +798,41 @@ mod tests {
             "\u{8}\u{c}",
             "",
         ] {
+            let mut o = String::new();
+            write_str(&mut o, s);
+            assert_eq!(o, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    /// The word-at-a-time test agrees with the byte test for every byte value at every
+    /// position of a word and of the tail, and `write_str` with serde_json around it.
+    #[test]
+    fn escapes_are_found_at_every_position() {
+        let slow = |s: &[u8]| s.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        for len in [1usize, 7, 8, 9, 16, 17, 23] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut v = vec![b'a'; len];
+                    v[at] = b;
+                    assert_eq!(needs_escape(&v), slow(&v), "{b:#x} at {at} of {len}");
+                    if let Ok(s) = std::str::from_utf8(&v) {
+                        let mut o = String::new();
+                        write_str(&mut o, s);
+                        assert_eq!(o, serde_json::to_string(s).unwrap(), "{s:?}");
+                    }
+                }
+            }
+        }
+        // Neighbours of the escaped bytes, multi-byte characters, and words whose bytes
+        // borrow from each other in the subtraction.
+        for s in [
+            "\u{1f}\u{20}!#[]\u{7f}",
+            "é€😀\u{80}ÿ",
+            "\u{100}\u{1fff}\u{fffd}\u{10ffff}",
+            "\u{0}\u{1}\u{1}\u{1}\u{1}\u{1}\u{1}\u{1}",
+            "!!!!!!!!\u{21}\u{21}",
+        ] {
+            assert_eq!(needs_escape(s.as_bytes()), slow(s.as_bytes()), "{s:?}");
             let mut o = String::new();
             write_str(&mut o, s);
             assert_eq!(o, serde_json::to_string(s).unwrap(), "{s:?}");

@@ -4,7 +4,6 @@
 //! accepted (and, with `audit.mode: sync`, committed): a full or failed audit store answers
 //! 503 `UNAVAILABLE`, never an unaudited decision.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -335,7 +334,19 @@ fn audit_row(
                 }
             };
             if reason.len() < MAX_REASON {
-                let _ = write!(reason, " {}/{} {}={e};", res.kind, res.id, a.action);
+                for part in [
+                    " ",
+                    res.kind.as_str(),
+                    "/",
+                    &res.id,
+                    " ",
+                    &a.action,
+                    "=",
+                    e,
+                    ";",
+                ] {
+                    reason.push_str(part);
+                }
             }
             if !action.is_empty() {
                 action.push(',');
