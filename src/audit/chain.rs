@@ -112,7 +112,15 @@ pub(crate) fn set_head(
     seq: i64,
     hash: &[u8; 32],
 ) -> rusqlite::Result<()> {
-    let value = format!("{seq}:{}:{}", hex(hash), hex(&head_mac(key, seq, hash)));
+    // `seq:hash:mac`, written into one buffer (no `format!`, no intermediate hex strings).
+    let mut value = String::with_capacity(20 + 2 + 128);
+    {
+        use std::fmt::Write as _;
+        let _ = write!(value, "{seq}:");
+    }
+    push_hex(&mut value, hash);
+    value.push(':');
+    push_hex(&mut value, &head_mac(key, seq, hash));
     // An UPDATE in place dirties the one `meta` table page; `INSERT OR REPLACE` (a delete and
     // an insert under a new rowid) also dirtied the key's index page, one more WAL page on
     // every commit.
@@ -124,6 +132,15 @@ pub(crate) fn set_head(
             .execute(params![value])?;
     }
     Ok(())
+}
+
+/// Appends `bytes` as lower-case hex (what [`hex`] returns).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// Rows read per step of a walk.

@@ -49,7 +49,8 @@ pub enum Field {
     InputResource,
 }
 
-const FIELDS: usize = 26;
+/// The number of [`Field`]s.
+pub(crate) const FIELDS: usize = 26;
 
 /// A logical row, ready for [`super::store::insert_compact`].
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::compact::{CompactRow, Event, Field};
+use super::compact::{CompactRow, Event, FIELDS, Field};
 use super::links::{Anchor, hex, unhex32};
 pub use super::links::{time_to_us, uuid_bytes};
 use super::record::{StoredRow, canonical_json, event, format_time};
@@ -95,12 +95,20 @@ fn json_or_null(s: &str) -> Option<&str> {
     }
 }
 
+/// Bytes of lookup text (replay inputs) the writer keeps to find a repeated text's id without
+/// hashing it with SHA-256 (then the cache starts again).
+const MAX_CACHED_TEXT_BYTES: usize = 1 << 20;
+
 /// The writer's string → id caches. Ids inserted by a transaction that then fails are
 /// forgotten ([`Lookups::rollback`]): they were never stored.
 #[derive(Debug, Default)]
 pub(crate) struct Lookups {
     names: HashMap<String, i64>,
     fresh_names: Vec<String>,
+    /// Per [`Field`] of a queued row: the text it had last and its id (0: none). Consecutive
+    /// rows mostly repeat a field (gateway, kind, server, the caller at one connection), and
+    /// comparing a short text costs a fraction of hashing it for `names`.
+    last: Vec<(String, i64)>,
     explains: Digested,
     inputs: Digested,
 }
@@ -110,6 +118,11 @@ pub(crate) struct Lookups {
 struct Digested {
     ids: HashMap<[u8; 32], i64>,
     fresh: Vec<[u8; 32]>,
+    /// Text → id for texts seen already ([`Digested::id_of_text`]): a hash-map hit costs a
+    /// fraction of the SHA-256 that finds the id by digest.
+    by_text: HashMap<Box<str>, i64>,
+    /// Bytes of text in `by_text`.
+    text_bytes: usize,
 }
 
 impl Digested {
@@ -146,10 +159,30 @@ impl Digested {
         Ok(id)
     }
 
+    /// [`Digested::id`] for a text whose digest is not known yet: a text seen before is found
+    /// by the text itself, and only a new one is digested.
+    fn id_of_text(&mut self, c: &Connection, table: &str, text: &str) -> rusqlite::Result<i64> {
+        if let Some(&id) = self.by_text.get(text) {
+            return Ok(id);
+        }
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        let id = self.id(c, table, digest, text)?;
+        if self.text_bytes + text.len() > MAX_CACHED_TEXT_BYTES {
+            self.by_text.clear();
+            self.text_bytes = 0;
+        }
+        self.text_bytes += text.len();
+        self.by_text.insert(text.into(), id);
+        Ok(id)
+    }
+
     fn rollback(&mut self) {
         for d in self.fresh.drain(..) {
             self.ids.remove(&d);
         }
+        // It may hold ids of the failed transaction: start again (failures are rare).
+        self.by_text.clear();
+        self.text_bytes = 0;
     }
 }
 
@@ -194,8 +227,33 @@ impl Lookups {
 
     /// The id of a replay input (canonical JSON) in `inputs`, inserting it once.
     pub fn input(&mut self, c: &Connection, text: &str) -> rusqlite::Result<i64> {
-        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        self.inputs.id(c, "inputs", digest, text)
+        self.inputs.id_of_text(c, "inputs", text)
+    }
+
+    /// [`Lookups::name`] of a queued row's field `f`, whose text is `s`: the field's last id
+    /// when its text did not change. Outcome rows keep their own slots (`outcome` is "pending"
+    /// on a decision and "forwarded" on its outcome: shared, they would alternate).
+    fn field(&mut self, c: &Connection, ev: Event, f: Field, s: &str) -> rusqlite::Result<i64> {
+        let i = match ev {
+            Event::Outcome => FIELDS + f as usize,
+            _ => f as usize,
+        };
+        if let Some((text, id)) = self.last.get(i)
+            && *id != 0
+            && text == s
+        {
+            return Ok(*id);
+        }
+        let id = self.name(c, s)?;
+        if self.last.len() <= i {
+            self.last.resize_with(i + 1, || (String::new(), 0));
+        }
+        if let Some(e) = self.last.get_mut(i) {
+            e.0.clear();
+            e.0.push_str(s);
+            e.1 = id;
+        }
+        Ok(id)
     }
 
     /// The transaction committed: its new ids are real.
@@ -209,6 +267,9 @@ impl Lookups {
     pub fn rollback(&mut self) {
         for n in self.fresh_names.drain(..) {
             self.names.remove(&n);
+        }
+        for e in &mut self.last {
+            e.1 = 0;
         }
         self.explains.rollback();
         self.inputs.rollback();
@@ -246,11 +307,11 @@ pub(crate) fn insert_compact(
     rollups: Option<&mut Rollups>,
 ) -> rusqlite::Result<()> {
     let time = row.time_us;
-    let gateway = lk.name(c, row.get(Field::Gateway))?;
+    let gateway = lk.field(c, row.event, Field::Gateway, row.get(Field::Gateway))?;
     match row.event {
         Event::Outcome => {
-            let outcome = lk.name(c, row.get(Field::Outcome))?;
-            let detail = lk.name(c, row.get(Field::Reason))?;
+            let outcome = lk.field(c, row.event, Field::Outcome, row.get(Field::Outcome))?;
+            let detail = lk.field(c, row.event, Field::Reason, row.get(Field::Reason))?;
             let key = row.key_bytes.as_ref().map(|b| &b[..]);
             let decision = bytes_or_text(key, row.get(Field::DecisionId), false);
             c.prepare_cached(INSERT_OUTCOME)?.execute(params![
@@ -287,7 +348,7 @@ pub(crate) fn insert_compact(
             ])?;
         }
         Event::Decision => {
-            let mut n = |f: Field| lk.name(c, row.get(f));
+            let mut n = |f: Field| lk.field(c, Event::Decision, f, row.get(f));
             let ids = [
                 n(Field::Kind)?,
                 n(Field::Principal)?,

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
 use super::chain::{self, content_digest, link};
@@ -1230,10 +1230,27 @@ impl Writer {
         }
     }
 
+    /// Writes `batch` in one transaction. `BEGIN` and `COMMIT` are cached statements like the
+    /// inserts: `execute_batch` (what rusqlite's `Transaction` runs) parses them on every
+    /// commit, which at one connection is every call.
     fn write_batch(&mut self, batch: &mut [Pending]) -> rusqlite::Result<(i64, [u8; 32])> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let written = self.write_rows(batch).and_then(|head| {
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(head)
+        });
+        if written.is_err() && !self.conn.is_autocommit() {
+            // What dropping an uncommitted `Transaction` does.
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "audit: rolling back a failed batch failed");
+            }
+        }
+        written
+    }
+
+    /// The body of [`Writer::write_batch`], inside its transaction.
+    fn write_rows(&mut self, batch: &mut [Pending]) -> rusqlite::Result<(i64, [u8; 32])> {
+        let tx = &self.conn;
         let mut seq = self.head_seq;
         let mut hash = self.head_hash;
         for p in batch.iter_mut() {
@@ -1241,7 +1258,7 @@ impl Writer {
             p.seq = seq;
             hash = link(&self.key, &hash, seq, &p.digest);
             store::insert_compact(
-                &tx,
+                tx,
                 &mut self.lookups,
                 seq,
                 &p.row,
@@ -1249,14 +1266,13 @@ impl Writer {
                 Some(&mut self.rollups),
             )?;
         }
-        self.rollups.flush(&tx)?;
+        self.rollups.flush(tx)?;
         if seq != self.head_seq {
-            chain::set_head(&tx, &self.key, seq, &hash)?;
+            chain::set_head(tx, &self.key, seq, &hash)?;
         }
         if let Some(w) = self.watermark {
-            retention::set_meta(&tx, "shipped", &w.to_string())?;
+            retention::set_meta(tx, "shipped", &w.to_string())?;
         }
-        tx.commit()?;
         Ok((seq, hash))
     }
 
