@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! bench_pdp      # env: TOOLGATE_BIN, CERBOS_BIN, MODE=all|pdp|hook, ROUNDS=5, SECONDS=3,
-//!                #   CONNS=32, PROXY_CPU=0, GEN_CPU=1
+//!                #   CONNS=32, PROXY_CPU=0, GEN_CPU=1, AUDIT="<extra audit keys>" (unset: as shipped)
 //! ```
 //!
 //! The load generator is one thread (tokio, current-thread) holding N keep-alive HTTP/1.1
@@ -27,6 +27,10 @@
     clippy::panic,
     reason = "benchmark tool"
 )]
+
+/// The shipped binary's allocator (src/main.rs), so the floor servers allocate as toolgate does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -317,9 +321,14 @@ fn start_toolgate(
     std::fs::write(d.join("ids.yaml"), IDENTITIES).unwrap();
     std::fs::write(d.join("hook.key"), format!("{HOOK_KEY}\n")).unwrap();
     let port = free_port();
+    // AUDIT="durability: normal" (say): extra `audit` keys, for experiments; unset = as shipped.
+    let audit_extra = match std::env::var("AUDIT") {
+        Ok(x) if !x.trim().is_empty() => format!(", {x}"),
+        _ => String::new(),
+    };
     let cfg = format!(
         "listen: [\"127.0.0.1:{port}\"]\ntls: off\nlog: {{level: warn, format: text}}\nidentity: {{provider: static, static: ids.yaml}}\n\
-         policies: {{dir: \"{}\", watch: false}}\naudit: {{sqlite: audit.db}}\npdp: {{enabled: true, callers: [\"tag:pep\"]}}\n\
+         policies: {{dir: \"{}\", watch: false}}\naudit: {{sqlite: audit.db{audit_extra}}}\npdp: {{enabled: true, callers: [\"tag:pep\"]}}\n\
          hooks: {{aperture: {{callers: [\"tag:aperture\"], key_file: hook.key}}}}\n",
         policies.display()
     );
@@ -499,7 +508,186 @@ fn print_summary(label: &str, rs: &[Round]) {
     );
 }
 
+/// How much of the hook a floor server does.
+#[derive(Clone, Copy, PartialEq)]
+enum Floor {
+    /// The HTTP stack and the body read whole; a fixed `modify` answer.
+    Http,
+    /// And the body parsed (`serde_json::Value`: any hook must read the tool uses out of it).
+    Json,
+    /// And the hook's own steps but the audit: the bounded parse, `HookCallData`, the
+    /// provider walk, the principal from the metadata, the 3 `tools/call` and 4 `tools/list`
+    /// decisions against the shipped policies, and the `modify` body built and serialised.
+    Decide,
+}
+
+/// What the [`Floor::Decide`] server holds: the shipped policies, compiled once.
+struct Decider {
+    set: std::sync::Arc<toolgate::policy::compile::PolicySet>,
+}
+
+impl Decider {
+    fn load(root: &Path) -> Decider {
+        let set = toolgate::policy::store::load_dir(&root.join("policies"))
+            .unwrap_or_else(|e| panic!("policies/: {e:?}"));
+        Decider {
+            set: std::sync::Arc::new(set),
+        }
+    }
+
+    /// The hook's `pre_request` minus its audit rows: the answer's bytes.
+    fn answer(&self, body: &[u8]) -> Vec<u8> {
+        use toolgate::hook::{call, check, provider};
+        use toolgate::policy::eval::{CheckRef, check_ref};
+        let limits = toolgate::mcp::jsonrpc::Limits {
+            max_bytes: 1 << 20,
+            max_depth: 64,
+            max_nodes: 100_000,
+        };
+        let v = toolgate::mcp::jsonrpc::parse_value(body, limits).unwrap();
+        let hc = call::parse(v).unwrap();
+        let id = check::user_identity(&hc.metadata, "toolgate.dev/cap/toolgate").unwrap();
+        let principal = id.principal(&Default::default());
+        let rb = hc.request_body.as_ref().unwrap();
+        let uses = provider::latest_tool_uses(rb).unwrap();
+        let offered = provider::offered_tools(rb).unwrap();
+        let params = toolgate::policy::input::Params::default();
+        let mut allowed = 0;
+        for u in uses {
+            let action = vec![check::call_action(&u.name)];
+            let r =
+                check::tool_resource_owned("aperture_tool", "", &u.name, u.params, &hc.metadata);
+            let out = check_ref(
+                &self.set,
+                CheckRef {
+                    principal: &principal,
+                    resource: &r,
+                    actions: &action,
+                    aux_data: &Value::Null,
+                },
+                &params,
+            );
+            allowed +=
+                usize::from(out.effect(&action[0]) == Some(toolgate::policy::model::Effect::Allow));
+        }
+        assert_eq!(allowed, 3);
+        let mut hidden = std::collections::BTreeSet::new();
+        for name in &offered {
+            let action = vec![check::list_action(name)];
+            let r = check::tool_resource("aperture_tool", "", name, None, &hc.metadata);
+            let out = check_ref(
+                &self.set,
+                CheckRef {
+                    principal: &principal,
+                    resource: &r,
+                    actions: &action,
+                    aux_data: &Value::Null,
+                },
+                &params,
+            );
+            if out.effect(&action[0]) != Some(toolgate::policy::model::Effect::Allow) {
+                hidden.insert(name.clone());
+            }
+        }
+        let body = provider::without_tools(rb, &hidden);
+        serde_json::to_vec(&json!({"action": "modify", "request_body": body})).unwrap()
+    }
+}
+
+/// A hook floor (`bench_pdp floor-http|floor-json|floor-decide`): the HTTP stack the hook is
+/// served on (hyper's `auto::Builder`, HTTP/1 with a header read timeout, as `server.rs`) and
+/// as much of the hook as [`Floor`] says. No identity lookup and no audit: what the hook cannot
+/// go below on this stack. Prints its port.
+fn floor_main(floor: Floor) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+
+    const ANSWER: &[u8] = br#"{"action":"modify","modified_body":{"model":"m","tools":[]}}"#;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let decider = std::sync::Arc::new(
+        (floor == Floor::Decide).then(|| Decider::load(Path::new(env!("CARGO_MANIFEST_DIR")))),
+    );
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            let decider = decider.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let decider = decider.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let answer = match (floor, decider.as_ref()) {
+                                (Floor::Decide, Some(d)) => bytes::Bytes::from(d.answer(&body)),
+                                (Floor::Json, _) => {
+                                    let v: Value = serde_json::from_slice(&body).unwrap();
+                                    assert!(v.is_object());
+                                    bytes::Bytes::from_static(ANSWER)
+                                }
+                                _ => bytes::Bytes::from_static(ANSWER),
+                            };
+                            let mut r = hyper::Response::new(Full::new(answer));
+                            r.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, hyper::Error>(r)
+                        }
+                    },
+                );
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+                let _ = builder.serve_connection(TokioIo::new(s), service).await;
+            });
+        }
+    });
+}
+
+/// `bench_pdp floor-http|floor-json`, pinned like the servers; its address.
+fn start_floor(cpu: &str, mode: &'static str) -> (Proc, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("taskset")
+        .arg("-c")
+        .arg(cpu)
+        .arg(std::env::current_exe().unwrap())
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    let mut p = Proc {
+        name: mode,
+        child,
+        dir,
+    };
+    wait_listening(addr, &mut p);
+    (p, addr)
+}
+
 fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("floor-http") => return floor_main(Floor::Http),
+        Some("floor-json") => return floor_main(Floor::Json),
+        Some("floor-decide") => return floor_main(Floor::Decide),
+        _ => {}
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin: PathBuf = std::env::var_os("TOOLGATE_BIN")
         .map(PathBuf::from)
@@ -624,7 +812,18 @@ fn main() {
             body.len(),
             v["action"]
         );
+        // The floors, interleaved with toolgate: the same request bytes and connections.
+        let floors = ["floor-http", "floor-json", "floor-decide"].map(|m| start_floor(&cpu, m));
+        let floor_reqs = floors.each_ref().map(|(_, a)| {
+            std::sync::Arc::new(http_post(
+                &a.to_string(),
+                "/hooks/aperture/pre_request",
+                &format!("Authorization: Bearer {HOOK_KEY}\r\n"),
+                &body,
+            ))
+        });
         let mut rs = Vec::new();
+        let mut floor_rs: [Vec<Round>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for r in 0..rounds as usize {
             let x = rt.block_on(round(addr, &req, b"\"modify\"", conns, secs, tg.child.id()));
             println!(
@@ -632,9 +831,28 @@ fn main() {
                 x.rps, x.p50, x.p99, x.cpu
             );
             rs.push(x);
+            for (i, (p, a)) in floors.iter().enumerate() {
+                let x = rt.block_on(round(
+                    *a,
+                    &floor_reqs[i],
+                    b"\"modify\"",
+                    conns,
+                    secs,
+                    p.child.id(),
+                ));
+                println!(
+                    "round {r} {:<10}{:>8.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  cpu {:>6.1} µs/call",
+                    p.name, x.rps, x.p50, x.p99, x.cpu
+                );
+                floor_rs[i].push(x);
+            }
         }
         println!("\nhook, medians over {rounds} rounds (spread min … max):");
         print_summary("pre_request", &rs);
+        print_summary("floor: HTTP only", &floor_rs[0]);
+        print_summary("floor: HTTP + JSON", &floor_rs[1]);
+        print_summary("floor: all but audit", &floor_rs[2]);
+        drop(floors);
         let (p99, _, _) = summary(&rs, |x| x.p99);
         target(
             format!("hook pre_request p99 <= 1 ms at {conns} connections ({p99:.0} µs)"),
