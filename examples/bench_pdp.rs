@@ -552,40 +552,28 @@ impl Decider {
         let uses = provider::latest_tool_uses(rb).unwrap();
         let offered = provider::offered_tools(rb).unwrap();
         let params = toolgate::policy::input::Params::default();
+        let allows = |r: &toolgate::policy::input::Resource, action: String| {
+            let actions = [action];
+            let req = CheckRef {
+                principal: &principal,
+                resource: r,
+                actions: &actions,
+                aux_data: &Value::Null,
+            };
+            check_ref(&self.set, req, &params).effect(&actions[0])
+                == Some(toolgate::policy::model::Effect::Allow)
+        };
         let mut allowed = 0;
         for u in uses {
-            let action = vec![check::call_action(&u.name)];
             let r =
                 check::tool_resource_owned("aperture_tool", "", &u.name, u.params, &hc.metadata);
-            let out = check_ref(
-                &self.set,
-                CheckRef {
-                    principal: &principal,
-                    resource: &r,
-                    actions: &action,
-                    aux_data: &Value::Null,
-                },
-                &params,
-            );
-            allowed +=
-                usize::from(out.effect(&action[0]) == Some(toolgate::policy::model::Effect::Allow));
+            allowed += usize::from(allows(&r, check::call_action(&u.name)));
         }
         assert_eq!(allowed, 3);
         let mut hidden = std::collections::BTreeSet::new();
         for name in &offered {
-            let action = vec![check::list_action(name)];
             let r = check::tool_resource("aperture_tool", "", name, None, &hc.metadata);
-            let out = check_ref(
-                &self.set,
-                CheckRef {
-                    principal: &principal,
-                    resource: &r,
-                    actions: &action,
-                    aux_data: &Value::Null,
-                },
-                &params,
-            );
-            if out.effect(&action[0]) != Some(toolgate::policy::model::Effect::Allow) {
+            if !allows(&r, check::list_action(name)) {
                 hidden.insert(name.clone());
             }
         }
@@ -654,7 +642,7 @@ fn floor_main(floor: Floor) {
     });
 }
 
-/// `bench_pdp floor-http|floor-json`, pinned like the servers; its address.
+/// `bench_pdp floor-http|floor-json|floor-decide`, pinned like the servers; its address.
 fn start_floor(cpu: &str, mode: &'static str) -> (Proc, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new("taskset")
@@ -665,13 +653,7 @@ fn start_floor(cpu: &str, mode: &'static str) -> (Proc, SocketAddr) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    let addr = bench_common::printed_addr(&mut child);
     let mut p = Proc {
         name: mode,
         child,

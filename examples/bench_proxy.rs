@@ -406,13 +406,7 @@ fn start_sub(me: &Path, cpu: &str, mode: &str, upstream: SocketAddr) -> (Proc, S
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    let addr = bench_common::printed_addr(&mut child);
     wait_listening(addr, &mut child);
     (Proc { child, _dir: None }, addr)
 }
@@ -662,13 +656,7 @@ fn main() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(up.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let up_addr = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()));
+    let up_addr = bench_common::printed_addr(&mut up);
     let up_pid = up.id();
     let _up = Proc {
         child: up,

@@ -517,3 +517,107 @@ fn schemas_warn_and_reject() {
         "{errors:?}"
     );
 }
+
+/// A check's derived roles are evaluated once for all its actions, unless one may read the
+/// action (`request.action`): those are evaluated per action, whatever the actions' order.
+/// A derived role whose condition errors is evaluated per action too (its errors are reported
+/// per action), and the cached roles give the same answers as one action at a time.
+#[test]
+fn derived_roles_that_read_the_action_are_evaluated_per_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let role = |set: &str, name: &str, expr: &str| {
+        format!(
+            "apiVersion: api.cerbos.dev/v1\nderivedRoles:\n  name: {set}\n  definitions:\n    - name: {name}\n      parentRoles: [user]\n      condition:\n        match:\n          expr: {expr}\n"
+        )
+    };
+    write(
+        dir.path(),
+        "a.yaml",
+        &role("a", "reader", "request.action.startsWith('read')"),
+    );
+    write(
+        dir.path(),
+        "b.yaml",
+        &role("b", "owner", "R.attr.owner == P.id"),
+    );
+    write(
+        dir.path(),
+        "c.yaml",
+        &role("c", "broken", "R.attr.missing.deep == 1"),
+    );
+    let policy = |kind: &str, import: &str, rules: &[(&str, &str)]| {
+        let mut s = format!(
+            "apiVersion: api.cerbos.dev/v1\nresourcePolicy:\n  resource: {kind}\n  version: default\n  importDerivedRoles: [{import}]\n  rules:\n"
+        );
+        for (actions, role) in rules {
+            writeln!(s, "    - actions: [{actions}]\n      effect: EFFECT_ALLOW\n      derivedRoles: [{role}]").unwrap();
+        }
+        s
+    };
+    write(
+        dir.path(),
+        "da.yaml",
+        &policy("da", "a", &[("read, write", "reader")]),
+    );
+    write(
+        dir.path(),
+        "db.yaml",
+        &policy("db", "b", &[("edit, publish", "owner")]),
+    );
+    write(
+        dir.path(),
+        "dc.yaml",
+        &policy("dc", "b, c", &[("purge", "broken"), ("edit", "owner")]),
+    );
+    let set = store::load_dir(dir.path()).unwrap();
+    let check = |kind: &str, owner: &str, actions: &[&str]| {
+        let mut resource = Resource {
+            kind: kind.into(),
+            id: "d1".into(),
+            ..Default::default()
+        };
+        resource.attr.insert("owner".into(), owner.into());
+        let input = CheckInput {
+            principal: Principal {
+                id: "alice".into(),
+                roles: vec!["user".into()],
+                ..Default::default()
+            },
+            resource,
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        let out = eval::check(&set, &input, &Params::default());
+        let allowed: Vec<String> = out
+            .actions
+            .iter()
+            .filter(|r| r.effect == toolgate::policy::model::Effect::Allow)
+            .map(|r| r.action.clone())
+            .collect();
+        (allowed, out.evaluation_errors.len())
+    };
+    let allowed = |kind: &str, owner: &str, actions: &[&str]| check(kind, owner, actions).0;
+    // `reader` reads the action: read is allowed, write is not, in either order.
+    assert_eq!(allowed("da", "bob", &["read", "write"]), ["read"]);
+    assert_eq!(allowed("da", "bob", &["write", "read"]), ["read"]);
+    // `owner` does not: one evaluation serves every action, with the answers of one at a time.
+    assert_eq!(
+        allowed("db", "alice", &["edit", "write", "publish"]),
+        ["edit", "publish"]
+    );
+    assert_eq!(
+        allowed("db", "bob", &["edit", "publish"]),
+        Vec::<String>::new()
+    );
+    for a in ["edit", "publish"] {
+        assert_eq!(allowed("db", "alice", &[a]), [a]);
+    }
+    // `broken` errors (strict): purge is denied, edit still allowed, and the error is
+    // reported once per action.
+    let (ok, one) = check("dc", "alice", &["purge"]);
+    assert!(ok.is_empty());
+    assert!(one >= 1);
+    let (ok, three) = check("dc", "alice", &["purge", "edit", "other"]);
+    assert_eq!(ok, ["edit"]);
+    assert_eq!(three, 3 * one, "one error report per action");
+}

@@ -1,5 +1,6 @@
 //! What the pinned benchmarks (`bench_pdp`, `bench_proxy`, `bench_stdio`) share: knobs from the
-//! environment, CPU time from `/proc`, and the statistics they print. Included with
+//! environment, CPU time from `/proc`, the statistics they print, and the port a child server
+//! prints. Included with
 //! `#[path = "bench_common/mod.rs"] mod bench_common;` (a folder, so Cargo does not build it as an
 //! example of its own).
 
@@ -43,4 +44,15 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The loopback address a child server printed as its first stdout line (its port).
+pub fn printed_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    std::net::SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()))
 }

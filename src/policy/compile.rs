@@ -111,6 +111,37 @@ pub enum Cond {
     None(Vec<Cond>),
 }
 
+impl Cond {
+    /// Whether any expression of the condition satisfies `f`.
+    pub fn any_expr(&self, f: &impl Fn(&Expr) -> bool) -> bool {
+        match self {
+            Cond::Expr(e) => f(e),
+            Cond::All(c) | Cond::Any(c) | Cond::None(c) => c.iter().any(|c| c.any_expr(f)),
+        }
+    }
+}
+
+/// Whether an expression may read the action being checked, judged by its text and erring
+/// towards yes: it names `action` anywhere, or takes `request` other than as
+/// `request.principal`, `request.resource` or `request.auxData` (`request.action` and the
+/// whole `request` reach the action).
+pub fn may_read_action(source: &str) -> bool {
+    if source.contains("action") {
+        return true;
+    }
+    let mut rest = source;
+    while let Some(i) = rest.find("request") {
+        rest = &rest[i + "request".len()..];
+        let known = [".principal", ".resource", ".auxData", ".aux_data"]
+            .iter()
+            .any(|p| rest.starts_with(p));
+        if !known {
+            return true;
+        }
+    }
+    false
+}
+
 /// A derived role definition, with its own set's constants and variables.
 #[derive(Debug)]
 pub struct DerivedRole {
@@ -123,6 +154,10 @@ pub struct DerivedRole {
     pub variables: Variables,
     pub path: String,
     pub file: String,
+    /// Whether its condition or its variables may read the action ([`may_read_action`]).
+    /// When none of a scope's derived roles does, one evaluation serves every action of a
+    /// check.
+    pub reads_action: bool,
 }
 
 /// One rule of any policy kind.
@@ -619,6 +654,10 @@ impl<'a> Compiler<'a> {
                 let condition = d.condition.as_ref().and_then(|c| {
                     self.condition(&p.file, &format!("{path}.condition.match"), &c.match_, 0)
                 });
+                let reads_action = condition
+                    .as_ref()
+                    .is_some_and(|c| c.any_expr(&|e| may_read_action(e.source())))
+                    || variables.sources().any(may_read_action);
                 defs.push(Arc::new(DerivedRole {
                     name: d.name.clone(),
                     set: dr.name.clone(),
@@ -628,6 +667,7 @@ impl<'a> Compiler<'a> {
                     variables: variables.clone(),
                     path,
                     file: p.file.clone(),
+                    reads_action,
                 }));
             }
             ex.derived.insert(dr.name.clone(), defs);
@@ -1376,5 +1416,27 @@ mod tests {
             "principal.alice_example.com.vdefault"
         );
         assert_eq!(key_part("123abc"), "123abc");
+    }
+
+    #[test]
+    fn what_may_read_the_action() {
+        for yes in [
+            "request.action == 'x'",
+            "request['action'] == 'x'",
+            "request.action.startsWith('read')",
+            "has(request.auxData) && request == {}",
+            "request .principal.id == 'a'",
+            "'action' in R.attr.tags",
+        ] {
+            assert!(may_read_action(yes), "{yes}");
+        }
+        for no in [
+            "R.attr.owner == P.id",
+            "request.principal.id == request.resource.attr.owner",
+            "has(request.auxData.jwt) && request.aux_data.jwt.sub == P.id",
+            "V.same_org && C.limit > 1",
+        ] {
+            assert!(!may_read_action(no), "{no}");
+        }
     }
 }

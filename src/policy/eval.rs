@@ -211,6 +211,9 @@ struct Level {
     role_policies: Vec<(String, Arc<Policy>)>,
     /// Derived roles evaluated here for the current action.
     derived: Option<DerivedForAction>,
+    /// `derived` holds for every action of this check: no derived role here may read the
+    /// action, and their evaluation raised no error (errors are recorded per action).
+    derived_any_action: bool,
 }
 
 impl Level {
@@ -390,6 +393,7 @@ impl<'a> Checker<'a> {
                 resource: by_kind.and_then(|b| b.get(scope)).cloned(),
                 role_policies: Vec::new(),
                 derived: None,
+                derived_any_action: false,
             })
             .collect();
         // As in Cerbos, a role-policy rule naming this kind also makes a resource policy
@@ -642,15 +646,22 @@ impl<'a> Checker<'a> {
 
     /// Derived roles of `level`'s policy for this action (once per scope and action).
     fn derive_roles(&mut self, level: &mut Level, action: &str, all_roles: &[String]) {
-        if level.derived.as_ref().is_some_and(|(a, _)| a == action) {
+        if level
+            .derived
+            .as_ref()
+            .is_some_and(|(a, _)| level.derived_any_action || a == action)
+        {
             return;
         }
         let Some(policy) = level.resource.clone() else {
             level.derived = Some((action.to_string(), Vec::new()));
+            level.derived_any_action = true;
             return;
         };
         let mut out = Vec::new();
         let lenient = self.lenient();
+        let errors_before = self.out.evaluation_errors.len();
+        let mut any_action = true;
         for dr in &policy.derived_roles {
             let parent_ok = dr
                 .parent_roles
@@ -658,6 +669,7 @@ impl<'a> Checker<'a> {
                 .any(|g| all_roles.iter().any(|r| g.matches(r)));
             if parent_ok {
                 self.out.used_now |= dr.variables.use_now();
+                any_action &= !dr.reads_action;
             }
             let state = if !parent_ok {
                 DerivedState::Inactive
@@ -698,8 +710,10 @@ impl<'a> Checker<'a> {
                     },
                 });
             }
+            any_action &= !matches!(state, DerivedState::Failed(_));
             out.push((dr.clone(), state));
         }
+        level.derived_any_action = any_action && self.out.evaluation_errors.len() == errors_before;
         level.derived = Some((action.to_string(), out));
     }
 

@@ -327,6 +327,11 @@ impl Variables {
     pub fn use_now(&self) -> bool {
         self.defs.iter().any(|(_, e)| e.uses_now())
     }
+
+    /// The definitions' source texts.
+    pub fn sources(&self) -> impl Iterator<Item = &str> {
+        self.defs.iter().map(|(_, e)| e.source())
+    }
 }
 
 /// Depth-first topological ordering of variable definitions.
