@@ -41,6 +41,11 @@
     reason = "benchmark tool"
 )]
 
+/// The shipped binary's allocator (src/main.rs), so the floor and noaudit servers allocate as
+/// toolgate does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "bench_common/mod.rs"]
 mod bench_common;
 
