@@ -523,16 +523,14 @@ enum Floor {
 
 /// What the [`Floor::Decide`] server holds: the shipped policies, compiled once.
 struct Decider {
-    set: std::sync::Arc<toolgate::policy::compile::PolicySet>,
+    set: toolgate::policy::compile::PolicySet,
 }
 
 impl Decider {
     fn load(root: &Path) -> Decider {
         let set = toolgate::policy::store::load_dir(&root.join("policies"))
             .unwrap_or_else(|e| panic!("policies/: {e:?}"));
-        Decider {
-            set: std::sync::Arc::new(set),
-        }
+        Decider { set }
     }
 
     /// The hook's `pre_request` minus its audit rows: the answer's bytes.
@@ -600,9 +598,7 @@ fn floor_main(floor: Floor) {
         (floor == Floor::Decide).then(|| Decider::load(Path::new(env!("CARGO_MANIFEST_DIR")))),
     );
     rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", l.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
+        let l = bench_common::announced_listener().await;
         loop {
             let (s, _) = l.accept().await.unwrap();
             let _ = s.set_nodelay(true);

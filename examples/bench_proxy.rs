@@ -57,7 +57,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// `pid` and its direct children (nginx's workers).
 fn family(pid: u32) -> Vec<u32> {
@@ -153,9 +153,7 @@ fn upstream_main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", l.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
+        let l = bench_common::announced_listener().await;
         loop {
             let (s, _) = l.accept().await.unwrap();
             tokio::spawn(upstream_conn(s));
@@ -444,9 +442,7 @@ fn floor_main(port: u16) {
                 .pool_max_idle_per_host(256)
                 .build(connector);
         let uri: hyper::Uri = format!("http://127.0.0.1:{port}/mcp").parse().unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", l.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
+        let l = bench_common::announced_listener().await;
         loop {
             let (s, _) = l.accept().await.unwrap();
             let _ = s.set_nodelay(true);
@@ -557,9 +553,7 @@ fn noaudit_main(port: u16) {
             identities: ids,
             mappings: RoleMappings::default(),
         });
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", l.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
+        let l = bench_common::announced_listener().await;
         let (_tx, rx) = tokio::sync::watch::channel(false);
         toolgate::server::serve_listener(l, toolgate::server::router(gw), provider, None, rx).await;
         drop(dir);
@@ -808,7 +802,8 @@ fn main() {
             }
         }
     }
-    drop((nginx, tg_full, tg_normal, floors));
+    // Before `exit`, which runs no destructors: every server, the upstream too.
+    drop((nginx, tg_full, tg_normal, floors, _up));
     if missed {
         std::process::exit(1);
     }

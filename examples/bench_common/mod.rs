@@ -56,3 +56,13 @@ pub fn printed_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
     .unwrap();
     std::net::SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>().unwrap()))
 }
+
+/// A loopback listener on a free port, announced as this process's first stdout line (what
+/// [`printed_addr`] reads in the parent).
+pub async fn announced_listener() -> tokio::net::TcpListener {
+    use std::io::Write as _;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap().port());
+    std::io::stdout().flush().unwrap();
+    l
+}

@@ -209,7 +209,8 @@ struct Level {
     resource: Option<Arc<Policy>>,
     /// Role policies at this scope, by role name.
     role_policies: Vec<(String, Arc<Policy>)>,
-    /// Derived roles evaluated here for the current action.
+    /// Derived roles evaluated here, for the action they name (or for every action of the
+    /// check, with `derived_any_action`).
     derived: Option<DerivedForAction>,
     /// `derived` holds for every action of this check: no derived role here may read the
     /// action, and their evaluation raised no error (errors are recorded per action).
