@@ -337,7 +337,9 @@ const BIG: u64 = 1_000_000;
 
 fn big_db_path() -> PathBuf {
     let n = if quick() { 50_000 } else { BIG };
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v7-{n}.db"))
+    // Named by schema version: a store built by an older layout is not measured as this one.
+    let v = toolgate::audit::migrate::SQLITE.len();
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-bench-v{v}-{n}.db"))
 }
 
 fn big_db() -> PathBuf {

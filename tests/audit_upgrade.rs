@@ -18,6 +18,9 @@ use toolgate::audit::query::{Filter, Reader};
 use toolgate::audit::{AuditLog, Settings};
 use toolgate::config::Durability;
 
+/// The schema version every upgrade lands on.
+const LATEST: i64 = toolgate::audit::migrate::SQLITE.len() as i64;
+
 fn fixture(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audit/v2.db");
     let db = dir.join("audit.db");
@@ -51,7 +54,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     let log = AuditLog::open(settings(&db)).unwrap();
     log.flush_blocking().unwrap();
     drop(log);
-    assert_eq!(version(&db), 7);
+    assert_eq!(version(&db), LATEST);
     let c = Connection::open(&db).unwrap();
     let tables: i64 = c
         .query_row(
@@ -170,7 +173,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
         "DROP TRIGGER inputs_no_update; DROP TRIGGER inputs_no_delete; DROP TABLE inputs;
          ALTER TABLE decisions DROP COLUMN principal_input; ALTER TABLE decisions DROP COLUMN resource_input;
          ALTER TABLE decisions DROP COLUMN shadows;
-         DROP TABLE rollups; DROP INDEX decisions_node;
+         DROP TABLE rollups; DROP TABLE node_principals;
          PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -180,7 +183,7 @@ fn a_v3_store_upgrades_to_v4_with_replay_inputs() {
     assert!(e.contains("start toolgate"), "{e}");
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 7);
+    assert_eq!(version(&db), LATEST);
     let rolled: i64 = Connection::open(&db)
         .unwrap()
         .query_row("SELECT sum(calls) FROM rollups", [], |r| r.get(0))
@@ -257,14 +260,14 @@ fn a_v4_store_upgrades_to_v5_with_shadow_links() {
     drop(log);
     let c = Connection::open(&db).unwrap();
     c.execute_batch(
-        "ALTER TABLE decisions DROP COLUMN shadows; DROP TABLE rollups; DROP INDEX decisions_node; PRAGMA user_version = 4;",
+        "ALTER TABLE decisions DROP COLUMN shadows; DROP TABLE rollups; DROP TABLE node_principals; PRAGMA user_version = 4;",
     )
     .unwrap();
     drop(c);
     assert_eq!(version(&db), 4);
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 7);
+    assert_eq!(version(&db), LATEST);
     let mut shadow = Record::new(Kind::Shadow, Effect::Deny);
     shadow.principal = live.principal.clone();
     shadow.decision_id = live.id.clone();
@@ -302,58 +305,98 @@ fn a_v4_store_upgrades_to_v5_with_shadow_links() {
     );
 }
 
-/// A v6 store (v7's index taken back out) upgrades to v7 in place: the `(node, time)` index is
-/// built from the rows already there, `--node` queries use it, and the chain still verifies.
+/// A v7 store (its `(node, time)` index back in, v8's `node_principals` taken out) upgrades to
+/// v8 in place: the index is dropped, the pairs are built from the rows already there, the
+/// writer adds new pairs, `--node` queries read the principal index (or, for a node with
+/// several principals, the time index), and the chain still verifies.
 #[test]
-fn a_v6_store_upgrades_to_v7_with_the_node_index() {
+fn a_v7_store_upgrades_to_v8_with_node_principals() {
     use toolgate::audit::{Effect, Kind, Record};
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
     let log = AuditLog::open(settings(&db)).unwrap();
     for i in 0..6 {
         let mut r = Record::new(Kind::Mcp, Effect::Allow);
-        r.principal = format!("v6-{i}@example.com");
+        r.principal = format!("v7-{}@example.com", i % 2);
         r.node = format!("host{}.example.ts.net", i % 2);
         log.submit(r).unwrap().wait_blocking().unwrap();
     }
     drop(log);
     let c = Connection::open(&db).unwrap();
-    c.execute_batch("DROP INDEX decisions_node; PRAGMA user_version = 6;")
-        .unwrap();
+    c.execute_batch(
+        "DROP TABLE node_principals; CREATE INDEX decisions_node ON decisions (node, time); PRAGMA user_version = 7;",
+    )
+    .unwrap();
     drop(c);
-    assert_eq!(version(&db), 6);
+    assert_eq!(version(&db), 7);
     let e = Reader::open(&db).unwrap_err().to_string();
     assert!(e.contains("start toolgate"), "{e}");
 
     let log = AuditLog::open(settings(&db)).unwrap();
-    assert_eq!(version(&db), 7);
-    let mut r = Record::new(Kind::Mcp, Effect::Deny);
-    r.node = "host1.example.ts.net".into();
-    log.submit(r).unwrap().wait_blocking().unwrap();
+    assert_eq!(version(&db), 8);
+    // host1 now carries a second principal (as a decision-API caller would); host2 is new.
+    for (p, n) in [
+        ("asserted@example.com", "host1.example.ts.net"),
+        ("v7-0@example.com", "host2.example.ts.net"),
+    ] {
+        let mut r = Record::new(Kind::Mcp, Effect::Deny);
+        r.principal = p.into();
+        r.node = n.into();
+        log.submit(r).unwrap().wait_blocking().unwrap();
+    }
     drop(log);
     let c = Connection::open(&db).unwrap();
-    let (entries, plan): (i64, String) = (
-        c.query_row(
-            "SELECT count(*) FROM decisions INDEXED BY decisions_node WHERE node > 0",
+    let pairs: Vec<(String, String)> = c
+        .prepare(
+            "SELECT n.text, p.text FROM node_principals x JOIN names n ON n.id = x.node JOIN names p ON p.id = x.principal ORDER BY 1, 2",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let want = [
+        ("host0.example.ts.net", "v7-0@example.com"),
+        ("host1.example.ts.net", "asserted@example.com"),
+        ("host1.example.ts.net", "v7-1@example.com"),
+        ("host2.example.ts.net", "v7-0@example.com"),
+    ];
+    assert_eq!(
+        pairs,
+        want.map(|(a, b)| (a.to_string(), b.to_string())),
+        "the old rows' pairs and the new ones"
+    );
+    let index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'decisions_node'",
             [],
             |r| r.get(0),
         )
-        .unwrap(),
-        c.query_row(
-            "EXPLAIN QUERY PLAN SELECT seq FROM decisions WHERE node = 5 ORDER BY time DESC LIMIT 10",
-            [],
-            |r| r.get(3),
-        )
-        .unwrap(),
+        .unwrap();
+    assert_eq!(index, 0, "v7's node index is gone");
+    assert!(
+        c.execute("DELETE FROM node_principals", []).is_err(),
+        "the pairs are insert-only"
     );
-    assert_eq!(entries, 7, "the index holds the old rows and the new one");
-    assert!(plan.contains("decisions_node"), "{plan}");
     drop(c);
     let reader = Reader::open(&db).unwrap();
     assert!(reader.verify().unwrap().broken.is_none());
-    let f = Filter {
-        node: Some("host1.example.ts.net".into()),
-        ..Filter::default()
-    };
-    assert_eq!(reader.query(&f).unwrap().len(), 4);
+    for (node, principal, rows) in [
+        ("host0.example.ts.net", None, 3),
+        ("host1.example.ts.net", None, 4),
+        ("host1.example.ts.net", Some("v7-1@example.com"), 3),
+        ("host1.example.ts.net", Some("v7-0@example.com"), 0),
+        ("host2.example.ts.net", None, 1),
+        ("host2.example.ts.net", Some("v7-1@example.com"), 0),
+        ("host9.example.ts.net", None, 0),
+    ] {
+        let f = Filter {
+            node: Some(node.into()),
+            principal: principal.map(Into::into),
+            ..Filter::default()
+        };
+        let got = reader.query(&f).unwrap();
+        assert_eq!(got.len(), rows, "{node} {principal:?}");
+        assert!(got.iter().all(|r| r.node == node));
+    }
 }

@@ -43,6 +43,10 @@ pub const SQLITE: &[(&str, &str)] = &[
         "0007_node_index",
         include_str!("../../migrations/sqlite/0007_node_index.sql"),
     ),
+    (
+        "0008_node_principals",
+        include_str!("../../migrations/sqlite/0008_node_principals.sql"),
+    ),
 ];
 
 /// The version that adds the rollups: a store below it gets them built from its rows.

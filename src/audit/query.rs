@@ -366,15 +366,44 @@ fn sqlite_where(
         let p = ph(SqlValue::Integer(us_bound(v)), &mut r);
         r.conds.push(format!("d.time < {p}"));
     }
+    // A node's rows are found through the principal index: `node_principals` (schema v8)
+    // names the principals it has carried, nearly always one (DESIGN.md §3). With one, the
+    // query is that principal's range, filtered by node; with several (a decision-API caller
+    // asserting others), it walks the time index.
+    let mut node_principal = None;
+    if let Some(v) = &f.node {
+        let Some(node) = store::name_id(c, v)? else {
+            return Ok(None);
+        };
+        let mut st =
+            c.prepare_cached("SELECT principal FROM node_principals WHERE node = ?1 LIMIT 2")?;
+        let ps: Vec<i64> = st
+            .query_map([node], |x| x.get(0))?
+            .collect::<Result<_, _>>()?;
+        match ps[..] {
+            [] => return Ok(None),
+            [p] if f.principal.is_none() => {
+                node_principal = Some(p);
+                let q = ph(SqlValue::Integer(p), &mut r);
+                r.conds.push(format!(
+                    "{}d.principal = {q}",
+                    if f.id.is_some() { "+" } else { "" }
+                ));
+            }
+            _ => {}
+        }
+        let q = ph(SqlValue::Integer(node), &mut r);
+        r.conds.push(format!("d.node = {q}"));
+    }
     // SQLite has no statistics here (ANALYZE would hold the write lock for seconds), so steer
     // it: a unary `+` keeps a column's index out of play when a more selective one applies
-    // (id > principal > node > tool > effect > time).
-    let selective = f.id.is_some() || f.principal.is_some() || f.node.is_some() || f.tool.is_some();
+    // (id > principal (or a node's one principal) > tool > effect > time).
+    let by_principal = f.principal.is_some() || node_principal.is_some();
+    let selective = f.id.is_some() || by_principal || f.node.is_some() || f.tool.is_some();
     let skip = |col: &str| -> &'static str {
         let skip = match col {
             "principal" => f.id.is_some(),
-            "node" => f.id.is_some() || f.principal.is_some(),
-            "tool" => f.id.is_some() || f.principal.is_some() || f.node.is_some(),
+            "tool" => f.id.is_some() || by_principal,
             "effect" => selective,
             _ => false,
         };
@@ -382,7 +411,6 @@ fn sqlite_where(
     };
     for (col, v) in [
         ("principal", &f.principal),
-        ("node", &f.node),
         ("server", &f.server),
         ("tool", &f.tool),
         ("kind", &f.kind),

@@ -4,7 +4,7 @@
 //! Writing resolves a [`StoredRow`] into ids ([`Lookups`], cached); reading resolves ids back
 //! ([`Names`]), so every reader (queries, verify, the shipper) sees the same logical row.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -111,6 +111,10 @@ pub(crate) struct Lookups {
     last: Vec<(String, i64)>,
     explains: Digested,
     inputs: Digested,
+    /// (node, principal) name-id pairs known to be in `node_principals` (schema v8), and those
+    /// the open transaction added.
+    pairs: HashSet<(i64, i64)>,
+    fresh_pairs: Vec<(i64, i64)>,
 }
 
 /// A digest-keyed, insert-only lookup table (`explains`, `inputs`): `digest BLOB, text`.
@@ -230,6 +234,24 @@ impl Lookups {
         self.inputs.id_of_text(c, "inputs", text)
     }
 
+    /// Records that `node` carried `principal` (`node_principals`, what a `--node` query reads),
+    /// once per pair: a pair already seen costs a hash-set probe.
+    fn pair(&mut self, c: &Connection, node: i64, principal: i64) -> rusqlite::Result<()> {
+        if self.pairs.contains(&(node, principal)) {
+            return Ok(());
+        }
+        c.prepare_cached(
+            "INSERT OR IGNORE INTO node_principals (node, principal) VALUES (?1, ?2)",
+        )?
+        .execute([node, principal])?;
+        if self.pairs.len() >= MAX_CACHED {
+            self.pairs.clear();
+        }
+        self.pairs.insert((node, principal));
+        self.fresh_pairs.push((node, principal));
+        Ok(())
+    }
+
     /// [`Lookups::name`] of a queued row's field `f`, whose text is `s`: the field's last id
     /// when its text did not change. Outcome rows keep their own slots (`outcome` is "pending"
     /// on a decision and "forwarded" on its outcome: shared, they would alternate).
@@ -259,6 +281,7 @@ impl Lookups {
     /// The transaction committed: its new ids are real.
     pub fn commit(&mut self) {
         self.fresh_names.clear();
+        self.fresh_pairs.clear();
         self.explains.fresh.clear();
         self.inputs.fresh.clear();
     }
@@ -270,6 +293,9 @@ impl Lookups {
         }
         for e in &mut self.last {
             e.1 = 0;
+        }
+        for p in self.fresh_pairs.drain(..) {
+            self.pairs.remove(&p);
         }
         self.explains.rollback();
         self.inputs.rollback();
@@ -399,6 +425,7 @@ pub(crate) fn insert_compact(
                 outcome,
                 policy_hash,
             ] = ids;
+            lk.pair(c, node, principal)?;
             c.prepare_cached(INSERT_DECISION)?.execute(params![
                 seq,
                 bytes_or_text(key, row.get(Field::Id), false),

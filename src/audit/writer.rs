@@ -445,7 +445,7 @@ impl std::fmt::Debug for AuditLog {
 }
 
 /// The writer connection's page cache (KiB). Inserts touch the right edge of the table and of
-/// the time index, and one leaf per distinct caller in the principal and node indexes. A 32 MiB
+/// the time index, and one leaf per distinct caller in the principal index. A 32 MiB
 /// cache made no measurable difference to the insert rate at 1,000 callers (docs/benchmarks.md)
 /// and grew the daemon's resident set by ~14 MiB under the load suite (its RSS-growth check
 /// failed), so it stays at 8 MiB.
