@@ -35,6 +35,17 @@ fn settings(db: &Path) -> Settings {
     s
 }
 
+/// Whether the store's schema has a table, index or trigger called `name`.
+fn exists(c: &Connection, name: &str) -> bool {
+    c.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap()
+        > 0
+}
+
 fn version(db: &Path) -> i64 {
     Connection::open(db)
         .unwrap()
@@ -56,14 +67,7 @@ fn a_v2_store_upgrades_in_place_and_keeps_every_logical_row() {
     drop(log);
     assert_eq!(version(&db), LATEST);
     let c = Connection::open(&db).unwrap();
-    let tables: i64 = c
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(tables, 0, "the old table is gone");
+    assert!(!exists(&c, "events"), "the old table is gone");
     let v2_head: String = c
         .query_row("SELECT value FROM meta WHERE key = 'v2_head'", [], |r| {
             r.get(0)
@@ -366,14 +370,8 @@ fn a_v7_store_upgrades_to_v8_with_node_principals() {
         want.map(|(a, b)| (a.to_string(), b.to_string())),
         "the old rows' pairs and the new ones"
     );
-    let index: i64 = c
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'decisions_node'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(index, 0, "v7's node index is gone");
+    assert!(!exists(&c, "decisions_node"), "v7's node index is gone");
+    assert!(exists(&c, "node_principals_no_delete"), "the pairs' trigger is there");
     assert!(
         c.execute("DELETE FROM node_principals", []).is_err(),
         "the pairs are insert-only"
