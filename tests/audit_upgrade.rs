@@ -371,7 +371,10 @@ fn a_v7_store_upgrades_to_v8_with_node_principals() {
         "the old rows' pairs and the new ones"
     );
     assert!(!exists(&c, "decisions_node"), "v7's node index is gone");
-    assert!(exists(&c, "node_principals_no_delete"), "the pairs' trigger is there");
+    assert!(
+        exists(&c, "node_principals_no_delete"),
+        "the pairs' trigger is there"
+    );
     assert!(
         c.execute("DELETE FROM node_principals", []).is_err(),
         "the pairs are insert-only"
