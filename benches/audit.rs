@@ -1,7 +1,8 @@
 //! Audit store benchmarks: `cargo bench --bench audit` (or `scripts/bench-audit`).
 //!
-//! 1. Sustained decision rows through [`AuditLog`] (async mode, batched, `audit.arguments:
-//!    digest` computed by the producer, a typical explain trace; `normal` and `full`), timed with
+//! 1. Sustained decision rows through [`AuditLog`] (async mode, the shipped group-commit cap and
+//!    queue, `audit.arguments: digest` computed by the producer, a typical explain trace handed
+//!    over rendered as the gateway does; `normal` and `full`), timed with
 //!    thread CPU (`/proc/.../schedstat`) as well as wall clock, since this machine is shared:
 //!    the writer thread's CPU per row is the rate one uncontended core sustains.
 //! 2. The wait an allowed call sees in `sync` mode (submit → commit resolved), p50/p99, at a
@@ -10,7 +11,9 @@
 //!
 //! The 1M-row database is built once under the cargo target tmp dir and reused.
 //! `TOOLGATE_BENCH_QUICK=1` shrinks every size for a smoke run; `TOOLGATE_BENCH_CACHE_KIB=N`
-//! sets the writer's page cache (default: the shipped `WRITER_CACHE_KIB`).
+//! sets the writer's page cache (default: the shipped `WRITER_CACHE_KIB`);
+//! `TOOLGATE_BENCH_BATCH_ROWS=N` another group-commit cap; `TOOLGATE_BENCH_INSERT=normal:1000`
+//! (`normal:50`, `full:1000`) one insert run.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,7 +22,10 @@
     reason = "bench code"
 )]
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -28,7 +34,7 @@ use criterion::Criterion;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use toolgate::audit::query::{Filter, Reader, parse_time_bound};
-use toolgate::audit::record::format_time;
+use toolgate::audit::record::{RenderedExplain, format_time};
 use toolgate::audit::{AuditError, AuditLog, Effect, Kind, Record, Settings};
 use toolgate::config::{AuditMode, Durability};
 
@@ -77,7 +83,9 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
         "denied".into()
     };
     r.policy_hash = "3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b".into();
-    r.explain = typical_trace(&r.action, effect == Effect::Allow);
+    // The trace as the gateway hands it over: rendered (canonical, scrubbed, digested) once per
+    // distinct trace and shared (`gateway::rendered_explain`), not a value scrubbed per row.
+    r.explain_rendered = Some(rendered_trace(&r.action, effect == Effect::Allow));
     // Replay inputs (schema v4) as the gateway builds them; TOOLGATE_BENCH_NO_INPUTS=1 leaves
     // them out, to measure what they cost.
     if !std::env::var("TOOLGATE_BENCH_NO_INPUTS").is_ok_and(|v| v == "1") {
@@ -98,6 +106,20 @@ fn decision(i: u64, principals: u64, time: Option<String>) -> Record {
         });
     }
     r
+}
+
+/// [`typical_trace`] rendered once per (action, effect), as the gateway's cache does.
+fn rendered_trace(action: &str, allow: bool) -> Arc<RenderedExplain> {
+    thread_local! {
+        static CACHE: RefCell<HashMap<(String, bool), Arc<RenderedExplain>>> = RefCell::default();
+    }
+    CACHE.with_borrow_mut(|c| {
+        c.entry((action.to_string(), allow))
+            .or_insert_with(|| {
+                Arc::new(RenderedExplain::new(&typical_trace(action, allow)).unwrap())
+            })
+            .clone()
+    })
 }
 
 /// A trace as the policy engine writes it (`policy::eval::Trace`): the policy consulted, one
@@ -128,8 +150,15 @@ fn settings(path: &Path, mode: AuditMode, durability: Durability) -> Settings {
     s.mode = mode;
     s.durability = durability;
     s.gateway = "bench".into();
-    s.batch_rows = 1024;
-    s.queue = 8192;
+    // The shipped group-commit cap and queue; `TOOLGATE_BENCH_BATCH_ROWS=N` measures another
+    // cap (with a queue of two batches, as shipped).
+    if let Some(n) = std::env::var("TOOLGATE_BENCH_BATCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        s.batch_rows = n;
+        s.queue = 2 * n;
+    }
     // `TOOLGATE_BENCH_CACHE_KIB=8192` measures another writer page cache than the shipped one.
     if let Some(kib) = std::env::var("TOOLGATE_BENCH_CACHE_KIB")
         .ok()
@@ -248,8 +277,9 @@ fn insert_rate(durability: Durability, principals: u64) {
     let mut producer: Vec<f64> = rounds.iter().map(|r| r.producer_us).collect();
     let mut wall: Vec<f64> = rounds.iter().map(|r| r.wall_rows_s).collect();
     let mut txn: Vec<f64> = rounds.iter().map(|r| r.rows_per_txn).collect();
+    let batch = settings(Path::new("audit.db"), AuditMode::Async, durability).batch_rows;
     println!(
-        "audit decision rows ({durability:?}, async, batch ≤1024, arguments digest, {principals} principals, {n} rows × 3 rounds, median (min..max)): \
+        "audit decision rows ({durability:?}, async, batch ≤{batch}, arguments digest, {principals} principals, {n} rows × 3 rounds, median (min..max)): \
 writer thread CPU {} µs/row = {} rows/s on one core; producer (request thread) CPU {} µs/row; wall clock {} rows/s; {} rows/txn",
         spread(&mut writer, 2),
         spread(&mut ceiling, 0),
@@ -793,10 +823,18 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     // 50 principals: a gateway's agents; 1000: every row in a batch lands on a different page of
     // the principal index (the worst case for write volume).
+    // `TOOLGATE_BENCH_INSERT=normal:1000` runs one of them.
     if part("insert") {
-        insert_rate(Durability::Normal, 50);
-        insert_rate(Durability::Normal, 1000);
-        insert_rate(Durability::Full, 1000);
+        let only = std::env::var("TOOLGATE_BENCH_INSERT").unwrap_or_default();
+        for (d, name, principals) in [
+            (Durability::Normal, "normal", 50),
+            (Durability::Normal, "normal", 1000),
+            (Durability::Full, "full", 1000),
+        ] {
+            if only.is_empty() || only == format!("{name}:{principals}") {
+                insert_rate(d, principals);
+            }
+        }
     }
     if part("floor") {
         insert_floor();

@@ -669,12 +669,17 @@ pub struct AuditConfig {
     pub key_file: Option<PathBuf>,
 }
 
-/// `audit.batch_rows`: rows per transaction (default 256).
+/// `audit.batch_rows`: rows per transaction at most (default 8192). A commit takes what is
+/// queued, so this only matters under a backlog; there, each commit writes every index page it
+/// dirtied once, and with many distinct callers that is about one principal-index page per
+/// caller whatever the batch holds: larger batches share those pages among more rows
+/// (docs/benchmarks.md, "Group commit size").
 pub const AUDIT_BATCH_ROWS: RangeInclusive<usize> = 1..=100_000;
-pub const DEFAULT_AUDIT_BATCH_ROWS: usize = 256;
-/// `audit.queue`: rows waiting for the writer (default 4096).
+pub const DEFAULT_AUDIT_BATCH_ROWS: usize = 8192;
+/// `audit.queue`: rows waiting for the writer (default 16384: two full batches, so one can fill
+/// while the other commits; about 1 KiB each when full).
 pub const AUDIT_QUEUE: RangeInclusive<usize> = 1..=1_000_000;
-pub const DEFAULT_AUDIT_QUEUE: usize = 4096;
+pub const DEFAULT_AUDIT_QUEUE: usize = 16_384;
 /// `audit.batch_ms`: at most 10 s (default 10 ms).
 pub const MAX_AUDIT_BATCH_MS: u64 = 10_000;
 pub const DEFAULT_AUDIT_BATCH_MS: u64 = 10;
