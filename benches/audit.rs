@@ -152,10 +152,14 @@ fn settings(path: &Path, mode: AuditMode, durability: Durability) -> Settings {
     s.gateway = "bench".into();
     // The shipped group-commit cap and queue; `TOOLGATE_BENCH_BATCH_ROWS=N` measures another
     // cap (with a queue of two batches, as shipped).
-    if let Some(n) = std::env::var("TOOLGATE_BENCH_BATCH_ROWS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Ok(v) = std::env::var("TOOLGATE_BENCH_BATCH_ROWS") {
+        let n = v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| {
+                panic!("TOOLGATE_BENCH_BATCH_ROWS={v:?}: expected a number of rows above 0")
+            });
         s.batch_rows = n;
         s.queue = 2 * n;
     }
@@ -826,12 +830,17 @@ fn main() {
     // `TOOLGATE_BENCH_INSERT=normal:1000` runs one of them.
     if part("insert") {
         let only = std::env::var("TOOLGATE_BENCH_INSERT").unwrap_or_default();
-        for (d, name, principals) in [
-            (Durability::Normal, "normal", 50),
-            (Durability::Normal, "normal", 1000),
-            (Durability::Full, "full", 1000),
-        ] {
-            if only.is_empty() || only == format!("{name}:{principals}") {
+        let runs = [
+            (Durability::Normal, "normal:50", 50),
+            (Durability::Normal, "normal:1000", 1000),
+            (Durability::Full, "full:1000", 1000),
+        ];
+        assert!(
+            only.is_empty() || runs.iter().any(|r| r.1 == only),
+            "TOOLGATE_BENCH_INSERT={only:?}: expected one of normal:50, normal:1000, full:1000"
+        );
+        for (d, name, principals) in runs {
+            if only.is_empty() || only == name {
                 insert_rate(d, principals);
             }
         }
