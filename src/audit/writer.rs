@@ -5,9 +5,10 @@
 //! Batching: the writer takes up to `batch_rows` rows per transaction. In `sync` mode it commits
 //! as soon as the queue is empty (group commit: rows that arrive during a commit share the next
 //! one), so a lone call never waits for a timer; it first yields its core once, so request
-//! threads runnable there finish queuing their burst. In `async` mode it also waits up to `batch_ms`
-//! for more rows. Each queued row is one [`CompactRow`] (one allocation, packed and digested on
-//! the submitting thread); statements are prepared once per connection and lookups are cached.
+//! threads runnable there finish queuing their burst. In `async` mode it also waits up to
+//! `batch_ms` for more rows. Each queued row is one [`CompactRow`] (one allocation, packed and
+//! digested on the submitting thread); statements are prepared once per connection and lookups
+//! are cached.
 //!
 //! Outcome rows (what happened after an allowed call) are never waited for, never get a
 //! channel and never wake the writer: they go to a side buffer ([`OutcomeBuffer`], a mutex and a
