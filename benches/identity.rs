@@ -78,10 +78,7 @@ fn conn() -> Conn {
     let principal = identity.principal(&RoleMappings::default());
     Conn {
         peer: "127.0.0.1:40000".parse().unwrap(),
-        caller: Some(Arc::new(Caller {
-            identity,
-            principal,
-        })),
+        caller: Some(Arc::new(Caller::new(identity, principal))),
         unidentified: None,
     }
 }

@@ -18,6 +18,19 @@ use crate::policy::input::Principal;
 pub struct Caller {
     pub identity: Identity,
     pub principal: Principal,
+    /// The principal's replay input (canonical JSON), rendered at its first decision and
+    /// shared by every later one on the connection: a caller never changes.
+    pub(crate) replay: std::sync::OnceLock<Arc<str>>,
+}
+
+impl Caller {
+    pub fn new(identity: Identity, principal: Principal) -> Caller {
+        Caller {
+            identity,
+            principal,
+            replay: Default::default(),
+        }
+    }
 }
 
 /// What the accept loop knows about a connection; inserted into every request's extensions.
@@ -54,10 +67,7 @@ impl Identify for StaticProvider {
         Box::pin(async move {
             let identity = found.ok_or_else(|| format!("no static identity for {}", peer.ip()))?;
             let principal = identity.principal(&self.mappings);
-            Ok(Caller {
-                identity,
-                principal,
-            })
+            Ok(Caller::new(identity, principal))
         })
     }
 }

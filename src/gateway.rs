@@ -252,12 +252,16 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn params(&self) -> Params {
+        // Spelled out rather than `..Params::default()`, which reads the clock and allocates
+        // globals only to drop them: this runs on every call.
         Params {
             now: chrono::Utc::now(),
             globals: self.config.policies.globals.clone(),
             evaluation: self.config.policies.evaluation,
             schema_enforcement: self.config.policies.schema_enforcement,
-            ..Params::default()
+            default_policy_version: "default".to_string(),
+            default_scope: String::new(),
+            lenient_scope_search: false,
         }
     }
 
@@ -276,6 +280,30 @@ impl Gateway {
     pub fn decide_lent(
         &self,
         principal: &Principal,
+        resource: Resource,
+        actions: Vec<String>,
+    ) -> (Decision, Resource) {
+        self.evaluate(principal, principal_input(principal), resource, actions)
+    }
+
+    /// [`Gateway::decide_lent`] for a connection's caller, whose replay input is rendered once
+    /// for the connection rather than looked up and compared on every call.
+    pub fn decide_caller(
+        &self,
+        caller: &Caller,
+        resource: Resource,
+        actions: Vec<String>,
+    ) -> (Decision, Resource) {
+        let input = caller
+            .replay
+            .get_or_init(|| principal_input(&caller.principal).into());
+        self.evaluate(&caller.principal, input.to_string(), resource, actions)
+    }
+
+    fn evaluate(
+        &self,
+        principal: &Principal,
+        principal_input: String,
         resource: Resource,
         actions: Vec<String>,
     ) -> (Decision, Resource) {
@@ -300,7 +328,7 @@ impl Gateway {
                 .is_some()
                 .then(|| Arc::new((principal.clone(), recorded(&resource)))),
             replay: Arc::new(ReplayInputs {
-                principal: principal_input(principal),
+                principal: principal_input,
                 resource: resource_input(&resource),
             }),
         };

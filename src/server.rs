@@ -681,10 +681,7 @@ impl ServeHeaderProvider {
         }
         let identity = from_serve_headers(headers, &self.tailnet, &self.capability)?;
         let principal = identity.principal(&self.mappings);
-        Ok(Caller {
-            identity,
-            principal,
-        })
+        Ok(Caller::new(identity, principal))
     }
 
     fn conn(&self, peer: SocketAddr, tcp: bool, headers: &axum::http::HeaderMap) -> Conn {

@@ -1030,3 +1030,55 @@ async fn server_requests_are_authorized_and_only_delivered_ones_can_be_answered(
         4
     );
 }
+
+/// Each decision row carries its own caller's replay input (the principal as policy saw it):
+/// rendered at a connection's first call and reused by its later ones, never another
+/// connection's. Two callers alternate, each over one kept-alive connection.
+#[tokio::test]
+async fn each_row_carries_its_own_callers_replay_input() {
+    let h = start().await;
+    let clients = [
+        ("127.0.0.2", client("127.0.0.2")),
+        ("127.0.0.3", client("127.0.0.3")),
+    ];
+    for _ in 0..3 {
+        for (_, c) in &clients {
+            let r = c
+                .post(format!("http://{}/mcp/github", h.addr))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(
+                    call(
+                        "get_issue",
+                        json!({"owner": "example", "repo": "r", "number": 1}),
+                    )
+                    .to_string(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+    }
+    let rows = h.sink.rows.lock().unwrap().clone();
+    let calls: Vec<_> = rows
+        .iter()
+        .filter(|r| r.action == "tools/call::get_issue")
+        .collect();
+    assert_eq!(calls.len(), 6);
+    let mut seen = std::collections::BTreeSet::new();
+    for r in calls {
+        let caller = r.caller.as_ref().unwrap();
+        let want = toolgate::audit::record::canonical_json(
+            &serde_json::to_value(&caller.principal).unwrap(),
+        );
+        assert_eq!(
+            r.replay.as_ref().unwrap().principal,
+            want,
+            "{}",
+            caller.principal.id
+        );
+        seen.insert(caller.principal.id.clone());
+    }
+    assert_eq!(seen.len(), 2, "both callers decided: {seen:?}");
+}

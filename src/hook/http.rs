@@ -432,10 +432,7 @@ async fn principal(h: &HookState, call: &HookCall) -> Result<Caller, String> {
         check::user_identity(meta, capability)?
     };
     let principal = identity.principal(&gw.config.identity.role_mappings);
-    Ok(Caller {
-        identity,
-        principal,
-    })
+    Ok(Caller::new(identity, principal))
 }
 
 /// The context every row of a call ends its reason with: the Aperture node, the model, the
@@ -474,7 +471,7 @@ impl Cx<'_> {
         );
         let (d, mut resource) =
             self.gw
-                .decide_lent(&self.caller.principal, resource, vec![action.to_string()]);
+                .decide_caller(&self.caller, resource, vec![action.to_string()]);
         let args = resource
             .attr
             .remove("arguments")

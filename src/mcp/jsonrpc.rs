@@ -208,6 +208,44 @@ pub fn fold_key(key: &str) -> String {
         .collect()
 }
 
+/// The fold keys of one object's keys so far. A short object (an envelope, most arguments) is
+/// scanned: for a handful of keys that costs less than hashing each one. A long one is hashed.
+#[derive(Default)]
+enum Folded {
+    #[default]
+    Empty,
+    Few(Vec<String>),
+    Many(std::collections::HashSet<String>),
+}
+
+impl Folded {
+    /// Keys scanned before the set is hashed.
+    const FEW: usize = 16;
+
+    fn contains(&self, fold: &str) -> bool {
+        match self {
+            Folded::Empty => false,
+            Folded::Few(v) => v.iter().any(|f| f == fold),
+            Folded::Many(s) => s.contains(fold),
+        }
+    }
+
+    fn insert(&mut self, fold: String) {
+        match self {
+            Folded::Empty => *self = Folded::Few(vec![fold]),
+            Folded::Few(v) if v.len() < Self::FEW => v.push(fold),
+            Folded::Few(v) => {
+                let mut s: std::collections::HashSet<String> = v.drain(..).collect();
+                s.insert(fold);
+                *self = Folded::Many(s);
+            }
+            Folded::Many(s) => {
+                s.insert(fold);
+            }
+        }
+    }
+}
+
 /// The keys a client's JSON-RPC message may carry, by kind: anything else could be read by
 /// an upstream as something policy never saw (a `paramſ` beside `params`, a `METHOD` in an
 /// answer), so it is refused.
@@ -473,15 +511,16 @@ impl<'de> Visitor<'de> for Strict<'_> {
         }
         self.count.objects.set(self.count.objects.get() + 1);
         let mut out = Map::new();
-        // Fold key → the key as sent, to name both in the refusal.
-        let mut folded: std::collections::HashMap<String, String> =
-            std::collections::HashMap::new();
+        let mut folded = Folded::default();
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
             let fold = fold_key(&key);
-            if let Some(first) = folded.get(&fold) {
+            if folded.contains(&fold) {
+                // The key it collides with, found again only for the refusal.
+                let first = out.keys().find(|k| fold_key(k) == fold).cloned();
+                let first = first.unwrap_or_default();
                 return Err(de::Error::custom(format!(
                     "keys {first:?} and {key:?} are equal under case folding (ambiguous to case-insensitive decoders)"
                 )));
@@ -491,7 +530,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
                 max_depth: self.max_depth,
                 count: self.count,
             })?;
-            folded.insert(fold, key.clone());
+            folded.insert(fold);
             out.insert(key, v);
         }
         Ok(Value::Object(out))
@@ -596,6 +635,36 @@ mod tests {
         );
         let again = parse(&m.canonical(), Limits::default()).unwrap();
         assert_eq!(again.canonical(), m.canonical());
+    }
+
+    /// A case-folded twin is refused wherever it falls in its object: among the first keys
+    /// (scanned), past [`Folded::FEW`] (hashed), and right at the switch; the refusal names
+    /// both keys. Distinct keys of any count pass.
+    #[test]
+    fn folded_twins_are_refused_in_short_and_long_objects() {
+        for n in [0, 1, Folded::FEW - 1, Folded::FEW, Folded::FEW + 1, 40] {
+            let mut keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            let object = |keys: &[String]| {
+                let fields: Vec<String> = keys.iter().map(|k| format!("\"{k}\":1")).collect();
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","arguments":{{{}}}}}}}"#,
+                    fields.join(",")
+                )
+            };
+            assert!(p(&object(&keys)).is_ok(), "{n} distinct keys");
+            keys.insert(0, "Name".into());
+            keys.push("nAME".into());
+            let e = p(&object(&keys)).unwrap_err().to_string();
+            assert!(e.contains("case folding"), "{n}: {e}");
+            assert!(e.contains("\"Name\"") && e.contains("\"nAME\""), "{n}: {e}");
+            // The twin of a key written after the switch to hashing.
+            keys.remove(0);
+            keys.pop();
+            keys.push("late".into());
+            keys.push("LATE".into());
+            let e = p(&object(&keys)).unwrap_err().to_string();
+            assert!(e.contains("\"late\"") && e.contains("\"LATE\""), "{n}: {e}");
+        }
     }
 
     #[test]

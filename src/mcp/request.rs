@@ -38,8 +38,7 @@ use super::jsonrpc::{self, Kind, Limits, Message, code};
 use super::mapping::{self, Check};
 use super::payload::{self, Payload, Slot};
 use super::proxy::{
-    self, InFlightGuard, MAX_RESPONSE_BYTES, MODERN, NotForwarded, SESSION_HEADER, VERSION_HEADER,
-    header_str,
+    self, InFlightGuard, MAX_RESPONSE_BYTES, MODERN, NotForwarded, SESSION_HEADER, header_str,
 };
 use super::transport::{self, Failure, Reply};
 use crate::audit::record::outcome;
@@ -367,7 +366,7 @@ async fn read(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(axum::body::Bytes, Reservation), Refusal> {
-    let ctype = header_str(headers, "content-type").unwrap_or("");
+    let ctype = header_str(headers, header::CONTENT_TYPE).unwrap_or("");
     if !ctype.to_ascii_lowercase().starts_with("application/json") {
         return Err(Refusal::invalid(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -375,7 +374,7 @@ async fn read(
             "Content-Type must be application/json",
         ));
     }
-    let accept = header_str(headers, "accept")
+    let accept = header_str(headers, header::ACCEPT)
         .unwrap_or("*/*")
         .to_ascii_lowercase();
     if !(accept.contains("application/json")
@@ -402,7 +401,7 @@ async fn read(
     }
     let max = upstream.max_body;
     // A declared length over the limit is refused before anything is read (HTTP-2).
-    let declared = header_str(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    let declared = header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = declared.filter(|&len| len > max as u64) {
         return Err(Refusal::invalid(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -477,7 +476,7 @@ fn parse(
     }
     // An unknown or malformed protocol revision is refused (security.md RPC-10): we could not
     // know which header rules apply to it.
-    if let Some(v) = headers.get(VERSION_HEADER) {
+    if let Some(v) = headers.get(proxy::VERSION) {
         let v = v.to_str().unwrap_or("");
         let well_formed = v.len() == 10
             && v.bytes().enumerate().all(|(i, b)| {
@@ -513,9 +512,9 @@ fn parse(
 }
 
 fn check_mirrored_headers(h: &HeaderMap, msg: &Message) -> Result<(), String> {
-    let version = header_str(h, VERSION_HEADER).unwrap_or("");
+    let version = header_str(h, proxy::VERSION).unwrap_or("");
     let modern = version >= MODERN;
-    match header_str(h, "mcp-method") {
+    match header_str(h, proxy::MCP_METHOD) {
         Some(m) if m != msg.method => {
             return Err(format!(
                 "Mcp-Method {m:?} does not match the body's method {:?}",
@@ -532,7 +531,7 @@ fn check_mirrored_headers(h: &HeaderMap, msg: &Message) -> Result<(), String> {
         "resources/read" => msg.param_str("uri"),
         _ => None,
     };
-    match (header_str(h, "mcp-name"), body_name) {
+    match (header_str(h, proxy::MCP_NAME), body_name) {
         (Some(hn), Some(bn)) if hn != bn => {
             Err(format!("Mcp-Name {hn:?} does not match the body's {bn:?}"))
         }
@@ -558,7 +557,7 @@ fn session(
     headers: &HeaderMap,
     msg: &Message,
 ) -> Result<Option<InFlightGuard>, Refusal> {
-    let Some(sid) = header_str(headers, SESSION_HEADER) else {
+    let Some(sid) = header_str(headers, proxy::SESSION) else {
         return Ok(None);
     };
     let refusal = match gw.sessions.check(sid, &caller.principal.id, server) {
@@ -724,27 +723,22 @@ fn decide(
         row.arguments = None;
         mapping::lend_arguments(&mut resource, payload.take().map(Payload::into_value));
     }
-    // For a tool call, also ask whether the tool is visible at all: a hidden tool stays hidden.
-    let list_action = match msg.method.as_str() {
-        "tools/call" => check.name.as_ref().map(|n| format!("tools/list::{n}")),
-        "prompts/get" => check.name.as_ref().map(|n| format!("prompts/list::{n}")),
-        "resources/read" => check.name.as_ref().map(|n| format!("resources/list::{n}")),
+    let (d, mut resource) = gw.decide_caller(caller, resource, vec![check.action.clone()]);
+    row.set_decision(&d, &check.action);
+    // A denied tool call also asks whether the tool is visible at all: a hidden tool stays
+    // hidden. An allowed call runs whatever the list says, so it costs one evaluation, not two.
+    let list_action = match (row.effect, msg.method.as_str()) {
+        (Effect::Allow, _) => None,
+        (_, "tools/call") => check.name.as_ref().map(|n| format!("tools/list::{n}")),
+        (_, "prompts/get") => check.name.as_ref().map(|n| format!("prompts/list::{n}")),
+        (_, "resources/read") => check.name.as_ref().map(|n| format!("resources/list::{n}")),
         _ => None,
     };
-    let (d, mut resource) = gw.decide_lent(&caller.principal, resource, vec![check.action.clone()]);
-    row.set_decision(&d, &check.action);
-    // Only a denied call asks whether the tool is visible at all (an allowed call runs
-    // whatever the list says), so most calls cost one evaluation, not two.
-    let visible = row.effect != Effect::Allow
-        && list_action.as_ref().is_some_and(|a| {
-            let (v, back) = gw.decide_lent(
-                &caller.principal,
-                std::mem::take(&mut resource),
-                vec![a.clone()],
-            );
-            resource = back;
-            v.effect(a) == Effect::Allow
-        });
+    let visible = list_action.is_some_and(|a| {
+        let (v, back) = gw.decide_caller(caller, std::mem::take(&mut resource), vec![a.clone()]);
+        resource = back;
+        v.effect(&a) == Effect::Allow
+    });
     if check.takes_arguments {
         let back =
             mapping::return_arguments(&mut resource).unwrap_or_else(|| Value::Object(Map::new()));
@@ -780,7 +774,7 @@ fn decide(
         name: check.name.unwrap_or_default(),
         visible,
         said,
-        modern: header_str(headers, VERSION_HEADER).is_some_and(|v| v >= MODERN),
+        modern: header_str(headers, proxy::VERSION).is_some_and(|v| v >= MODERN),
     }))
 }
 
@@ -844,7 +838,7 @@ async fn record_outcome(
     let status = reply.status;
     let out_headers = reply.headers;
     if msg.method == "initialize" && status.is_success() {
-        if let Some(sid) = header_str(&out_headers, SESSION_HEADER) {
+        if let Some(sid) = header_str(&out_headers, proxy::SESSION) {
             gw.sessions
                 .bind(sid, &caller.principal.id, &upstream.target.server);
         }
@@ -869,7 +863,7 @@ async fn record_outcome(
         proxy::merge_headers(&mut r, out_headers);
         return r;
     }
-    let is_sse = header_str(&out_headers, "content-type")
+    let is_sse = header_str(&out_headers, header::CONTENT_TYPE)
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
     if is_sse {
         return proxy::stream_sse(
@@ -1010,7 +1004,7 @@ pub async fn session_request(
             out_headers.insert(name, v.clone());
         }
     }
-    let is_sse = header_str(&out_headers, "content-type")
+    let is_sse = header_str(&out_headers, header::CONTENT_TYPE)
         .is_some_and(|c| c.starts_with("text/event-stream"));
     if is_sse && status.is_success() {
         // No request of ours is pending on this stream, so it delivers no response at all.

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -28,14 +28,21 @@ pub const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 
 /// Request headers passed to an HTTP upstream (everything else, identity headers included,
-/// is dropped).
-const FORWARDED_HEADERS: [&str; 6] = [
-    "accept",
-    VERSION_HEADER,
-    SESSION_HEADER,
-    "mcp-method",
-    "mcp-name",
-    "last-event-id",
+/// is dropped). Parsed names: a `&str` name is parsed again on every lookup.
+const FORWARDED_HEADERS: [HeaderName; 6] = [
+    header::ACCEPT,
+    HeaderName::from_static(VERSION_HEADER),
+    HeaderName::from_static(SESSION_HEADER),
+    HeaderName::from_static("mcp-method"),
+    HeaderName::from_static("mcp-name"),
+    HeaderName::from_static("last-event-id"),
+];
+
+/// The upstream's answer headers passed back to the caller.
+const ANSWER_HEADERS: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    HeaderName::from_static(SESSION_HEADER),
+    HeaderName::from_static(VERSION_HEADER),
 ];
 
 /// How toolgate reaches one upstream.
@@ -386,7 +393,7 @@ fn http_request(
 ) -> reqwest::RequestBuilder {
     let mut req = http.request(method, url.clone()).timeout(upstream.timeout);
     for name in FORWARDED_HEADERS {
-        if let Some(v) = client.get(name) {
+        if let Some(v) = client.get(&name) {
             req = req.header(name, v.as_bytes());
         }
     }
@@ -412,8 +419,8 @@ async fn http_send(req: reqwest::RequestBuilder) -> Result<Reply, Failure> {
     })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
-    for name in ["content-type", SESSION_HEADER, VERSION_HEADER] {
-        if let Some(v) = resp.headers().get(name) {
+    for name in ANSWER_HEADERS {
+        if let Some(v) = resp.headers().get(&name) {
             if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
                 headers.insert(name, v);
             }
@@ -448,7 +455,7 @@ async fn plain_post(
     *req.uri_mut() = uri.clone();
     let h = req.headers_mut();
     for name in FORWARDED_HEADERS {
-        if let Some(v) = client.get(name) {
+        if let Some(v) = client.get(&name) {
             h.append(name, v.clone());
         }
     }
@@ -488,8 +495,8 @@ async fn plain_post(
     };
     let (parts, incoming) = resp.into_parts();
     let mut headers = HeaderMap::new();
-    for name in ["content-type", SESSION_HEADER, VERSION_HEADER] {
-        if let Some(v) = parts.headers.get(name) {
+    for name in ANSWER_HEADERS {
+        if let Some(v) = parts.headers.get(&name) {
             headers.insert(name, v.clone());
         }
     }

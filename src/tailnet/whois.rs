@@ -666,10 +666,7 @@ impl WhoisResolver {
                 format!("no identity for {peer}: {e}")
             })?;
         let principal = identity.principal(&self.settings.mappings);
-        Ok(Arc::new(Caller {
-            identity,
-            principal,
-        }))
+        Ok(Arc::new(Caller::new(identity, principal)))
     }
 
     /// One WhoIs holding a concurrency slot (and a loopback slot for loopback peers).
