@@ -14,12 +14,13 @@ use crate::identity::{Identity, StaticIdentities, normalize_ip};
 use crate::policy::input::Principal;
 
 /// The verified caller of one connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Caller {
     pub identity: Identity,
     pub principal: Principal,
     /// The principal's replay input (canonical JSON), rendered at its first decision and
-    /// shared by every later one on the connection: a caller never changes.
+    /// shared by every later one on the connection (a connection's caller sits behind an
+    /// `Arc` and never changes).
     pub(crate) replay: std::sync::OnceLock<Arc<str>>,
 }
 
@@ -30,6 +31,14 @@ impl Caller {
             principal,
             replay: Default::default(),
         }
+    }
+}
+
+/// A copy renders its own replay input: whoever edits the copy's principal must not record
+/// the original's.
+impl Clone for Caller {
+    fn clone(&self) -> Caller {
+        Caller::new(self.identity.clone(), self.principal.clone())
     }
 }
 
@@ -69,5 +78,26 @@ impl Identify for StaticProvider {
             let principal = identity.principal(&self.mappings);
             Ok(Caller::new(identity, principal))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy starts without the original's rendered replay input, so a copy whose principal
+    /// is then edited records its own.
+    #[test]
+    fn a_copy_renders_its_own_replay_input() {
+        let principal = Principal {
+            id: "alice@example.com".into(),
+            ..Principal::default()
+        };
+        let original = Caller::new(Identity::default(), principal);
+        original.replay.get_or_init(|| "rendered".into());
+        let copy = original.clone();
+        assert_eq!(copy.principal, original.principal);
+        assert!(copy.replay.get().is_none());
+        assert_eq!(original.replay.get().map(|s| &**s), Some("rendered"));
     }
 }
