@@ -37,12 +37,11 @@ use super::proxy;
 use super::sessions::Up;
 pub use super::sessions::{AggSession, MAX_SESSIONS, SESSION_IDLE, Sessions};
 use super::sse;
+use super::transport::{SESSION_HEADER, VERSION_HEADER, header_str};
 use crate::audit::record::outcome;
 use crate::gateway::{AuditRow, Caller, Conn, Gateway};
 use crate::policy::model::Effect;
 
-const SESSION_HEADER: &str = "mcp-session-id";
-const VERSION_HEADER: &str = "mcp-protocol-version";
 /// The revision `/mcp` speaks when the client asks for one it does not know.
 const LATEST: &str = "2025-11-25";
 const SUPPORTED: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
@@ -54,10 +53,6 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 const MAX_EVENT: usize = 8 * 1024 * 1024;
 const MAX_RESPONSE: usize = 32 * 1024 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
 
 fn naming(gw: &Gateway) -> Naming {
     Naming {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -22,13 +22,9 @@ use crate::gateway::{AuditRow, Caller, Conn, Gateway, Upstream};
 use crate::policy::model::Effect;
 
 pub const DECISION_HEADER: &str = "toolgate-decision-id";
-pub(crate) const SESSION_HEADER: &str = "mcp-session-id";
-pub(crate) const VERSION_HEADER: &str = "mcp-protocol-version";
-/// [`SESSION_HEADER`] and [`VERSION_HEADER`], and the stateless era's mirrored headers, parsed.
-pub(crate) const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
-pub(crate) const VERSION: HeaderName = HeaderName::from_static(VERSION_HEADER);
-pub(crate) const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
-pub(crate) const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+pub(crate) use super::transport::{
+    MCP_METHOD, MCP_NAME, SESSION, SESSION_HEADER, VERSION, VERSION_HEADER, header_str,
+};
 /// The first protocol revision whose `Mcp-Method`/`Mcp-Name` headers must match the body.
 pub(crate) const MODERN: &str = "2026-07-28";
 /// The largest JSON response we inspect (lists, call results).
@@ -117,12 +113,6 @@ pub(crate) async fn overloaded(gw: &Gateway, mut row: AuditRow, id: Option<&Valu
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r.extensions_mut().insert(NotForwarded);
     r
-}
-
-/// A header's value as text. Pass a parsed name ([`header::CONTENT_TYPE`], [`VERSION`]) on the
-/// request path: a `&str` name is parsed again on every lookup.
-pub(crate) fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// A request registered in [`crate::gateway::InFlight`]; ends its registration when dropped

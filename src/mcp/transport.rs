@@ -25,25 +25,27 @@ use crate::config::Server;
 use crate::stdio::{self, Answer, CallError, OpenError};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
-const VERSION_HEADER: &str = "mcp-protocol-version";
+pub(crate) const VERSION_HEADER: &str = "mcp-protocol-version";
+/// The MCP headers, parsed once: a `&str` name is parsed again on every lookup.
+pub(crate) const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
+pub(crate) const VERSION: HeaderName = HeaderName::from_static(VERSION_HEADER);
+/// The stateless era's headers that mirror the body.
+pub(crate) const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+pub(crate) const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
 /// Request headers passed to an HTTP upstream (everything else, identity headers included,
-/// is dropped). Parsed names: a `&str` name is parsed again on every lookup.
+/// is dropped).
 const FORWARDED_HEADERS: [HeaderName; 6] = [
     header::ACCEPT,
-    HeaderName::from_static(VERSION_HEADER),
-    HeaderName::from_static(SESSION_HEADER),
-    HeaderName::from_static("mcp-method"),
-    HeaderName::from_static("mcp-name"),
+    VERSION,
+    SESSION,
+    MCP_METHOD,
+    MCP_NAME,
     HeaderName::from_static("last-event-id"),
 ];
 
 /// The upstream's answer headers passed back to the caller.
-const ANSWER_HEADERS: [HeaderName; 3] = [
-    header::CONTENT_TYPE,
-    HeaderName::from_static(SESSION_HEADER),
-    HeaderName::from_static(VERSION_HEADER),
-];
+const ANSWER_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, SESSION, VERSION];
 
 /// How toolgate reaches one upstream.
 #[derive(Debug, Clone)]
@@ -268,7 +270,9 @@ impl Reply {
     }
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// A header's value as text. Pass a parsed name ([`header::CONTENT_TYPE`], [`VERSION`]) on the
+/// request path: a `&str` name is parsed again on every lookup.
+pub(crate) fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
