@@ -533,6 +533,133 @@ async fn streams_deliver_only_their_own_answer() {
     assert_eq!(got[0]["method"], "notifications/message");
 }
 
+/// An upstream that answers each call with the bytes its `arguments.message` spells.
+async fn parrot_upstream() -> SocketAddr {
+    async fn post(body: axum::body::Bytes) -> axum::response::Response {
+        let m: Value = serde_json::from_slice(&body).unwrap();
+        let answer = m["params"]["arguments"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        axum::response::Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(answer))
+            .unwrap()
+    }
+    let app = axum::Router::new().route("/mcp", axum::routing::post(post));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// A tool's answer passes to the client as the upstream's own bytes only when the whole answer
+/// passed the strict parse: a case-folded twin or a duplicate key deep inside the result, a
+/// nesting past the limit, or an answer that is not the call's response becomes a JSON-RPC
+/// error and an `upstream_error` outcome, though only the envelope of a passing answer is
+/// built (`jsonrpc::parse_head`).
+#[tokio::test]
+async fn an_answer_passes_as_sent_only_when_all_of_it_is_strict() {
+    let parrot = parrot_upstream().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let h = start_with(
+        &root.join("tests/peers/policies"),
+        &format!("  parrot: {{url: \"http://{parrot}/mcp\"}}\n"),
+    )
+    .await;
+    let send = |answer: String| {
+        let h = &h;
+        async move {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": answer}}});
+            let r = client("127.0.0.2")
+                .post(format!("http://{}/mcp/parrot", h.addr))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let d = r.headers()["toolgate-decision-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (d, r.text().await.unwrap())
+        }
+    };
+    let outcome = |d: &str| {
+        h.sink
+            .outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(id, _)| id == d)
+            .map(|(_, o)| o.clone())
+    };
+
+    // Passes byte for byte: unsorted keys, whitespace, nested values of every kind.
+    let good = "{ \"result\": {\"structuredContent\": {\"b\": [1, 2.5, true, null, \"\\u00e9\"], \"a\": {}},\n \"content\": [{\"type\": \"text\", \"text\": \"ok\"}]}, \"id\": 1, \"jsonrpc\": \"2.0\" }";
+    let (d, text) = send(good.to_string()).await;
+    assert_eq!(text, good);
+    assert_eq!(outcome(&d).as_deref(), Some("forwarded"));
+
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"result":{{"a":{}1{}}}}}"#,
+        "[".repeat(130),
+        "]".repeat(130)
+    );
+    let refused = [
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"x","TEXT":"y"}]}}"#.to_string(),
+            "case folding",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"structuredContent":{"status":"ok","ſtatus":"rm -rf"}}}"#.to_string(),
+            "case folding",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"x","text":"y"}]}}"#.to_string(),
+            "duplicate key",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"ID":2}"#.to_string(),
+            "case folding",
+        ),
+        (deep, "invalid JSON"),
+        (
+            r#"{"jsonrpc":"2.0","id":2,"result":{"content":[]}}"#.to_string(),
+            "does not match",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}"#.to_string(),
+            "something other than a response",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"text":"\ud800"}]}}"#.to_string(),
+            "invalid JSON",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}} {}"#.to_string(),
+            "invalid JSON",
+        ),
+    ];
+    for (answer, why) in refused {
+        let (d, text) = send(answer.clone()).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{answer}: {text}"));
+        assert_eq!(v["error"]["code"], -31004, "{answer}: {text}");
+        assert_eq!(v["id"], 1, "{answer}: {text}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(why),
+            "{answer}: {text}"
+        );
+        assert_eq!(outcome(&d).as_deref(), Some("upstream_error"), "{answer}");
+    }
+}
+
 /// A request whose id is in flight on the same session is refused (issue 13 item 9), so two
 /// requests never receive each other's answers; other sessions, and the id once answered,
 /// are free.

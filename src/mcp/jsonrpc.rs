@@ -8,6 +8,7 @@
 //! - what is forwarded is the canonical re-serialization of the parsed value (sorted keys,
 //!   no whitespace), never the raw bytes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -208,39 +209,52 @@ pub fn fold_key(key: &str) -> String {
         .collect()
 }
 
-/// The fold keys of one object's keys so far. A short object (an envelope, most arguments) is
-/// scanned: for a handful of keys that costs less than hashing each one. A long one is hashed.
-#[derive(Default)]
-enum Folded {
-    #[default]
-    Empty,
-    Few(Vec<String>),
-    Many(std::collections::HashSet<String>),
+/// The fold key of a key as the parser lends it: a key of plain lowercase ASCII (most keys) is
+/// its own fold key, borrowed from the body; any other key is folded into a new string.
+fn fold_of<'de>(key: &Cow<'de, str>) -> Cow<'de, str> {
+    match key {
+        Cow::Borrowed(k) if !k.bytes().any(|b| !b.is_ascii() || b.is_ascii_uppercase()) => {
+            Cow::Borrowed(k)
+        }
+        k => Cow::Owned(fold_key(k)),
+    }
 }
 
-impl Folded {
+/// One object's keys so far, by fold key. A short object (an envelope, most arguments) is
+/// scanned: for a handful of keys that costs less than hashing each one. A long one is hashed.
+/// Each fold key keeps the first key that had it, to name both keys in a refusal.
+#[derive(Default)]
+enum Folded<'de> {
+    #[default]
+    Empty,
+    Few(Vec<(Cow<'de, str>, Cow<'de, str>)>),
+    Many(std::collections::HashMap<Cow<'de, str>, Cow<'de, str>>),
+}
+
+impl<'de> Folded<'de> {
     /// Keys scanned before the set is hashed.
     const FEW: usize = 16;
 
-    fn contains(&self, fold: &str) -> bool {
+    /// The key seen before with this fold key.
+    fn get(&self, fold: &str) -> Option<&str> {
         match self {
-            Folded::Empty => false,
-            Folded::Few(v) => v.iter().any(|f| f == fold),
-            Folded::Many(s) => s.contains(fold),
+            Folded::Empty => None,
+            Folded::Few(v) => v.iter().find(|(f, _)| f == fold).map(|(_, k)| k.as_ref()),
+            Folded::Many(s) => s.get(fold).map(AsRef::as_ref),
         }
     }
 
-    fn insert(&mut self, fold: String) {
+    fn insert(&mut self, fold: Cow<'de, str>, key: Cow<'de, str>) {
         match self {
-            Folded::Empty => *self = Folded::Few(vec![fold]),
-            Folded::Few(v) if v.len() < Self::FEW => v.push(fold),
+            Folded::Empty => *self = Folded::Few(vec![(fold, key)]),
+            Folded::Few(v) if v.len() < Self::FEW => v.push((fold, key)),
             Folded::Few(v) => {
-                let mut s: std::collections::HashSet<String> = v.drain(..).collect();
-                s.insert(fold);
+                let mut s: std::collections::HashMap<_, _> = v.drain(..).collect();
+                s.insert(fold, key);
                 *self = Folded::Many(s);
             }
             Folded::Many(s) => {
-                s.insert(fold);
+                s.insert(fold, key);
             }
         }
     }
@@ -283,6 +297,21 @@ pub fn parse_value(body: &[u8], limits: Limits) -> Result<Value, ParseError> {
 
 /// [`parse_value`], also saying how many values and objects the value holds.
 pub fn parse_value_sized(body: &[u8], limits: Limits) -> Result<(Value, Size), ParseError> {
+    strict(body, limits, usize::MAX)
+}
+
+/// Parses and checks one body exactly as strictly as [`parse`] (the same refusals, in the same
+/// words), but builds only the message's top level: a member that is an object or an array
+/// comes back empty. For an answer forwarded as its own bytes, which needs its envelope
+/// checked and nothing else read, this skips building a tree of the whole result.
+pub fn parse_head(body: &[u8], limits: Limits) -> Result<Message, ParseError> {
+    let (value, _) = strict(body, limits, 1)?;
+    message(value)
+}
+
+/// The one strict parse: every value is checked, and containers nested fewer than `keep`
+/// levels deep are built (`usize::MAX`: the whole value).
+fn strict(body: &[u8], limits: Limits, keep: usize) -> Result<(Value, Size), ParseError> {
     if body.len() > limits.max_bytes {
         return Err(ParseError::TooLarge {
             size: body.len(),
@@ -299,6 +328,7 @@ pub fn parse_value_sized(body: &[u8], limits: Limits) -> Result<(Value, Size), P
     let value = Strict {
         depth: 0,
         max_depth: limits.max_depth,
+        keep,
         count: &count,
     }
     .deserialize(&mut de)
@@ -431,11 +461,38 @@ struct Count {
 }
 
 /// A serde seed that builds a `Value` while refusing duplicate keys and keys with equal
-/// [`fold_key`]s, and bounding depth and the number of values.
+/// [`fold_key`]s, and bounding depth and the number of values. Containers at `keep` levels
+/// deep or more are checked alike but not built: they come back empty, and the scalars in
+/// them as `null`.
+#[derive(Clone, Copy)]
 struct Strict<'c> {
     depth: usize,
     max_depth: usize,
+    keep: usize,
     count: &'c Count,
+}
+
+impl<'c> Strict<'c> {
+    /// The seed for a member of this container, refusing one level too deep.
+    fn member<E: de::Error>(&self) -> Result<Strict<'c>, E> {
+        if self.depth >= self.max_depth {
+            return Err(E::custom(format!(
+                "nested deeper than {} levels",
+                self.max_depth
+            )));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+            max_depth: self.max_depth,
+            keep: self.keep,
+            count: self.count,
+        })
+    }
+
+    /// Whether this value is kept: a scalar is when its container is built.
+    fn kept(&self) -> bool {
+        self.depth <= self.keep
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Strict<'_> {
@@ -450,6 +507,32 @@ impl<'de> DeserializeSeed<'de> for Strict<'_> {
             )));
         }
         d.deserialize_any(self)
+    }
+}
+
+/// An object key as the parser lends it: borrowed from the body unless it had escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
     }
 }
 
@@ -474,10 +557,16 @@ impl<'de> Visitor<'de> for Strict<'_> {
             .ok_or_else(|| E::custom("non-finite number"))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_string()))
+        Ok(match self.kept() {
+            true => Value::String(v.to_string()),
+            false => Value::Null,
+        })
     }
     fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+        Ok(match self.kept() {
+            true => Value::String(v),
+            false => Value::Null,
+        })
     }
     fn visit_unit<E>(self) -> Result<Value, E> {
         Ok(Value::Null)
@@ -486,52 +575,37 @@ impl<'de> Visitor<'de> for Strict<'_> {
         Ok(Value::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        if self.depth >= self.max_depth {
-            return Err(de::Error::custom(format!(
-                "nested deeper than {} levels",
-                self.max_depth
-            )));
-        }
+        let member = self.member()?;
+        let build = self.depth < self.keep;
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(Strict {
-            depth: self.depth + 1,
-            max_depth: self.max_depth,
-            count: self.count,
-        })? {
-            out.push(v);
+        while let Some(v) = seq.next_element_seed(member)? {
+            if build {
+                out.push(v);
+            }
         }
         Ok(Value::Array(out))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        if self.depth >= self.max_depth {
-            return Err(de::Error::custom(format!(
-                "nested deeper than {} levels",
-                self.max_depth
-            )));
-        }
+        let member = self.member()?;
         self.count.objects.set(self.count.objects.get() + 1);
+        let build = self.depth < self.keep;
         let mut out = Map::new();
         let mut folded = Folded::default();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+        while let Some(key) = map.next_key_seed(Key)? {
+            let fold = fold_of(&key);
+            if let Some(first) = folded.get(&fold) {
+                return Err(de::Error::custom(match first == key {
+                    true => format!("duplicate key {key:?}"),
+                    false => format!(
+                        "keys {first:?} and {key:?} are equal under case folding (ambiguous to case-insensitive decoders)"
+                    ),
+                }));
             }
-            let fold = fold_key(&key);
-            if folded.contains(&fold) {
-                // The key it collides with, found again only for the refusal.
-                let first = out.keys().find(|k| fold_key(k) == fold).cloned();
-                let first = first.unwrap_or_default();
-                return Err(de::Error::custom(format!(
-                    "keys {first:?} and {key:?} are equal under case folding (ambiguous to case-insensitive decoders)"
-                )));
+            let v = map.next_value_seed(member)?;
+            if build {
+                out.insert(key.to_string(), v);
             }
-            let v = map.next_value_seed(Strict {
-                depth: self.depth + 1,
-                max_depth: self.max_depth,
-                count: self.count,
-            })?;
-            folded.insert(fold);
-            out.insert(key, v);
+            folded.insert(fold, key);
         }
         Ok(Value::Object(out))
     }
@@ -664,6 +738,107 @@ mod tests {
             keys.push("LATE".into());
             let e = p(&object(&keys)).unwrap_err().to_string();
             assert!(e.contains("\"late\"") && e.contains("\"LATE\""), "{n}: {e}");
+        }
+    }
+
+    /// What the head parse says of a body, to compare with the full parse.
+    fn verdict(
+        r: Result<Message, ParseError>,
+    ) -> Result<(Kind, Option<Value>, String), ParseError> {
+        r.map(|m| (m.kind, m.id, m.method))
+    }
+
+    /// [`parse_head`] refuses exactly what [`parse`] refuses, in the same words, at any depth,
+    /// and reads the same envelope from what both accept; its nested containers are empty.
+    #[test]
+    fn the_head_parse_refuses_what_the_full_parse_refuses() {
+        let small = Limits {
+            max_bytes: 4096,
+            max_depth: 6,
+            max_nodes: 40,
+        };
+        let bodies = [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":"a","error":{"code":1,"message":"m","data":[1,{"x":null}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"b":1,"B":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"b":1,"b":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"b":1,"\u0062":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"s":1,"ſ":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[[[[[[[1]]]]]]]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[[[[[[]]]]]]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"t":"\ud800"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{}} x"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"ID":1}"#,
+            r#"{"jsonrpc":"2.0","id":{"a":1},"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"name":"y"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":7}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"n":1e999}}"#,
+            "\"s\"",
+            "",
+        ];
+        for body in bodies {
+            for limits in [Limits::default(), small] {
+                let full = verdict(parse(body.as_bytes(), limits));
+                let head = verdict(parse_head(body.as_bytes(), limits));
+                assert_eq!(head, full, "{body}");
+            }
+        }
+        let m = parse_head(bodies[1].as_bytes(), Limits::default()).unwrap();
+        assert_eq!(m.value["error"], serde_json::json!({}));
+        assert_eq!(m.value["id"], "a");
+        assert_eq!(
+            parse_head(&[0xff], Limits::default()).unwrap_err(),
+            ParseError::NotUtf8
+        );
+    }
+
+    /// JSON text of any shape, its keys drawn from a few that fold together (and one written
+    /// with an escape), so duplicates and case-folded twins fall at every depth.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = proptest::sample::select(vec!["a", "A", "s", "ſ", "S", "id", "\\u0061", "kind"]);
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            (-5i64..5).prop_map(|n| n.to_string()),
+            Just("2.5".to_string()),
+            Just("\"t\"".to_string()),
+            Just("\"\\u00e9\"".to_string()),
+        ];
+        leaf.prop_recursive(6, 48, 4, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((key.clone(), inner), 0..4).prop_map(|kv| {
+                    let fields: Vec<String> =
+                        kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2048))]
+
+        /// The head parse and the full parse agree on every body, within the limits or past them.
+        #[test]
+        fn the_head_parse_agrees_with_the_full_parse(
+            result in json_text(),
+            id in proptest::sample::select(vec!["1", "\"x\"", "null", "{}", "[1]"]),
+            tail in proptest::sample::select(vec!["", ",\"error\":{}", ",\"ID\":1", ",\"method\":\"m\""]),
+            max_depth in 2usize..8,
+            max_nodes in 4usize..60,
+        ) {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}{tail}}}"#);
+            for limits in [Limits::default(), Limits { max_bytes: 4096, max_depth, max_nodes }] {
+                let full = verdict(parse(body.as_bytes(), limits));
+                let head = verdict(parse_head(body.as_bytes(), limits));
+                proptest::prop_assert_eq!(head, full, "{}", body);
+            }
         }
     }
 

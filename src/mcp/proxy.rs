@@ -226,7 +226,8 @@ pub(crate) fn upstream_failed(
 
 /// Checks a JSON response (id, shape) and filters list results. Returns the bytes to send:
 /// a list's filtered page re-serialized, any other answer the upstream's own bytes once they
-/// passed the strict parse (nothing to change, so nothing is re-encoded).
+/// passed the strict parse (nothing to change, so nothing is re-encoded, and nothing of it is
+/// built but its envelope: [`jsonrpc::parse_head`]).
 pub(crate) fn inspect_response(
     gw: &Gateway,
     server: &str,
@@ -234,16 +235,25 @@ pub(crate) fn inspect_response(
     body: Vec<u8>,
     caller: &Caller,
 ) -> Result<Vec<u8>, String> {
-    let value = jsonrpc::parse_value(
-        &body,
-        Limits {
-            max_bytes: MAX_RESPONSE_BYTES,
-            max_depth: 128,
-            max_nodes: jsonrpc::MAX_UPSTREAM_NODES,
-        },
-    )
-    .map_err(|e| format!("upstream sent a bad response: {e}"))?;
-    let resp = jsonrpc::message(value).map_err(|e| format!("upstream sent a bad response: {e}"))?;
+    let limits = Limits {
+        max_bytes: MAX_RESPONSE_BYTES,
+        max_depth: 128,
+        max_nodes: jsonrpc::MAX_UPSTREAM_NODES,
+    };
+    let bad = |e: jsonrpc::ParseError| format!("upstream sent a bad response: {e}");
+    if mapping::list_key(&msg.method).is_none() {
+        answers(msg, &jsonrpc::parse_head(&body, limits).map_err(bad)?)?;
+        return Ok(body);
+    }
+    let resp = jsonrpc::parse(&body, limits).map_err(bad)?;
+    answers(msg, &resp)?;
+    let mut value = resp.value;
+    filter_list(gw, server, &msg.method, &mut value, caller);
+    Ok(jsonrpc::canonical(&value))
+}
+
+/// Whether `resp` is a response to `msg`, the request it answers.
+fn answers(msg: &Message, resp: &Message) -> Result<(), String> {
     if resp.kind != Kind::Response {
         return Err("upstream answered a request with something other than a response".into());
     }
@@ -253,12 +263,7 @@ pub(crate) fn inspect_response(
             resp.id, msg.id
         ));
     }
-    if mapping::list_key(&msg.method).is_none() {
-        return Ok(body);
-    }
-    let mut value = resp.value;
-    filter_list(gw, server, &msg.method, &mut value, caller);
-    Ok(jsonrpc::canonical(&value))
+    Ok(())
 }
 
 /// Removes list items the caller may not see; keeps `nextCursor`; marks the page private.
