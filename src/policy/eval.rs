@@ -412,14 +412,17 @@ impl<'a> Checker<'a> {
             })
         };
         let resource_exists = levels.iter().any(|l| l.resource.is_some()) || named_by_role_policy();
-        let resource_key = resource_exists.then(|| {
-            policy_key(
-                PolicyKind::Resource,
-                &r.kind,
-                &r_version,
-                &resource_scopes[0],
-            )
-        });
+        let resource_key =
+            resource_exists.then(|| match levels.first().and_then(|l| l.resource.as_ref()) {
+                // The most specific scope's own policy: the key to report, formatted at compile.
+                Some(policy) => policy.key.clone(),
+                None => policy_key(
+                    PolicyKind::Resource,
+                    &r.kind,
+                    &r_version,
+                    &resource_scopes[0],
+                ),
+            });
 
         let rejected = self.validate(&r_version);
 
@@ -863,7 +866,6 @@ impl<'a> Checker<'a> {
             });
         }
         for rule in matching {
-            let src = format!("{}#{}", rp.key, rule.name);
             let held = match &rule.condition {
                 None => Ok(true),
                 Some(cond) => self.condition(
@@ -890,10 +892,22 @@ impl<'a> Checker<'a> {
             });
             match held {
                 Ok(true) => {
-                    self.output(action, rp, derived, &src, rule.output_activated.as_ref());
+                    self.output(
+                        action,
+                        rp,
+                        derived,
+                        &rule.name,
+                        rule.output_activated.as_ref(),
+                    );
                 }
                 Ok(false) => {
-                    self.output(action, rp, derived, &src, rule.output_not_met.as_ref());
+                    self.output(
+                        action,
+                        rp,
+                        derived,
+                        &rule.name,
+                        rule.output_not_met.as_ref(),
+                    );
                     return Some(Verdict::Decided {
                         effect: Effect::Deny,
                         policy: rp.clone(),
@@ -1107,14 +1121,13 @@ impl<'a> Checker<'a> {
                 (&policy.key, &rule.name),
             ),
         };
-        let src = format!("{}#{}", policy.key, rule.name);
         let (outcome, step, error) = match held {
             Ok(true) => {
                 self.output(
                     action,
                     policy,
                     derived,
-                    &src,
+                    &rule.name,
                     rule.output_activated.as_ref(),
                 );
                 let o = match rule.effect {
@@ -1129,7 +1142,13 @@ impl<'a> Checker<'a> {
                 (o, step, None)
             }
             Ok(false) => {
-                self.output(action, policy, derived, &src, rule.output_not_met.as_ref());
+                self.output(
+                    action,
+                    policy,
+                    derived,
+                    &rule.name,
+                    rule.output_not_met.as_ref(),
+                );
                 (RuleOutcome::Nothing, StepOutcome::ConditionNotMet, None)
             }
             Err(message) => {
@@ -1162,14 +1181,14 @@ impl<'a> Checker<'a> {
         outcome
     }
 
-    /// Emits an output entry. As in Cerbos, once per rule visit (a rule visited in several
-    /// role passes emits once per pass).
+    /// Emits an output entry of `policy#rule`. As in Cerbos, once per rule visit (a rule
+    /// visited in several role passes emits once per pass).
     fn output(
         &mut self,
         action: &str,
         policy: &Arc<Policy>,
         derived: &DerivedView,
-        src: &str,
+        rule: &str,
         expr: Option<&super::cel::Expr>,
     ) {
         let Some(expr) = expr else { return };
@@ -1181,7 +1200,7 @@ impl<'a> Checker<'a> {
             }
         };
         self.out.outputs.push(OutputEntry {
-            src: src.to_string(),
+            src: format!("{}#{rule}", policy.key),
             action: action.to_string(),
             val,
             error,
@@ -1244,23 +1263,24 @@ fn result(action: &str, verdict: Verdict, reported: Option<&str>) -> ActionResul
                 Effect::Allow => "allowed",
                 Effect::Deny => "denied",
             };
-            let by = if rule.is_empty() {
-                format!(
-                    "{verb} by {} (the custom role does not list this action)",
-                    policy.key
-                )
-            } else if policy.kind == PolicyKind::Role {
-                format!(
-                    "{verb} by {}#{rule} (the custom role's condition does not hold)",
-                    policy.key
-                )
+            // Pushed, not formatted: an allowed call builds this on every check.
+            let mut reason = String::with_capacity(96);
+            reason.push_str(verb);
+            reason.push_str(" by ");
+            reason.push_str(&policy.key);
+            if rule.is_empty() {
+                reason.push_str(" (the custom role does not list this action)");
             } else {
-                format!("{verb} by {}#{rule}", policy.key)
-            };
-            let reason = match role {
-                Some(role) => format!("{by} for role {role}"),
-                None => by,
-            };
+                reason.push('#');
+                reason.push_str(&rule);
+                if policy.kind == PolicyKind::Role {
+                    reason.push_str(" (the custom role's condition does not hold)");
+                }
+            }
+            if let Some(role) = role {
+                reason.push_str(" for role ");
+                reason.push_str(&role);
+            }
             let matched = if policy.kind == PolicyKind::Role {
                 policy.key.clone()
             } else {
