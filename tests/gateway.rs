@@ -82,6 +82,16 @@ async fn start() -> Harness {
     start_with(&root.join("policies"), "").await
 }
 
+/// Serves `app` on a free loopback port, as an upstream; returns its address.
+async fn serve_upstream(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let counters = Arc::new(sample::Counters::default());
     let upstream_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -92,11 +102,7 @@ async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
             async move { next.run(req).await }
         },
     ));
-    let up_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = up_listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(up_listener, app).await;
-    });
+    let up = serve_upstream(app).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_text = format!(
         "listen: [\"127.0.0.1:0\"]\ntls: off\nidentity: {{provider: static, static: ids.yaml}}\npolicies: {{dir: {}}}\nservers:\n  github: {{url: \"http://{up}/mcp\"}}\n  files: {{url: \"http://{up}/mcp\"}}\n  strict: {{url: \"http://{up}/mcp\", unknown_methods: deny}}\n{extra_servers}",
@@ -482,13 +488,7 @@ async fn rogue_upstream() -> SocketAddr {
             .body(axum::body::Body::from(sse))
             .unwrap()
     }
-    let app = axum::Router::new().route("/mcp", axum::routing::post(post).get(get));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    serve_upstream(axum::Router::new().route("/mcp", axum::routing::post(post).get(get))).await
 }
 
 /// Streams deliver only their own answer (issue 13 item 9): a POST stream passes the
@@ -546,13 +546,7 @@ async fn parrot_upstream() -> SocketAddr {
             .body(axum::body::Body::from(answer))
             .unwrap()
     }
-    let app = axum::Router::new().route("/mcp", axum::routing::post(post));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    serve_upstream(axum::Router::new().route("/mcp", axum::routing::post(post))).await
 }
 
 /// A tool's answer passes to the client as the upstream's own bytes only when the whole answer
@@ -997,9 +991,7 @@ async fn an_upstream_stream_that_ends_unanswered_becomes_a_jsonrpc_error() {
             ([("content-type", "text/event-stream")], body).into_response()
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let up = serve_upstream(app).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let h = start_with(
         &root.join("policies"),
