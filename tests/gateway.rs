@@ -92,6 +92,17 @@ async fn serve_upstream(app: axum::Router) -> SocketAddr {
     addr
 }
 
+/// A gateway on the end-to-end fixture policies (`echo` is allowed on every server), with one
+/// more server, `name`, at `upstream`.
+async fn start_echo_beside(name: &str, upstream: SocketAddr) -> Harness {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    start_with(
+        &root.join("tests/peers/policies"),
+        &format!("  {name}: {{url: \"http://{upstream}/mcp\"}}\n"),
+    )
+    .await
+}
+
 async fn start_with(policies: &Path, extra_servers: &str) -> Harness {
     let counters = Arc::new(sample::Counters::default());
     let upstream_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -495,14 +506,7 @@ async fn rogue_upstream() -> SocketAddr {
 /// response to its request once and drops other ids; the GET stream passes no response.
 #[tokio::test]
 async fn streams_deliver_only_their_own_answer() {
-    let rogue = rogue_upstream().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The end-to-end fixture policies: `echo` is allowed on every server.
-    let h = start_with(
-        &root.join("tests/peers/policies"),
-        &format!("  rogue: {{url: \"http://{rogue}/mcp\"}}\n"),
-    )
-    .await;
+    let h = start_echo_beside("rogue", rogue_upstream().await).await;
     let sid = initialize(&h, "127.0.0.2", "rogue").await;
     let (s, v, _) = rpc_with(
         &h,
@@ -556,13 +560,7 @@ async fn parrot_upstream() -> SocketAddr {
 /// built (`jsonrpc::parse_head`).
 #[tokio::test]
 async fn an_answer_passes_as_sent_only_when_all_of_it_is_strict() {
-    let parrot = parrot_upstream().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let h = start_with(
-        &root.join("tests/peers/policies"),
-        &format!("  parrot: {{url: \"http://{parrot}/mcp\"}}\n"),
-    )
-    .await;
+    let h = start_echo_beside("parrot", parrot_upstream().await).await;
     let send = |answer: String| {
         let h = &h;
         async move {
