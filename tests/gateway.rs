@@ -187,6 +187,14 @@ fn client(from: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// A POST of a JSON-RPC message from `from` to `server`'s route, as an MCP client sends it.
+fn mcp_post(h: &Harness, from: &str, server: &str) -> reqwest::RequestBuilder {
+    client(from)
+        .post(format!("http://{}/mcp/{server}", h.addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+}
+
 async fn rpc(h: &Harness, from: &str, server: &str, body: Value) -> (u16, Value, String) {
     rpc_with(h, from, server, body, &[]).await
 }
@@ -199,10 +207,7 @@ async fn rpc_with(
     body: Value,
     headers: &[(&str, &str)],
 ) -> (u16, Value, String) {
-    let mut req = client(from)
-        .post(format!("http://{}/mcp/{server}", h.addr))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream");
+    let mut req = mcp_post(h, from, server);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -224,10 +229,7 @@ async fn rpc_with(
 /// Opens a handshake-era session for `from` on `server`; returns its `Mcp-Session-Id`.
 async fn initialize(h: &Harness, from: &str, server: &str) -> String {
     let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
-    let r = client(from)
-        .post(format!("http://{}/mcp/{server}", h.addr))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
+    let r = mcp_post(h, from, server)
         .body(init.to_string())
         .send()
         .await
@@ -565,10 +567,7 @@ async fn an_answer_passes_as_sent_only_when_all_of_it_is_strict() {
         let h = &h;
         async move {
             let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": answer}}});
-            let r = client("127.0.0.2")
-                .post(format!("http://{}/mcp/parrot", h.addr))
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
+            let r = mcp_post(h, "127.0.0.2", "parrot")
                 .body(body.to_string())
                 .send()
                 .await
