@@ -5,8 +5,10 @@
 //!   and `NAME`, `params` and `paramſ`) are refused at every depth;
 //! - a client's message carries only the envelope keys of its kind ([`check_envelope`]);
 //! - size and nesting depth are bounded;
-//! - what is forwarded is the canonical re-serialization of the parsed value (sorted keys,
-//!   no whitespace), never the raw bytes.
+//! - what is forwarded upstream is the canonical re-serialization of the parsed value (sorted
+//!   keys, no whitespace), never the client's raw bytes. An upstream's answer goes back to the
+//!   client as its own bytes once it passed this parse ([`parse_head`]), unless it is a list,
+//!   which is filtered and re-serialized.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -222,39 +224,40 @@ fn fold_of<'de>(key: &Cow<'de, str>) -> Cow<'de, str> {
 
 /// One object's keys so far, by fold key. A short object (an envelope, most arguments) is
 /// scanned: for a handful of keys that costs less than hashing each one. A long one is hashed.
-/// Each fold key keeps the first key that had it, to name both keys in a refusal.
+/// Beside each fold key sits the first key that had it, to name both in a refusal, unless that
+/// key is its own fold key or the object being built holds it (so no key is held twice).
 #[derive(Default)]
 enum Folded<'de> {
     #[default]
     Empty,
-    Few(Vec<(Cow<'de, str>, Cow<'de, str>)>),
-    Many(std::collections::HashMap<Cow<'de, str>, Cow<'de, str>>),
+    Few(Vec<(Cow<'de, str>, Option<Cow<'de, str>>)>),
+    Many(std::collections::HashMap<Cow<'de, str>, Option<Cow<'de, str>>>),
 }
 
 impl<'de> Folded<'de> {
     /// Keys scanned before the set is hashed.
     const FEW: usize = 16;
 
-    /// The key seen before with this fold key.
-    fn get(&self, fold: &str) -> Option<&str> {
+    /// `Some` when a key had this fold key before, with that key if it is kept here.
+    fn get(&self, fold: &str) -> Option<Option<&str>> {
         match self {
             Folded::Empty => None,
-            Folded::Few(v) => v.iter().find(|(f, _)| f == fold).map(|(_, k)| k.as_ref()),
-            Folded::Many(s) => s.get(fold).map(AsRef::as_ref),
+            Folded::Few(v) => v.iter().find(|(f, _)| f == fold).map(|(_, k)| k.as_deref()),
+            Folded::Many(s) => s.get(fold).map(|k| k.as_deref()),
         }
     }
 
-    fn insert(&mut self, fold: Cow<'de, str>, key: Cow<'de, str>) {
+    fn insert(&mut self, fold: Cow<'de, str>, first: Option<Cow<'de, str>>) {
         match self {
-            Folded::Empty => *self = Folded::Few(vec![(fold, key)]),
-            Folded::Few(v) if v.len() < Self::FEW => v.push((fold, key)),
+            Folded::Empty => *self = Folded::Few(vec![(fold, first)]),
+            Folded::Few(v) if v.len() < Self::FEW => v.push((fold, first)),
             Folded::Few(v) => {
                 let mut s: std::collections::HashMap<_, _> = v.drain(..).collect();
-                s.insert(fold, key);
+                s.insert(fold, first);
                 *self = Folded::Many(s);
             }
             Folded::Many(s) => {
-                s.insert(fold, key);
+                s.insert(fold, first);
             }
         }
     }
@@ -593,7 +596,17 @@ impl<'de> Visitor<'de> for Strict<'_> {
         let mut folded = Folded::default();
         while let Some(key) = map.next_key_seed(Key)? {
             let fold = fold_of(&key);
-            if let Some(first) = folded.get(&fold) {
+            if let Some(kept) = folded.get(&fold) {
+                // The key it collides with, from wherever it is held.
+                let first: &str = match kept {
+                    Some(first) => first,
+                    None if build => out
+                        .keys()
+                        .map(String::as_str)
+                        .find(|k| fold_key(k) == fold)
+                        .unwrap_or_default(),
+                    None => fold.as_ref(),
+                };
                 return Err(de::Error::custom(match first == key {
                     true => format!("duplicate key {key:?}"),
                     false => format!(
@@ -603,9 +616,12 @@ impl<'de> Visitor<'de> for Strict<'_> {
             }
             let v = map.next_value_seed(member)?;
             if build {
-                out.insert(key.to_string(), v);
+                out.insert(key.into_owned(), v);
+                folded.insert(fold, None);
+            } else {
+                let first = (key != fold).then_some(key);
+                folded.insert(fold, first);
             }
-            folded.insert(fold, key);
         }
         Ok(Value::Object(out))
     }
@@ -764,6 +780,10 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"b":1,"b":2}]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"b":1,"\u0062":2}]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"s":1,"ſ":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"ſ":1,"s":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"a":[{"\u0042":1,"b":2}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"\u0042":1,"b":2}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"\u0069d":2}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[[[[[[[1]]]]]]]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[[[[[[]]]]]]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"a":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38]}}"#,
