@@ -207,6 +207,22 @@ async fn rpc_with(
     body: Value,
     headers: &[(&str, &str)],
 ) -> (u16, Value, String) {
+    let (status, text, decision) = rpc_text(h, from, server, body, headers).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        decision,
+    )
+}
+
+/// [`rpc_with`], the answer's body as the bytes the gateway sent.
+async fn rpc_text(
+    h: &Harness,
+    from: &str,
+    server: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut req = mcp_post(h, from, server);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -218,12 +234,7 @@ async fn rpc_with(
         .get("toolgate-decision-id")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        decision,
-    )
+    (status, r.text().await.unwrap(), decision)
 }
 
 /// Opens a handshake-era session for `from` on `server`; returns its `Mcp-Session-Id`.
@@ -567,16 +578,9 @@ async fn an_answer_passes_as_sent_only_when_all_of_it_is_strict() {
         let h = &h;
         async move {
             let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": answer}}});
-            let r = mcp_post(h, "127.0.0.2", "parrot")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            let d = r.headers()["toolgate-decision-id"]
-                .to_str()
-                .unwrap()
-                .to_string();
-            (d, r.text().await.unwrap())
+            let (_, text, d) = rpc_text(h, "127.0.0.2", "parrot", body, &[]).await;
+            assert!(!d.is_empty(), "no decision id for {text}");
+            (d, text)
         }
     };
     let outcome = |d: &str| {
