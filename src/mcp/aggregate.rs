@@ -4,10 +4,11 @@
 //! - **Names.** Tools and prompts appear as `<server><sep><name>` (`github__create_issue`;
 //!   the separator is configurable). A server name never contains the separator (checked at
 //!   start-up), so splitting at its first occurrence is unambiguous.
-//! - **URIs** keep their text: `resources/read` goes to the server that listed the URI (or,
-//!   for a URI no list named, the one server whose template's literal prefix it matches). A
-//!   URI two servers claim is refused as ambiguous: guessing would send the read, and whatever
-//!   it carries, to a server the caller did not mean.
+//! - **URIs** keep their text: `resources/read` goes to the one server that claims the URI, by
+//!   listing it or by a template whose literal prefix it matches. A URI two servers claim (two
+//!   listings, two templates, or one's listing and the other's template) is refused as
+//!   ambiguous: guessing would send the read, and whatever it carries, to a server the caller
+//!   did not mean.
 //! - **Pages.** One aggregate page holds the next page of every server that has one, whole:
 //!   nothing is truncated, and the aggregate `nextCursor` encodes every upstream's cursor, so
 //!   no upstream `nextCursor` is dropped (agentgateway #3476 dropped them). A server that is
@@ -147,20 +148,23 @@ impl UriIndex {
         self.uris.is_empty() && self.templates.is_empty()
     }
 
-    /// The one server that serves `uri`.
+    /// The one server that serves `uri`. Every server that claims it counts: those that listed
+    /// it and those whose template's literal prefix it starts with. A listing does not outrank
+    /// another server's template, or a server could take reads meant for another by listing
+    /// that server's URIs.
     pub fn route(&self, uri: &str) -> Result<String, RouteError> {
-        let servers: Vec<String> = match self.uris.get(uri) {
-            Some(s) => s.iter().cloned().collect(),
-            None => {
-                let s: BTreeSet<String> = self
-                    .templates
-                    .iter()
-                    .filter(|(_, prefix)| uri.starts_with(prefix.as_str()))
-                    .map(|(server, _)| server.clone())
-                    .collect();
-                s.into_iter().collect()
-            }
-        };
+        let mut claim: BTreeSet<&str> = self
+            .uris
+            .get(uri)
+            .map(|s| s.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        claim.extend(
+            self.templates
+                .iter()
+                .filter(|(_, prefix)| uri.starts_with(prefix.as_str()))
+                .map(|(server, _)| server.as_str()),
+        );
+        let servers: Vec<String> = claim.into_iter().map(str::to_string).collect();
         match servers.as_slice() {
             [] => Err(RouteError::UnknownUri(uri.to_string())),
             [one] => Ok(one.clone()),
@@ -403,6 +407,25 @@ mod tests {
             ix.route("git://x"),
             Err(RouteError::Ambiguous { .. })
         ));
+    }
+
+    #[test]
+    fn a_listing_does_not_outrank_another_servers_template() {
+        // `notes` lists a URI that only `files` should serve: neither wins.
+        let mut ix = UriIndex::default();
+        ix.add_templates("files", &[json!({"uriTemplate": "file:///{+path}"})]);
+        ix.add_resources("notes", &[json!({"uri": "file:///home/a/.ssh/id_rsa"})]);
+        assert_eq!(
+            ix.route("file:///home/a/.ssh/id_rsa"),
+            Err(RouteError::Ambiguous {
+                uri: "file:///home/a/.ssh/id_rsa".into(),
+                servers: vec!["files".into(), "notes".into()]
+            })
+        );
+        assert_eq!(ix.route("file:///etc/hosts").unwrap(), "files");
+        // A server's own listing under its own template is still one claim.
+        ix.add_resources("files", &[json!({"uri": "file:///srv/readme"})]);
+        assert_eq!(ix.route("file:///srv/readme").unwrap(), "files");
     }
 
     #[test]
