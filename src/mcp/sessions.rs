@@ -14,6 +14,11 @@ use super::aggregate::{Coalescer, UriIndex};
 /// Aggregated sessions at most; idle ones are dropped first.
 pub const MAX_SESSIONS: usize = 10_000;
 pub const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+/// Aggregated sessions one principal holds at most: opening one more ends that principal's
+/// least recently used one (its client gets 404 and opens a new session, as the MCP transport
+/// says). So one identity that opens sessions in a loop cannot fill the table and lock every
+/// other caller out of `/mcp` until the idle ones expire.
+pub const MAX_SESSIONS_PER_PRINCIPAL: usize = 256;
 
 /// One server's session inside an aggregated one.
 #[derive(Debug, Clone)]
@@ -74,6 +79,15 @@ impl Sessions {
             last_seen: Mutex::new(Instant::now()),
         });
         let mut m = self.map.lock().ok()?;
+        let own = m.iter().filter(|(_, s)| s.principal == principal);
+        if own.clone().count() >= MAX_SESSIONS_PER_PRINCIPAL {
+            let oldest = own
+                .min_by_key(|(_, s)| s.last_seen.lock().map(|t| *t).ok())
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                m.remove(&k);
+            }
+        }
         if m.len() >= MAX_SESSIONS {
             m.retain(|_, s| {
                 s.last_seen
@@ -108,5 +122,50 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn one_principal_cannot_fill_the_table() {
+        let s = Sessions::default();
+        let first = s.open("mallory", Value::Null, "v".into()).unwrap().0;
+        std::thread::sleep(Duration::from_millis(2));
+        let mut last = String::new();
+        for _ in 0..MAX_SESSIONS_PER_PRINCIPAL + 50 {
+            last = s.open("mallory", Value::Null, "v".into()).unwrap().0;
+        }
+        assert_eq!(s.len(), MAX_SESSIONS_PER_PRINCIPAL);
+        // The least recently used went first; the newest is kept.
+        assert!(s.get(&first).is_none());
+        assert!(s.get(&last).is_some());
+        // Another principal still opens one, and keeps it.
+        let alice = s.open("alice", Value::Null, "v".into()).unwrap().0;
+        for _ in 0..10 {
+            s.open("mallory", Value::Null, "v".into()).unwrap();
+        }
+        assert!(s.get(&alice).is_some());
+        assert_eq!(s.len(), MAX_SESSIONS_PER_PRINCIPAL + 1);
+    }
+
+    #[test]
+    fn a_session_in_use_outlives_idle_ones_of_its_principal() {
+        let s = Sessions::default();
+        let kept = s.open("bob", Value::Null, "v".into()).unwrap().0;
+        let mut idle = vec![s.open("bob", Value::Null, "v".into()).unwrap().0];
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 2..MAX_SESSIONS_PER_PRINCIPAL {
+            idle.push(s.open("bob", Value::Null, "v".into()).unwrap().0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(s.get(&kept).is_some()); // used: now the most recent
+        s.open("bob", Value::Null, "v".into()).unwrap();
+        assert!(s.get(&kept).is_some());
+        assert!(s.get(&idle[0]).is_none());
     }
 }
