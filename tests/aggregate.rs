@@ -241,6 +241,42 @@ async fn calls_are_routed_and_authorized_as_on_the_server_route() {
     gw.stop().await;
 }
 
+/// The endpoint's own requests on a server's session (its `initialize`, its list pages) share
+/// that session with the client's calls, one in flight per id. They used ids 0 and 1, so a
+/// client call with id 1 still running upstream made the next list refuse the endpoint's own
+/// page and leave that server out (found by an attacker's read, stop 31).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_in_flight_never_collides_with_the_endpoints_own() {
+    let gw = start(&fixture("alpha", "echo,hang", "alpha")).await;
+    let mut c = Client::open(&gw, ALICE).await;
+    let (tools, _) = c.list_all("tools/list", "tools").await;
+    assert!(names(&tools, "name").contains(&"alpha__echo".to_string()));
+    // Calls with ids 0 and 1 that alpha never answers (its `hang` tool), left in flight.
+    for id in [0, 1] {
+        let (http, base, sid) = (c.http.clone(), c.base.clone(), c.sid.clone());
+        tokio::spawn(async move {
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                              "params": {"name": "alpha__hang", "arguments": {}}});
+            let _ = http
+                .post(&base)
+                .header("content-type", "application/json")
+                .header("accept", "application/json")
+                .header("mcp-session-id", &sid)
+                .header("mcp-protocol-version", "2025-11-25")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await;
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (tools, _) = c.list_all("tools/list", "tools").await;
+    assert!(
+        names(&tools, "name").contains(&"alpha__echo".to_string()),
+        "alpha was left out of the list: {tools:?}"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_server_is_left_out_of_lists() {
     let servers = [

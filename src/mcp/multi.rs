@@ -340,6 +340,14 @@ struct Internal {
     body: Body,
 }
 
+/// The id of a request the endpoint makes itself (`initialize`, list pages) on a server's
+/// session, which the client's own requests share: one in flight per id (request.rs, step 3),
+/// so a fixed id would collide with a client request that happens to use it, and drop that
+/// server from a list or refuse the client's call.
+fn internal_id() -> Value {
+    Value::String(format!("toolgate-{}", uuid::Uuid::new_v4()))
+}
+
 /// Calls `/mcp/<server>`'s handler in process with `body`, on the server's session.
 async fn call(
     gw: &Arc<Gateway>,
@@ -522,8 +530,9 @@ async fn upstream(
     if let Some(up) = g.as_ref() {
         return Ok(up.clone());
     }
+    let id = internal_id();
     let init = jsonrpc::canonical(
-        &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": s.init}),
+        &json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": s.init}),
     );
     let i = call(
         gw,
@@ -536,7 +545,7 @@ async fn upstream(
     .await;
     let status = i.status;
     let sid = i.session.clone();
-    let resp = response_of(i, Some(&json!(0)), |_| {}).await?;
+    let resp = response_of(i, Some(&id), |_| {}).await?;
     if let Some(e) = resp.get("error") {
         return Err(format!(
             "initialize refused ({status}): {}",
@@ -590,8 +599,10 @@ async fn page(
     if let Some(c) = cursor {
         params.insert("cursor".into(), Value::String(c));
     }
-    let body =
-        jsonrpc::canonical(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+    let id = internal_id();
+    let body = jsonrpc::canonical(
+        &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+    );
     let mut retried = false;
     loop {
         let up = match upstream(gw, conn, s, server, retried).await {
@@ -612,7 +623,7 @@ async fn page(
             continue;
         }
         let status = i.status;
-        let resp = match response_of(i, Some(&json!(1)), |v| s.deliver(gw, server, v)).await {
+        let resp = match response_of(i, Some(&id), |v| s.deliver(gw, server, v)).await {
             Ok(v) => v,
             Err(e) => return Page::Down(e),
         };
