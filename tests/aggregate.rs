@@ -77,20 +77,21 @@ impl Client {
         }
     }
 
-    async fn rpc(&mut self, method: &str, params: Value) -> Answer {
-        self.next += 1;
-        let body = json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
-        let r = self
-            .http
+    /// A POST of `body` on this client's session.
+    fn post(&self, body: &Value) -> reqwest::RequestBuilder {
+        self.http
             .post(&self.base)
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .header("mcp-session-id", &self.sid)
             .header("mcp-protocol-version", "2025-11-25")
-            .body(serde_json::to_vec(&body).unwrap())
-            .send()
-            .await
-            .unwrap();
+            .body(serde_json::to_vec(body).unwrap())
+    }
+
+    async fn rpc(&mut self, method: &str, params: Value) -> Answer {
+        self.next += 1;
+        let body = json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
+        let r = self.post(&body).send().await.unwrap();
         let status = r.status().as_u16();
         let decision = r
             .headers()
@@ -253,20 +254,9 @@ async fn a_client_id_in_flight_never_collides_with_the_endpoints_own() {
     assert!(names(&tools, "name").contains(&"alpha__echo".to_string()));
     // Calls with ids 0 and 1 that alpha never answers (its `hang` tool), left in flight.
     for id in [0, 1] {
-        let (http, base, sid) = (c.http.clone(), c.base.clone(), c.sid.clone());
-        tokio::spawn(async move {
-            let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                              "params": {"name": "alpha__hang", "arguments": {}}});
-            let _ = http
-                .post(&base)
-                .header("content-type", "application/json")
-                .header("accept", "application/json")
-                .header("mcp-session-id", &sid)
-                .header("mcp-protocol-version", "2025-11-25")
-                .body(serde_json::to_vec(&body).unwrap())
-                .send()
-                .await;
-        });
+        let req = c.post(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                                 "params": {"name": "alpha__hang", "arguments": {}}}));
+        tokio::spawn(req.send());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (tools, _) = c.list_all("tools/list", "tools").await;
