@@ -9,6 +9,10 @@
 //! bench_proxy upstream   # (the upstream) a tiny HTTP/1.1 JSON-RPC echo; prints its port
 //! bench_proxy floor PORT # (a proxy) hyper server + hyper's pooled client, bytes unchanged
 //!                        #   to 127.0.0.1:PORT; prints its port
+//! bench_proxy floor-full PORT | floor-normal PORT
+//!                        # (a proxy) the floor plus the least audit a gateway must write:
+//!                        #   a decision row committed before forwarding, an outcome row
+//!                        #   after (SQLite WAL, synchronous FULL or NORMAL, group commit)
 //! bench_proxy noaudit PORT
 //!                        # (a proxy) toolgate's own request path (server, identity, parse,
 //!                        #   policy, forward, answer check) with a null audit sink
@@ -28,7 +32,10 @@
 //! more proxies on the proxies' core show where toolgate's cost is: `floor` (the HTTP stack
 //! toolgate is built on and nothing else: hyper's server with toolgate's settings, reading the
 //! body, POSTing the same bytes through hyper's pooled client, reading the answer, answering
-//! it; no JSON, no policy, no audit) and `toolgate noaudit` (toolgate's request path, axum,
+//! it; no JSON, no policy, no audit), `floor+audit full` and `floor+audit normal` (the floor
+//! plus the least audit a gateway that records before it forwards must write: two lean rows
+//! per call, the decision's committed before the call goes upstream, on one group-committing
+//! writer thread; see [`FloorAudit`]) and `toolgate noaudit` (toolgate's request path, axum,
 //! identity, JSON-RPC parse, policy, forward and answer check included, with an audit sink
 //! that keeps nothing: the cost of everything but the audit rows). Per path and round:
 //! calls/s, p50 and p99 of wall time per call, and CPU per call of the proxy's processes and of
@@ -426,11 +433,12 @@ fn proxy_runtime() -> tokio::runtime::Runtime {
 /// (`auto::Builder`, HTTP/1 with a header read timeout, as `server.rs`), the request body read
 /// whole, POSTed unchanged through hyper's pooled HTTP/1.1 client (as `mcp/transport.rs`: nodelay,
 /// 256 idle per host, 90 s), the answer read whole and sent back.
-fn floor_main(port: u16) {
+fn floor_main(port: u16, audit: Option<FloorAudit>) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+    let audit = audit.map(std::sync::Arc::new);
     let rt = proxy_runtime();
     rt.block_on(async move {
         let mut connector = HttpConnector::new();
@@ -448,12 +456,19 @@ fn floor_main(port: u16) {
             let _ = s.set_nodelay(true);
             let client = client.clone();
             let uri = uri.clone();
+            let audit = audit.clone();
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let client = client.clone();
                     let uri = uri.clone();
+                    let audit = audit.clone();
                     async move {
                         let body = req.into_body().collect().await?.to_bytes();
+                        let started = Instant::now();
+                        let decision = match &audit {
+                            Some(a) => Some(a.decide(&body).await),
+                            None => None,
+                        };
                         let mut up = hyper::Request::new(Full::new(body));
                         *up.method_mut() = hyper::Method::POST;
                         *up.uri_mut() = uri;
@@ -463,6 +478,9 @@ fn floor_main(port: u16) {
                         );
                         let resp = client.request(up).await.unwrap();
                         let answer = resp.into_body().collect().await?.to_bytes();
+                        if let (Some(a), Some(seq)) = (&audit, decision) {
+                            a.outcome(seq, started.elapsed().as_micros() as i64);
+                        }
                         let mut r = hyper::Response::new(Full::new(answer));
                         r.headers_mut().insert(
                             "content-type",
@@ -482,6 +500,198 @@ fn floor_main(port: u16) {
             });
         }
     });
+}
+
+/// The least a gateway that audits before it forwards must write, for [`floor_main`]: per call,
+/// a decision row committed before the call goes upstream (its `seq` is the outcome's key) and
+/// an outcome row after the answer that rides the next commit. One writer thread, group
+/// commit (it yields once, then drains what queued), statements prepared once, the rows chained
+/// by SHA-256 with the head kept in `meta` on every commit, and only the indexes the queries
+/// need (time; principal, time; tool, time; denies). No lookups, no JSON, no explain trace:
+/// each row is eight integers and blobs. `synchronous` is `FULL` or `NORMAL`. Checkpoints run
+/// on their own thread, as toolgate's. `FLOOR_INDEXES=0` drops the indexes and the chain head
+/// too (a bare two-row append per call); `FLOOR_YIELD=0` drains the queue without first
+/// yielding the core (smaller commits that can overlap one another's fsync).
+struct FloorAudit {
+    tx: std::sync::mpsc::Sender<FloorRow>,
+    _dir: tempfile::TempDir,
+}
+
+enum FloorRow {
+    Decision {
+        time: i64,
+        digest: [u8; 32],
+        done: tokio::sync::oneshot::Sender<i64>,
+    },
+    Outcome {
+        decision: i64,
+        time: i64,
+        latency_us: i64,
+    },
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+impl FloorAudit {
+    fn start(synchronous: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sync = synchronous.to_string();
+        std::thread::Builder::new()
+            .name("floor-writer".into())
+            .spawn(move || floor_writer(&path, &sync, rx))
+            .unwrap();
+        FloorAudit { tx, _dir: dir }
+    }
+
+    /// Queue the decision row and wait for its commit; its `seq`.
+    async fn decide(&self, body: &[u8]) -> i64 {
+        use sha2::Digest as _;
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let digest: [u8; 32] = sha2::Sha256::digest(body).into();
+        let row = FloorRow::Decision {
+            time: now_us(),
+            digest,
+            done,
+        };
+        self.tx.send(row).unwrap();
+        rx.await.unwrap()
+    }
+
+    /// Queue the outcome row: never awaited.
+    fn outcome(&self, decision: i64, latency_us: i64) {
+        let row = FloorRow::Outcome {
+            decision,
+            time: now_us(),
+            latency_us,
+        };
+        self.tx.send(row).unwrap();
+    }
+}
+
+fn floor_writer(path: &Path, synchronous: &str, rx: std::sync::mpsc::Receiver<FloorRow>) {
+    use sha2::Digest as _;
+    let mut c = rusqlite::Connection::open(path).unwrap();
+    // Checkpoints as toolgate's (src/audit/writer.rs): a thread of their own copies the WAL back
+    // once it holds 8 MiB, so the WAL is reused rather than grown (a growing file makes every
+    // FULL commit's fdatasync a journal commit too); the floor never truncates it. With
+    // FLOOR_INDEXES=0 neither the indexes nor the chain head are kept.
+    let indexes = env_u64("FLOOR_INDEXES", 1) != 0;
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA journal_size_limit=67108864;
+         PRAGMA wal_autocheckpoint=32768;
+         CREATE TABLE decisions (seq INTEGER PRIMARY KEY, id BLOB NOT NULL, time INTEGER NOT NULL,
+           principal INTEGER NOT NULL, tool INTEGER NOT NULL, effect INTEGER NOT NULL,
+           args_digest BLOB, hash BLOB NOT NULL) STRICT;
+         CREATE TABLE outcomes (seq INTEGER PRIMARY KEY, decision INTEGER NOT NULL,
+           time INTEGER NOT NULL, outcome INTEGER NOT NULL, latency_us INTEGER,
+           hash BLOB NOT NULL) STRICT;
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;"
+    ))
+    .unwrap();
+    if indexes {
+        c.execute_batch(
+            "CREATE INDEX decisions_time ON decisions (time);
+             CREATE INDEX decisions_principal ON decisions (principal, time);
+             CREATE INDEX decisions_tool ON decisions (tool, time);
+             CREATE INDEX decisions_deny ON decisions (time) WHERE effect < 1;",
+        )
+        .unwrap();
+    }
+    let checkpoints = rusqlite::Connection::open(path).unwrap();
+    let wal = path.with_extension("db-wal");
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) >= 8 << 20 {
+                let _ = checkpoints.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        }
+    });
+    let (mut seq, mut prev) = (0i64, [0u8; 32]);
+    let mut batch = Vec::new();
+    let mut waiters = Vec::new();
+    let yields = env_u64("FLOOR_YIELD", 1) != 0;
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        if yields {
+            std::thread::yield_now();
+        }
+        batch.extend(rx.try_iter());
+        let t = c.transaction().unwrap();
+        {
+            let mut d = t
+                .prepare_cached(
+                    "INSERT INTO decisions (seq, id, time, principal, tool, effect, args_digest, hash) \
+                     VALUES (?1, ?2, ?3, 1, 1, 1, ?4, ?5)",
+                )
+                .unwrap();
+            let mut o = t
+                .prepare_cached(
+                    "INSERT INTO outcomes (seq, decision, time, outcome, latency_us, hash) \
+                     VALUES (?1, ?2, ?3, 3, ?4, ?5)",
+                )
+                .unwrap();
+            for row in batch.drain(..) {
+                seq += 1;
+                let mut h = sha2::Sha256::new();
+                h.update(prev);
+                h.update(seq.to_be_bytes());
+                match row {
+                    FloorRow::Decision { time, digest, done } => {
+                        let id = uuid::Uuid::now_v7();
+                        h.update(id.as_bytes());
+                        h.update(time.to_be_bytes());
+                        h.update(digest);
+                        prev = h.finalize().into();
+                        d.execute(rusqlite::params![
+                            seq,
+                            &id.as_bytes()[..],
+                            time,
+                            &digest[..],
+                            &prev[..]
+                        ])
+                        .unwrap();
+                        waiters.push((done, seq));
+                    }
+                    FloorRow::Outcome {
+                        decision,
+                        time,
+                        latency_us,
+                    } => {
+                        h.update(decision.to_be_bytes());
+                        h.update(time.to_be_bytes());
+                        h.update(latency_us.to_be_bytes());
+                        prev = h.finalize().into();
+                        o.execute(rusqlite::params![
+                            seq,
+                            decision,
+                            time,
+                            latency_us,
+                            &prev[..]
+                        ])
+                        .unwrap();
+                    }
+                }
+            }
+            if indexes {
+                t.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?1)")
+                    .unwrap()
+                    .execute([&prev[..]])
+                    .unwrap();
+            }
+        }
+        t.commit().unwrap();
+        for (done, seq) in waiters.drain(..) {
+            let _ = done.send(seq);
+        }
+    }
 }
 
 /// An audit sink that keeps nothing: every row "committed" at once.
@@ -623,8 +833,15 @@ fn main() {
         upstream_main();
         return;
     }
-    if std::env::args().nth(1).as_deref() == Some("floor") {
-        floor_main(std::env::args().nth(2).unwrap().parse().unwrap());
+    let mode = std::env::args().nth(1);
+    if let Some(audit) = match mode.as_deref() {
+        Some("floor") => Some(None),
+        Some("floor-full") => Some(Some("FULL")),
+        Some("floor-normal") => Some(Some("NORMAL")),
+        _ => None,
+    } {
+        let port = std::env::args().nth(2).unwrap().parse().unwrap();
+        floor_main(port, audit.map(FloorAudit::start));
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("noaudit") {
@@ -673,7 +890,12 @@ fn main() {
     ];
     let mut floors = Vec::new();
     if env_u64("FLOORS", 1) != 0 {
-        for (name, mode) in [("floor", "floor"), ("toolgate noaudit", "noaudit")] {
+        for (name, mode) in [
+            ("floor", "floor"),
+            ("floor+audit full", "floor-full"),
+            ("floor+audit normal", "floor-normal"),
+            ("toolgate noaudit", "noaudit"),
+        ] {
             let (p, addr) = start_sub(&me, &proxy_cpu, mode, up_addr);
             paths.push((name, addr, vec![p.child.id()]));
             floors.push(p);
@@ -695,7 +917,7 @@ fn main() {
                 let (name, addr, pids) = &paths[pi];
                 let x = rt.block_on(round(*addr, c, secs, u64::MAX, pids, up_pid));
                 println!(
-                    "round {r} conns {c:>2} {name:<16} {:>8.0} calls/s  p50 {:>7.1} µs  p99 {:>7.1} µs  proxy cpu {:>6.1} µs/call  upstream cpu {:>5.1} µs/call",
+                    "round {r} conns {c:>2} {name:<18} {:>8.0} calls/s  p50 {:>7.1} µs  p99 {:>7.1} µs  proxy cpu {:>6.1} µs/call  upstream cpu {:>5.1} µs/call",
                     x.rps, x.p50, x.p99, x.cpu, x.up_cpu
                 );
                 results[ci][pi].push(x);
@@ -717,7 +939,7 @@ fn main() {
             let (cpu, c0, c1) = f(|x| x.cpu);
             let (ucpu, _, _) = f(|x| x.up_cpu);
             println!(
-                "conns {c:>2} {name:<16} {rps:>8.0} calls/s ({r0:.0} … {r1:.0})  p50 {p50:.1} µs ({a0:.1} … {a1:.1})  p99 {p99:.1} µs ({b0:.1} … {b1:.1})  proxy cpu {cpu:.1} µs/call ({c0:.1} … {c1:.1})  upstream cpu {ucpu:.1} µs/call"
+                "conns {c:>2} {name:<18} {rps:>8.0} calls/s ({r0:.0} … {r1:.0})  p50 {p50:.1} µs ({a0:.1} … {a1:.1})  p99 {p99:.1} µs ({b0:.1} … {b1:.1})  proxy cpu {cpu:.1} µs/call ({c0:.1} … {c1:.1})  upstream cpu {ucpu:.1} µs/call"
             );
         }
     }
@@ -774,6 +996,26 @@ fn main() {
                 median(per(na, n, |x| x.rps)),
                 median(per(fl, n, |x| x.p99)),
                 median(per(na, n, |x| x.p99)),
+            );
+        }
+        // The floor with the least audit a gateway must write (two rows per call, the decision
+        // committed before forwarding): what the targets leave once the hop and the commit are
+        // paid, whatever the request path does.
+        for name in ["floor+audit full", "floor+audit normal"] {
+            let Some(a) = paths.iter().position(|p| p.0 == name) else {
+                continue;
+            };
+            let added: Vec<f64> = results[ci][a]
+                .iter()
+                .zip(&results[ci][d])
+                .map(|(x, y)| x.p50 - y.p50)
+                .collect();
+            println!(
+                "conns {c:>2}: {name}: throughput {:.2}× nginx, p99 {:.2}× nginx, CPU {:.1} µs per call, p50 added over direct {:.1} µs",
+                median(per(a, n, |x| x.rps)),
+                median(per(a, n, |x| x.p99)),
+                med(a, |x| x.cpu),
+                median(added),
             );
         }
         if c == 32 {
