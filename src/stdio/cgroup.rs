@@ -1,7 +1,9 @@
 //! cgroup v2 containment for stdio children, where this process may create cgroups.
 //!
 //! toolgate creates `toolgate-stdio.<pid>/` under its own cgroup and one cgroup per child
-//! under that (`<server>.<n>`). The launcher joins the child's cgroup before it starts the
+//! under that (`<server>.<n>`). A second pool in the same process (the tests run several
+//! gateways in one) gets `toolgate-stdio.<pid>.<k>/`, so one pool's shutdown never removes
+//! another's children. The launcher joins the child's cgroup before it starts the
 //! server, so the server and every process it ever forks are in it, whatever they do with
 //! process groups and sessions; `cgroup.kill` then ends all of them at once, atomically.
 //!
@@ -97,7 +99,12 @@ impl Base {
             .open(own.join("cgroup.procs"))
             .map_err(|e| format!("{}: {e}", own.join("cgroup.procs").display()))?;
         remove_stale(&own);
-        let dir = own.join(format!("toolgate-stdio.{}", std::process::id()));
+        static BASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let pid = std::process::id();
+        let dir = match BASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+            0 => own.join(format!("toolgate-stdio.{pid}")),
+            k => own.join(format!("toolgate-stdio.{pid}.{k}")),
+        };
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -119,7 +126,7 @@ impl Base {
     }
 }
 
-/// Removes `toolgate-stdio.<pid>` cgroups under `own` whose toolgate is gone.
+/// Removes `toolgate-stdio.<pid>[.<k>]` cgroups under `own` whose toolgate is gone.
 fn remove_stale(own: &Path) {
     let Ok(entries) = std::fs::read_dir(own) else {
         return;
@@ -129,6 +136,7 @@ fn remove_stale(own: &Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("toolgate-stdio."))
+            .and_then(|p| p.split('.').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
@@ -212,6 +220,29 @@ mod tests {
 24 30 0:22 / /sys type sysfs rw,nosuid - sysfs sysfs rw
 35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
 ";
+
+    #[test]
+    fn two_pools_in_one_process_never_share_a_base() {
+        let (Ok(a), Ok(b)) = (Base::create(), Base::create()) else {
+            eprintln!("SKIP: cgroups cannot be created here");
+            return;
+        };
+        assert_ne!(a.dir, b.dir);
+        let name = b.dir.file_name().unwrap().to_str().unwrap().to_string();
+        let pid = std::process::id().to_string();
+        assert!(
+            name.starts_with(&format!("toolgate-stdio.{pid}.")),
+            "{name}"
+        );
+        let child = a.child("alpha.1").unwrap();
+        b.remove();
+        assert!(child.is_dir(), "removing one base took another's child");
+        // A base of this (living) process is not stale, whatever its suffix.
+        remove_stale(a.dir.parent().unwrap());
+        assert!(child.is_dir());
+        a.remove();
+        assert!(!a.dir.exists());
+    }
 
     #[test]
     fn finds_the_unit_cgroup() {
