@@ -1,7 +1,8 @@
 //! The aggregated endpoint `/mcp` over several servers (stdio fixtures here; real SDK peers,
 //! HTTP and stdio mixed, in tests/stdio_peers.rs): prefixed names, routing, merged pages that
-//! lose nothing, a down server left out, URI routing with ambiguity refused, and list changes
-//! (from servers and from policy reloads) told once.
+//! lose nothing, a down server left out, URI routing with ambiguity refused, a cancel routed to
+//! the server of the call in flight, `logging/setLevel` audited and refused when no server
+//! takes it, and list changes (from servers and from policy reloads) told once.
 
 #![allow(
     clippy::unwrap_used,
@@ -264,6 +265,86 @@ async fn a_client_id_in_flight_never_collides_with_the_endpoints_own() {
         names(&tools, "name").contains(&"alpha__echo".to_string()),
         "alpha was left out of the list: {tools:?}"
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_server_of_the_call_in_flight() {
+    // A long call timeout: on timing out, alpha's route cancels the call itself, and that
+    // cancel must not stand in for the client's.
+    let server =
+        fixture("alpha", "echo,hang,cancels", "alpha").replace("timeout: 5s", "timeout: 120s");
+    let gw = start(&server).await;
+    let mut c = Client::open(&gw, ALICE).await;
+    // What alpha has seen: the ids of the `hang` calls it holds, and of the cancels it heard
+    // (or, while that answer is not a text, the answer itself).
+    async fn seen(c: &mut Client) -> Value {
+        let a = c
+            .rpc(
+                "tools/call",
+                json!({"name": "alpha__echo", "arguments": {}}),
+            )
+            .await;
+        a.json["result"]["content"][0]["text"]
+            .as_str()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or(a.json)
+    }
+    async fn until(c: &mut Client, key: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..100 {
+            last = seen(c).await;
+            if last[key].as_array().is_some_and(|a| !a.is_empty()) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("alpha never saw a {key} request: {last}");
+    }
+    // A call alpha never answers, in flight when the client cancels it.
+    let req = c.post(
+        &json!({"jsonrpc": "2.0", "id": "slow-7", "method": "tools/call",
+                             "params": {"name": "alpha__hang", "arguments": {}}}),
+    );
+    let pending = tokio::spawn(req.send());
+    let hung = until(&mut c, "hung").await["hung"][0].clone();
+    let r = c
+        .post(
+            &json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                      "params": {"requestId": "slow-7", "reason": "the user gave up"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // alpha hears the cancel under the id it knows the call by (its route renumbers the ids of
+    // a stdio session), and only that one.
+    let v = until(&mut c, "cancelled").await;
+    assert_eq!(v["cancelled"], json!([hung]), "{v}");
+    pending.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_level_is_audited_and_refused_when_no_server_takes_it() {
+    let gw = start(&fixture("alpha", "echo", "alpha")).await;
+    let mut c = Client::open(&gw, ALICE).await;
+    // No server session open yet: `{}`, with a row of its own.
+    let a = c.rpc("logging/setLevel", json!({"level": "debug"})).await;
+    assert_eq!(a.json["result"], json!({}), "{}", a.json);
+    assert!(!a.decision.is_empty(), "no decision id");
+    assert_eq!(
+        gw.row(&a.decision).await.unwrap().method,
+        "logging/setLevel"
+    );
+    // A list opens alpha's session. alpha has no logging (-32601): the client hears that,
+    // naming alpha, not `{}`.
+    c.list_all("tools/list", "tools").await;
+    let a = c.rpc("logging/setLevel", json!({"level": "debug"})).await;
+    assert_eq!(a.json["error"]["code"], json!(-32601), "{}", a.json);
+    let why = a.json["error"]["message"].as_str().unwrap();
+    assert!(why.contains("no server took the level: alpha: "), "{why}");
+    assert!(gw.row(&a.decision).await.is_some(), "{}", a.decision);
     gw.stop().await;
 }
 

@@ -18,6 +18,8 @@
 //! (every response's decision id is a row, and every row is one of them); the upstream saw
 //! exactly the allowed calls.
 //!
+//! - a cancel sent to the aggregated endpoint `/mcp` for a call still streaming its answer
+//!   reaches the Python server, which cancels the tool;
 //! - key smuggling (issue 13): a Go MCP server on `encoding/json` (tests/peers/go), the real
 //!   case-insensitive decoder, behind toolgate (tests/peers/go_upstream.rs); and, with the
 //!   same peer, that a full audit store forwards no message of any kind.
@@ -1021,4 +1023,119 @@ async fn go_encoding_json_folds_are_refused_as_ambiguous() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_audit_store_forwards_no_message_to_a_go_upstream() {
     go_upstream::a_full_audit_store_forwards_nothing().await;
+}
+
+/// A cancel sent to `/mcp` for a call whose answer is still streaming reaches the server that
+/// runs it: the Python SDK server cancels the tool (tests/peers/py_server.py logs
+/// `slow:cancelled`). The call's answer is SSE, so the server's route returns its headers long
+/// before the answer; the endpoint must still know where the call went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_the_aggregated_endpoint_reaches_a_streaming_call() {
+    let Some(p) = peers("a_cancel_on_the_aggregated_endpoint_reaches_a_streaming_call") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("executed.jsonl");
+    let port = harness::free_port();
+    let mut server = Proc::spawn(
+        "py_server",
+        std::process::Command::new(&p.python)
+            .arg(repo_root().join("tests/peers/py_server.py"))
+            .arg(port.to_string())
+            .arg(&log)
+            .stdout(std::fs::File::create(work.path().join("server.out")).unwrap())
+            .stderr(std::fs::File::create(work.path().join("server.err")).unwrap()),
+    );
+    let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
+        panic!("{e}; exited: {:?}", server.exited());
+    }
+    let gw = Gateway::start(&[("pydemo", format!("http://{up}/mcp"))], "").await;
+    let url = format!("{}/mcp", gw.base());
+    let http = harness::client_from(ALICE);
+    let post = |sid: Option<&str>, accept: &str, body: Value| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", accept.to_string())
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(serde_json::to_vec(&body).unwrap());
+        if let Some(sid) = sid {
+            r = r.header("mcp-session-id", sid);
+        }
+        r
+    };
+    let init = post(
+        None,
+        "application/json, text/event-stream",
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(init.status(), 200);
+    let sid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r = post(
+        Some(&sid),
+        "application/json",
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let call = post(
+        Some(&sid),
+        "application/json, text/event-stream",
+        json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
+               "params": {"name": "pydemo__slow", "arguments": {"seconds": 60}}}),
+    );
+    let pending = tokio::spawn(async move {
+        let r = call.send().await?;
+        let status = r.status();
+        let ctype = r.headers().get("content-type").cloned();
+        let body = r.text().await?;
+        Ok::<_, reqwest::Error>((status, ctype, body))
+    });
+    let ran = |what: &str| executed(&log).iter().any(|(n, _)| n == what);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ran("slow") {
+        assert!(
+            std::time::Instant::now() < deadline && !pending.is_finished(),
+            "the slow call never ran: {:?}",
+            if pending.is_finished() {
+                Some(pending.await)
+            } else {
+                None
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = post(
+        Some(&sid),
+        "application/json",
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+               "params": {"requestId": "slow-1", "reason": "the user gave up"}}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ran("slow:cancelled") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never heard the cancel: {:?}",
+            executed(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pending.abort();
+    gw.stop().await;
 }

@@ -18,6 +18,9 @@
 //!   request's id becomes `<server><sep><its id as JSON>`, so the client's answer finds its
 //!   way back. `notifications/*/list_changed` from any server, and the ones policy reloads
 //!   inject, reach the client once until it lists again.
+//! - **Cancels.** A client request stays in its session's in-flight map until its answer is
+//!   done (for an SSE answer, until the stream ends), so `notifications/cancelled` goes to the
+//!   server running it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -812,24 +815,7 @@ async fn request(
             );
             return json_response(&d, jsonrpc::result_body(msg.id.as_ref(), json!({})));
         }
-        "logging/setLevel" => {
-            let mut last = String::new();
-            for server in s.opened() {
-                if let Ok(up) = upstream(gw, conn, s, &server, false).await {
-                    let i = call(
-                        gw,
-                        conn,
-                        &server,
-                        Some(&up),
-                        "application/json, text/event-stream",
-                        msg.canonical(),
-                    )
-                    .await;
-                    last = i.decision;
-                }
-            }
-            return json_response(&last, jsonrpc::result_body(msg.id.as_ref(), json!({})));
-        }
+        "logging/setLevel" => return set_level(gw, conn, s, &msg).await,
         m if aggregate::list_shape(m).is_some() => {
             return match list(gw, conn, s, &msg).await {
                 Ok(result) => {
@@ -906,12 +892,10 @@ async fn request(
         .as_ref()
         .map(jsonrpc::canonical_id)
         .unwrap_or_default();
-    if let Ok(mut f) = s.inflight.lock() {
-        f.insert(id_key.clone(), server.clone());
-    }
+    let entry = InFlight::enter(s, id_key, &server);
     let body = jsonrpc::canonical(&value);
     let mut retried = false;
-    let r = loop {
+    loop {
         let up = match upstream(gw, conn, s, &server, retried).await {
             Ok(u) => u,
             Err(e) => {
@@ -931,17 +915,104 @@ async fn request(
             retried = true;
             continue;
         }
-        break pass_through(gw, s, &server, i);
-    };
-    if let Ok(mut f) = s.inflight.lock() {
-        f.remove(&id_key);
+        break pass_through(gw, s, &server, i, Some(entry));
     }
-    r
+}
+
+/// `logging/setLevel`: to every server session open, each through its own route. The client
+/// hears `{}` when at least one server took the level, or when none is open yet (audited here:
+/// the level applies to none); when every open server refused it, the first refusal, naming
+/// the servers and why.
+async fn set_level(gw: &Arc<Gateway>, conn: &Conn, s: &Arc<AggSession>, msg: &Message) -> Response {
+    let (mut last, mut took, mut refused) = (String::new(), 0, Vec::new());
+    let mut code = code::UPSTREAM;
+    for server in s.opened() {
+        let up = match upstream(gw, conn, s, &server, false).await {
+            Ok(up) => up,
+            Err(e) => {
+                refused.push(format!("{server}: {e}"));
+                continue;
+            }
+        };
+        let i = call(
+            gw,
+            conn,
+            &server,
+            Some(&up),
+            "application/json, text/event-stream",
+            msg.canonical(),
+        )
+        .await;
+        last = i.decision.clone();
+        match response_of(i, msg.id.as_ref(), |v| s.deliver(gw, &server, v)).await {
+            Ok(v) => match v.get("error") {
+                None => took += 1,
+                Some(e) => {
+                    if refused.is_empty() {
+                        code = e.get("code").and_then(Value::as_i64).unwrap_or(code);
+                    }
+                    let why = e
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("refused");
+                    refused.push(format!("{server}: {why}"));
+                }
+            },
+            Err(e) => refused.push(format!("{server}: {e}")),
+        }
+    }
+    if took == 0 && !refused.is_empty() {
+        let why = format!("no server took the level: {}", refused.join("; "));
+        if last.is_empty() {
+            // No server's route decided anything (no session could be opened): audited here.
+            let mut row = local_row(gw, conn, &msg.method, &why);
+            row.outcome = "refused".into();
+            return refuse(gw, row, StatusCode::OK, msg.id.as_ref(), code, &why).await;
+        }
+        return proxy::rpc_error(StatusCode::OK, &last, msg.id.as_ref(), code, &why, None);
+    }
+    if last.is_empty() {
+        let why = "no server session is open yet: the level applies to none";
+        last = record_local(gw, local_row(gw, conn, &msg.method, why));
+    }
+    json_response(&last, jsonrpc::result_body(msg.id.as_ref(), json!({})))
+}
+
+/// A client request's entry in its session's in-flight map (which server a
+/// `notifications/cancelled` for it goes to). It leaves the map when dropped: with the answer
+/// when that is one JSON body, and only when the stream ends when it is SSE, so a call still
+/// streaming can be cancelled.
+struct InFlight {
+    s: Arc<AggSession>,
+    id: String,
+}
+
+impl InFlight {
+    fn enter(s: &Arc<AggSession>, id: String, server: &str) -> InFlight {
+        if let Ok(mut f) = s.inflight.lock() {
+            f.insert(id.clone(), server.to_string());
+        }
+        InFlight { s: s.clone(), id }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.s.inflight.lock() {
+            f.remove(&self.id);
+        }
+    }
 }
 
 /// The server's answer, as the client should see it: the server's session id removed, SSE
 /// events renamed and coalesced on the way.
-fn pass_through(gw: &Arc<Gateway>, s: &Arc<AggSession>, server: &str, i: Internal) -> Response {
+fn pass_through(
+    gw: &Arc<Gateway>,
+    s: &Arc<AggSession>,
+    server: &str,
+    i: Internal,
+    entry: Option<InFlight>,
+) -> Response {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = i.status;
     if let Ok(v) = HeaderValue::from_str(&i.decision) {
@@ -965,6 +1036,7 @@ fn pass_through(gw: &Arc<Gateway>, s: &Arc<AggSession>, server: &str, i: Interna
     let server = server.to_string();
     let mut parser = sse::Parser::new(MAX_EVENT);
     let stream = i.body.into_data_stream().map(move |chunk| {
+        let _in_flight = &entry;
         let chunk = chunk.map_err(std::io::Error::other)?;
         let mut out = Vec::new();
         for ev in parser.feed(&chunk).map_err(std::io::Error::other)? {
@@ -1103,7 +1175,7 @@ async fn answer(
         jsonrpc::canonical(&v),
     )
     .await;
-    pass_through(gw, s, &server, i)
+    pass_through(gw, s, &server, i, None)
 }
 
 /// Relays one server session's stream (GET `/mcp/<server>`) into the client's stream.

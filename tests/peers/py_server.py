@@ -6,13 +6,16 @@ with the handshake-era fallback) for toolgate's end-to-end tests.
 
 Binds 127.0.0.1:PORT only (or speaks MCP on stdin/stdout: `stdio`, behind toolgate as a stdio
 server). Every tool it executes is appended to LOG (one JSON line
-`{"name": .., "arguments": ..}`), so a test can compare what ran with the gateway's audit trail.
+`{"name": .., "arguments": ..}`), so a test can compare what ran with the gateway's audit trail;
+a `slow` call cancelled before it answers is logged as `slow:cancelled`.
 Nothing here touches the real world.
 """
 
 import json
 import os
 import sys
+
+import anyio
 
 from mcp.server.mcpserver import MCPServer
 
@@ -55,6 +58,18 @@ def read_env() -> str:
     """Would return the server's environment: a realistic target for a deny."""
     executed("read_env", {})
     return "SECRET=never-shown"
+
+
+@app.tool()
+async def slow(seconds: float) -> str:
+    """Answer after `seconds`; a call cancelled first is logged as `slow:cancelled`."""
+    executed("slow", {"seconds": seconds})
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        executed("slow:cancelled", {"seconds": seconds})
+        raise
+    return f"waited {seconds} s"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ MODE (comma-separated):
   ignore-term  ignore SIGTERM (only SIGKILL stops it)
   pages        tools/list, prompts/list and resources/list answer 3 pages of 2 items each
   notify       after every call, send notifications/tools/list_changed
+  cancels      the tool `echo` answers, instead of its arguments, with the request ids of the
+               `hang` calls and of the notifications/cancelled received so far:
+               {"hung": [...], "cancelled": [...]}
 
 The tool `ask` always sends a `sampling/createMessage` request to the client mid-call and
 answers with what came back (or the error).
@@ -42,6 +45,10 @@ if "fork" in MODES:
         path = os.path.join(PIDFILE, str(os.getpid())) if os.path.isdir(PIDFILE) else PIDFILE
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()} {same_group.pid} {new_session.pid}\n")
+
+
+HUNG = []
+CANCELLED = []
 
 
 def send(msg):
@@ -102,6 +109,7 @@ def answer(req):
         if name == "crash" and "crash" in MODES:
             os._exit(3)
         if name == "hang" and "hang" in MODES:
+            HUNG.append(req.get("id"))
             return None
         if name == "garbage" and "garbage" in MODES:
             sys.stdout.write("this is not JSON-RPC\n")
@@ -125,6 +133,9 @@ def answer(req):
             else:
                 text = "sampled: " + m["result"]["content"]["text"]
             return {"content": [{"type": "text", "text": text}], "isError": False}
+        if name == "echo" and "cancels" in MODES:
+            text = json.dumps({"hung": HUNG, "cancelled": CANCELLED})
+            return {"content": [{"type": "text", "text": text}], "isError": False}
         if name == "get_sum":
             text = str(args.get("a", 0) + args.get("b", 0))
         else:
@@ -141,6 +152,8 @@ while True:
     if not line:
         continue
     req = json.loads(line)
+    if req.get("method") == "notifications/cancelled":
+        CANCELLED.append((req.get("params") or {}).get("requestId"))
     if "method" not in req or "id" not in req:
         continue  # notifications and answers to our own requests
     result = answer(req)
