@@ -368,6 +368,13 @@ async fn a_down_server_is_left_out_of_lists() {
         )
         .await;
     assert!(a.json["error"].is_object(), "{}", a.json);
+    // Refused before broken's route decided anything: audited on the endpoint itself.
+    let row = gw
+        .row(&a.decision)
+        .await
+        .expect("no audit row for the refusal");
+    assert_eq!((row.effect, row.server), ("deny".into(), "broken".into()));
+    assert_eq!(row.outcome, "upstream_error:unavailable");
     gw.stop().await;
 }
 

@@ -899,15 +899,13 @@ async fn request(
         let up = match upstream(gw, conn, s, &server, retried).await {
             Ok(u) => u,
             Err(e) => {
+                // Refused before any server route decided it: audited here, nothing forwarded.
                 tracing::warn!(server, "cannot open a session: {e}");
-                break proxy::rpc_error(
-                    StatusCode::BAD_GATEWAY,
-                    "",
-                    msg.id.as_ref(),
-                    code::UPSTREAM,
-                    &format!("server {server} is unavailable: {e}"),
-                    None,
-                );
+                let why = format!("server {server} is unavailable: {e}");
+                row.server = server.clone();
+                row.outcome = format!("{}:unavailable", outcome::UPSTREAM_ERROR);
+                let id = msg.id.as_ref();
+                break refuse(gw, row, StatusCode::BAD_GATEWAY, id, code::UPSTREAM, &why).await;
             }
         };
         let i = call(gw, conn, &server, Some(&up), &accept, body.clone()).await;
