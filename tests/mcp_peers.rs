@@ -18,8 +18,9 @@
 //! (every response's decision id is a row, and every row is one of them); the upstream saw
 //! exactly the allowed calls.
 //!
-//! - a cancel sent to the aggregated endpoint `/mcp` for a call still streaming its answer
-//!   reaches the Python server, which cancels the tool;
+//! - the aggregated endpoint `/mcp` in front of the Python server: a cancel for a call still
+//!   streaming its answer reaches the server, which cancels the tool; a client asking for
+//!   the stateless era still gets working calls;
 //! - key smuggling (issue 13): a Go MCP server on `encoding/json` (tests/peers/go), the real
 //!   case-insensitive decoder, behind toolgate (tests/peers/go_upstream.rs); and, with the
 //!   same peer, that a full audit store forwards no message of any kind.
@@ -1025,6 +1026,124 @@ async fn a_full_audit_store_forwards_no_message_to_a_go_upstream() {
     go_upstream::a_full_audit_store_forwards_nothing().await;
 }
 
+/// The Python SDK server behind toolgate as `pydemo`, and alice's session of the aggregated
+/// endpoint `/mcp`, opened asking for protocol `version`.
+struct Aggregated {
+    gw: Gateway,
+    http: reqwest::Client,
+    url: String,
+    sid: String,
+    log: PathBuf,
+    _server: Proc,
+    _work: tempfile::TempDir,
+}
+
+impl Aggregated {
+    async fn open(p: &Peers, version: &str) -> Aggregated {
+        let work = tempfile::tempdir().unwrap();
+        let log = work.path().join("executed.jsonl");
+        let port = harness::free_port();
+        let mut server = Proc::spawn(
+            "py_server",
+            std::process::Command::new(&p.python)
+                .arg(repo_root().join("tests/peers/py_server.py"))
+                .arg(port.to_string())
+                .arg(&log)
+                .stdout(std::fs::File::create(work.path().join("server.out")).unwrap())
+                .stderr(std::fs::File::create(work.path().join("server.err")).unwrap()),
+        );
+        let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
+            panic!("{e}; exited: {:?}", server.exited());
+        }
+        let gw = Gateway::start(&[("pydemo", format!("http://{up}/mcp"))], "").await;
+        let mut a = Aggregated {
+            url: format!("{}/mcp", gw.base()),
+            gw,
+            http: harness::client_from(ALICE),
+            sid: String::new(),
+            log,
+            _server: server,
+            _work: work,
+        };
+        let init = a
+            .post(
+                json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": version, "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"}}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(init.status(), 200);
+        a.sid = init.headers()["mcp-session-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let done = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        assert_eq!(a.post(done).send().await.unwrap().status(), 202);
+        a
+    }
+
+    /// A POST of `body` on the session (once it is open), accepting JSON or SSE.
+    fn post(&self, body: Value) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(serde_json::to_vec(&body).unwrap());
+        if !self.sid.is_empty() {
+            r = r.header("mcp-session-id", &self.sid);
+        }
+        r
+    }
+
+    /// Has the server run a tool logged as `what`?
+    fn ran(&self, what: &str) -> bool {
+        executed(&self.log).iter().any(|(n, _)| n == what)
+    }
+}
+
+/// The JSON-RPC answer in a body that is JSON, or SSE carrying it in a `data:` line.
+fn answer_in(text: &str) -> Value {
+    serde_json::from_str(text)
+        .ok()
+        .or_else(|| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+                .find(|v| v.get("id").is_some())
+        })
+        .unwrap_or_else(|| panic!("no JSON-RPC answer in {text:?}"))
+}
+
+/// A client asking `/mcp` for the stateless era (2026-07-28), which the endpoint does not
+/// speak, still gets working calls from a server that speaks both eras. The endpoint replays
+/// the client's `initialize` to the server, version included; an attacker's read of `/mcp`
+/// feared the server would then answer 2026-07-28 and its own route refuse every call
+/// without that era's `Mcp-Method` and `Mcp-Name` headers. The Python SDK answers an
+/// `initialize` in the handshake era whatever it asks, so calls work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_era_client_of_the_aggregated_endpoint_gets_working_calls() {
+    let Some(p) = peers("a_stateless_era_client_of_the_aggregated_endpoint_gets_working_calls")
+    else {
+        return;
+    };
+    let a = Aggregated::open(&p, "2026-07-28").await;
+    let r = a
+        .post(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "pydemo__echo", "arguments": {"message": "hi"}}}))
+        .send()
+        .await
+        .unwrap();
+    let v = answer_in(&r.text().await.unwrap());
+    assert_eq!(v["result"]["content"][0]["text"], "Echo: hi", "{v}");
+    assert!(a.ran("echo"));
+    a.gw.stop().await;
+}
+
 /// A cancel sent to `/mcp` for a call whose answer is still streaming reaches the server that
 /// runs it: the Python SDK server cancels the tool (tests/peers/py_server.py logs
 /// `slow:cancelled`). The call's answer is SSE, so the server's route returns its headers long
@@ -1034,78 +1153,14 @@ async fn a_cancel_on_the_aggregated_endpoint_reaches_a_streaming_call() {
     let Some(p) = peers("a_cancel_on_the_aggregated_endpoint_reaches_a_streaming_call") else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let log = work.path().join("executed.jsonl");
-    let port = harness::free_port();
-    let mut server = Proc::spawn(
-        "py_server",
-        std::process::Command::new(&p.python)
-            .arg(repo_root().join("tests/peers/py_server.py"))
-            .arg(port.to_string())
-            .arg(&log)
-            .stdout(std::fs::File::create(work.path().join("server.out")).unwrap())
-            .stderr(std::fs::File::create(work.path().join("server.err")).unwrap()),
-    );
-    let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
-        panic!("{e}; exited: {:?}", server.exited());
-    }
-    let gw = Gateway::start(&[("pydemo", format!("http://{up}/mcp"))], "").await;
-    let url = format!("{}/mcp", gw.base());
-    let http = harness::client_from(ALICE);
-    let post = |sid: Option<&str>, accept: &str, body: Value| {
-        let mut r = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("accept", accept.to_string())
-            .header("mcp-protocol-version", "2025-11-25")
-            .body(serde_json::to_vec(&body).unwrap());
-        if let Some(sid) = sid {
-            r = r.header("mcp-session-id", sid);
-        }
-        r
-    };
-    let init = post(
-        None,
-        "application/json, text/event-stream",
-        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"}}}),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(init.status(), 200);
-    let sid = init.headers()["mcp-session-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let r = post(
-        Some(&sid),
-        "application/json",
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 202);
-
-    let call = post(
-        Some(&sid),
-        "application/json, text/event-stream",
+    let a = Aggregated::open(&p, "2025-11-25").await;
+    let call = a.post(
         json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
-               "params": {"name": "pydemo__slow", "arguments": {"seconds": 60}}}),
+                             "params": {"name": "pydemo__slow", "arguments": {"seconds": 60}}}),
     );
-    let pending = tokio::spawn(async move {
-        let r = call.send().await?;
-        let status = r.status();
-        let ctype = r.headers().get("content-type").cloned();
-        let body = r.text().await?;
-        Ok::<_, reqwest::Error>((status, ctype, body))
-    });
-    let ran = |what: &str| executed(&log).iter().any(|(n, _)| n == what);
+    let pending = tokio::spawn(async move { call.send().await?.text().await });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ran("slow") {
+    while !a.ran("slow") {
         assert!(
             std::time::Instant::now() < deadline && !pending.is_finished(),
             "the slow call never ran: {:?}",
@@ -1117,25 +1172,18 @@ async fn a_cancel_on_the_aggregated_endpoint_reaches_a_streaming_call() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = post(
-        Some(&sid),
-        "application/json",
-        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-               "params": {"requestId": "slow-1", "reason": "the user gave up"}}),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 202);
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": "slow-1", "reason": "the user gave up"}});
+    assert_eq!(a.post(cancel).send().await.unwrap().status(), 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ran("slow:cancelled") {
+    while !a.ran("slow:cancelled") {
         assert!(
             std::time::Instant::now() < deadline,
             "the server never heard the cancel: {:?}",
-            executed(&log)
+            executed(&a.log)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     pending.abort();
-    gw.stop().await;
+    a.gw.stop().await;
 }
