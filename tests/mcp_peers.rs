@@ -359,6 +359,30 @@ fn leak(s: &str) -> &'static str {
     Box::leak(s.to_string().into_boxed_str())
 }
 
+/// tests/peers/py_server.py on a free loopback port, logging the tools it runs to `log`, its
+/// output in `work`; once it listens.
+async fn py_server(p: &Peers, work: &Path, log: &Path) -> (Proc, std::net::SocketAddr) {
+    let port = harness::free_port();
+    let mut server = Proc::spawn(
+        "py_server",
+        std::process::Command::new(&p.python)
+            .arg(repo_root().join("tests/peers/py_server.py"))
+            .arg(port.to_string())
+            .arg(log)
+            .stdout(std::fs::File::create(work.join("server.out")).unwrap())
+            .stderr(std::fs::File::create(work.join("server.err")).unwrap()),
+    );
+    let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
+        panic!(
+            "{e}; exited: {:?}; stderr: {}",
+            server.exited(),
+            std::fs::read_to_string(work.join("server.err")).unwrap_or_default()
+        );
+    }
+    (server, up)
+}
+
 /// 8.1: Python `mcp` client (2026-07-28) → toolgate → Python `MCPServer`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_client_and_server_through_the_gateway() {
@@ -367,25 +391,8 @@ async fn python_sdk_client_and_server_through_the_gateway() {
     };
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("executed.jsonl");
-    let port = harness::free_port();
-    let mut server = Proc::spawn(
-        "py_server",
-        std::process::Command::new(&p.python)
-            .arg(repo_root().join("tests/peers/py_server.py"))
-            .arg(port.to_string())
-            .arg(&log)
-            .stdout(std::fs::File::create(work.path().join("server.out")).unwrap())
-            .stderr(std::fs::File::create(work.path().join("server.err")).unwrap()),
-    );
-    let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
-        panic!(
-            "{e}; exited: {:?}; stderr: {}",
-            server.exited(),
-            std::fs::read_to_string(work.path().join("server.err")).unwrap_or_default()
-        );
-    }
-    assert_eq!(listening_on(port), vec!["127.0.0.1".to_string()]);
+    let (server, up) = py_server(&p, work.path(), &log).await;
+    assert_eq!(listening_on(up.port()), vec!["127.0.0.1".to_string()]);
     let gw = Gateway::start(&[("pydemo", format!("http://{up}/mcp"))], "").await;
     let url = format!("{}/mcp/pydemo", gw.base());
     let py = |source: &str, steps: Value| json!({"url": url, "source": source, "steps": steps});
@@ -1042,20 +1049,7 @@ impl Aggregated {
     async fn open(p: &Peers, version: &str) -> Aggregated {
         let work = tempfile::tempdir().unwrap();
         let log = work.path().join("executed.jsonl");
-        let port = harness::free_port();
-        let mut server = Proc::spawn(
-            "py_server",
-            std::process::Command::new(&p.python)
-                .arg(repo_root().join("tests/peers/py_server.py"))
-                .arg(port.to_string())
-                .arg(&log)
-                .stdout(std::fs::File::create(work.path().join("server.out")).unwrap())
-                .stderr(std::fs::File::create(work.path().join("server.err")).unwrap()),
-        );
-        let up = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        if let Err(e) = harness::wait_port(up, Duration::from_secs(30)).await {
-            panic!("{e}; exited: {:?}", server.exited());
-        }
+        let (server, up) = py_server(p, work.path(), &log).await;
         let gw = Gateway::start(&[("pydemo", format!("http://{up}/mcp"))], "").await;
         let mut a = Aggregated {
             url: format!("{}/mcp", gw.base()),

@@ -47,6 +47,8 @@ use crate::policy::model::Effect;
 
 /// The revision `/mcp` speaks when the client asks for one it does not know.
 const LATEST: &str = "2025-11-25";
+/// The `Accept` of the endpoint's own calls to a server's route: an answer as JSON or SSE.
+const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 const SUPPORTED: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 /// Server messages kept for a client whose stream is not open.
 const MAX_BACKLOG: usize = 256;
@@ -537,15 +539,7 @@ async fn upstream(
     let init = jsonrpc::canonical(
         &json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": s.init}),
     );
-    let i = call(
-        gw,
-        conn,
-        server,
-        None,
-        "application/json, text/event-stream",
-        init,
-    )
-    .await;
+    let i = call(gw, conn, server, None, ACCEPT_BOTH, init).await;
     let status = i.status;
     let sid = i.session.clone();
     let resp = response_of(i, Some(&id), |_| {}).await?;
@@ -563,15 +557,7 @@ async fn upstream(
     let up = Up { sid, version };
     let done =
         jsonrpc::canonical(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
-    let _ = call(
-        gw,
-        conn,
-        server,
-        Some(&up),
-        "application/json, text/event-stream",
-        done,
-    )
-    .await;
+    let _ = call(gw, conn, server, Some(&up), ACCEPT_BOTH, done).await;
     *g = Some(up.clone());
     drop(g);
     // A client stream already open gets this server's messages too.
@@ -612,15 +598,7 @@ async fn page(
             Ok(u) => u,
             Err(e) => return Page::Down(e),
         };
-        let i = call(
-            gw,
-            conn,
-            server,
-            Some(&up),
-            "application/json, text/event-stream",
-            body.clone(),
-        )
-        .await;
+        let i = call(gw, conn, server, Some(&up), ACCEPT_BOTH, body.clone()).await;
         if i.status == StatusCode::NOT_FOUND && !retried {
             retried = true; // the server's session ended (idle, restarted): open a new one once
             continue;
@@ -885,7 +863,7 @@ async fn request(
         }
     };
     let accept = header_str(headers, "accept")
-        .unwrap_or("application/json, text/event-stream")
+        .unwrap_or(ACCEPT_BOTH)
         .to_string();
     let id_key = msg
         .id
@@ -932,15 +910,7 @@ async fn set_level(gw: &Arc<Gateway>, conn: &Conn, s: &Arc<AggSession>, msg: &Me
                 continue;
             }
         };
-        let i = call(
-            gw,
-            conn,
-            &server,
-            Some(&up),
-            "application/json, text/event-stream",
-            msg.canonical(),
-        )
-        .await;
+        let i = call(gw, conn, &server, Some(&up), ACCEPT_BOTH, msg.canonical()).await;
         last = i.decision.clone();
         match response_of(i, msg.id.as_ref(), |v| s.deliver(gw, &server, v)).await {
             Ok(v) => match v.get("error") {
@@ -1087,16 +1057,9 @@ async fn notification(
     let mut decision = String::new();
     for server in targets {
         if let Ok(up) = upstream(gw, conn, s, &server, false).await {
-            decision = call(
-                gw,
-                conn,
-                &server,
-                Some(&up),
-                "application/json, text/event-stream",
-                msg.canonical(),
-            )
-            .await
-            .decision;
+            decision = call(gw, conn, &server, Some(&up), ACCEPT_BOTH, msg.canonical())
+                .await
+                .decision;
         }
     }
     if decision.is_empty() {
@@ -1169,7 +1132,7 @@ async fn answer(
         conn,
         &server,
         Some(&up),
-        "application/json, text/event-stream",
+        ACCEPT_BOTH,
         jsonrpc::canonical(&v),
     )
     .await;
