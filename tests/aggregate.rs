@@ -419,6 +419,29 @@ async fn resources_route_by_uri_and_ambiguity_is_refused() {
         "{}",
         unknown.json
     );
+    // Learning lists every server's resources: more unknown URIs right after buy no more
+    // upstream lists (they are refused on what was learned).
+    let lists = |rows: &[toolgate::audit::Row]| {
+        rows.iter()
+            .filter(|r| r.method.starts_with("resources/"))
+            .filter(|r| r.method.ends_with("list"))
+            .count()
+    };
+    let before = lists(&gw.rows().await);
+    for i in 1..4 {
+        let again = c
+            .rpc(
+                "resources/read",
+                json!({"uri": format!("fixture://nowhere/{i}")}),
+            )
+            .await;
+        assert!(again.json["error"].is_object(), "{}", again.json);
+    }
+    assert_eq!(
+        lists(&gw.rows().await),
+        before,
+        "unknown URIs made the endpoint list again"
+    );
     // Refusals are audited.
     let rows = gw.rows().await;
     assert!(

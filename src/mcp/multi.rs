@@ -469,6 +469,9 @@ impl AggSession {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        if method == "notifications/resources/list_changed" {
+            self.resources_changed();
+        }
         if aggregate::is_list_changed(&method) {
             let first = self
                 .coalesce
@@ -824,7 +827,7 @@ async fn request(
         _ => {}
     }
     let routed = match route(gw, s, &msg) {
-        Err(RouteError::UnknownUri(_)) if needs_uri(&msg.method) => {
+        Err(RouteError::UnknownUri(_)) if needs_uri(&msg.method) && s.may_learn() => {
             learn_uris(gw, conn, s).await;
             route(gw, s, &msg)
         }

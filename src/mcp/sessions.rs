@@ -35,6 +35,8 @@ pub struct AggSession {
     pub(crate) version: String,
     pub(crate) ups: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Up>>>>>,
     pub(crate) uris: Mutex<UriIndex>,
+    /// When the endpoint last listed every server's resources to learn an unknown URI.
+    pub(crate) learned: Mutex<Option<Instant>>,
     pub(crate) coalesce: Mutex<Coalescer>,
     /// The client's GET stream, when open.
     pub(crate) outbox: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
@@ -42,6 +44,33 @@ pub struct AggSession {
     /// Client request id (canonical) → the server it went to, while in flight.
     pub(crate) inflight: Mutex<HashMap<String, String>>,
     pub(crate) last_seen: Mutex<Instant>,
+}
+
+/// A session learns unknown URIs at most this often: each learning lists every server's
+/// resources and templates, and an unknown URI must not buy a caller that many upstream calls.
+/// A server saying its resources changed allows the next learning at once.
+pub(crate) const LEARN_EVERY: Duration = Duration::from_secs(10);
+
+impl AggSession {
+    /// May this session list every server's resources now, to learn an unknown URI? Yes at
+    /// most once per [`LEARN_EVERY`], or again after [`AggSession::resources_changed`].
+    pub(crate) fn may_learn(&self) -> bool {
+        let Ok(mut l) = self.learned.lock() else {
+            return false;
+        };
+        if l.is_some_and(|t| t.elapsed() < LEARN_EVERY) {
+            return false;
+        }
+        *l = Some(Instant::now());
+        true
+    }
+
+    /// A server's resources changed: what was learned may be stale.
+    pub(crate) fn resources_changed(&self) {
+        if let Ok(mut l) = self.learned.lock() {
+            *l = None;
+        }
+    }
 }
 
 impl std::fmt::Debug for AggSession {
@@ -72,6 +101,7 @@ impl Sessions {
             version,
             ups: Mutex::default(),
             uris: Mutex::default(),
+            learned: Mutex::default(),
             coalesce: Mutex::default(),
             outbox: Mutex::default(),
             backlog: Mutex::default(),
@@ -130,6 +160,21 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    #[test]
+    fn unknown_uris_are_learned_at_most_once_a_while() {
+        let (_, s) = Sessions::default()
+            .open("mallory", Value::Null, "v".into())
+            .unwrap();
+        assert!(s.may_learn());
+        assert!(!s.may_learn());
+        assert!(!s.may_learn());
+        s.resources_changed();
+        assert!(s.may_learn());
+        assert!(!s.may_learn());
+        *s.learned.lock().unwrap() = Instant::now().checked_sub(LEARN_EVERY);
+        assert!(s.may_learn());
+    }
 
     #[test]
     fn one_principal_cannot_fill_the_table() {
