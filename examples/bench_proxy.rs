@@ -506,7 +506,8 @@ fn floor_main(port: u16, audit: Option<FloorAudit>) {
 /// a decision row committed before the call goes upstream (its `seq` is the outcome's key) and
 /// an outcome row after the answer that rides the next commit. One writer thread, group
 /// commit (it yields once, then drains what queued), statements prepared once, the rows chained
-/// by SHA-256 with the head kept in `meta` on every commit, and only the indexes the queries
+/// by SHA-256 with the head kept in `meta` on every commit, outcome rows buffered without waking
+/// the writer (as toolgate's), and only the indexes the queries
 /// need (time; principal, time; tool, time; denies). No lookups, no JSON, no explain trace:
 /// each row is eight integers and blobs. `synchronous` is `FULL` or `NORMAL`. Checkpoints run
 /// on their own thread, as toolgate's. `FLOOR_INDEXES=0` drops the indexes and the chain head
@@ -514,6 +515,9 @@ fn floor_main(port: u16, audit: Option<FloorAudit>) {
 /// yielding the core (smaller commits that can overlap one another's fsync).
 struct FloorAudit {
     tx: std::sync::mpsc::Sender<FloorRow>,
+    /// Outcome rows wait here without waking the writer (as toolgate's side buffer): they ride
+    /// the next decision's commit, or the writer's 50 ms tick on an idle proxy.
+    outcomes: std::sync::Arc<std::sync::Mutex<Vec<FloorRow>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -542,12 +546,17 @@ impl FloorAudit {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let (tx, rx) = std::sync::mpsc::channel();
-        let sync = synchronous.to_string();
+        let outcomes = std::sync::Arc::default();
+        let (sync, buffered) = (synchronous.to_string(), std::sync::Arc::clone(&outcomes));
         std::thread::Builder::new()
             .name("floor-writer".into())
-            .spawn(move || floor_writer(&path, &sync, rx))
+            .spawn(move || floor_writer(&path, &sync, rx, &buffered))
             .unwrap();
-        FloorAudit { tx, _dir: dir }
+        FloorAudit {
+            tx,
+            outcomes,
+            _dir: dir,
+        }
     }
 
     /// Queue the decision row and wait for its commit; its `seq`.
@@ -564,18 +573,23 @@ impl FloorAudit {
         rx.await.unwrap()
     }
 
-    /// Queue the outcome row: never awaited.
+    /// Buffer the outcome row: never awaited, wakes nobody.
     fn outcome(&self, decision: i64, latency_us: i64) {
         let row = FloorRow::Outcome {
             decision,
             time: now_us(),
             latency_us,
         };
-        self.tx.send(row).unwrap();
+        self.outcomes.lock().unwrap().push(row);
     }
 }
 
-fn floor_writer(path: &Path, synchronous: &str, rx: std::sync::mpsc::Receiver<FloorRow>) {
+fn floor_writer(
+    path: &Path,
+    synchronous: &str,
+    rx: std::sync::mpsc::Receiver<FloorRow>,
+    outcomes: &std::sync::Mutex<Vec<FloorRow>>,
+) {
     use sha2::Digest as _;
     let mut c = rusqlite::Connection::open(path).unwrap();
     // Checkpoints as toolgate's (src/audit/writer.rs): a thread of their own copies the WAL back
@@ -618,12 +632,22 @@ fn floor_writer(path: &Path, synchronous: &str, rx: std::sync::mpsc::Receiver<Fl
     let mut batch = Vec::new();
     let mut waiters = Vec::new();
     let yields = env_u64("FLOOR_YIELD", 1) != 0;
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        if yields {
-            std::thread::yield_now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(first) => {
+                batch.push(first);
+                if yields {
+                    std::thread::yield_now();
+                }
+                batch.extend(rx.try_iter());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
-        batch.extend(rx.try_iter());
+        batch.append(&mut outcomes.lock().unwrap());
+        if batch.is_empty() {
+            continue;
+        }
         let t = c.transaction().unwrap();
         {
             let mut d = t
